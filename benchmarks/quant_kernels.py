@@ -1,0 +1,108 @@
+"""Throughput of the quant/ kernels against x.clone() of the same fp32 matrix, measured in one run.
+
+    python -m benchmarks.quant_kernels [--device cpu|cuda] [--rows M --cols N] [--repeats R]
+
+Default: a 4096 x 4096 fp32 matrix on CPU (about a minute on 2 cores). Each kernel runs once to warm up, then R
+times; the table gives the median time, the input elements per second, and the ratio of the kernel's time to the
+clone's (the clone reads and writes 4 bytes per element: a memory-bandwidth yardstick on this machine).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from quant import (dequantize_int8, dequantize_moment8, pack_int4, quantize_int8, quantize_moment8,
+                   sr_update_int8_, unpack_int4)
+
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    lines = [f"CPU: {cpu} ({os.cpu_count()} logical cores)",
+             f"torch {torch.__version__}, intra-op threads: {torch.get_num_threads()}"]
+    if device.type == "cuda":
+        lines.append(f"CUDA device: {torch.cuda.get_device_name(device)}")
+        try:
+            import bitsandbytes
+            lines.append(f"bitsandbytes {bitsandbytes.__version__} (moments8 on CUDA uses its kernels)")
+        except ImportError:
+            lines.append("bitsandbytes not installed (moments8 uses the torch twin)")
+    return "\n".join(lines)
+
+
+def time_op(fn, setup, device: torch.device, repeats: int) -> float:
+    """Median seconds of fn(*setup()) over `repeats` runs after one warm-up; setup is not timed."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = []
+    for i in range(repeats + 1):
+        args = setup()
+        sync()
+        start = time.perf_counter()
+        fn(*args)
+        sync()
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--cols", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device on this machine")
+
+    print(machine(device))
+    m, n = args.rows, args.cols
+    numel = m * n
+    print(f"matrix: {m} x {n} fp32 ({numel * 4 / 2**20:.0f} MiB), median of {args.repeats} runs after a warm-up\n")
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, n, generator=g).to(device)
+    delta = (torch.randn(m, n, generator=g) * 1e-3).to(device)
+    q, scales = quantize_int8(x)
+    packed, group_scales = pack_int4(x)
+    codes, absmax = quantize_moment8(x, signed=True)
+    key = dict(seed=0, stream=0, step=1)
+
+    def fresh_weights():
+        return q.clone(), scales.clone()
+
+    cases = [
+        ("x.clone() (baseline)", lambda t: t.clone(), lambda: (x,)),
+        ("quantize_int8 nearest", lambda t: quantize_int8(t), lambda: (x,)),
+        ("quantize_int8 stochastic", lambda t: quantize_int8(t, stochastic=True, **key), lambda: (x,)),
+        ("dequantize_int8", lambda a, b: dequantize_int8(a, b), lambda: (q, scales)),
+        ("sr_update_int8_ (tensor delta)", lambda a, b: sr_update_int8_(a, b, delta, **key), fresh_weights),
+        ("pack_int4", lambda t: pack_int4(t), lambda: (x,)),
+        ("unpack_int4", lambda a, b: unpack_int4(a, b, (m, n)), lambda: (packed, group_scales)),
+        ("quantize_moment8 signed", lambda t: quantize_moment8(t, signed=True), lambda: (x,)),
+        ("dequantize_moment8 signed", lambda a, b: dequantize_moment8(a, b, signed=True), lambda: (codes, absmax)),
+    ]
+    results = []
+    for name, fn, setup in cases:
+        results.append((name, time_op(fn, setup, device, args.repeats)))
+    baseline = results[0][1]
+    print(f"{'kernel':<32}{'ms':>10}{'Melem/s':>12}{'x clone':>10}")
+    for name, seconds in results:
+        print(f"{name:<32}{seconds * 1e3:>10.1f}{numel / seconds / 1e6:>12.0f}{seconds / baseline:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""lowmem: full-parameter LLM training on one consumer GPU.
+
+Public names: `LowMemConfig`, `preset`, `LowMemOptimizer`, and `prepare` (the fused-backward runtime).
+"""
+from lowmem.config import ConfigError, LowMemConfig
+from lowmem.presets import PRESETS, preset
+
+__all__ = ["ConfigError", "LowMemConfig", "PRESETS", "preset", "LowMemOptimizer"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Imported lazily: the optimizer pulls in bitsandbytes-backed code paths that `import lowmem` should not pay for.
+    if name == "LowMemOptimizer":
+        from lowmem.optimizer import LowMemOptimizer
+        return LowMemOptimizer
+    raise AttributeError(f"module 'lowmem' has no attribute {name!r}")

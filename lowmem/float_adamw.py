@@ -1,0 +1,290 @@
+"""Full-rank AdamW for the float parameters: embeddings, lm_head, norms, biases (DESIGN §3.4, last bullets).
+
+One pure per-parameter function, `float_adamw_update_`, called both by the fused-backward runtime (hooks/) and by
+the thin `FloatAdamW` optimizer below, so "hooks on" and "hooks off" share every line of math. The state is a flat
+dict of tensors (no Python objects), created by `init_float_adamw_state`:
+
+  bits=32: "exp_avg", "exp_avg_sq"            fp32, param's shape
+  bits=8:  "exp_avg_codes", "exp_avg_sq_codes" uint8, param's shape (bitsandbytes dynamic blockwise codes:
+           signed map for the first moment, unsigned map for the second, which is never negative)
+           "exp_avg_absmax", "exp_avg_sq_absmax" fp32 (ceil(numel / block_size),)
+  both:    "step"                              int64 0-d (CPU), number of updates applied so far
+
+Big parameters use 8 bits (2 bytes of state per element instead of 8); tiny ones (norms, biases) use 32 bits,
+where the absmax overhead and the quantization noise are not worth the few bytes saved.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from quant.moments8 import dequantize_moment8, dynamic_map, quantize_moment8
+
+STATE_BITS = (8, 32)
+BACKENDS = ("auto", "bnb", "torch")
+_BNB_BLOCK_SIZE = 256  # the only block size bnb's fused 8-bit Adam kernel is compiled for
+_BNB_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_KEYS32 = ("exp_avg", "exp_avg_sq")
+_KEYS8 = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+
+
+def init_float_adamw_state(param: Tensor, *, bits: int, block_size: int = 256) -> dict[str, Tensor]:
+    """Zero AdamW state for `param` (any shape, floating dtype) at `bits` ∈ {8, 32}; see the module docstring."""
+    if not isinstance(param, Tensor) or not param.is_floating_point():
+        raise TypeError(f"param must be a floating-point tensor, got {type(param).__name__} "
+                        f"{getattr(param, 'dtype', '')}")
+    if bits not in STATE_BITS:
+        raise ValueError(f"bits must be one of {STATE_BITS}, got {bits!r}")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    state: dict[str, Tensor] = {"step": torch.zeros((), dtype=torch.int64)}
+    zeros = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+    if bits == 32:
+        state["exp_avg"] = zeros
+        state["exp_avg_sq"] = zeros.clone()
+        return state
+    for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        codes, absmax = quantize_moment8(zeros, signed=signed, block_size=block_size)
+        state[f"{name}_codes"], state[f"{name}_absmax"] = codes, absmax
+    return state
+
+
+def state_bits(state: dict[str, Tensor]) -> int:
+    """8 or 32, read from the keys present (raises ValueError for a dict that is neither layout)."""
+    if all(k in state for k in _KEYS8):
+        return 8
+    if all(k in state for k in _KEYS32):
+        return 32
+    raise ValueError(f"not a float AdamW state: keys {sorted(state)}; expected 'step' plus {_KEYS32} (32-bit) "
+                     f"or {_KEYS8} (8-bit)")
+
+
+def float_adamw_update_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta1: float,
+                        beta2: float, eps: float, weight_decay: float, block_size: int = 256,
+                        backend: str = "auto") -> None:
+    """One AdamW step on `param` in place, with torch.optim.AdamW's semantics.
+
+    param: any shape, fp32/bf16/fp16. grad: param's shape, any float dtype (read as fp32). state: from
+    `init_float_adamw_state`, modified in place; t = state["step"] + 1 below, and "step" is advanced only
+    after the update succeeded (a failed call leaves the counter where it was).
+
+      p <- p·(1 − lr·λ)                                     decoupled weight decay, applied first
+      m <- β1·m + (1 − β1)·g ;  v <- β2·v + (1 − β2)·g²
+      p <- p − (lr / (1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + ε)  ε outside the square root
+
+    All arithmetic is fp32; a bf16/fp16 param is read as fp32 and written back rounded to nearest in its dtype. A
+    bf16 param therefore loses updates smaller than half its unit in the last place (about |p|·2⁻⁹): stochastic
+    rounding for bf16 float parameters is not in scope here (the INT8 linears get SR, DESIGN §3.1).
+
+    bits=8 (`block_size` must be the one the state was made with): dequantize both moments to fp32, update as
+    above, re-quantize (new absmax per block from the updated moments). `backend`: "auto" uses bitsandbytes'
+    fused blockwise 8-bit Adam kernel (`optimizer_update_8bit_blockwise("adam", ...)`, same state layout) for a
+    CUDA param when it applies (block_size 256, grad dtype == param dtype, contiguous tensors, bnb importable) and
+    the pure-torch twin otherwise; "bnb" forces bnb's op on any device it supports (ValueError when block_size or
+    dtypes do not fit); "torch" forces the twin. bits=32 always uses torch.
+
+    The twin follows bnb's pure-torch reference (backends/cpu and triton `*_pytorch`) op for op. Known differences
+    from bnb's CUDA kernel, all at rounding level except the last:
+      - the kernel applies weight decay after the Adam step, p <- (p − lr·u)·(1 − lr·λ), a difference of
+        lr²·λ·|u| per step; for a bf16 param it rounds to bf16 twice (after the step and after the decay);
+      - the kernel's code search (`quantize_2D`) is a binary search with midpoint tests on fast-math
+        (`__fdividef`, `__powf`) values, and it nudges a first-moment code by one when rounding flipped its sign;
+        the twin re-quantizes through `quant.moments8` (nearest code on CPU, bnb's standalone blockwise quantizer
+        on CUDA), so a code can differ near a midpoint;
+      - for NaN/Inf gradient elements the kernel zeroes both moments and leaves the param element untouched; the
+        8-bit twin raises ValueError (quant.moments8 refuses non-finite moments) before changing param or state,
+        and the 32-bit path propagates the NaN like torch.optim.AdamW does.
+    bnb's CPU version of the op (recent bnb) does the twin's math but re-quantizes with bnb's standalone blockwise
+    quantizer, whose search is not exactly nearest-code for the unsigned map (measured: ~5% of second-moment codes
+    off by up to 7 codes at step 1, dequantized moments within 1e-4 relative in mean; the twin is the closer one).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(param, Tensor) or not param.is_floating_point():
+        raise TypeError(f"param must be a floating-point tensor, got {getattr(param, 'dtype', type(param))}")
+    if not isinstance(grad, Tensor) or grad.is_sparse or not grad.is_floating_point():
+        raise TypeError("grad must be a dense floating-point tensor (sparse gradients are not supported)")
+    if grad.shape != param.shape:
+        raise ValueError(f"grad shape {tuple(grad.shape)} does not match param shape {tuple(param.shape)}")
+    if "step" not in state:
+        raise ValueError(f"state has no 'step' counter (keys {sorted(state)}); build it with init_float_adamw_state")
+    bits = state_bits(state)
+    step = int(state["step"]) + 1  # this update's t; the counter is advanced only once the update went through
+    hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+                 weight_decay=float(weight_decay), step=step)
+    with torch.no_grad():
+        if bits == 32:
+            _update_32bit_(param, grad, state, **hyper)
+        else:
+            _check_8bit_layout(param, state, block_size)
+            use_bnb = backend == "bnb" or (backend == "auto" and _bnb_applies(param, grad, block_size))
+            if use_bnb:
+                _update_8bit_bnb_(param, grad, state, block_size=block_size, **hyper)
+            else:
+                _update_8bit_twin_(param, grad, state, block_size=block_size, **hyper)
+        state["step"] += 1
+
+
+def _update_32bit_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta1: float,
+                   beta2: float, eps: float, weight_decay: float, step: int) -> None:
+    # Same op sequence as torch.optim.adamw's single-tensor path, on an fp32 view of the param.
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    g = grad.to(torch.float32)
+    p = param if param.dtype == torch.float32 else param.float()
+    p.mul_(1.0 - lr * weight_decay)
+    exp_avg.lerp_(g, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+    if p is not param:
+        param.copy_(p)
+
+
+def _check_8bit_layout(param: Tensor, state: dict[str, Tensor], block_size: int) -> None:
+    n_blocks = -(-param.numel() // block_size)
+    for name in ("exp_avg", "exp_avg_sq"):
+        codes, absmax = state[f"{name}_codes"], state[f"{name}_absmax"]
+        if codes.dtype != torch.uint8 or codes.shape != param.shape:
+            raise ValueError(f"state['{name}_codes'] must be uint8 of shape {tuple(param.shape)}, got "
+                             f"{codes.dtype} {tuple(codes.shape)}")
+        if absmax.dtype != torch.float32 or absmax.numel() != n_blocks:
+            raise ValueError(f"state['{name}_absmax'] must be fp32 with {n_blocks} blocks for block_size "
+                             f"{block_size}, got {absmax.dtype} with {absmax.numel()} (was the state made with "
+                             f"another block_size?)")
+
+
+def _update_8bit_twin_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta1: float,
+                       beta2: float, eps: float, weight_decay: float, step: int, block_size: int) -> None:
+    # Order of operations as in bnb's pure-torch reference for "adam" (8-bit blockwise).
+    exp_avg = dequantize_moment8(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True,
+                                 block_size=block_size, dtype=torch.float32)
+    exp_avg_sq = dequantize_moment8(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False,
+                                    block_size=block_size, dtype=torch.float32)
+    g = grad.to(torch.float32)
+    p = param.to(torch.float32, copy=True)
+    exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    if weight_decay > 0.0:
+        p.mul_(1.0 - lr * weight_decay)
+    p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+    # Quantize before writing anything: quant.moments8 rejects non-finite moments, and a NaN gradient must then
+    # leave param and state as they were.
+    encoded = {}
+    for name, value, signed in (("exp_avg", exp_avg, True), ("exp_avg_sq", exp_avg_sq, False)):
+        encoded[f"{name}_codes"], encoded[f"{name}_absmax"] = quantize_moment8(value, signed=signed,
+                                                                               block_size=block_size)
+    param.copy_(p)
+    for key, value in encoded.items():
+        state[key].copy_(value)
+
+
+_QMAPS: dict[tuple[str, bool], Tensor] = {}
+
+
+def _bnb_qmap(device: torch.device, signed: bool) -> Tensor:
+    # quant.moments8's map equals bitsandbytes.functional.create_dynamic_map (one format, one definition).
+    key = (str(device), signed)
+    if key not in _QMAPS:
+        _QMAPS[key] = dynamic_map(signed).to(device=device, dtype=torch.float32)
+    return _QMAPS[key]
+
+
+def _bnb_applies(param: Tensor, grad: Tensor, block_size: int) -> bool:
+    if not (param.is_cuda and block_size == _BNB_BLOCK_SIZE and param.dtype in _BNB_DTYPES
+            and grad.dtype == param.dtype and grad.device == param.device
+            and param.is_contiguous() and grad.is_contiguous()):
+        return False
+    try:
+        import bitsandbytes.functional  # noqa: F401 - lazy: slow to import and CUDA-only in practice
+    except Exception:  # noqa: BLE001 - a broken bnb install must fall back, not crash training
+        return False
+    return True
+
+
+def _update_8bit_bnb_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta1: float,
+                      beta2: float, eps: float, weight_decay: float, step: int, block_size: int) -> None:
+    # Any device bnb has the op for (CUDA; recent bnb also ships a CPU version, which the unit tests use).
+    if block_size != _BNB_BLOCK_SIZE or grad.dtype != param.dtype or param.dtype not in _BNB_DTYPES:
+        raise ValueError(f"bnb's 8-bit Adam kernel needs block_size {_BNB_BLOCK_SIZE} and grad dtype == param dtype "
+                         f"in {_BNB_DTYPES}; got block_size {block_size}, grad {grad.dtype} / param {param.dtype}")
+    if not param.is_contiguous():
+        raise ValueError("bnb's 8-bit Adam kernel needs a contiguous param")
+    import bitsandbytes.functional as bnbf
+    bnbf.optimizer_update_8bit_blockwise(
+        "adam", grad.contiguous(), param, state["exp_avg_codes"], state["exp_avg_sq_codes"],
+        beta1=beta1, beta2=beta2, beta3=0.0, alpha=0.0, eps=eps, step=step, lr=lr,
+        qmap1=_bnb_qmap(param.device, True), qmap2=_bnb_qmap(param.device, False),
+        absmax1=state["exp_avg_absmax"], absmax2=state["exp_avg_sq_absmax"], weight_decay=weight_decay,
+        gnorm_scale=1.0, skip_zeros=False)
+
+
+class FloatAdamW(torch.optim.Optimizer):
+    """AdamW over `float_adamw_update_`: 8-bit moments for params with numel >= `min_numel_8bit`, else 32-bit.
+
+    Param groups carry lr, betas, eps, weight_decay, bits, min_numel_8bit, block_size. The state of each param is
+    the tensor dict of `init_float_adamw_state`, so `state_dict()` holds tensors only and `load_state_dict()`
+    restores it exactly (fp32 moments are NOT cast to a bf16 param's dtype, unlike torch.optim.Optimizer's
+    default), and a resumed optimizer continues bit-identically.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, bits: int = 8, min_numel_8bit: int = 4096,
+                 block_size: int = 256):
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if bits not in STATE_BITS:
+            raise ValueError(f"bits must be one of {STATE_BITS}, got {bits!r}")
+        if block_size <= 0 or min_numel_8bit < 0:
+            raise ValueError(f"block_size must be > 0 and min_numel_8bit >= 0, got {block_size}, {min_numel_8bit}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, bits=bits,
+                        min_numel_8bit=min_numel_8bit, block_size=block_size)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def bits_for(param: Tensor, group: dict[str, Any]) -> int:
+        """The state width this optimizer gives `param` in `group` (small params fall back to 32 bits)."""
+        return 32 if group["bits"] == 32 or param.numel() < group["min_numel_8bit"] else 8
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(init_float_adamw_state(p, bits=self.bits_for(p, group),
+                                                        block_size=group["block_size"]))
+                float_adamw_update_(p, p.grad, state, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                    weight_decay=group["weight_decay"], block_size=group["block_size"])
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch's loader casts floating state to the param dtype (fp32 moments -> bf16 for a bf16 param) and may
+        # alias the caller's tensors; put back exact copies of what was saved, only moved to the param's device.
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for param_id, p in zip(saved_group["params"], group["params"]):
+                if param_id in saved_state:
+                    self.state[p] = {k: (v.clone() if k == "step" else v.to(device=p.device, copy=True))
+                                     for k, v in saved_state[param_id].items()}

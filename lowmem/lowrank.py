@@ -1,0 +1,362 @@
+"""The per-parameter low-rank update of a linear weight (DESIGN §3.2-3.6), in two phases.
+
+One optimizer step of one weight W (m, n) is split so that the same code serves a plain `optimizer.step()` after a
+full backward and the fused runtime that sees gradients one micro-batch at a time:
+
+    accum = {}
+    for k in range(K):                      # K micro-batches of the step
+        accumulate_(spec, cfg, state, accum, grad_op_k, global_step=s, micro_index=k, num_micro_batches=K)
+    finish_(spec, cfg, state, accum, weight, global_step=s, lr=lr)
+
+`accumulate_` only ever multiplies the micro-batch gradient operator by thin matrices (G = Aᵀ X is never formed on the
+factored path): it adds the projected gradient, the gathered residual entries, and (with error feedback) the dense
+gradient into fp32 accumulators. All of these are linear in G, so accumulation over micro-batches is exact.
+
+Refresh under accumulation: a refresh step computes a candidate projector from the FIRST micro-batch (randomized
+subspace iteration warm-started from the previous projector). With K > 1 and `refresh_sketch="rayleigh_ritz"` the
+micro-batches are then projected on the wider basis B = orth([P_cand, Ω]) (r + oversampling columns), and `finish_`
+picks the top-r subspace of the whole step's gradient inside span(B) (Rayleigh-Ritz on the accumulated sketch
+S = G B). The projected gradient R of that subspace is then exact: R = S V_r. With K = 1, P = P_cand (GaLore).
+
+State (tensors only, safetensors-friendly): "step" (updates done), refresh bookkeeping (lowmem.refresh), moments
+(lowmem.moments), the encoded projector "proj_data"/"proj_scales" once one exists, "fallback_count", residual
+"res_idx"/"res_m"/"res_v"/"res_clamp_count", error-feedback "ef" or "ef_q"/"ef_scales".
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowmem.config import LowMemConfig
+from lowmem.linop import DenseGrad, GradOperator, SumGrad
+from lowmem.moments import adam_direction_, init_moments, load_moments, transfer_moments_
+from lowmem.projector import (CrossHead, backproject, backproject_gather, backproject_rows, compute_projector,
+                              decode_projector, encode_projector, is_full_rank, project, projection_side)
+from lowmem.refresh import init_refresh_state, make_policy
+from lowmem.residual import (exact_residual_step, init_exact_residual, residual_index_dtype, residual_step,
+                             select_residual_indices)
+from lowmem.rsvd import subspace_similarity
+from lowmem.weights import WeightTarget
+from quant.int8 import dequantize_int8, quantize_int8
+
+
+@dataclass(frozen=True)
+class LowRankSpec:
+    """Static facts about one low-rank weight (not state: rebuilt from the model on load).
+
+    param_index: stable index of the parameter in the model; keys its noise stream and projector randomness.
+    cross_head: head layout for q/k weights (None: ordinary projection). residual: sparse residuals on this weight.
+    """
+
+    name: str
+    shape: tuple[int, int]
+    param_index: int
+    layer_index: int = 0
+    num_layers: int = 1
+    cross_head: CrossHead | None = None
+    residual: bool = False
+
+
+def projection_side_for(spec: LowRankSpec, cfg: LowMemConfig) -> str:
+    """Cross-head projection always projects the shared input side (right); otherwise the smaller side."""
+    if cfg.cross_head and spec.cross_head is not None:
+        return "right"
+    return projection_side(spec.shape)
+
+
+def effective_rank(spec: LowRankSpec, cfg: LowMemConfig) -> int:
+    return min(cfg.rank, min(spec.shape))
+
+
+def lowrank_moment_shape(spec: LowRankSpec, cfg: LowMemConfig) -> tuple[int, int]:
+    m, n = spec.shape
+    if is_full_rank(spec.shape, cfg.rank):
+        return (m, n)
+    r = effective_rank(spec, cfg)
+    return (m, r) if projection_side_for(spec, cfg) == "right" else (r, n)
+
+
+def uses_residual(spec: LowRankSpec, cfg: LowMemConfig) -> bool:
+    return spec.residual and cfg.residual_ratio > 0 and not is_full_rank(spec.shape, cfg.rank)
+
+
+def uses_error_feedback(spec: LowRankSpec, cfg: LowMemConfig) -> bool:
+    return cfg.error_feedback != "off" and not is_full_rank(spec.shape, cfg.rank)
+
+
+def init_lowrank_state(spec: LowRankSpec, cfg: LowMemConfig, device=None) -> dict[str, Tensor]:
+    # Counters and refresh bookkeeping stay on the CPU: policies read them as Python numbers every step, and a
+    # device tensor would cost a synchronisation per read.
+    state: dict[str, Tensor] = {"step": torch.zeros((), dtype=torch.int64),
+                                "fallback_count": torch.zeros((), dtype=torch.int64)}
+    state.update(init_refresh_state(spec.layer_index, spec.num_layers, base_interval_steps=cfg.refresh_interval_steps,
+                                    stagger=cfg.stagger, window=cfg.lazy_window))
+    state.update(init_moments(lowrank_moment_shape(spec, cfg), bits=cfg.optim_bits, block_size=cfg.moment_block_size,
+                              device=device))
+    if uses_residual(spec, cfg):
+        state["res_clamp_count"] = torch.zeros((), dtype=torch.int64)
+    if uses_error_feedback(spec, cfg):
+        _store_error_feedback(state, cfg, torch.zeros(spec.shape, dtype=torch.float32, device=device))
+    return state
+
+
+def _policy(cfg: LowMemConfig):
+    return make_policy(cfg.refresh, base_interval_steps=cfg.refresh_interval_steps,
+                       max_interval_steps=cfg.max_refresh_interval_steps, threshold=cfg.lazy_threshold,
+                       low_threshold=cfg.lazy_low_threshold, window=cfg.lazy_window,
+                       geometric_start_step=cfg.geometric_start_step, geometric_factor=cfg.geometric_factor)
+
+
+def _generator(cfg: LowMemConfig, spec: LowRankSpec, global_step: int, device) -> torch.Generator:
+    """Projector randomness keyed by (seed, parameter, step): identical on every rank and on resume."""
+    key = (cfg.seed * 1_000_003 + spec.param_index) * 1_000_033 + global_step
+    gen = torch.Generator(device=device if device is not None else "cpu")
+    gen.manual_seed(key % (2 ** 63 - 1))
+    return gen
+
+
+def stored_projector(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor]) -> Tensor | None:
+    """The current projector as fp32 (d, r), dequantised into a transient buffer; None before the first refresh."""
+    if "proj_data" not in state:
+        return None
+    side = projection_side_for(spec, cfg)
+    d = spec.shape[1] if side == "right" else spec.shape[0]
+    stored = {"data": state["proj_data"], "scales": state["proj_scales"]}
+    return decode_projector(stored, cfg.projector_bits, (d, effective_rank(spec, cfg)),
+                            group_size=cfg.projector_group_size)
+
+
+def _load_error_feedback(state: dict[str, Tensor], cfg: LowMemConfig) -> Tensor:
+    if cfg.error_feedback == "int8":
+        return dequantize_int8(state["ef_q"], state["ef_scales"], block_size=cfg.weight_block_size)
+    return state["ef"].float()
+
+
+def _store_error_feedback(state: dict[str, Tensor], cfg: LowMemConfig, value: Tensor) -> None:
+    if cfg.error_feedback == "int8":
+        state["ef_q"], state["ef_scales"] = quantize_int8(value, block_size=cfg.weight_block_size)
+    else:
+        state["ef"] = value.to(torch.bfloat16)
+
+
+def _begin(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, op: GradOperator,
+           global_step: int, num_micro_batches: int) -> GradOperator:
+    """First micro-batch: fold in error feedback, decide and start a refresh, fix the projection basis."""
+    if uses_error_feedback(spec, cfg):
+        op = SumGrad([(1.0, op), (cfg.error_feedback_weight, DenseGrad(_load_error_feedback(state, cfg)))])
+    accum["refresh"] = False
+    if is_full_rank(spec.shape, cfg.rank):
+        accum["basis"] = None
+        return op
+    side = projection_side_for(spec, cfg)
+    proj_old = stored_projector(spec, cfg, state)
+    if proj_old is not None and not _policy(cfg).due(state, global_step):
+        accum["basis"] = proj_old
+        return op
+    rank = effective_rank(spec, cfg)
+    device = op.device
+    generator = _generator(cfg, spec, global_step, device)
+    result = compute_projector(op, rank, side=side, method=cfg.projection, oversampling=cfg.oversampling,
+                               power_iters=cfg.power_iters, warm_start=proj_old, generator=generator,
+                               tol=cfg.rsvd_tol,
+                               cross_head=spec.cross_head if cfg.cross_head else None)
+    basis = result.basis
+    wide = num_micro_batches > 1 and cfg.refresh_sketch == "rayleigh_ritz"
+    if wide:
+        extra = torch.randn(basis.shape[0], cfg.oversampling, generator=generator, device=device)
+        # QR keeps span(P_cand) in the first r columns and adds `oversampling` fresh random directions.
+        basis = torch.linalg.qr(torch.cat([basis, extra], dim=1))[0]
+    accum.update(refresh=True, rayleigh_ritz=wide, proj_old=proj_old, basis=basis, fell_back=result.fell_back,
+                 power_iterations=result.iterations)
+    return op
+
+
+def accumulate_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, op: GradOperator, *,
+                global_step: int, micro_index: int, num_micro_batches: int = 1) -> None:
+    """Add one micro-batch's gradient (an operator for G_k, shape (m, n)) to the step's fp32 accumulators."""
+    if tuple(op.shape) != tuple(spec.shape):
+        raise ValueError(f"{spec.name}: gradient shape {tuple(op.shape)} does not match weight {spec.shape}")
+    if micro_index == 0:
+        accum.clear()
+        op = _begin(spec, cfg, state, accum, op, global_step, num_micro_batches)
+    elif "basis" not in accum:
+        raise RuntimeError(f"{spec.name}: micro-batch {micro_index} accumulated before micro-batch 0 of the step")
+    side = projection_side_for(spec, cfg)
+    basis = accum["basis"]
+    sketch = op.dense() if basis is None else project(op, basis, side)
+    accum["sketch"] = sketch if "sketch" not in accum else accum["sketch"].add_(sketch)
+    if "res_idx" in state:
+        gathered = op.gather(state["res_idx"])
+        accum["grad_at_idx"] = gathered if "grad_at_idx" not in accum else accum["grad_at_idx"].add_(gathered)
+    if uses_error_feedback(spec, cfg):
+        dense = op.dense()
+        accum["grad_dense"] = dense if "grad_dense" not in accum else accum["grad_dense"].add_(dense)
+
+
+def _settle_projection(accum: dict, side: str, rank: int) -> tuple[Tensor, Tensor | None]:
+    """(R, P) for this step from the accumulated sketch; Rayleigh-Ritz when the basis was widened."""
+    sketch, basis = accum["sketch"], accum["basis"]
+    if basis is None:
+        return sketch, None
+    if not accum.get("rayleigh_ritz", False):
+        return sketch, basis
+    left_vecs, _, right_vecs_h = torch.linalg.svd(sketch, full_matrices=False)
+    if side == "right":          # sketch = G B (m, k): top right singular vectors within span(B)
+        coeff = right_vecs_h[:rank].T
+        return sketch @ coeff, basis @ coeff
+    coeff = left_vecs[:, :rank]  # sketch = Bᵀ G (k, n)
+    return coeff.T @ sketch, basis @ coeff
+
+
+def settle_(spec: LowRankSpec, cfg: LowMemConfig, accum: dict) -> float:
+    """Fix this step's projected gradient R (Rayleigh-Ritz if the basis was widened) and return ||R||² (fp32 sum;
+    NaN/Inf when the gradient was not finite). Idempotent; `commit_` needs it to have run."""
+    if "sketch" not in accum:
+        raise RuntimeError(f"{spec.name}: no accumulated gradient to settle")
+    if "grad_lowrank" not in accum:
+        grad_lowrank, proj = _settle_projection(accum, projection_side_for(spec, cfg), effective_rank(spec, cfg))
+        accum["grad_lowrank"], accum["proj_step"] = grad_lowrank, proj
+        sq = grad_lowrank.pow(2).sum()
+        if "grad_at_idx" in accum:
+            sq = sq + 0.0 * accum["grad_at_idx"].sum()   # NaN/Inf in the residual entries poisons the norm too
+        accum["grad_sq"] = float(sq)
+    return accum["grad_sq"]
+
+
+def commit_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, weight: WeightTarget, *,
+            global_step: int, lr: float, clip_coef: float | None = None) -> dict:
+    """Close the step: refresh bookkeeping, Adam on R, residuals, error feedback, and write the weight.
+
+    clip_coef: a global clipping coefficient decided by the caller (two-pass clipping); None applies cfg's
+    per-tensor rule on ||R||. Returns stats: grad_sq (||R||² before clipping), refreshed, similarity, skipped.
+    A non-finite accumulated gradient writes nothing (state and weight untouched) and returns skipped=True.
+    """
+    grad_sq = settle_(spec, cfg, accum)
+    if not math.isfinite(grad_sq):
+        accum.clear()
+        return {"grad_sq": grad_sq, "refreshed": False, "similarity": None, "skipped": True, "clip_coef": 0.0}
+    side = projection_side_for(spec, cfg)
+    grad_lowrank, proj = accum["grad_lowrank"], accum["proj_step"]
+    grad_at_idx = accum.get("grad_at_idx")
+    if clip_coef is None:
+        clip_coef = 1.0
+        if cfg.clip_mode == "per_tensor" and cfg.grad_clip is not None:
+            clip_coef = min(1.0, cfg.grad_clip / (grad_sq ** 0.5 + 1e-6))
+    if clip_coef != 1.0:
+        grad_lowrank = grad_lowrank * clip_coef
+        if grad_at_idx is not None:
+            grad_at_idx = grad_at_idx * clip_coef
+
+    similarity = None
+    refreshed = bool(accum["refresh"])
+    if refreshed:
+        proj_old = accum["proj_old"]
+        if proj_old is not None:
+            similarity = subspace_similarity(proj_old, proj)
+            transfer_moments_(state, proj_old, proj, side=side, mode=cfg.moment_transfer, bits=cfg.optim_bits,
+                              block_size=cfg.moment_block_size)
+        _policy(cfg).record(state, global_step, similarity)
+        stored = encode_projector(proj, cfg.projector_bits, group_size=cfg.projector_group_size)
+        state["proj_data"], state["proj_scales"] = stored["data"], stored["scales"]
+        if accum.get("fell_back"):
+            state["fallback_count"] += 1
+        # Back-project with the projector as stored, the one every later step uses.
+        proj = stored_projector(spec, cfg, state)
+
+    step = int(state["step"]) + 1
+    direction, exp_avg_sq = adam_direction_(state, grad_lowrank, step=step, beta1=cfg.betas[0], beta2=cfg.betas[1],
+                                            eps=cfg.eps, bits=cfg.optim_bits, block_size=cfg.moment_block_size)
+    sparse = _sparse_residual(spec, cfg, state, grad_lowrank, grad_at_idx, proj, direction, exp_avg_sq, side,
+                              step)
+
+    n = spec.shape[1]
+    low_rank_lr = lr * cfg.scale
+    decay = lr * cfg.weight_decay
+    res_idx = state.get("res_idx")
+
+    def delta_rows(row_start: int, row_end: int, w_rows: Tensor) -> Tensor:
+        if proj is None:
+            delta = direction[row_start:row_end] * (-low_rank_lr)
+        else:
+            delta = backproject_rows(direction, proj, side, row_start, row_end).mul_(-low_rank_lr)
+        if sparse is not None:
+            lo = int(torch.searchsorted(res_idx, row_start * n))
+            hi = int(torch.searchsorted(res_idx, row_end * n))
+            if hi > lo:
+                local = (res_idx[lo:hi].long() - row_start * n)
+                delta.view(-1).index_add_(0, local, sparse[lo:hi], alpha=-lr)
+        if decay:
+            delta.add_(w_rows, alpha=-decay)
+        return delta
+
+    weight.apply_(delta_rows, step=global_step)
+
+    if uses_error_feedback(spec, cfg):
+        grad_dense = accum["grad_dense"] * clip_coef
+        _store_error_feedback(state, cfg, grad_dense - backproject(grad_lowrank, proj, side))
+    state["step"] += 1
+    accum.clear()
+    return {"grad_sq": grad_sq, "refreshed": refreshed, "similarity": similarity, "skipped": False,
+            "clip_coef": clip_coef}
+
+
+def finish_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, weight: WeightTarget, *,
+            global_step: int, lr: float, clip_coef: float | None = None) -> dict:
+    """settle_ then commit_: the whole end of a step for one weight."""
+    settle_(spec, cfg, accum)
+    return commit_(spec, cfg, state, accum, weight, global_step=global_step, lr=lr, clip_coef=clip_coef)
+
+
+def _sparse_residual(spec, cfg, state, grad_lowrank, grad_at_idx, proj, direction, exp_avg_sq, side, step
+                     ) -> Tensor | None:
+    """Sparse residual δ at the stored indices L (added as -lr·δ), or None (warm-up, disabled, just selected).
+
+    residual_mode "exact" (default): full-rank Adam moments at L, so that the update at L is scale × full-rank Adam;
+    δ = scale·(m̂/(√v̂+ε) − backproject(N)[L]). "paper": GaLore+ Algorithm 2 (DESIGN §3.5) with the clamp counted.
+    """
+    if not uses_residual(spec, cfg) or proj is None:
+        return None
+    n = spec.shape[1]
+    if "res_idx" not in state:
+        if step >= cfg.residual_warmup_steps:
+            exp_avg, _ = load_moments(state, bits=cfg.optim_bits, block_size=cfg.moment_block_size)
+            # One-time (m, n) transient at the end of warm-up: the top-ρ entries of |backproject(M')|.
+            idx = select_residual_indices(backproject(exp_avg, proj, side), cfg.residual_ratio)
+            idx = idx.to(residual_index_dtype(spec.shape[0] * spec.shape[1]))
+            value_dtype = torch.bfloat16 if cfg.residual_dtype == "bf16" else torch.float32
+            if cfg.residual_mode == "exact":
+                # Start the full-rank moments at L from the low-rank ones; (P∘P) keeps V non-negative and
+                # independent of the projector's column signs.
+                res_m, res_v = init_exact_residual(backproject_gather(exp_avg, proj, side, idx, n),
+                                                   backproject_gather(exp_avg_sq, proj * proj, side, idx, n),
+                                                   value_dtype)
+            else:
+                res_m = torch.zeros(idx.numel(), dtype=value_dtype, device=idx.device)
+                res_v = torch.zeros(idx.numel(), dtype=value_dtype, device=idx.device)
+            state["res_idx"], state["res_m"], state["res_v"] = idx, res_m, res_v
+        return None
+    if grad_at_idx is None:
+        return None
+    idx = state["res_idx"]
+    if cfg.residual_mode == "exact":
+        lowrank_at_idx = backproject_gather(direction, proj, side, idx, n)
+        delta = exact_residual_step(state["res_m"], state["res_v"], grad_at_idx, lowrank_at_idx, step=step,
+                                    beta1=cfg.betas[0], beta2=cfg.betas[1], eps=cfg.eps, scale=1.0)
+        return delta.mul_(cfg.scale)
+    ghat = backproject_gather(grad_lowrank, proj, side, idx, n)
+    vback = backproject_gather(exp_avg_sq, proj, side, idx, n)
+    delta, clamped = residual_step(state["res_m"], state["res_v"], grad_at_idx, ghat, vback, step=step,
+                                   beta1=cfg.betas[0], beta2=cfg.betas[1], eps=cfg.eps)
+    state["res_clamp_count"] += clamped
+    return delta
+
+
+def lowrank_update_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], op: GradOperator,
+                    weight: WeightTarget, *, global_step: int, lr: float, clip_coef: float | None = None) -> dict:
+    """One whole step from one gradient (K = 1): the function `optimizer.step()` calls per weight."""
+    accum: dict = {}
+    accumulate_(spec, cfg, state, accum, op, global_step=global_step, micro_index=0, num_micro_batches=1)
+    return finish_(spec, cfg, state, accum, weight, global_step=global_step, lr=lr, clip_coef=clip_coef)

@@ -1,0 +1,88 @@
+"""Where an update lands: an INT8 weight (stochastic rounding, DESIGN §3.1) or a plain float weight.
+
+Both take the update as a function of a row range, `delta_rows(row_start, row_end, w_rows) -> fp32 (rows, n)`, so the
+caller never has to build the whole (m, n) update: the low-rank part is back-projected chunk by chunk, and weight decay
+reads the current rows `w_rows` (fp32).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from quant.int8 import dequantize_int8, sr_update_int8_
+
+DeltaRows = Callable[[int, int, Tensor], Tensor]
+
+# Rows per chunk when applying an update: bounds the fp32 transient to rows_per_chunk * n * 4 bytes
+# (1 MiB-ish chunks for n = 4096) without making the Python loop dominate on small layers.
+DEFAULT_CHUNK_ELEMENTS = 1 << 18
+
+
+def rows_per_chunk(shape: tuple[int, int]) -> int:
+    m, n = shape
+    return max(1, min(m, DEFAULT_CHUNK_ELEMENTS // max(n, 1)))
+
+
+class WeightTarget:
+    """Interface: a 2-D weight of `shape` (m, n) that can be read as fp32 and updated by row chunks."""
+
+    shape: tuple[int, int]
+
+    def read(self) -> Tensor:  # pragma: no cover - interface
+        """fp32 (m, n) copy of the current weight (transient)."""
+        raise NotImplementedError
+
+    def apply_(self, delta_rows: DeltaRows, *, step: int) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class FloatWeight(WeightTarget):
+    """A float weight tensor updated by plain addition in its own dtype (fp32 or bf16: bf16 rounds to nearest)."""
+
+    def __init__(self, tensor: Tensor):
+        if tensor.dim() != 2 or not tensor.is_floating_point():
+            raise ValueError(f"FloatWeight needs a 2-D float tensor, got {tuple(tensor.shape)} {tensor.dtype}")
+        self.tensor = tensor
+        self.shape = tuple(tensor.shape)
+
+    def read(self) -> Tensor:
+        return self.tensor.detach().float().clone()
+
+    def apply_(self, delta_rows: DeltaRows, *, step: int) -> None:
+        chunk = rows_per_chunk(self.shape)
+        with torch.no_grad():
+            for row_start in range(0, self.shape[0], chunk):
+                row_end = min(row_start + chunk, self.shape[0])
+                rows = self.tensor[row_start:row_end]
+                updated = rows.float() + delta_rows(row_start, row_end, rows.float())
+                rows.copy_(updated)
+
+
+class Int8Weight(WeightTarget):
+    """INT8 data + fp32 block scales, updated with counter-based stochastic rounding.
+
+    stream: the parameter's index in the model, so every parameter draws its own noise; the step key makes each
+    update's noise fresh while staying reproducible on resume and identical on every data-parallel rank.
+    """
+
+    def __init__(self, weight_q: Tensor, weight_scales: Tensor, *, block_size: int, seed: int, stream: int,
+                 stochastic: bool = True):
+        if weight_q.dtype != torch.int8 or weight_q.dim() != 2:
+            raise ValueError(f"Int8Weight needs 2-D int8 data, got {tuple(weight_q.shape)} {weight_q.dtype}")
+        self.weight_q = weight_q
+        self.weight_scales = weight_scales
+        self.block_size = block_size
+        self.seed = seed
+        self.stream = stream
+        self.stochastic = stochastic
+        self.shape = tuple(weight_q.shape)
+
+    def read(self) -> Tensor:
+        return dequantize_int8(self.weight_q, self.weight_scales, block_size=self.block_size)
+
+    def apply_(self, delta_rows: DeltaRows, *, step: int) -> None:
+        sr_update_int8_(self.weight_q, self.weight_scales, delta_rows, seed=self.seed, stream=self.stream,
+                        step=step, block_size=self.block_size, rows_per_chunk=rows_per_chunk(self.shape),
+                        stochastic=self.stochastic)

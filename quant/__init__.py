@@ -1,0 +1,24 @@
+"""quant: pure tensor kernels for lowmem (torch only; bitsandbytes is imported lazily, on CUDA).
+
+- noise:    counter-based uniform noise, reproducible on every device and rank
+- int8:     blockwise INT8 weights, nearest and stochastic rounding, chunked in-place SR update
+- int4:     packed 4-bit codes with per-group scales (projectors)
+- moments8: bitsandbytes' 8-bit dynamic blockwise codec (optimizer moments), with a pure-torch twin
+"""
+from quant.int4 import pack_int4, unpack_int4
+from quant.int8 import BLOCK_SIZE, dequantize_int8, quantize_int8, sr_update_int8_
+from quant.moments8 import dequantize_moment8, dynamic_map, quantize_moment8
+from quant.noise import counter_uniform
+
+__all__ = [
+    "BLOCK_SIZE",
+    "counter_uniform",
+    "dequantize_int8",
+    "dequantize_moment8",
+    "dynamic_map",
+    "pack_int4",
+    "quantize_int8",
+    "quantize_moment8",
+    "sr_update_int8_",
+    "unpack_int4",
+]

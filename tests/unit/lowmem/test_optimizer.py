@@ -1,0 +1,147 @@
+"""LowMemOptimizer: equals AdamW where it must, trains with every component on, and resumes bit-identically."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lowmem.config import LowMemConfig
+from lowmem.int8_linear import Int8Linear
+from lowmem.optimizer import LowMemOptimizer
+from lowmem.presets import preset
+
+
+class TinyNet(nn.Module):
+    """Two hidden linears (one tall, one wide) plus norm and bias params; a regression head."""
+
+    def __init__(self, d_in=24, d_hidden=40, d_out=6, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.up = nn.Linear(d_in, d_hidden)
+        self.norm = nn.LayerNorm(d_hidden)
+        self.down = nn.Linear(d_hidden, d_in)
+        self.head = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.head(self.down(torch.relu(self.norm(self.up(x)))) + x)
+
+
+def batches(n, seed=1, batch=16, d_in=24, d_out=6):
+    gen = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(d_in, d_out, generator=gen)
+    for _ in range(n):
+        x = torch.randn(batch, d_in, generator=gen)
+        yield x, torch.tanh(x @ teacher)
+
+
+def train(model, opt, steps, seed=1):
+    losses = []
+    for x, y in batches(steps, seed=seed):
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def to_int8(model, block_size=16):
+    for name in ("up", "down"):
+        setattr(model, name, Int8Linear.from_linear(getattr(model, name), block_size=block_size))
+    return model
+
+
+def test_full_rank_twin_equals_torch_adamw():
+    """rank >= min(m, n), 32-bit everything, float weights, no residual: exactly AdamW (DESIGN §3.4)."""
+    cfg = preset("adamw_twin", lr=3e-3, weight_decay=0.01, exclude_modules=("head",))
+    ours, ref = TinyNet(), TinyNet()
+    opt = LowMemOptimizer(ours, cfg)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.0)
+    decay = [p for p in ref.parameters() if p.dim() >= 2]
+    no_decay = [p for p in ref.parameters() if p.dim() < 2]
+    ref_opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=3e-3)
+    assert {t.kind for t in opt.trainables} == {"lowrank_float", "float"}
+    train(ours, opt, 40)
+    train(ref, ref_opt, 40)
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("name", ["galore", "q_galore", "galore_plus", "galore_ef", "galore_dynamics",
+                                  "galore_dynamics_ef", "lowmem"])
+def test_every_preset_trains(name):
+    cfg = preset(name, rank=4, lr=2e-2, refresh_interval_steps=10, residual_warmup_steps=5, weight_block_size=16,
+                 moment_block_size=64, projector_group_size=64, exclude_modules=("head",),
+                 residual_modules=("up",), grad_clip=None)
+    model = TinyNet()
+    if cfg.int8_weights:
+        to_int8(model)
+    opt = LowMemOptimizer(model, cfg)
+    losses = train(model, opt, 60)
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10, (name, losses[:3], losses[-3:])
+    if cfg.residual_ratio > 0:
+        up_state = opt.state[model.up.weight_q if cfg.int8_weights else model.up.weight]
+        assert "res_idx" in up_state and up_state["res_idx"].numel() == -(-40 * 24 // 100)
+
+
+def test_int4_projector_close_to_fp32_projector():
+    """Tolerance: final loss (mean of last 10 steps) within 10% of the fp32-projector run's."""
+    finals = {}
+    for bits in (4, 32):
+        cfg = preset("galore", rank=4, lr=2e-2, refresh_interval_steps=10, exclude_modules=("head",),
+                     projector_bits=bits, projector_group_size=32)
+        model = TinyNet()
+        losses = train(model, LowMemOptimizer(model, cfg), 80)
+        finals[bits] = sum(losses[-10:]) / 10
+    assert abs(finals[4] - finals[32]) <= 0.10 * finals[32], finals
+
+
+def test_state_dict_round_trip_and_bit_identical_resume():
+    cfg = preset("lowmem", rank=4, lr=1e-2, refresh_interval_steps=5, residual_warmup_steps=3, weight_block_size=16,
+                 moment_block_size=64, projector_group_size=64, exclude_modules=("head",), residual_modules=("up",))
+    model = to_int8(TinyNet())
+    opt = LowMemOptimizer(model, cfg)
+    train(model, opt, 12, seed=3)
+    snapshot_model = copy.deepcopy(model.state_dict())
+    snapshot_opt = opt.state_dict()
+    assert all(isinstance(v, torch.Tensor) for s in snapshot_opt["state"].values() for v in s.values())
+    train(model, opt, 10, seed=4)
+    uninterrupted = copy.deepcopy(model.state_dict())
+
+    resumed = to_int8(TinyNet(seed=99))
+    resumed.load_state_dict(snapshot_model)
+    opt2 = LowMemOptimizer(resumed, cfg)
+    opt2.load_state_dict(snapshot_opt)
+    for key, value in snapshot_opt["state"].items():
+        for k, v in value.items():
+            torch.testing.assert_close(opt2.state[opt2.trainables[key].tensor][k], v, rtol=0, atol=0,
+                                       equal_nan=True, msg=f"{key}/{k}")
+    train(resumed, opt2, 10, seed=4)
+    for key, value in uninterrupted.items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_nonfinite_gradient_skips_whole_step():
+    model = TinyNet()
+    opt = LowMemOptimizer(model, preset("galore", rank=4, exclude_modules=("head",)))
+    train(model, opt, 2)
+    before = copy.deepcopy(model.state_dict())
+    loss = model(torch.randn(4, 24)).sum()
+    loss.backward()
+    model.head.weight.grad[0, 0] = float("nan")
+    opt.step()
+    assert opt.skipped_steps == 1 and opt.last_stats["skipped"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_frozen_and_no_trainables():
+    model = TinyNet()
+    opt = LowMemOptimizer(model, LowMemConfig(freeze=("norm.*",), exclude_modules=("head",), rank=4))
+    names = {t.name for t in opt.trainables}
+    assert "norm.weight" not in names and "up.weight" in names
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable"):
+        LowMemOptimizer(model, LowMemConfig())
