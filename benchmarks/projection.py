@@ -58,7 +58,8 @@ def synthetic_factors(shape: Shape, tokens: int, seed: int, device: torch.device
     token_scale = token_scale[torch.randperm(tokens, generator=g)]
     out_scale = torch.arange(1, shape.m + 1, dtype=torch.float32) ** -0.3
     in_scale = torch.arange(1, shape.n + 1, dtype=torch.float32) ** -0.7
-    A = torch.randn(tokens, shape.m, generator=g) * out_scale[torch.randperm(shape.m, generator=g)] * token_scale[:, None]
+    A = torch.randn(tokens, shape.m, generator=g)
+    A = A * out_scale[torch.randperm(shape.m, generator=g)] * token_scale[:, None]
     X = torch.randn(tokens, shape.n, generator=g) * in_scale[torch.randperm(shape.n, generator=g)]
     return A.to(device), X.to(device)
 
@@ -143,10 +144,11 @@ def main(argv=None):
     device = torch.device(args.device)
     shapes = FULL_SHAPES if args.full else SMALL_SHAPES
     tokens = args.tokens or (2048 if args.full else 1024)
-    header = (f"# Projector refresh: full SVD vs randomized vs cross-head ({'LLaMA-7B' if args.full else 'scaled-down'} "
-              f"shapes)\n\nMachine: {machine_line(device)}  \nT = {tokens} tokens, oversampling "
-              f"{args.oversampling}, power iterations {args.power_iters}, timing: fastest of {args.repeats} after a "
-              f"warm-up (full SVD: fastest of {args.svd_repeats}). Ratios are against the full SVD of the same gradient in the same run.")
+    which = "LLaMA-7B" if args.full else "scaled-down"
+    header = (f"# Projector refresh: full SVD vs randomized vs cross-head ({which} shapes)\n\n"
+              f"Machine: {machine_line(device)}  \nT = {tokens} tokens, oversampling {args.oversampling}, power "
+              f"iterations {args.power_iters}; timing: fastest of {args.repeats} after a warm-up (full SVD: fastest "
+              f"of {args.svd_repeats}). Ratios are against the full SVD of the same gradient in the same run.")
     print(header.splitlines()[2], flush=True)
     torch.linalg.svd(torch.randn(64, 64, device=device))  # initialise the LAPACK/cuSOLVER backends untimed
     start = time.perf_counter()

@@ -5,7 +5,7 @@ Public names: `LowMemConfig`, `preset`, `LowMemOptimizer`, and `prepare` (the fu
 from lowmem.config import ConfigError, LowMemConfig
 from lowmem.presets import PRESETS, preset
 
-__all__ = ["ConfigError", "LowMemConfig", "PRESETS", "preset", "LowMemOptimizer"]
+__all__ = ["ConfigError", "LowMemConfig", "PRESETS", "preset", "LowMemOptimizer", "prepare"]
 __version__ = "0.1.0"
 
 
@@ -14,4 +14,9 @@ def __getattr__(name):
     if name == "LowMemOptimizer":
         from lowmem.optimizer import LowMemOptimizer
         return LowMemOptimizer
+    if name == "prepare":
+        # DESIGN §2's facade `from lowmem import prepare`: the runtime lives in hooks/ (which imports lowmem), so
+        # this one name is resolved lazily, never at import time.
+        from hooks.runtime import prepare
+        return prepare
     raise AttributeError(f"module 'lowmem' has no attribute {name!r}")

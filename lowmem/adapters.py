@@ -7,13 +7,15 @@ attention). An adapter answers those questions for one family of `config.model_t
     adapter = find_adapter(model)
     adapter.split_fused(model)            # GPT-2: fused c_attn -> q/k/v nn.Linear; no-op for LLaMA-style models
     specs = adapter.linear_specs(model)   # [LinearSpec(name, role, layer_index, head_dim, num_heads), ...]
+    adapter.to_hf_state_dict(model, sd)   # export: lowmem module names/layouts -> the original HF checkpoint's
 
 lm_head (the output embedding, often tied to the input one) is never listed: it is trained as a float parameter.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import nn
@@ -128,6 +130,18 @@ class ModelAdapter:
         return specs
 
 
+    def to_hf_state_dict(self, model: nn.Module, sd: dict) -> dict:
+        """Rename / re-layout an export state dict into what the original Hugging Face architecture loads.
+
+        sd: ordered {name: entry} under the prepared model's module names, every linear weight (nn.Linear or
+        Int8Linear) already under "<module>.weight" in nn.Linear layout (out, in). Entries are
+        `lowmem.export.LazyTensor`s (frozen dataclasses with shape, dtype, load() -> Tensor): a mapping builds new
+        entries with dataclasses.replace and composes their load(), so nothing is materialised here.
+        Returns a new ordered dict. LLaMA-style models keep HF's names and layouts: identity.
+        """
+        return dict(sd)
+
+
 class LlamaAdapter(ModelAdapter):
     """LLaMA-style decoders: separate q/k/v/o_proj, gated MLP (gate/up/down_proj)."""
 
@@ -234,6 +248,80 @@ class GPT2Adapter(ModelAdapter):
             else s
             for s in specs
         ]
+
+
+    # Conv1D modules of the original GPT-2 block; split_fused turned them into nn.Linear / SplitLinear.
+    _conv1d_names = ("c_attn", "c_proj", "c_fc")
+
+    def to_hf_state_dict(self, model: nn.Module, sd: dict) -> dict:
+        """Undo split_fused for export: SplitLinear q/k/v -> "<...>.c_attn.weight" (in, 3*hidden) and ".bias",
+        converted c_proj / c_fc weights (out, in) -> Conv1D layout (in, out). Modules still Conv1D pass through.
+
+        Each fused weight is filled one part at a time, so its load() holds the (in, 3*hidden) output and one
+        part's (hidden, in) weight at most.
+        """
+        fused: dict[str, list[tuple]] = {}  # first key of a SplitLinear -> the fused (name, entry) pairs in its place
+        consumed: set[str] = set()
+        for name, module in model.named_modules(remove_duplicate=False):
+            if not isinstance(module, SplitLinear) or name.split(".")[-1] != "c_attn":
+                continue
+            weights = [f"{name}.{part}.weight" for part in module.part_names]
+            biases = [f"{name}.{part}.bias" for part in module.part_names]
+            missing = [key for key in weights if key not in sd]
+            if missing:
+                raise ValueError(f"{name}: cannot fuse for export, no entries for {missing}")
+            has_bias = [key in sd for key in biases]
+            if any(has_bias) and not all(has_bias):
+                raise ValueError(f"{name}: some q/k/v parts have a bias and some do not; GPT-2's c_attn needs all")
+            parts = [sd[key] for key in weights]
+            if len({tuple(entry.shape[1:]) for entry in parts}) != 1 or any(len(e.shape) != 2 for e in parts):
+                raise ValueError(f"{name}: q/k/v weights must be 2-D with one in_features, got "
+                                 f"{[tuple(entry.shape) for entry in parts]}")
+            total_out = sum(entry.shape[0] for entry in parts)
+            entries = [(f"{name}.weight", replace(parts[0], shape=(parts[0].shape[1], total_out),
+                                                  load=partial(self._fused_conv1d_weight, parts)))]
+            if all(has_bias):
+                bias_parts = [sd[key] for key in biases]
+                entries.append((f"{name}.bias", replace(bias_parts[0], shape=(total_out,),
+                                                        load=partial(self._concatenated, bias_parts))))
+            part_keys = set(weights) | set(biases)
+            fused[next(key for key in sd if key in part_keys)] = entries
+            consumed |= part_keys
+
+        out = {}
+        for key, entry in sd.items():
+            if key in consumed:
+                out.update(fused.get(key, ()))
+                continue
+            prefix, _, leaf = key.rpartition(".")
+            if leaf == "weight" and prefix.split(".")[-1] in self._conv1d_names and len(entry.shape) == 2:
+                module = model.get_submodule(prefix)
+                if not _is_conv1d(module):  # converted by split_fused: back to (in, out)
+                    entry = replace(entry, shape=tuple(entry.shape[::-1]), load=partial(self._transposed, entry))
+            out[key] = entry
+        return out
+
+    @staticmethod
+    def _fused_conv1d_weight(parts: list) -> torch.Tensor:
+        """parts: entries of Linear weights (out_i, in) -> Conv1D weight (in, Σ out_i), one part loaded at a time."""
+        total_out = sum(entry.shape[0] for entry in parts)
+        fused, offset = None, 0
+        for entry in parts:
+            weight = entry.load()
+            if fused is None:
+                fused = weight.new_empty((weight.shape[1], total_out))
+            fused[:, offset:offset + weight.shape[0]] = weight.T
+            offset += weight.shape[0]
+            del weight  # freed before the next part is loaded
+        return fused
+
+    @staticmethod
+    def _concatenated(parts: list) -> torch.Tensor:
+        return torch.cat([entry.load() for entry in parts])
+
+    @staticmethod
+    def _transposed(entry) -> torch.Tensor:
+        return entry.load().T.contiguous()
 
 
 _ADAPTERS: tuple[ModelAdapter, ...] = (LlamaAdapter(), GPT2Adapter())

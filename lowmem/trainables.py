@@ -62,10 +62,12 @@ def collect_trainables(model: nn.Module, cfg: LowMemConfig) -> list[Trainable]:
     lowrank_weight_ids = set()
     for module_name, module in lowrank_modules.items():
         module_cfg = cfg.for_module(module_name)
+        if matches(f"{module_name}.weight", cfg.freeze):
+            continue
         if isinstance(module, Int8Linear):
             tensor, kind = module.weight_q, "lowrank_int8"
         else:
-            if not module.weight.requires_grad or matches(f"{module_name}.weight", cfg.freeze):
+            if not module.weight.requires_grad:
                 continue
             tensor, kind = module.weight, "lowrank_float"
         lowrank_weight_ids.add(id(tensor))

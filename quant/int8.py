@@ -56,12 +56,10 @@ def _quantize_rows_(w: torch.Tensor, q_out: torch.Tensor, scales_out: torch.Tens
     rows, n = w.shape
     full, tail = _block_views(w, block_size)
     n_full = full.shape[1]
-    lo, hi = torch.aminmax(full, dim=-1)
     absmax = torch.empty(rows, scales_out.shape[1], dtype=torch.float32, device=w.device)
-    torch.maximum(hi, lo.neg(), out=absmax[:, :n_full])
+    torch.amax(full.abs(), dim=-1, out=absmax[:, :n_full])  # abs + amax: vectorised, unlike aminmax on CPU
     if tail.shape[1]:
-        lo, hi = torch.aminmax(tail, dim=-1)
-        torch.maximum(hi, lo.neg(), out=absmax[:, n_full])
+        torch.amax(tail.abs(), dim=-1, out=absmax[:, n_full])
     scale = absmax.div_(_QMAX)
     scales_out.copy_(scale)
 

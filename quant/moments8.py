@@ -28,12 +28,12 @@ from quant import _checks
 
 BLOCK_SIZE = 256
 _BNB_BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
-_CHUNK_ELEMS = 1 << 20  # twin works on about this many elements at a time (int64 indices are 8 B/element)
+_CHUNK_ELEMS = 1 << 15  # twin's elements per step on CPU: small enough that its temporaries stay in cache
+_CHUNK_ELEMS_GPU = 1 << 24
 _EXPONENT_BITS = 7
 _MAP_SIZE = 256
 
-_maps: dict[tuple[bool, str], torch.Tensor] = {}
-_midpoints: dict[tuple[bool, str], torch.Tensor] = {}
+_maps: dict[tuple[bool, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
 def _build_map(signed: bool) -> torch.Tensor:
@@ -52,18 +52,17 @@ def _build_map(signed: bool) -> torch.Tensor:
     return table
 
 
-def _cached(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(map (256,), midpoints padded with +inf (256,)) on device, built once per (signed, device)."""
+def _cached(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(map (256,), midpoints padded with +inf (256,), bucket table (2**17,) int32) on device, built once."""
     key = (bool(signed), str(device))
     if key not in _maps:
         cpu_key = (bool(signed), "cpu")
         if cpu_key not in _maps:
             table = _build_map(signed)
-            _maps[cpu_key] = table
-            _midpoints[cpu_key] = torch.cat([(table[:-1] + table[1:]) * 0.5, torch.tensor([float("inf")])])
-        _maps[key] = _maps[cpu_key].to(device)
-        _midpoints[key] = _midpoints[cpu_key].to(device)
-    return _maps[key], _midpoints[key]
+            midpoints = torch.cat([(table[:-1] + table[1:]) * 0.5, torch.tensor([float("inf")])])
+            _maps[cpu_key] = (table, midpoints, _build_bucket_table(midpoints))
+        _maps[key] = tuple(t.to(device) for t in _maps[cpu_key])
+    return _maps[key]
 
 
 def dynamic_map(signed: bool = True) -> torch.Tensor:
@@ -88,11 +87,44 @@ def _check_signed(signed) -> bool:
     return signed
 
 
-def _nearest_codes(v: torch.Tensor, midpoints: torch.Tensor) -> torch.Tensor:
-    """int64 index of the nearest map entry to each v (1-D fp32); exact midpoint ties go to the even index."""
-    idx = torch.bucketize(v, midpoints[:-1])  # number of midpoints strictly below v
-    tie = (midpoints[idx] == v) & (idx % 2 == 1)
-    return idx.add_(tie)
+# Nearest-entry search without a per-element binary search: order fp32 values by an int32 key (the bit pattern,
+# with negative values' magnitude bits flipped so the key is monotone), cut the key range into 2**17 buckets of
+# 2**15 consecutive floats (1/256 of a binade), and store per bucket k0 = the number of midpoints below the bucket.
+# For both maps every bucket holds at most one midpoint (checked when the table is built), so the number of
+# midpoints below v is k0 + [v > midpoints[k0]]. Two table lookups per value; about 10x faster than
+# torch.bucketize on CPU when the chunk stays in cache.
+_BUCKET_SHIFT = 15
+_N_BUCKETS_HALF = 1 << (31 - _BUCKET_SHIFT)
+
+
+def _order_key(v: torch.Tensor) -> torch.Tensor:
+    """int32 key of fp32 v, monotone in v (-0.0 sorts just below +0.0; no midpoint lies between them)."""
+    bits = v.view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _build_bucket_table(midpoints: torch.Tensor) -> torch.Tensor:
+    """int32 (2**17,): for each bucket, the number of (finite) midpoints strictly below its smallest float."""
+    keys = torch.arange(-_N_BUCKETS_HALF, _N_BUCKETS_HALF, dtype=torch.int64) << _BUCKET_SHIFT
+    bits = torch.where(keys >= 0, keys, (-1 - keys) - 2**31).to(torch.int32)  # inverse of _order_key
+    lowest = bits.view(torch.float32)
+    below = torch.searchsorted(midpoints[:-1].contiguous(), lowest)
+    # buckets of NaN bit patterns sit at both ends of the key range and are never looked up
+    below = torch.where(torch.isnan(lowest), torch.where(keys < 0, 0, _MAP_SIZE - 1), below)
+    per_bucket = below[1:] - below[:-1]
+    if int(per_bucket.min()) < 0 or int(per_bucket.max()) > 1:
+        raise RuntimeError("dynamic map too fine for the bucket table: a bucket holds more than one midpoint")
+    return below.to(torch.int32)
+
+
+def _nearest_codes(v: torch.Tensor, midpoints: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+    """int32 index of the nearest map entry to each v (1-D fp32); exact midpoint ties go to the even index."""
+    bucket = (_order_key(v) >> _BUCKET_SHIFT).add_(_N_BUCKETS_HALF)
+    below = buckets.index_select(0, bucket)
+    mid = midpoints.index_select(0, below)
+    codes = below + (v > mid)
+    codes += (v == mid) & (below & 1).bool()
+    return codes
 
 
 def quantize_moment8(x: torch.Tensor, *, signed: bool, block_size: int = BLOCK_SIZE) -> tuple[torch.Tensor,
@@ -121,7 +153,7 @@ def quantize_moment8(x: torch.Tensor, *, signed: bool, block_size: int = BLOCK_S
                 torch.empty(0, dtype=torch.float32, device=x.device))
     bnb_functional = _use_bnb(x.device, block_size)
     if bnb_functional is not None:
-        table, _ = _cached(signed, x.device)
+        table = _cached(signed, x.device)[0]
         codes, state = bnb_functional.quantize_blockwise(x.contiguous(), code=table, blocksize=block_size)
         absmax = state.absmax
         _zero_empty_blocks_(codes.view(-1), absmax, block_size)
@@ -138,27 +170,31 @@ def _zero_empty_blocks_(codes: torch.Tensor, absmax: torch.Tensor, block_size: i
         codes[n_full * block_size:].masked_fill_(absmax[n_full] == 0, 0)
 
 
+def _block_chunks(n_blocks: int, block_size: int, device: torch.device):
+    """(first block, end block) of consecutive chunks of about _CHUNK_ELEMS elements (larger on GPUs)."""
+    chunk_elems = _CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS_GPU
+    blocks_per_chunk = max(1, chunk_elems // block_size)
+    for b0 in range(0, n_blocks, blocks_per_chunk):
+        yield b0, min(n_blocks, b0 + blocks_per_chunk)
+
+
 def _quantize_twin(x: torch.Tensor, signed: bool, block_size: int, n_blocks: int):
-    _, midpoints = _cached(signed, x.device)
+    _, midpoints, buckets = _cached(signed, x.device)
     flat = x.reshape(-1)
     numel = flat.numel()
     codes = torch.empty(numel, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
-    blocks_per_chunk = max(1, _CHUNK_ELEMS // block_size)
-    for b0 in range(0, n_blocks, blocks_per_chunk):
-        b1 = min(n_blocks, b0 + blocks_per_chunk)
+    for b0, b1 in _block_chunks(n_blocks, block_size, x.device):
         e0, e1 = b0 * block_size, min(numel, b1 * block_size)
         chunk = flat[e0:e1].float()
         padded = chunk if e1 - e0 == (b1 - b0) * block_size else torch.cat(
             [chunk, chunk.new_zeros((b1 - b0) * block_size - (e1 - e0))])
         blocks = padded.view(b1 - b0, block_size)
-        lo, hi = torch.aminmax(blocks, dim=1)
-        block_absmax = torch.maximum(hi, lo.neg(), out=absmax[b0:b1])
+        block_absmax = torch.amax(blocks.abs(), dim=1, out=absmax[b0:b1])
         inv = torch.reciprocal(block_absmax)
         inv.masked_fill_(block_absmax == 0, 0.0)  # all-zero block: v = 0 instead of 0 * inf
         v = blocks.mul(inv[:, None]).view(-1)[:e1 - e0]
-        idx = _nearest_codes(v, midpoints).view(-1)
-        codes[e0:e1] = idx
+        codes[e0:e1] = _nearest_codes(v, midpoints, buckets)
         _zero_empty_blocks_(codes[e0:e1], block_absmax, block_size)
     return codes.view(x.shape), absmax
 
@@ -190,7 +226,7 @@ def dequantize_moment8(codes: torch.Tensor, absmax: torch.Tensor, *, signed: boo
     if numel == 0:
         return torch.empty(codes.shape, dtype=dtype, device=codes.device)
     absmax = absmax.float()
-    table, _ = _cached(signed, codes.device)
+    table = _cached(signed, codes.device)[0]
     bnb_functional = _use_bnb(codes.device, block_size)
     if bnb_functional is not None and dtype in (torch.float32, torch.float16, torch.bfloat16):
         state = bnb_functional.QuantState(absmax=absmax, code=table, blocksize=block_size, dtype=dtype)
@@ -198,12 +234,15 @@ def dequantize_moment8(codes: torch.Tensor, absmax: torch.Tensor, *, signed: boo
 
     flat = codes.reshape(-1)
     out = torch.empty(numel, dtype=torch.float32, device=codes.device)
-    blocks_per_chunk = max(1, _CHUNK_ELEMS // block_size)
-    for b0 in range(0, n_blocks, blocks_per_chunk):
-        b1 = min(n_blocks, b0 + blocks_per_chunk)
-        e0, e1 = b0 * block_size, min(numel, b1 * block_size)
-        values = table[flat[e0:e1].long()]
-        scale = absmax[b0:b1].repeat_interleave(block_size)[:e1 - e0]
-        torch.mul(values, scale, out=out[e0:e1])
+    n_full = numel // block_size
+    for b0, b1 in _block_chunks(n_full, block_size, codes.device):
+        e0, e1 = b0 * block_size, b1 * block_size
+        values = out[e0:e1].view(b1 - b0, block_size)
+        torch.index_select(table, 0, flat[e0:e1].int(), out=values.view(-1))
+        values.mul_(absmax[b0:b1, None])
+    if n_full < n_blocks:
+        tail = out[n_full * block_size:]
+        torch.index_select(table, 0, flat[n_full * block_size:].int(), out=tail)
+        tail.mul_(absmax[n_full])
     out = out.view(codes.shape)
     return out if dtype == torch.float32 else out.to(dtype)
