@@ -14,6 +14,7 @@ start from a formed G, the factored one only from (A, X).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -119,6 +120,14 @@ def run(shapes, ranks, tokens: int, repeats: int, svd_repeats: int, device: torc
     return rows
 
 
+def _load() -> str:
+    """1-minute load average as text ('n/a' where the platform has none)."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
+
+
 def markdown(rows, header: str) -> str:
     lines = [header, "", "| shape | rank | method | time (s) | time / full SVD | energy / exact top-r |",
              "|---|---:|---|---:|---:|---:|"]
@@ -151,15 +160,17 @@ def main(argv=None):
               f"of {args.svd_repeats}). Ratios are against the full SVD of the same gradient in the same run.")
     print(header.splitlines()[2], flush=True)
     torch.linalg.svd(torch.randn(64, 64, device=device))  # initialise the LAPACK/cuSOLVER backends untimed
-    start = time.perf_counter()
+    start, start_load = time.perf_counter(), _load()
     rows = run(shapes, args.ranks, tokens, args.repeats, args.svd_repeats, device, args.power_iters,
                args.oversampling)
     table = markdown(rows, header)
-    print(table)
-    print(f"\ntotal {time.perf_counter() - start:.1f} s")
+    # Other work on the machine inflates timings (not the energies); the load average says how much there was.
+    footer = (f"Total {time.perf_counter() - start:.1f} s; load average (1 min) {start_load} at start, {_load()} at "
+              f"end, on {os.cpu_count()} CPUs.")
+    print(table + "\n\n" + footer)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(table + "\n")
+            f.write(table + "\n\n" + footer + "\n")
 
 
 if __name__ == "__main__":

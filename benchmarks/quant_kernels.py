@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from quant import (dequantize_int8, dequantize_moment8, pack_int4, quantize_int8, quantize_moment8,
-                   sr_update_int8_, unpack_int4)
+from quant import (counter_uniform, dequantize_int8, dequantize_moment8, pack_int4, quantize_int8,
+                   quantize_moment8, sr_update_int8_, unpack_int4)
 
 
 def machine(device: torch.device) -> str:
@@ -86,6 +86,7 @@ def main(argv=None) -> None:
 
     cases = [
         ("x.clone() (baseline)", lambda t: t.clone(), lambda: (x,)),
+        ("counter_uniform (same numel)", lambda: counter_uniform(numel, **key, device=device), lambda: ()),
         ("quantize_int8 nearest", lambda t: quantize_int8(t), lambda: (x,)),
         ("quantize_int8 stochastic", lambda t: quantize_int8(t, stochastic=True, **key), lambda: (x,)),
         ("dequantize_int8", lambda a, b: dequantize_int8(a, b), lambda: (q, scales)),

@@ -55,7 +55,7 @@ class LazyTensor:
 
     shape, dtype: of the tensor load() returns (known up front, so shards are planned without materialising).
     load: () -> Tensor on the CPU, built on demand (dequantize / cast / transpose); a fresh tensor, or for a
-    float tensor already in the target dtype on the CPU, the model's own tensor (no copy).
+    whole-storage tensor already in the target dtype on the CPU, the model's own tensor (no copy).
     """
 
     shape: tuple[int, ...]
@@ -73,7 +73,11 @@ def _check_dtype(dtype) -> None:
 
 
 def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    return tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+    out = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+    if out.untyped_storage().nbytes() != out.numel() * out.element_size():
+        # A view into a larger buffer (a flat parameter store): older safetensors refuse entries sharing storage.
+        out = out.clone()
+    return out
 
 
 def _dequantize_int8_linear(module: Int8Linear, dtype: torch.dtype) -> Tensor:

@@ -28,7 +28,7 @@ from quant import _checks
 
 BLOCK_SIZE = 256
 _BNB_BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
-_CHUNK_ELEMS = 1 << 15  # twin's elements per step on CPU: small enough that its temporaries stay in cache
+_CHUNK_ELEMS = 1 << 14  # twin's elements per step on CPU: small enough that its temporaries stay in cache
 _CHUNK_ELEMS_GPU = 1 << 24
 _EXPONENT_BITS = 7
 _MAP_SIZE = 256

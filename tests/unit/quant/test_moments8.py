@@ -184,6 +184,26 @@ def test_agrees_with_bitsandbytes_cpu(signed):
                        dequantize_moment8(codes, absmax, signed=signed))
 
 
+def test_bitsandbytes_dispatch_plumbing_on_cpu(monkeypatch):
+    """The CUDA branch (bitsandbytes call, zero-block fix-up, QuantState decode) driven with CPU tensors, so its
+    plumbing is exercised on machines without CUDA; codes come from bnb's CPU kernel here (see above)."""
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    monkeypatch.setattr(moments8, "_use_bnb", lambda device, block_size: bnb_functional)
+    x = make_moment((4, 1000), True, seed=8)
+    x.view(-1)[256:512] = 0.0
+    try:
+        codes, absmax = quantize_moment8(x, signed=True)
+    except (NotImplementedError, RuntimeError) as exc:
+        pytest.skip(f"this bitsandbytes has no CPU quantize_blockwise: {exc}")
+    assert codes.dtype == torch.uint8 and codes.shape == x.shape
+    assert torch.equal(absmax, ref_quantize(x, True, 256)[1])
+    assert bool((codes.view(-1)[256:512] == 0).all())
+    monkeypatch.setattr(moments8, "_use_bnb", lambda device, block_size: None)
+    twin_out = dequantize_moment8(codes, absmax, signed=True, dtype=torch.bfloat16)
+    monkeypatch.setattr(moments8, "_use_bnb", lambda device, block_size: bnb_functional)
+    assert torch.equal(dequantize_moment8(codes, absmax, signed=True, dtype=torch.bfloat16), twin_out)
+
+
 BAD = [
     ("int input", lambda: quantize_moment8(torch.ones(4, dtype=torch.int32), signed=True), TypeError, "floating"),
     ("NaN input", lambda: quantize_moment8(torch.tensor([float("nan"), 1.0]), signed=True), ValueError,
