@@ -1,6 +1,6 @@
 """Throughput of the quant/ kernels against x.clone() of the same fp32 matrix, measured in one run.
 
-    python -m benchmarks.quant_kernels [--device cpu|cuda] [--rows M --cols N] [--repeats R]
+    python -m benchmarks.quant_kernels [--device cpu|cuda] [--rows M --cols N] [--repeats R] [--threads T]
 
 Default: a 4096 x 4096 fp32 matrix on CPU (about a minute on 2 cores). Each kernel runs once to warm up, then R
 times; the table gives the median time, the input elements per second, and the ratio of the kernel's time to the
@@ -9,28 +9,19 @@ clone's (the clone reads and writes 4 bytes per element: a memory-bandwidth yard
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 
 import torch
 
+from benchmarks.machine import machine_line
 from quant import (counter_uniform, dequantize_int8, dequantize_moment8, pack_int4, quantize_int8,
                    quantize_moment8, sr_update_int8_, unpack_int4)
 
 
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    lines = [f"CPU: {cpu} ({os.cpu_count()} logical cores)",
-             f"torch {torch.__version__}, intra-op threads: {torch.get_num_threads()}"]
+    lines = [machine_line(device)]
     if device.type == "cuda":
-        lines.append(f"CUDA device: {torch.cuda.get_device_name(device)}")
         try:
             import bitsandbytes
             lines.append(f"bitsandbytes {bitsandbytes.__version__} (moments8 on CUDA uses its kernels)")
@@ -63,7 +54,11 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--cols", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice); 1 is steadier on a shared machine")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device on this machine")

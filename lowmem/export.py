@@ -164,7 +164,7 @@ def hf_state_dict(model: nn.Module, *, dtype: torch.dtype = torch.bfloat16) -> d
     """The state dict the original Hugging Face architecture expects, all tensors on the CPU (see module docstring).
 
     Materialises everything at once (model-sized in `dtype`); export_hf streams instead. A float tensor already in
-    `dtype` on the CPU is returned as the model's own tensor (like nn.Module.state_dict, no copy).
+    `dtype` on the CPU (and not a view into a larger buffer) is the model's own tensor, as in nn.Module.state_dict.
     """
     with torch.no_grad():
         return {name: entry.load() for name, entry in lazy_hf_state_dict(model, dtype=dtype).items()}

@@ -39,13 +39,21 @@ def rank(x: torch.Tensor, name: str, ndim: int) -> torch.Tensor:
     return x
 
 
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
 def finite(x: torch.Tensor, name: str, where: str = "") -> torch.Tensor:
-    """Raise ValueError naming how many entries of x are NaN or +-Inf (one reduction; a sync on CUDA)."""
+    """Raise ValueError naming how many entries of x are NaN or +-Inf (one reduction; a sync on CUDA). fp64 input
+    must also fit fp32, since every kernel computes in fp32."""
     if x.numel() and not bool(torch.isfinite(x).all()):
         n_bad = int((~torch.isfinite(x)).sum())
         n_nan = int(torch.isnan(x).sum())
         raise ValueError(f"{name}{where} has {n_bad} non-finite value(s) ({n_nan} NaN, {n_bad - n_nan} Inf) "
                          f"out of {x.numel()}; finite input is required")
+    if x.dtype == torch.float64 and x.numel() and bool((x.abs() > _FP32_MAX).any()):
+        n_big = int((x.abs() > _FP32_MAX).sum())
+        raise ValueError(f"{name}{where} has {n_big} value(s) beyond the fp32 range (|x| > {_FP32_MAX:.3e}); "
+                         "the kernels compute in fp32")
     return x
 
 

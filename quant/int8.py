@@ -12,7 +12,7 @@ n = floor(a) and f = a - n (both exact in fp32), floor(x + u) = n + [f >= 1 - u]
 x < 0, and 1 - u is exact because u is a multiple of 2**-24. (Adding in fp32 would round x + u near |x| = 127 to
 2**-17 and bias it.) Results are clamped to [-127, 127].
 
-Memory: quantize_int8 and sr_update_int8_ work in chunks of rows (default about 2**16 elements per chunk on CPU,
+Memory: quantize_int8 and sr_update_int8_ work in chunks of rows (default about 2**15 elements per chunk on CPU,
 2**22 on GPUs), so beyond their inputs and outputs no more than a few chunk-sized fp32 buffers are live. Results do
 not depend on the chunking.
 """
@@ -27,7 +27,7 @@ from quant.noise import counter_uniform
 
 BLOCK_SIZE = 256
 _QMAX = 127
-_CHUNK_ELEMS = 1 << 16  # default elements per row chunk on CPU: 256 KiB fp32 buffers stay in cache (measured)
+_CHUNK_ELEMS = 1 << 15  # per row chunk on CPU: in cache, and at torch's grain size ops run on one thread (as moments8)
 _CHUNK_ELEMS_GPU = 1 << 22  # on GPUs: 16 MiB buffers, few enough chunks that kernel launches do not dominate
 
 DeltaRows = Callable[[int, int, torch.Tensor], torch.Tensor]
@@ -196,7 +196,7 @@ def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Te
             current dequantized fp32 weight of those rows (e.g. for weight decay). The callable must not modify
             w_rows and must return a new tensor (w_rows is overwritten after it returns).
         seed, stream, step: the noise key (see quant.noise.counter_uniform).
-        rows_per_chunk: rows per chunk (default: about 2**16 elements on CPU, 2**22 on GPUs). Memory and speed
+        rows_per_chunk: rows per chunk (default: about 2**15 elements on CPU, 2**22 on GPUs). Memory and speed
             depend on it, the result does not.
         stochastic: False gives round-to-nearest (for ablations and tests: updates below half a step are lost).
     Memory: beyond q, scales and the caller's delta, a few fp32 buffers of one chunk are live.

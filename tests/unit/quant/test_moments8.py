@@ -1,5 +1,4 @@
 """quant.moments8: the dynamic map, the CPU twin against brute-force references, error bounds, bitsandbytes."""
-import math
 
 import pytest
 import torch

@@ -1,0 +1,134 @@
+"""Time of one training step (forward + backward + update) of a LLaMA-shaped model, lowmem vs AdamW, in one run.
+
+    python -m benchmarks.step_time                      # CPU default: hidden 512, 4 layers, seq 256, batch 2
+    python -m benchmarks.step_time --device cuda --hidden 2048 --layers 8 --seq-len 1024
+
+Every method trains the same randomly initialised model on the same tokens. Reported per method: median steady step
+time (no projector refresh), the time of step 0 (every weight refreshes its projector at once: the worst case the
+stagger exists to avoid), the ratio of the steady step to fp32 AdamW's, and the peak memory of a step (live tensor
+bytes including the model and optimizer state on CPU; the CUDA allocator peak on GPU). Methods that cannot run on the
+device (bitsandbytes 8-bit AdamW needs CUDA) are listed as skipped with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from benchmarks.machine import machine_line
+from hooks.runtime import prepare
+from lowmem.live_bytes import LiveTensorBytes, baseline_bytes, module_bytes
+from lowmem.presets import preset
+
+LOWMEM_METHODS = ("galore", "q_galore", "galore_plus", "lowmem")
+
+
+def build_model(args, dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875),
+                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                      num_key_value_heads=args.hidden // 64, max_position_embeddings=args.seq_len)
+    return LlamaForCausalLM(cfg).to(device=args.device, dtype=dtype)
+
+
+def make_step(method: str, model, args):
+    """Returns (step_fn, state_tensors_fn). step_fn(ids) runs one full training step."""
+    if method in LOWMEM_METHODS:
+        cfg = preset(method, rank=args.rank, lr=1e-4, refresh_interval_steps=10_000,
+                     max_refresh_interval_steps=10_000, stagger=False, residual_warmup_steps=1)
+        runtime = prepare(model, cfg)
+
+        def step(ids):
+            with runtime.micro_batch():
+                runtime.backward(model(input_ids=ids, labels=ids).loss)
+            runtime.step()
+        return step, lambda: [t for s in runtime.states.values() for t in s.values()]
+    if method == "adamw8bit":
+        import bitsandbytes as bnb
+        opt = bnb.optim.AdamW8bit(model.parameters(), lr=1e-4)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(ids):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, lambda: [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_method(method: str, args) -> dict:
+    dtype = torch.bfloat16 if method == "adamw_bf16" else torch.float32
+    model = build_model(args, dtype)
+    step, state_tensors = make_step(method, model, args)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=gen).to(args.device)
+               for _ in range(args.steps + 2)]
+    sync(args.device)
+    start = time.perf_counter()
+    step(batches[0])                       # step 0: optimizer state created, every projector computed
+    sync(args.device)
+    first_s = time.perf_counter() - start
+    step(batches[1])                       # warm-up
+    times = []
+    for ids in batches[2:]:
+        sync(args.device)
+        start = time.perf_counter()
+        step(ids)
+        sync(args.device)
+        times.append(time.perf_counter() - start)
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        step(batches[0])
+        sync(args.device)
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        resident = module_bytes(model) + baseline_bytes(state_tensors())
+        with LiveTensorBytes() as counter:
+            step(batches[0])
+        peak = resident + counter.peak_bytes
+    return {"method": method, "step_s": statistics.median(times), "first_step_s": first_s, "peak_bytes": peak}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=6, help="timed steady steps per method (median reported)")
+    parser.add_argument("--methods", default="adamw_fp32,adamw_bf16,adamw8bit," + ",".join(LOWMEM_METHODS))
+    args = parser.parse_args(argv)
+
+    print(f"machine: {machine_line(args.device)}")
+    print(f"model: LLaMA-shaped hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; batch {args.batch} x "
+          f"seq {args.seq_len}; rank {args.rank}")
+    rows = []
+    for method in args.methods.split(","):
+        if method == "adamw8bit" and torch.device(args.device).type != "cuda":
+            print(f"{method:12s} skipped: bitsandbytes 8-bit AdamW runs on CUDA only")
+            continue
+        rows.append(run_method(method, args))
+        print(f"{method:12s} done", flush=True)
+    base = next((r for r in rows if r["method"] == "adamw_fp32"), rows[0])
+    print()
+    print("| method | steady step s | ratio to adamw_fp32 | step 0 (all refresh) s | peak MiB | peak ratio |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['method']} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f} | {r['first_step_s']:.3f} | "
+              f"{r['peak_bytes'] / 2**20:.1f} | {r['peak_bytes'] / base['peak_bytes']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
