@@ -45,8 +45,7 @@ from lowmem.lowrank import commit_, init_lowrank_state, accumulate_, settle_
 from lowmem.optimizer import float_param_bits, float_param_weight_decay
 from lowmem.schedule import lr_at
 from lowmem.surgery import convert_linears_to_int8, split_fused_projections
-from lowmem.trainables import Trainable, collect_trainables
-from lowmem.weights import FloatWeight, Int8Weight
+from lowmem.trainables import Trainable, collect_trainables, weight_target
 
 _RUNTIME_ATTR = "_lowmem_runtime"
 
@@ -231,20 +230,12 @@ class Runtime:
             self._commit_lowrank(item, clip_coef=None)
 
     # -- commits ---------------------------------------------------------------------------------------------------
-    def _weight_target(self, item: Trainable):
-        if item.kind == "lowrank_int8":
-            module = item.module
-            return Int8Weight(module.weight_q, module.weight_scales, block_size=module.block_size,
-                              seed=item.config.seed, stream=item.spec.param_index,
-                              stochastic=item.config.stochastic_rounding)
-        return FloatWeight(item.tensor.data)
-
     def _commit_lowrank(self, item: Trainable, clip_coef: float | None) -> None:
         accum = self._accum.pop(item.index)
         self._committed.add(item.index)
         if self._nonfinite:
             return  # the step is already poisoned: write nothing more
-        stats = commit_(item.spec, item.config, self.states[item.index], accum, self._weight_target(item),
+        stats = commit_(item.spec, item.config, self.states[item.index], accum, weight_target(item),
                         global_step=self.global_step, lr=self._lr, clip_coef=clip_coef)
         if stats["skipped"]:
             self._nonfinite.append(item.name)

@@ -26,8 +26,7 @@ from lowmem.config import LowMemConfig
 from lowmem.float_adamw import float_adamw_update_, init_float_adamw_state
 from lowmem.linop import DenseGrad
 from lowmem.lowrank import init_lowrank_state, lowrank_update_
-from lowmem.trainables import Trainable, collect_trainables
-from lowmem.weights import FloatWeight, Int8Weight
+from lowmem.trainables import Trainable, collect_trainables, weight_target
 
 _DENSE_GRAD_ATTR = "_lowmem_dense_grad"
 
@@ -84,14 +83,6 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 state.update(init_lowrank_state(item.spec, item.config, device=item.tensor.device))
         return state
 
-    def _weight_target(self, item: Trainable):
-        if item.kind == "lowrank_int8":
-            module = item.module
-            return Int8Weight(module.weight_q, module.weight_scales, block_size=module.block_size,
-                              seed=item.config.seed, stream=item.spec.param_index,
-                              stochastic=item.config.stochastic_rounding)
-        return FloatWeight(item.tensor.data)
-
     # -- the step --------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
@@ -127,7 +118,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                                     beta2=item.config.betas[1], eps=item.config.eps,
                                     weight_decay=float_param_weight_decay(item))
             else:
-                stats = lowrank_update_(item.spec, item.config, state, DenseGrad(grad), self._weight_target(item),
+                stats = lowrank_update_(item.spec, item.config, state, DenseGrad(grad), weight_target(item),
                                         global_step=self.global_step, lr=lr, clip_coef=global_coef)
                 if stats["refreshed"]:
                     refreshed.append(item.name)

@@ -20,6 +20,7 @@ from lowmem.config import LowMemConfig, matches
 from lowmem.int8_linear import Int8Linear
 from lowmem.lowrank import LowRankSpec
 from lowmem.projector import CrossHead
+from lowmem.weights import FloatWeight, Int8Weight, WeightTarget
 
 
 @dataclass
@@ -95,3 +96,14 @@ def collect_trainables(model: nn.Module, cfg: LowMemConfig) -> list[Trainable]:
     for index, item in enumerate(table):
         item.index = index
     return table
+
+
+def weight_target(item: Trainable) -> WeightTarget:
+    """Where a low-rank update of `item` lands: its INT8 data (stochastic rounding keyed by the parameter index) or
+    its float weight."""
+    if item.kind == "lowrank_int8":
+        module = item.module
+        return Int8Weight(module.weight_q, module.weight_scales, block_size=module.block_size,
+                          seed=item.config.seed, stream=item.spec.param_index,
+                          stochastic=item.config.stochastic_rounding)
+    return FloatWeight(item.tensor.data)
