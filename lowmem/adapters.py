@@ -20,6 +20,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from lowmem.int8_linear import Int8Linear
+
 ROLES = ("q", "k", "v", "o", "mlp", "other")
 
 # "...layers.3..." (LLaMA family) or "...h.3..." (GPT-2): the decoder layer a module belongs to.
@@ -101,13 +103,13 @@ class ModelAdapter:
         """Hook for adapters whose models hold linears that split_fused must convert first."""
 
     def linear_specs(self, model: nn.Module) -> list[LinearSpec]:
-        """Every nn.Linear the runtime may convert, in module order, without lm_head."""
+        """Every nn.Linear (or Int8Linear it was converted to) the runtime trains, in module order, without lm_head."""
         self._check_unconverted(model)
         head_dim, num_heads, num_kv_heads = self.attention_shape(model)
         skip = _output_embedding_ids(model)
         specs = []
         for name, module in model.named_modules():
-            if not isinstance(module, nn.Linear) or id(module) in skip:
+            if not isinstance(module, (nn.Linear, Int8Linear)) or id(module) in skip:
                 continue
             role = self._roles.get(name.split(".")[-1], "other")
             heads = {"q": num_heads, "k": num_kv_heads}.get(role)

@@ -317,3 +317,27 @@ def test_state_dict_round_trip_resumes_identically():
         rb.step()
     wa, wb = weights(a), weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_gpt2_fused_qkv_is_split_and_trains():
+    """GPT-2's fused c_attn (a Conv1D) is split into q/k/v linears by the adapter, converted to INT8, and trained."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)).float()
+    runtime, stats = run_fused(model, small("lowmem", lr=1e-2), token_batches(20))
+    names = {item.name for item in runtime.trainables if item.kind == "lowrank_int8"}
+    assert "transformer.h.0.attn.c_attn.q_proj.weight" in names
+    assert any(item.spec.cross_head is not None for item in runtime.trainables if item.spec is not None)
+    assert sum(s["loss"] for s in stats[-4:]) < 0.9 * sum(s["loss"] for s in stats[:4])
+
+
+def test_cross_head_layout_survives_int8_conversion():
+    """q/k keep their head layout after surgery: cross-head projection is active on INT8 weights (GQA: k uses the
+    key/value heads)."""
+    runtime = prepare(tiny_llama(), small("lowmem"))
+    heads = {item.name.split(".")[-2]: item.spec.cross_head for item in runtime.trainables
+             if item.spec is not None and ".layers.0." in item.name}
+    assert heads["q_proj"].num_heads == 4 and heads["q_proj"].head_dim == 16
+    assert heads["k_proj"].num_heads == 2
+    assert heads["v_proj"] is None and heads["down_proj"] is None
