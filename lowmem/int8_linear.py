@@ -24,7 +24,7 @@ torch.compile (torch 2.13, CPU, inductor; tests/unit/lowmem/test_int8_linear.py:
 model containing Int8Linear gives the same outputs and gradients as eager and the sink fires once per backward, but
 Int8Linear.forward is excluded from graphs (torch.compiler.disable): one graph break per Int8Linear, the layer runs
 eagerly, the code between layers compiles. Tracing it was tried and breaks as follows:
-  - quant.int8.dequantize_int8 graph-breaks (a `.item()` finiteness check of the scales; `out=` into a
+  - quant.int8.dequantize_int8 graph-breaks (with check_values=True a finiteness check of the scales; `out=` into a
     non-contiguous block view), and with two layers of different shapes the recompiled, dynamic-shape remainder
     crashes inductor (LoweringException: IndexError "pop from empty list" lowering aten.reshape of the block view).
   - the sink call in backward is an arbitrary Python side effect (list appends, in-place optimizer state): Dynamo
@@ -69,7 +69,8 @@ class _Int8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, anchor, weight_q, weight_scales, module):
-        weight = dequantize_int8(weight_q, weight_scales, block_size=module.block_size, dtype=x.dtype)
+        weight = dequantize_int8(weight_q, weight_scales, block_size=module.block_size, dtype=x.dtype,
+                                     check_values=False)
         y = nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
         # Save x and the int8 codes (references, no copy) -- not the float weight: backward dequantizes again.
         ctx.save_for_backward(x, weight_q, weight_scales)
@@ -86,7 +87,8 @@ class _Int8LinearFunction(torch.autograd.Function):
         grad_out = grad_out.to(x.dtype)
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = dequantize_int8(weight_q, weight_scales, block_size=module.block_size, dtype=x.dtype)
+            weight = dequantize_int8(weight_q, weight_scales, block_size=module.block_size, dtype=x.dtype,
+                                     check_values=False)
             grad_x = grad_out @ weight
             del weight
         A = grad_out.reshape(-1, out_features)

@@ -38,7 +38,7 @@ def load_moments(state: dict[str, Tensor], *, bits: int, block_size: int = 256) 
         out = []
         for name, signed in zip(_NAMES, (True, False)):
             out.append(dequantize_moment8(state[f"{name}_codes"], state[f"{name}_absmax"], signed=signed,
-                                          block_size=block_size))
+                                          block_size=block_size, check_values=False))
         return out[0], out[1]
     return state["exp_avg"].float().clone(), state["exp_avg_sq"].float().clone()
 
@@ -49,7 +49,10 @@ def store_moments_(state: dict[str, Tensor], exp_avg: Tensor, exp_avg_sq: Tensor
     _check_bits(bits)
     if bits == 8:
         for name, value, signed in zip(_NAMES, (exp_avg, exp_avg_sq), (True, False)):
-            codes, absmax = quantize_moment8(value.float(), signed=signed, block_size=block_size)
+            # Moments are only ever updated from gradients the caller verified finite: skip the kernel's own
+            # value checks (a device synchronisation each on CUDA).
+            codes, absmax = quantize_moment8(value.float(), signed=signed, block_size=block_size,
+                                             check_values=False)
             state[f"{name}_codes"] = codes
             state[f"{name}_absmax"] = absmax
     else:

@@ -85,4 +85,4 @@ class Int8Weight(WeightTarget):
     def apply_(self, delta_rows: DeltaRows, *, step: int) -> None:
         sr_update_int8_(self.weight_q, self.weight_scales, delta_rows, seed=self.seed, stream=self.stream,
                         step=step, block_size=self.block_size, rows_per_chunk=rows_per_chunk(self.shape),
-                        stochastic=self.stochastic)
+                        stochastic=self.stochastic, check_values=False)  # callers verify gradients first

@@ -156,8 +156,11 @@ def _dequantize_rows(q: torch.Tensor, scales: torch.Tensor, block_size: int) -> 
 
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, *, block_size: int = BLOCK_SIZE,
                     dtype: torch.dtype = torch.float32, row_start: int = 0,
-                    row_end: int | None = None) -> torch.Tensor:
+                    row_end: int | None = None, check_values: bool = True) -> torch.Tensor:
     """Rows [row_start, row_end) of the dequantized matrix q * s.
+
+    check_values=False skips the finiteness check of the scales (a device synchronisation on CUDA): for hot paths
+    whose scales come from quantize_int8 / sr_update_int8_, which only ever write finite scales.
 
     Args:
         q: int8 (m, n); scales: float (m, ceil(n / block_size)), finite (fp32 from quantize_int8).
@@ -174,14 +177,15 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, *, block_size: int = 
     row_start = _checks.integer(row_start, "row_start")
     if not 0 <= row_start <= row_end <= m:
         raise ValueError(f"need 0 <= row_start <= row_end <= {m}, got row_start={row_start}, row_end={row_end}")
-    _checks.finite(scales[row_start:row_end], "scales")
+    if check_values:
+        _checks.finite(scales[row_start:row_end], "scales")
     out = _dequantize_rows(q[row_start:row_end], scales[row_start:row_end], block_size)
     return out if dtype == torch.float32 else out.to(dtype)
 
 
 def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Tensor, DeltaRows], *, seed: int,
                     stream: int, step: int, block_size: int = BLOCK_SIZE, rows_per_chunk: int | None = None,
-                    stochastic: bool = True) -> None:
+                    stochastic: bool = True, check_values: bool = True) -> None:
     """In place: W <- requantize(dequant(q, scales) + delta), chunk by chunk over rows.
 
     Per chunk of rows [r0, r1): w' = q * s + delta in fp32; per block s' = max|w'| / 127; q' = floor(w'/s' + u)
@@ -203,6 +207,8 @@ def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Te
     Errors: the caller guarantees finite input. A tensor delta is checked up front (ValueError, nothing written).
         A callable's output is checked chunk by chunk: the first non-finite chunk raises ValueError and leaves the
         chunks before it already written (checking first would need the whole delta in memory). Empty q: no-op.
+        check_values=False skips those finiteness checks (a synchronisation per chunk on CUDA) for callers that
+        have already verified their inputs, such as lowmem's runtime, which checks each step's gradient first.
     """
     block_size = _check_block_size(block_size)
     _check_pair(q, scales, block_size)
@@ -215,7 +221,8 @@ def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Te
     from_callable = callable(delta) and not isinstance(delta, torch.Tensor)
     if not from_callable:
         _check_delta(delta, q, "delta", (m, n))
-        _checks.finite(delta, "delta")
+        if check_values:
+            _checks.finite(delta, "delta")
     if m == 0 or n == 0:
         return
     for r0 in range(0, m, rows_per_chunk):
@@ -227,7 +234,8 @@ def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Te
             _check_delta(d, q, name, (r1 - r0, n))
             if d.untyped_storage().data_ptr() == w.untyped_storage().data_ptr():
                 raise ValueError(f"{name} returned (a view of) w_rows; it must return a new tensor")
-            _checks.finite(d, name, where=f" (rows {r0}..{r1 - 1}; rows before {r0} are already updated)")
+            if check_values:
+                _checks.finite(d, name, where=f" (rows {r0}..{r1 - 1}; rows before {r0} are already updated)")
         else:
             d = delta[r0:r1]
         w.add_(d)
