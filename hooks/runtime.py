@@ -44,7 +44,7 @@ from lowmem.linop import DenseGrad
 from lowmem.lowrank import commit_, init_lowrank_state, accumulate_, settle_
 from lowmem.optimizer import float_param_bits, float_param_weight_decay
 from lowmem.schedule import lr_at
-from lowmem.surgery import convert_linears_to_int8, split_fused_projections
+from lowmem.surgery import convert_int8_to_linears, convert_linears_to_int8, split_fused_projections
 from lowmem.trainables import Trainable, collect_trainables, weight_target
 
 _RUNTIME_ATTR = "_lowmem_runtime"
@@ -91,9 +91,10 @@ class Runtime:
                                                                                             item)))
         setattr(self.model, _RUNTIME_ATTR, self)
 
-    def detach(self) -> None:
-        """Remove every hook and sink; the model is an ordinary module again (its Int8Linear layers stay INT8:
-        `lowmem.export.export_hf` writes a float checkpoint)."""
+    def detach(self, *, dequantize: bool = False) -> None:
+        """Remove every hook and sink. With dequantize=True the Int8Linear layers become nn.Linear again (float
+        weights in their compute dtype): a plain model for inference or another trainer. Without it they stay INT8
+        (half the memory; `export` still writes a float checkpoint)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -102,6 +103,8 @@ class Runtime:
                 item.module.grad_sink = None
         if getattr(self.model, _RUNTIME_ATTR, None) is self:
             delattr(self.model, _RUNTIME_ATTR)
+        if dequantize:
+            convert_int8_to_linears(self.model)
 
     def _reset_step(self) -> None:
         self._micro_done = 0

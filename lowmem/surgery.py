@@ -39,3 +39,20 @@ def convert_linears_to_int8(model: nn.Module, cfg: LowMemConfig) -> list[str]:
         linear.weight = None
         converted.append(name)
     return converted
+
+
+def convert_int8_to_linears(model: nn.Module) -> list[str]:
+    """The inverse of convert_linears_to_int8: every Int8Linear becomes an nn.Linear holding its dequantised weight
+    (in the layer's compute dtype) and the same bias Parameter. Returns the converted module names."""
+    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, Int8Linear)]
+    for name, quantised in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        weight = quantised.dequantized_weight(quantised.compute_dtype)
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=quantised.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        linear.weight = nn.Parameter(weight, requires_grad=True)
+        if quantised.bias is not None:
+            linear.bias = quantised.bias
+        setattr(parent, child, linear)
+    return [name for name, _ in targets]

@@ -341,3 +341,21 @@ def test_cross_head_layout_survives_int8_conversion():
     assert heads["q_proj"].num_heads == 4 and heads["q_proj"].head_dim == 16
     assert heads["k_proj"].num_heads == 2
     assert heads["v_proj"] is None and heads["down_proj"] is None
+
+
+def test_detach_dequantize_restores_a_plain_model():
+    model = tiny_llama()
+    runtime, _ = run_fused(model, small("lowmem"), token_batches(2))
+    ids = token_batches(1, seed=9)[0]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    runtime.detach(dequantize=True)
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before)      # same weights, now plain fp32 linears
+    loss = model(input_ids=ids, labels=ids).loss   # and an ordinary autograd model again
+    loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    prepare(model, small("lowmem"))                # can be prepared again
