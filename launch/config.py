@@ -128,7 +128,7 @@ class DataConfig:
     text_field: str = _f("text", "Field of each jsonl record that holds its text; non-empty string.", _text())
     eval_fraction: float = _f(0.05, "Fraction of the data held out for evaluation; in (0, 1).",
                               _float(0.0, 1.0, lo_open=True, hi_open=True))
-    eval_max_sequences: int = _f(64, "Most held-out sequences scored per evaluation; int >= 1.", _int(1))
+    eval_max_sequences: int = _f(32, "Most held-out sequences scored per evaluation; int >= 1.", _int(1))
     skip_bad_lines: bool = _f(False, "Skip (and count) malformed jsonl lines instead of stopping with the line "
                                      "number; true or false.", _bool)
     pack: bool = _f(True, "Concatenate documents (EOS-separated) into full seq_len sequences instead of one padded "
@@ -257,7 +257,7 @@ class TrainConfig:
     output_dir: str = _f("outputs/finetune", "Directory for checkpoints, logs, the run report and the exported "
                                              "model.", _text())
     max_steps: int = _f(30, "Optimizer steps to train (the schedule's total_steps); int >= 1.", _int(1))
-    seq_len: int = _f(256, "Tokens per training sequence; int >= 2.", _int(2))
+    seq_len: int = _f(128, "Tokens per training sequence; int >= 2.", _int(2))
     micro_batch_size: int = _f(4, "Sequences per forward/backward pass (per process); int >= 1.", _int(1))
     grad_accum_steps: int = _f(1, "Micro-batches per optimizer step; int >= 1.", _int(1))
     lr: float = _f(1e-4, "Peak learning rate after warm-up; number >= 0.", _float(0.0))

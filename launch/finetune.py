@@ -216,6 +216,11 @@ def train(cfg: TrainConfig) -> dict:
             if (step + 1) % cfg.log_every == 0 or stats["skipped"]:
                 log.write(record)
             bar.update(1)
+            if bar.disable and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps):
+                # No terminal (a log file, CI): one line per logged step instead of a bar.
+                print(f"step {step + 1}/{cfg.max_steps} loss {loss:.4f} lr {stats['lr']:.2e} "
+                      f"grad_norm {stats['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s "
+                      f"peak {stats['peak_memory_bytes'] / 2**30:.2f} GiB", flush=True)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{stats['lr']:.2e}",
                             gnorm=f"{stats['grad_norm']:.2f}", mem=f"{stats['peak_memory_bytes'] / 2**30:.2f}G")
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:

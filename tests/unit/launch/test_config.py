@@ -60,7 +60,7 @@ def test_demo_yaml_is_the_no_argument_default():
     demo = load_train_config(DEMO_CONFIG_PATH)
     assert demo == TrainConfig() == load_train_config(None)
     assert demo.model == "smollm2-135m" and demo.data.path is None
-    assert (demo.max_steps, demo.seq_len, demo.micro_batch_size) == (30, 256, 4)
+    assert (demo.max_steps, demo.seq_len, demo.micro_batch_size) == (30, 128, 4)
     assert demo.optim.preset == "lowmem" and demo.lowmem_config().rank == 64
 
 
