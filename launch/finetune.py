@@ -7,7 +7,7 @@
     python -m launch.finetune export CHECKPOINT_DIR OUT_DIR     # bf16 Hugging Face model from any checkpoint
 
 The run, top to bottom: resolve the config; check output_dir is writable; memory preflight (refuses a run that will
-not fit unless force=true); load model and tokenizer; tokenize and pack the data (cached on disk); prepare the
+not fit unless force=true; from the model config alone, before any weight is loaded); load model and tokenizer; tokenize and pack the data (cached on disk); prepare the
 lowmem runtime (INT8 linears, optimizer state, backward hooks); resume from the latest checkpoint when there is one;
 train with a progress bar, a JSONL log line per step, held-out evaluation every eval_every steps and checkpoints
 every save_every steps (and on Ctrl-C / SIGTERM); at the end save, export a bf16 Hugging Face model and write
@@ -75,8 +75,8 @@ def check_distributed(cfg: TrainConfig) -> None:
                          "deepspeed unset")
 
 
-def check_seq_len(cfg: TrainConfig, model) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
+def check_seq_len(cfg: TrainConfig, model_config) -> None:
+    limit = getattr(model_config, "max_position_embeddings", None)
     if limit is not None and cfg.seq_len > limit:
         raise UsageError(f"seq_len={cfg.seq_len} is longer than the model's context ({limit} positions, "
                          f"max_position_embeddings); use seq_len={limit} or less")
@@ -132,7 +132,7 @@ def train(cfg: TrainConfig) -> dict:
 
     from hooks.runtime import prepare
     from launch.data import BatchSampler, build_data
-    from launch.models import cache_root, load_model
+    from launch.models import cache_root, load_model, load_model_config
     from launch.preflight import check as preflight
     from launch.report import StepLog, read_log, write_report
     from lowmem.checkpoint import (load_checkpoint, python_random_state, resolve_resume, save_checkpoint,
@@ -147,13 +147,15 @@ def train(cfg: TrainConfig) -> dict:
     dtype = resolve_dtype(cfg, device)
     torch.manual_seed(cfg.seed)
 
-    loaded = load_model(cfg.model, dtype=dtype, tokenizer=cfg.tokenizer, seed=cfg.seed)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    check_seq_len(cfg, model)
-    verdict = preflight(cfg, model.config, device)
+    # Preflight from the config alone: a run that will not fit is refused before any weight is loaded.
+    model_config = load_model_config(cfg.model)
+    check_seq_len(cfg, model_config)
+    verdict = preflight(cfg, model_config, device)
     print(verdict.detail, flush=True)
     if verdict.fits is False and not cfg.force:
-        raise UsageError(f"{verdict.detail} Cheapest fix: {verdict.cheapest_fix}. Run anyway with force=true.")
+        raise UsageError(f"{verdict.detail}. Apply the fix as an override, or run anyway with force=true.")
+    loaded = load_model(cfg.model, dtype=dtype, tokenizer=cfg.tokenizer, seed=cfg.seed)
+    model, tokenizer = loaded.model, loaded.tokenizer
     model.to(device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

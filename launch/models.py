@@ -151,3 +151,22 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, tokenizer: str 
     folder = resolve_model_dir(spec)
     source = f"{spec} ({folder})" if str(folder) != spec else spec
     return _from_hf_dir(folder, dtype, source)
+
+
+def load_model_config(spec: str):
+    """The model's Hugging Face config without loading any weights (for the memory preflight). The embedded GGUF
+    is converted once if it is not cached yet; a config.json is read as it is."""
+    import json
+
+    from transformers import AutoConfig
+
+    path = Path(spec).expanduser()
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ModelNotFoundError(f"model config {path} does not exist (a config.json trains from scratch)")
+        values = json.loads(path.read_text(encoding="utf-8"))
+        model_type = values.pop("model_type", None)
+        if model_type is None:
+            raise ModelNotFoundError(f"model config {path} has no model_type (e.g. \"llama\")")
+        return AutoConfig.for_model(model_type, **values)
+    return AutoConfig.from_pretrained(resolve_model_dir(spec))

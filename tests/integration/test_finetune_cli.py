@@ -166,3 +166,20 @@ def test_full_disk_during_checkpoint_leaves_no_corrupt_checkpoint(tiny_args, tmp
     ckpts = list_checkpoints(tmp_path / "run" / "checkpoints")
     assert [p.name for p in ckpts] == ["step-00000002"]
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_preflight_refuses_a_run_that_does_not_fit_before_loading_weights(tiny_args, tmp_path, capsys, monkeypatch):
+    """With a device of 64 KiB the planner predicts no fit: the run stops with the cheapest change named, before
+    any model is built; force=true runs it anyway."""
+    import launch.models
+    import lowmem.memory
+
+    monkeypatch.setattr(lowmem.memory, "_device_bytes", lambda device: 64 * 2**10)
+    built = []
+    real_load = launch.models.load_model
+    monkeypatch.setattr(launch.models, "load_model", lambda *a, **k: built.append(1) or real_load(*a, **k))
+    err = expect_error(tiny_args + ["eval_every=0", "export=false"], capsys, "memory preflight", "exceeds",
+                       "force=true")
+    assert not built
+    assert main(tiny_args + ["max_steps=2", "eval_every=0", "export=false", "force=true"]) == 0
+    assert built

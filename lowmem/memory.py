@@ -1,0 +1,153 @@
+"""Memory planner (DESIGN §5): estimate (lowmem.memory_estimate), measure, print, and the launch preflight.
+
+    b = estimate(LlamaConfig(...), method="lowmem", seq_len=256, micro_batch_size=1, gradient_checkpointing=False)
+    print(format_breakdown(b))
+    peak_bytes = measure(lambda: train_step(), device=torch.device("cpu"), baseline_tensors=(t for t in state))
+    verdict = preflight(cfg, model_config, torch.device("cuda"))   # launch.preflight.check calls this
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from lowmem.memory_estimate import COMPONENTS, GIB, METHODS, MemoryBreakdown, ModelShape, estimate
+
+__all__ = ["COMPONENTS", "GPUS", "METHODS", "MemoryBreakdown", "ModelShape", "Preflight", "estimate",
+           "format_breakdown", "measure", "preflight"]
+
+GPUS: dict[str, int] = {"4060ti-16gb": 16 * GIB, "4090": 24 * GIB, "3090": 24 * GIB, "a100-40gb": 40 * GIB,
+                        "a100-80gb": 80 * GIB, "h100-80gb": 80 * GIB}
+FIT_FRACTION = 0.95
+
+
+@dataclass
+class Preflight:
+    fits: bool | None            # None: no estimate available
+    predicted_peak_bytes: int | None
+    device_bytes: int | None
+    cheapest_fix: str | None     # e.g. "optim.rank=128 (saves 1.2 GiB)"
+    detail: str                  # one paragraph for the console
+
+
+def measure(fn: Callable[[], object], *, device: torch.device, baseline_tensors: Iterable[torch.Tensor] = ()) -> int:
+    """Peak bytes while running fn(), counting `baseline_tensors` (model, optimizer state) as live from the start.
+
+    CUDA: torch.cuda.max_memory_allocated during fn minus memory_allocated before, plus the baseline's bytes.
+    CPU: lowmem.live_bytes.LiveTensorBytes. The baseline storages are charged into the counter and refunded when
+    they die, so state that fn replaces (new moments written over old) is not counted twice. Pass a generator or a
+    list nobody else keeps: measure holds only weak references once it has read them.
+    """
+    from lowmem.live_bytes import LiveTensorBytes, _storages, baseline_bytes
+    device = torch.device(device)
+    if device.type == "cuda":
+        base = baseline_bytes(baseline_tensors)
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - before + base)
+    if device.type != "cpu":
+        raise ValueError(f"measure supports cuda and cpu devices, got {device}")
+    storages = {}
+    for i, t in enumerate(baseline_tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"baseline_tensors must hold tensors; item {i} is {type(t).__name__}")
+        for st in _storages(t):
+            storages.setdefault(st._cdata, st)
+    del baseline_tensors
+    meter = LiveTensorBytes()
+    with meter:
+        for st in storages.values():
+            meter._track(st)    # charged now, refunded by the counter's own finalizer when the storage dies
+        storages.clear()
+        meter.reset_peak()
+        fn()
+    return int(meter.peak_bytes)
+
+
+def format_breakdown(b: MemoryBreakdown) -> str:
+    """A fixed-width table of the components in GiB, then the peak and the notes."""
+    width = max(len(k) for k in COMPONENTS)
+    lines = [f"memory breakdown: {b.method}", f"  {'component':<{width}}  {'GiB':>8}"]
+    for key in COMPONENTS:
+        lines.append(f"  {key:<{width}}  {b.components.get(key, 0) / GIB:8.3f}")
+    lines.append(f"  {'peak':<{width}}  {b.peak_bytes / GIB:8.3f}")
+    lines += [f"  note: {n}" for n in b.notes]
+    return "\n".join(lines)
+
+
+def _device_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    import psutil
+    return int(psutil.virtual_memory().available)
+
+
+def _lowmem_config(cfg):
+    """The LowMemConfig inside a launch TrainConfig (attribute `optim`), or cfg itself."""
+    from lowmem.config import LowMemConfig
+    if isinstance(cfg, LowMemConfig):
+        return cfg
+    if hasattr(cfg, "lowmem_config"):
+        return cfg.lowmem_config()
+    raise TypeError(f"preflight needs a launch TrainConfig (with lowmem_config()), got {type(cfg).__name__}")
+
+
+def _settings(cfg) -> dict:
+    return {"seq_len": int(cfg.seq_len), "micro_batch_size": int(cfg.micro_batch_size),
+            "gradient_checkpointing": bool(getattr(cfg, "gradient_checkpointing", False))}
+
+
+def _dtype(cfg, device: torch.device) -> torch.dtype:
+    name = str(getattr(cfg, "dtype", "auto")).replace("torch.", "")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+            "fp16": torch.float16}.get(name, torch.bfloat16)
+
+
+def preflight(cfg, model_config, device: torch.device) -> Preflight:
+    """Does `cfg` (a launch TrainConfig: seq_len, micro_batch_size, optim: LowMemConfig, optional
+    gradient_checkpointing) fit `device`? If not, the first of the cheap changes that fits, with bytes saved."""
+    device = torch.device(device)
+    total = _device_bytes(device)
+    limit = int(FIT_FRACTION * total)
+    optim = _lowmem_config(cfg)
+    settings = _settings(cfg)
+    dtype = _dtype(cfg, device)
+
+    def peak(opt, st) -> int:
+        return estimate(model_config, method="lowmem", lowmem_config=opt, dtype=dtype, device_type=device.type,
+                        **st).peak_bytes
+
+    predicted = peak(optim, settings)
+    if predicted <= limit:
+        return Preflight(True, predicted, total, None,
+                         f"memory preflight: predicted peak {predicted / GIB:.2f} GiB of {total / GIB:.2f} GiB "
+                         f"({device.type}); fits")
+    candidates = [
+        ("gradient_checkpointing=true", optim, {**settings, "gradient_checkpointing": True}),
+        (f"optim.rank={max(1, optim.rank // 2)}", dataclasses.replace(optim, rank=max(1, optim.rank // 2)),
+         settings),
+        (f"micro_batch_size={max(1, settings['micro_batch_size'] // 2)}", optim,
+         {**settings, "micro_batch_size": max(1, settings["micro_batch_size"] // 2)}),
+        (f"seq_len={max(1, settings['seq_len'] // 2)}", optim, {**settings, "seq_len": max(1, settings["seq_len"] // 2)}),
+        ("optim.projector_bits=4", dataclasses.replace(optim, projector_bits=4), settings),
+    ]
+    fix = None
+    for label, opt, st in candidates:
+        if st == settings and opt == optim:
+            continue
+        new_peak = peak(opt, st)
+        if new_peak <= limit:
+            fix = f"{label} (saves {(predicted - new_peak) / GIB:.2f} GiB)"
+            break
+    detail = (f"memory preflight: predicted peak {predicted / GIB:.2f} GiB exceeds {FIT_FRACTION:.0%} of "
+              f"{total / GIB:.2f} GiB ({device.type}); "
+              + (f"cheapest fix: {fix}" if fix else "no single cheap change fits; use a larger device or a "
+                                                 "smaller model"))
+    return Preflight(False, predicted, total, fix, detail)
