@@ -72,10 +72,11 @@ def plot(path: Path, title: str, rows, card_bytes: int) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     labels = [label for label, _ in rows]
     bottom = [0.0] * len(rows)
-    for component in COMPONENTS:
+    colors = plt.get_cmap("tab20").colors  # 13 components: the default 10-colour cycle would repeat
+    for index, component in enumerate(COMPONENTS):
         values = [b.components.get(component, 0) / GIB for _, b in rows]
         if any(values):
-            ax.bar(labels, values, bottom=bottom, label=component)
+            ax.bar(labels, values, bottom=bottom, label=component, color=colors[index % len(colors)])
             bottom = [x + y for x, y in zip(bottom, values)]
     ax.axhline(card_bytes / GIB, color="black", linestyle="--", label="card")
     ax.set_ylabel("GiB")
