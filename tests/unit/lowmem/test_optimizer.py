@@ -145,3 +145,19 @@ def test_frozen_and_no_trainables():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable"):
         LowMemOptimizer(model, LowMemConfig())
+
+
+@pytest.mark.parametrize("buffer", ["bf16", "int8"])
+def test_error_feedback_buffers_train_and_are_stored_as_asked(buffer):
+    cfg = preset("galore_ef", rank=4, lr=2e-2, refresh_interval_steps=10, exclude_modules=("head",),
+                 error_feedback=buffer, weight_block_size=16, grad_clip=None)
+    model = TinyNet()
+    opt = LowMemOptimizer(model, cfg)
+    losses = train(model, opt, 60)
+    assert sum(losses[-10:]) < 0.6 * sum(losses[:10])
+    state = opt.state[model.up.weight]
+    if buffer == "int8":
+        assert state["ef_q"].dtype == torch.int8 and state["ef_q"].shape == (40, 24) and "ef" not in state
+    else:
+        assert state["ef"].dtype == torch.bfloat16 and state["ef"].shape == (40, 24)
+    assert float(state["ef_q" if buffer == "int8" else "ef"].float().abs().sum()) > 0   # the buffer is in use
