@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from lowmem.config import LowMemConfig
 from lowmem.float_adamw import float_adamw_update_, init_float_adamw_state
-from lowmem.linop import DenseGrad
+from lowmem.linop import DenseGrad, squared_norm
 from lowmem.lowrank import commit_, init_lowrank_state, accumulate_, settle_
 from lowmem.optimizer import float_param_bits, float_param_weight_decay
 from lowmem.schedule import lr_at
@@ -253,7 +253,7 @@ class Runtime:
         self._committed.add(item.index)
         if self._nonfinite:
             return
-        sq_norm = float(grad.float().pow(2).sum())
+        sq_norm = float(squared_norm(grad))
         if not math.isfinite(sq_norm):
             self._nonfinite.append(item.name)
             self._committed.discard(item.index)
@@ -275,7 +275,7 @@ class Runtime:
         for index, accum in self._accum.items():
             sq_total += settle_(by_index[index].spec, by_index[index].config, accum)
         for index, grad in self._float_grads.items():
-            sq_total += float(grad.float().pow(2).sum())
+            sq_total += float(squared_norm(grad))
         if not math.isfinite(sq_total) or self._nonfinite:
             self._nonfinite.append("gradient (two_pass: nothing written)")
             return

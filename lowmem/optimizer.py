@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lowmem.config import LowMemConfig
 from lowmem.float_adamw import float_adamw_update_, init_float_adamw_state
-from lowmem.linop import DenseGrad
+from lowmem.linop import DenseGrad, squared_norm
 from lowmem.lowrank import init_lowrank_state, lowrank_update_
 from lowmem.trainables import Trainable, collect_trainables, weight_target
 
@@ -94,7 +94,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
         grads = [(item, self._gradient(item)) for item in self.trainables]
         grads = [(item, g) for item, g in grads if g is not None]
         # Measure, then commit: nothing is written unless every gradient is finite.
-        sq_norms = [float(g.float().pow(2).sum()) for _, g in grads]
+        sq_norms = [float(squared_norm(g)) for _, g in grads]
         if not all(math.isfinite(s) for s in sq_norms):
             self.skipped_steps += 1
             self.last_stats = {"skipped": True, "grad_norm": float("nan"), "step": self.global_step}
