@@ -34,18 +34,22 @@ import math
 import resource
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from lowmem.config import LowMemConfig
+from lowmem.distributed import DataParallel
 from lowmem.float_adamw import float_adamw_update_, init_float_adamw_state
 from lowmem.linop import DenseGrad, squared_norm
-from lowmem.lowrank import commit_, init_lowrank_state, accumulate_, settle_
+from lowmem.lowrank import accumulate_, commit_, follower_state, init_lowrank_state, settle_
 from lowmem.optimizer import float_param_bits, float_param_weight_decay
 from lowmem.schedule import lr_at
 from lowmem.surgery import convert_int8_to_linears, convert_linears_to_int8, split_fused_projections
 from lowmem.trainables import Trainable, collect_trainables, weight_target
+
+from hooks.zero3 import WeightPartition
 
 _RUNTIME_ATTR = "_lowmem_runtime"
 
@@ -60,7 +64,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 class Runtime:
     """Attached to one model; owns the optimizer state of every trained tensor. Build it with `prepare`."""
 
-    def __init__(self, model: nn.Module, config: LowMemConfig, trainables: list[Trainable]):
+    def __init__(self, model: nn.Module, config: LowMemConfig, trainables: list[Trainable],
+                 data_parallel: DataParallel | None = None):
         if getattr(model, _RUNTIME_ATTR, None) is not None:
             raise RuntimeError("lowmem hooks are already attached to this model; call runtime.detach() first")
         if not trainables:
@@ -70,13 +75,28 @@ class Runtime:
         self.trainables = trainables
         self.global_step = 0
         self.skipped_steps = 0
+        self.dp = data_parallel
+        self.partition: WeightPartition | None = None
         self.states: dict[int, dict[str, Tensor]] = {}
+        if data_parallel is not None:
+            _check_data_parallel(config, data_parallel)
+        sizes: dict[int, int] = {}
         for item in trainables:
             if item.kind == "float":
-                self.states[item.index] = init_float_adamw_state(item.tensor, bits=float_param_bits(item))
+                state = init_float_adamw_state(item.tensor, bits=float_param_bits(item))
             else:
-                self.states[item.index] = init_lowrank_state(item.spec, item.config, device=item.tensor.device)
+                state = init_lowrank_state(item.spec, item.config, device=item.tensor.device)
+            sizes[item.index] = _state_bytes(state) + (_weight_bytes(item) if self._zero3 else 0)
+            self.states[item.index] = state
+        if data_parallel is not None:
+            data_parallel.assign(sizes)
+            for item in trainables:
+                if not data_parallel.owns(item.index):
+                    self.states[item.index] = {} if item.kind == "float" else follower_state(self.states[item.index])
+            if self._zero3:
+                self._partition_weights()
         self._placement = {item.index: (item.tensor.dtype, item.tensor.device) for item in trainables}
+        self._comm_bytes_at_start = 0 if data_parallel is None else data_parallel.comm.bytes_total
         self._handles = []
         self._reset_step()
         self._attach()
@@ -98,6 +118,9 @@ class Runtime:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self.partition is not None:
+            self.partition.gather_all_()   # the detached model is whole on every rank
+            self.partition = None
         for item in self.trainables:
             if item.kind == "lowrank_int8":
                 item.module.grad_sink = None
@@ -105,6 +128,17 @@ class Runtime:
             delattr(self.model, _RUNTIME_ATTR)
         if dequantize:
             convert_int8_to_linears(self.model)
+
+    @property
+    def _zero3(self) -> bool:
+        return self.dp is not None and self.dp.zero_stage == 3 and self.dp.world_size > 1
+
+    def _partition_weights(self) -> None:
+        owners = {item.module: self.dp.owners[item.index] for item in self.trainables if item.kind == "lowrank_int8"}
+        self.partition = WeightPartition(self.dp.comm, owners)
+        for item in self.trainables:
+            if item.kind == "lowrank_int8":
+                item.tensor = item.module.weight_q     # drop the table's reference to the full codes
 
     def _reset_step(self) -> None:
         self._micro_done = 0
@@ -168,26 +202,50 @@ class Runtime:
         if self._deferred:
             self._commit_deferred()
         skipped = bool(self._nonfinite)
+        grad_sq = sum(self._sq_norms.values())
+        loss = sum(self._losses) / len(self._losses) if self._losses else None
+        device = self.trainables[0].tensor.device
+        peak_bytes = peak_memory_bytes(device)
+        comm_bytes = None
+        if self.dp is not None:
+            loss, grad_sq, skipped, peak_bytes = self._agree_on_stats(loss, grad_sq, skipped, peak_bytes)
+            comm_bytes = self.dp.comm.bytes_total - self._comm_bytes_at_start
+            self._comm_bytes_at_start = self.dp.comm.bytes_total
         if skipped:
             self.skipped_steps += 1
             self._accum.clear()
             self._float_grads.clear()
-        grad_sq = sum(self._sq_norms.values())
-        device = self.trainables[0].tensor.device
         stats = {
             "step": self.global_step,
             "lr": self._lr,
-            "loss": sum(self._losses) / len(self._losses) if self._losses else None,
+            "loss": loss,
             "grad_norm": math.sqrt(grad_sq) if not skipped else float("nan"),
             "skipped": skipped,
             "nonfinite": list(self._nonfinite),
             "layers_written": len(self._committed),
             "refreshed": list(self._refreshed),
-            "peak_memory_bytes": peak_memory_bytes(device),
+            "peak_memory_bytes": peak_bytes,
+            "comm_bytes": comm_bytes,
         }
         self.global_step += 1
         self._reset_step()
         return stats
+
+    def _agree_on_stats(self, loss, grad_sq, skipped, peak_bytes):
+        """One small all-reduce so every rank reports the same step: mean loss over ranks, the global squared norm
+        (owners' parts summed; at ZeRO 0 every rank already has all of it), skipped anywhere, the largest peak."""
+        if self.partition is not None:
+            self.partition.flush()
+        dp = self.dp
+        sums = torch.tensor([0.0 if loss is None else loss, grad_sq if dp.partitioned else 0.0],
+                            dtype=torch.float64, device=dp.comm.device)
+        maxes = torch.tensor([float(skipped), float(peak_bytes)], dtype=torch.float64, device=dp.comm.device)
+        dp.sum_(sums)
+        dp.max_(maxes)
+        loss = None if loss is None else float(sums[0]) / dp.world_size
+        if dp.partitioned:
+            grad_sq = float(sums[1])
+        return loss, grad_sq, bool(maxes[0]), int(maxes[1])
 
     # -- guards ----------------------------------------------------------------------------------------------------
     def _check_placement(self) -> None:
@@ -222,41 +280,59 @@ class Runtime:
             return
         held = self._float_grads.get(item.index)
         self._float_grads[item.index] = grad if held is None else held.add_(grad)
-        if self._last_micro and not self._deferred:
-            self._commit_float(item, clip_coef=None)
+        if self._last_micro:
+            if self.dp is not None:
+                self._float_grads[item.index] = self.dp.reduce_float_grad(item.index, self._float_grads[item.index])
+            if not self._deferred:
+                self._commit_float(item, clip_coef=None)
 
     def _accumulate_lowrank(self, item: Trainable, op) -> None:
         accum = self._accum.setdefault(item.index, {})
         accumulate_(item.spec, item.config, self.states[item.index], accum, op, global_step=self.global_step,
-                    micro_index=self._micro_done if accum else 0, num_micro_batches=self.grad_accum_steps)
-        if self._last_micro and not self._deferred:
-            self._commit_lowrank(item, clip_coef=None)
+                    micro_index=self._micro_done if accum else 0, num_micro_batches=self.grad_accum_steps,
+                    reduce_mean_=None if self.dp is None else self.dp.comm.all_reduce_mean_)
+        if self._last_micro:
+            if self.dp is not None:
+                self.dp.reduce_lowrank_(item.index, accum)
+            if not self._deferred:
+                self._commit_lowrank(item, clip_coef=None)
 
     # -- commits ---------------------------------------------------------------------------------------------------
     def _commit_lowrank(self, item: Trainable, clip_coef: float | None) -> None:
         accum = self._accum.pop(item.index)
         self._committed.add(item.index)
-        if self._nonfinite:
-            return  # the step is already poisoned: write nothing more
-        stats = commit_(item.spec, item.config, self.states[item.index], accum, weight_target(item),
-                        global_step=self.global_step, lr=self._lr, clip_coef=clip_coef)
+        if self._nonfinite and self.dp is None:
+            return  # the step is already poisoned: write nothing more (data-parallel ranks skip per layer)
+        exchange = None if self.dp is None else self.dp.exchange(item.index, item.tensor.device)
+        writes = exchange is None or exchange.writes_weight
+        stats = commit_(item.spec, item.config, self.states[item.index], accum,
+                        weight_target(item) if writes else None, global_step=self.global_step, lr=self._lr,
+                        clip_coef=clip_coef, exchange=exchange)
         if stats["skipped"]:
             self._nonfinite.append(item.name)
             self._committed.discard(item.index)
             return
-        self._sq_norms[item.index] = stats["grad_sq"]
+        if self.dp is None or self.dp.owns(item.index):
+            self._sq_norms[item.index] = stats["grad_sq"]
         if stats["refreshed"]:
             self._refreshed.append(item.name)
+            if self.dp is not None and self.dp.debug:
+                self.dp.check_identical(f"{item.name} projector", self.states[item.index]["proj_data"])
 
     def _commit_float(self, item: Trainable, clip_coef: float | None) -> None:
         grad = self._float_grads.pop(item.index)
         self._committed.add(item.index)
-        if self._nonfinite:
+        if self.dp is not None and not self.dp.owns(item.index):
+            self.dp.broadcast_param_(item.index, item.tensor)   # the owner's new values
+            return
+        if self._nonfinite and self.dp is None:
             return
         sq_norm = float(squared_norm(grad))
         if not math.isfinite(sq_norm):
             self._nonfinite.append(item.name)
             self._committed.discard(item.index)
+            if self.dp is not None:
+                self.dp.broadcast_param_(item.index, item.tensor)   # unchanged values: the others wait for them
             return
         cfg = item.config
         if clip_coef is None:
@@ -267,15 +343,28 @@ class Runtime:
                             self.states[item.index], lr=self._lr, beta1=cfg.betas[0], beta2=cfg.betas[1],
                             eps=cfg.eps, weight_decay=float_param_weight_decay(item))
         self._sq_norms[item.index] = sq_norm
+        if self.dp is not None:
+            self.dp.broadcast_param_(item.index, item.tensor)
 
     def _commit_deferred(self) -> None:
         """two_pass: measure every settled gradient, then commit all with the exact global coefficient."""
         by_index = {item.index: item for item in self.trainables}
         sq_total = 0.0
         for index, accum in self._accum.items():
-            sq_total += settle_(by_index[index].spec, by_index[index].config, accum)
+            sq = settle_(by_index[index].spec, by_index[index].config, accum)
+            sq_total += sq if self.dp is None or self.dp.owns(index) else 0.0
         for index, grad in self._float_grads.items():
-            sq_total += float(squared_norm(grad))
+            if self.dp is None or self.dp.owns(index):
+                sq_total += float(squared_norm(grad))
+        if self.dp is not None:
+            # Each owner measured its own tensors (at ZeRO 0 every rank measured all of them, identically).
+            flags = torch.tensor([sq_total, float(bool(self._nonfinite))], dtype=torch.float64,
+                                 device=self.dp.comm.device)
+            if self.dp.partitioned:
+                self.dp.sum_(flags)
+            else:
+                self.dp.max_(flags)
+            sq_total = float(flags[0]) if not flags[1] else float("nan")
         if not math.isfinite(sq_total) or self._nonfinite:
             self._nonfinite.append("gradient (two_pass: nothing written)")
             return
@@ -294,12 +383,20 @@ class Runtime:
                 "lowmem": {"global_step": self.global_step, "skipped_steps": self.skipped_steps}}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load Runtime.state_dict(). Data-parallel: pass the states of every rank merged (lowmem.checkpoint does);
+        each rank keeps what it owns under the current world size (whole states) and the replicated part of the
+        others, so a checkpoint resumes on another world size too."""
         if self._micro_done:
             raise RuntimeError("load_state_dict() in the middle of a step")
         for index, saved in state_dict["state"].items():
             index = int(index)
             if index not in self.states:
                 raise ValueError(f"saved state names tensor {index}; this model has {len(self.trainables)}")
+            if self.dp is not None and not self.dp.owns(index):
+                saved = {} if self.trainables[index].kind == "float" else follower_state(saved)
+            elif self.dp is not None and self.trainables[index].kind == "float" and not saved:
+                raise ValueError(f"the saved state has no optimizer state for {self.trainables[index].name} (its "
+                                 "owner's file is missing from the checkpoint)")
             current = self.states[index]
             fallback = self.trainables[index].tensor.device
             # Keep each tensor where the live state keeps it (counters on the CPU, moments with the weight).
@@ -308,16 +405,90 @@ class Runtime:
         self.global_step = int(state_dict["lowmem"]["global_step"])
         self.skipped_steps = int(state_dict["lowmem"]["skipped_steps"])
 
+    def model_state(self) -> dict[str, Tensor]:
+        """The model tensors this rank checkpoints: all of them in one process; with data parallelism rank 0 writes
+        the replicated tensors and every rank its own INT8 weight partitions (ZeRO 3), so nothing is written twice."""
+        state = self.model.state_dict()
+        if self.dp is None:
+            return state
+        partitioned = self._partitioned_buffer_names()
+        if self.dp.rank == 0:
+            return {k: v for k, v in state.items() if k not in partitioned or partitioned[k]}
+        return {k: v for k, v in state.items() if partitioned.get(k)}
+
+    def _partitioned_buffer_names(self) -> dict[str, bool]:
+        """ZeRO 3: state_dict name of every partitioned buffer -> whether this rank holds it."""
+        if self.partition is None:
+            return {}
+        names = {id(module): name for name, module in self.model.named_modules()}
+        out = {}
+        for module in self.partition.owners:
+            for buffer in ("weight_q", "weight_scales"):
+                out[f"{names[id(module)]}.{buffer}"] = self.partition.owns(module)
+        return out
+
+    def load_model_state(self, state: dict[str, Tensor]) -> None:
+        """Load a whole model state (from any world size): ZeRO 3 ranks keep only the partitions they own."""
+        partitioned = self._partitioned_buffer_names()
+        if not partitioned:
+            self.model.load_state_dict(state)
+            return
+        modules = dict(self.model.named_modules())
+        for name, mine in partitioned.items():
+            if mine:
+                module_name, buffer = name.rsplit(".", 1)
+                getattr(modules[module_name], buffer).copy_(state[name])
+        rest = {k: v for k, v in state.items() if k not in partitioned}
+        result = self.model.load_state_dict(rest, strict=False)
+        missing = [k for k in result.missing_keys if k not in partitioned]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"model state mismatch: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+
     def export(self, out_dir, tokenizer=None):
-        """Write a bf16 Hugging Face checkpoint of the current weights (lowmem.export.export_hf)."""
+        """Write a bf16 Hugging Face checkpoint of the current weights (lowmem.export.export_hf). Data-parallel: a
+        collective; rank 0 writes (ZeRO 3 gathers every weight onto every rank for the duration)."""
         from lowmem.export import export_hf
-        return export_hf(self.model, out_dir, tokenizer=tokenizer)
+        if self.dp is None:
+            return export_hf(self.model, out_dir, tokenizer=tokenizer)
+        if self.partition is not None:
+            self.partition.gather_all_()
+        try:
+            if self.dp.rank == 0:
+                return export_hf(self.model, out_dir, tokenizer=tokenizer)
+            return Path(out_dir)
+        finally:
+            if self.partition is not None:
+                self.partition.release_()
+            self.dp.comm.barrier()
 
 
-def prepare(model: nn.Module, config: LowMemConfig | None = None) -> Runtime:
-    """Model surgery (split fused q/k/v, INT8 linears when `int8_weights`), optimizer state, hooks -> Runtime."""
+def prepare(model: nn.Module, config: LowMemConfig | None = None, *,
+            data_parallel: DataParallel | None = None) -> Runtime:
+    """Model surgery (split fused q/k/v, INT8 linears when `int8_weights`), optimizer state, hooks -> Runtime.
+
+    data_parallel: a lowmem.distributed.DataParallel when several processes train one model (every rank calls
+    prepare on an identical model); None for one process.
+    """
     cfg = config if config is not None else LowMemConfig()
     split_fused_projections(model)
     if cfg.int8_weights:
         convert_linears_to_int8(model, cfg)
-    return Runtime(model, cfg, collect_trainables(model, cfg))
+    return Runtime(model, cfg, collect_trainables(model, cfg), data_parallel)
+
+
+def _state_bytes(state: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def _weight_bytes(item: Trainable) -> int:
+    if item.kind != "lowrank_int8":
+        return 0
+    return _state_bytes({"q": item.module.weight_q, "s": item.module.weight_scales})
+
+
+def _check_data_parallel(cfg: LowMemConfig, dp: DataParallel) -> None:
+    """Settings whose data-parallel form would need the dense gradient on one rank are refused up front."""
+    if dp.world_size > 1 and cfg.error_feedback != "off":
+        raise ValueError(f"error_feedback={cfg.error_feedback!r} keeps the dense gradient residual per weight, which "
+                         "would need the dense (m, n) gradient reduced across ranks; it is not available with "
+                         f"{dp.world_size} processes: use error_feedback=off (or one process)")

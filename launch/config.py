@@ -270,8 +270,13 @@ class TrainConfig:
     optim: OptimSection = _f(DEFAULT_OPTIM, "Optimizer section: optim.preset (one of " + ", ".join(PRESETS) +
                              ") plus any LowMemConfig field (optim.rank=128); lr, warmup_steps, lr_schedule, "
                              "grad_accum_steps and seed are set at the top level.", _section(OptimSection, "optim"))
-    deepspeed: str | None = _f(None, "DeepSpeed JSON (e.g. launch/configs/ds_zero2.json) when launched with "
-                                     "deepspeed; null runs without it.", _text(optional=True))
+    deepspeed: str | None = _f(None, "DeepSpeed JSON (e.g. launch/configs/ds_zero2.json): ZeRO stage, micro-batch per "
+                                     "process, accumulation, clipping, bf16 under `deepspeed`/`torchrun`; null: "
+                                     "ZeRO 0 with this file's values.", _text(optional=True))
+    dist_timeout_s: float = _f(600.0, "Several processes: seconds a collective may wait for the other ranks before "
+                                      "the run stops with an error; number > 0.", _float(0.0, lo_open=True))
+    dist_debug: bool = _f(False, "Several processes: check after every projector refresh that all ranks hold the "
+                                 "same projector (one extra broadcast per refresh); true or false.", _bool)
     resume: str = _f("auto", "'auto' (the latest checkpoint in output_dir, if any), 'none' (start fresh) or a "
                              "checkpoint directory.", _text())
     save_every: int = _f(0, "Save a checkpoint every this many optimizer steps; 0 saves only at the end and on "
@@ -298,6 +303,9 @@ class TrainConfig:
             self.lowmem_config()
         except ConfigError as err:
             raise ConfigError(f"optim (with the run-wide fields): {err}") from None
+
+    def optim_error_feedback_on(self) -> bool:
+        return self.lowmem_config().error_feedback != "off"
 
     def lowmem_config(self) -> LowMemConfig:
         """The optim preset with the section's fields on top, and the run-wide fields copied from this config:

@@ -67,14 +67,6 @@ def check_output_dir(path: Path) -> None:
                          "output_dir=PATH or fix its permissions") from None
 
 
-def check_distributed(cfg: TrainConfig) -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 or cfg.deepspeed:
-        raise UsageError(f"multi-process training (WORLD_SIZE={world}, deepspeed={cfg.deepspeed!r}) is not "
-                         "available in this version: run one process (python -m launch.finetune ...) and leave "
-                         "deepspeed unset")
-
-
 def check_seq_len(cfg: TrainConfig, model_config) -> None:
     limit = getattr(model_config, "max_position_embeddings", None)
     if limit is not None and cfg.seq_len > limit:
@@ -108,26 +100,56 @@ class StopFlag:
 # ---- training --------------------------------------------------------------------------------------------------
 
 def evaluate(model, eval_ids: torch.Tensor, eval_labels: torch.Tensor, batch_size: int,
-             device: torch.device) -> float:
-    """Token-weighted mean loss over the held-out sequences."""
+             device: torch.device, par=None) -> float:
+    """Token-weighted mean loss over the held-out sequences. Several processes: each rank evaluates every
+    world_size-th batch (all ranks run the same number of forwards, which ZeRO 3's weight gathers need) and the
+    sums are added over the ranks."""
     if eval_ids.numel() == 0:
         return float("nan")
+    rank, world = (0, 1) if par is None else (par.rank, par.world_size)
+    starts = list(range(0, eval_ids.shape[0], batch_size))
+    rounds = math.ceil(len(starts) / world)
     model.eval()
     total_loss, total_tokens = 0.0, 0
     with torch.no_grad():
-        for start in range(0, eval_ids.shape[0], batch_size):
+        for round_index in range(rounds):
+            slot = round_index * world + rank
+            start = starts[slot] if slot < len(starts) else starts[0]   # a spare forward keeps the ranks in step
             ids = eval_ids[start:start + batch_size].to(device)
             labels = eval_labels[start:start + batch_size].to(device)
             tokens = int((labels[:, 1:] != -100).sum())
-            if tokens == 0:
+            if tokens == 0 and world == 1:
                 continue
-            total_loss += float(model(input_ids=ids, labels=labels).loss) * tokens
-            total_tokens += tokens
+            loss = float(model(input_ids=ids, labels=labels).loss) if tokens else 0.0
+            if slot < len(starts) and tokens:
+                total_loss += loss * tokens
+                total_tokens += tokens
     model.train()
+    if par is not None:
+        total_loss, total_tokens = par.sum_([total_loss, float(total_tokens)])
     return total_loss / max(total_tokens, 1)
 
 
 def train(cfg: TrainConfig) -> dict:
+    """Set up the process layout, run, and tear down (explicitly, also after a failure of another rank)."""
+    from launch.parallel import describe_failure, is_comm_failure, setup
+    par = setup(cfg, resolve_device)
+    progress = {"step": None, "checkpoint": None}
+    try:
+        result = _train(par, progress)
+    except Exception as err:
+        if par.distributed and is_comm_failure(err):
+            print(f"error: {describe_failure(par, err, step=progress['step'], checkpoint=progress['checkpoint'])}",
+                  file=sys.stderr, flush=True)
+            # The peers are gone: no barrier, no destroy (either could wait forever); leave at once.
+            os._exit(EXIT_ERROR)
+        par.shutdown(clean=False)
+        raise
+    par.shutdown(clean=True)
+    return result
+
+
+def _train(par, progress: dict) -> dict:
     from tqdm.auto import tqdm
 
     from hooks.runtime import prepare
@@ -135,23 +157,27 @@ def train(cfg: TrainConfig) -> dict:
     from launch.models import cache_root, load_model, load_model_config
     from launch.preflight import check as preflight
     from launch.report import StepLog, read_log, write_report
-    from lowmem.checkpoint import (load_checkpoint, python_random_state, resolve_resume, save_checkpoint,
-                                   set_python_random_state)
+    from lowmem.checkpoint import python_random_state, resolve_resume, save_checkpoint, set_python_random_state
+    from lowmem.checkpoint_dist import load_any_checkpoint, save_distributed_checkpoint
 
-    check_distributed(cfg)
+    cfg = par.cfg
+    main = par.is_main
+    say = print if main else (lambda *a, **k: None)
     out = Path(cfg.output_dir)
-    check_output_dir(out)
+    if main:
+        check_output_dir(out)
+    par.barrier()
     ckpt_root = out / "checkpoints"
     resume_from = resolve_resume(ckpt_root, cfg.resume)
-    device = resolve_device(cfg)
+    device = par.device
     dtype = resolve_dtype(cfg, device)
     torch.manual_seed(cfg.seed)
 
     # Preflight from the config alone: a run that will not fit is refused before any weight is loaded.
     model_config = load_model_config(cfg.model)
     check_seq_len(cfg, model_config)
-    verdict = preflight(cfg, model_config, device)
-    print(verdict.detail, flush=True)
+    verdict = preflight(cfg, model_config, device, zero_stage=par.zero_stage, world_size=par.world_size)
+    say(verdict.detail, flush=True)
     if verdict.fits is False and not cfg.force:
         raise UsageError(f"{verdict.detail}. Apply the fix as an override, or run anyway with force=true.")
     loaded = load_model(cfg.model, dtype=dtype, tokenizer=cfg.tokenizer, seed=cfg.seed)
@@ -161,50 +187,71 @@ def train(cfg: TrainConfig) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
-    data = build_data(cfg.data, tokenizer, seq_len=cfg.seq_len, seed=cfg.seed,
-                      cache_dir=cfg.data.cache_dir or cache_root() / "tokenized")
-    if data.train.shape[0] < cfg.micro_batch_size:
+    def load_data():
+        return build_data(cfg.data, tokenizer, seq_len=cfg.seq_len, seed=cfg.seed,
+                          cache_dir=cfg.data.cache_dir or cache_root() / "tokenized")
+    # Rank 0 tokenises (and fills the cache) first; the others then read the cache instead of racing to write it.
+    data = load_data() if main else None
+    par.barrier()
+    if not main:
+        data = load_data()
+    global_rows = cfg.micro_batch_size * par.world_size
+    if data.train.shape[0] < global_rows:
         raise UsageError(f"the data gives {data.train.shape[0]} training sequences of {cfg.seq_len} tokens, fewer "
-                         f"than micro_batch_size={cfg.micro_batch_size}; add data, lower seq_len or micro_batch_size")
-    runtime = prepare(model, cfg.lowmem_config())
-    sampler = BatchSampler(data.train.shape[0], cfg.micro_batch_size, cfg.seed)
+                         f"than micro_batch_size x processes = {global_rows}; add data, lower seq_len or "
+                         "micro_batch_size")
+    runtime = prepare(model, cfg.lowmem_config(), data_parallel=par.data_parallel)
+    sampler = BatchSampler(data.train.shape[0], global_rows, cfg.seed)
     if resume_from is not None:
-        model_state, runtime_state, meta = load_checkpoint(resume_from)
-        model.load_state_dict(model_state)
+        model_state, runtime_state, meta = load_any_checkpoint(resume_from, rank=par.rank)
+        runtime.load_model_state(model_state)
         runtime.load_state_dict(runtime_state)
         sampler.load_state_dict(meta["meta"]["data"])
         set_python_random_state(meta["meta"]["python_random"])
-        print(f"resumed from {resume_from} at step {runtime.global_step}", flush=True)
+        progress["checkpoint"] = str(resume_from)
+        say(f"resumed from {resume_from} at step {runtime.global_step}", flush=True)
 
-    log = StepLog(out / "train_log.jsonl", append=resume_from is not None)
+    log = StepLog(out / "train_log.jsonl", append=resume_from is not None) if main else None
     config_yaml = config_to_yaml(cfg)
-    (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
-    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * cfg.seq_len
+    if main:
+        (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    tokens_per_step = global_rows * cfg.grad_accum_steps * cfg.seq_len
 
     def save(step_count: int) -> Path:
         meta = {"config": cfg.to_dict(), "data": sampler.state_dict(), "python_random": python_random_state(),
                 "model_source": loaded.source}
-        return save_checkpoint(ckpt_root, step=step_count, model=model, runtime_state=runtime.state_dict(),
-                               meta=meta, keep_last=cfg.keep_last)
+        if par.distributed:
+            path = save_distributed_checkpoint(ckpt_root, step=step_count, model_state=runtime.model_state(),
+                                               runtime_state=runtime.state_dict(), meta=meta, comm=par.comm,
+                                               zero_stage=par.zero_stage, keep_last=cfg.keep_last)
+        else:
+            path = save_checkpoint(ckpt_root, step=step_count, model=model, runtime_state=runtime.state_dict(),
+                                   meta=meta, keep_last=cfg.keep_last)
+        progress["checkpoint"] = str(path)
+        return path
 
     def run_eval(step_count: int) -> float:
-        loss = evaluate(model, data.eval, data.eval_labels, cfg.micro_batch_size, device)
-        log.write({"kind": "eval", "step": step_count, "eval_loss": loss, "perplexity": math.exp(min(loss, 50))})
+        loss = evaluate(model, data.eval, data.eval_labels, cfg.micro_batch_size, device,
+                        par if par.distributed else None)
+        if main:
+            log.write({"kind": "eval", "step": step_count, "eval_loss": loss, "perplexity": math.exp(min(loss, 50))})
         return loss
 
     start_step = runtime.global_step
     last_eval = None
     interrupted = None
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True,
-               disable=None)
+               disable=None if main else True)
     if cfg.eval_every and start_step == 0:
         first_eval = run_eval(0)
-        bar.write(f"step 0: eval loss {first_eval:.4f} (perplexity {math.exp(min(first_eval, 50)):.2f})")
+        if main:
+            bar.write(f"step 0: eval loss {first_eval:.4f} (perplexity {math.exp(min(first_eval, 50)):.2f})")
     with StopFlag() as stop:
         for step in range(start_step, cfg.max_steps):
+            progress["step"] = step
             started = time.perf_counter()
             for _ in range(cfg.grad_accum_steps):
-                index = sampler.next_batch()
+                index = par.my_rows(sampler.next_batch())
                 ids, labels = data.train[index].to(device), data.train_labels[index].to(device)
                 with runtime.micro_batch():
                     runtime.backward(model(input_ids=ids, labels=labels).loss / cfg.grad_accum_steps)
@@ -215,10 +262,12 @@ def train(cfg: TrainConfig) -> dict:
                       "grad_norm": stats["grad_norm"], "skipped": stats["skipped"], "seconds": seconds,
                       "tokens_per_s": tokens_per_step / seconds, "peak_memory_bytes": stats["peak_memory_bytes"],
                       "refreshed": len(stats["refreshed"])}
-            if (step + 1) % cfg.log_every == 0 or stats["skipped"]:
+            if stats.get("comm_bytes") is not None:
+                record["comm_bytes"] = stats["comm_bytes"]
+            if main and ((step + 1) % cfg.log_every == 0 or stats["skipped"]):
                 log.write(record)
             bar.update(1)
-            if bar.disable and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps):
+            if main and bar.disable and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps):
                 # No terminal (a log file, CI): one line per logged step instead of a bar.
                 print(f"step {step + 1}/{cfg.max_steps} loss {loss:.4f} lr {stats['lr']:.2e} "
                       f"grad_norm {stats['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s "
@@ -227,27 +276,36 @@ def train(cfg: TrainConfig) -> dict:
                             gnorm=f"{stats['grad_norm']:.2f}", mem=f"{stats['peak_memory_bytes'] / 2**30:.2f}G")
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 last_eval = run_eval(step + 1)
-                bar.write(f"step {step + 1}: eval loss {last_eval:.4f} (perplexity {math.exp(min(last_eval, 50)):.2f})")
+                if main:
+                    bar.write(f"step {step + 1}: eval loss {last_eval:.4f} "
+                              f"(perplexity {math.exp(min(last_eval, 50)):.2f})")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
                 save(step + 1)
-            if stop.signal_name:
-                interrupted = stop.signal_name
+            # Every rank must stop after the same step (a signal reaches the ranks at different moments).
+            if par.any(stop.signal_name is not None):
+                interrupted = stop.signal_name or "SIGTERM"
                 break
     bar.close()
+    progress["step"] = None
     steps_done = runtime.global_step
     final_ckpt = save(steps_done)
     if interrupted:
-        log.close()
-        print(f"{interrupted}: saved checkpoint {final_ckpt} at step {steps_done}; run the same command again to "
-              "resume", flush=True)
+        if main:
+            log.close()
+        say(f"{interrupted}: saved checkpoint {final_ckpt} at step {steps_done}; run the same command again to "
+            "resume", flush=True)
         return {"interrupted": interrupted, "checkpoint": str(final_ckpt), "step": steps_done}
     if last_eval is None or cfg.max_steps % max(cfg.eval_every, 1):
         last_eval = run_eval(steps_done)
-    log.close()
     export_dir = runtime.export(out / "model", tokenizer=tokenizer) if cfg.export else None
+    if not main:
+        return {"export": None, "checkpoint": str(final_ckpt), "eval_loss": last_eval, "step": steps_done,
+                "report": None}
+    log.close()
     summary = {"model": loaded.source, "steps": steps_done, "tokens per step": tokens_per_step,
                "final eval loss": f"{last_eval:.4f}", "final perplexity": f"{math.exp(min(last_eval, 50)):.2f}",
                "skipped steps": runtime.skipped_steps, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+               "processes": f"{par.world_size} (ZeRO stage {par.zero_stage})" if par.distributed else "1",
                "checkpoint": str(final_ckpt), "exported model": str(export_dir) if export_dir else "not exported",
                "data": f"{data.stats.get('files', '?')} files, {data.train.shape[0]} train / "
                        f"{data.eval.shape[0]} eval sequences of {cfg.seq_len} tokens"}
@@ -260,12 +318,12 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
     """`launch.finetune export CHECKPOINT OUT`: rebuild the run's model, load the checkpoint, write bf16 HF."""
     from hooks.runtime import prepare
     from launch.models import load_model
-    from lowmem.checkpoint import load_checkpoint
+    from lowmem.checkpoint_dist import load_any_checkpoint
 
     path = Path(checkpoint)
     if not path.exists():
         raise UsageError(f"checkpoint {path} does not exist; checkpoints live in <output_dir>/checkpoints/step-N")
-    model_state, _, meta = load_checkpoint(path)
+    model_state, _, meta = load_any_checkpoint(path)
     cfg = config_from_dict(meta["meta"]["config"])
     loaded = load_model(cfg.model, dtype=torch.float32, tokenizer=cfg.tokenizer, seed=cfg.seed)
     runtime = prepare(loaded.model, cfg.lowmem_config())

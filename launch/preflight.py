@@ -20,6 +20,7 @@ def device_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check(cfg, model_config, device: torch.device) -> Preflight:
-    """Verdict for `cfg` on `device` from lowmem.memory.preflight."""
-    return memory.preflight(cfg, model_config, device)
+def check(cfg, model_config, device: torch.device, *, zero_stage: int = 0, world_size: int = 1) -> Preflight:
+    """Verdict for `cfg` on `device` from lowmem.memory.preflight: one rank's peak under ZeRO `zero_stage` on
+    `world_size` processes."""
+    return memory.preflight(cfg, model_config, device, zero_stage=zero_stage, world_size=world_size)

@@ -193,7 +193,12 @@ def _read_complete_meta(path: Path) -> tuple[dict | None, str]:
     if not isinstance(meta, dict) or meta.get("complete") is not True:
         return None, f"{meta_path} is not marked complete"
     files = meta.get("files")
-    if not isinstance(files, dict) or _MODEL not in files or _OPTIM not in files:
+    if meta.get("distributed"):
+        # A data-parallel checkpoint (lowmem.checkpoint_dist): every rank's model and optimizer files are listed.
+        wanted = [f"{rank}/{name}" for rank in meta.get("ranks", []) for name in (_MODEL, _OPTIM)]
+        if not isinstance(files, dict) or not wanted or any(name not in files for name in wanted):
+            return None, f"{meta_path} does not list every rank's {_MODEL} and {_OPTIM}"
+    elif not isinstance(files, dict) or _MODEL not in files or _OPTIM not in files:
         return None, f"{meta_path} does not list {_MODEL} and {_OPTIM}"
     for name, info in files.items():
         try:

@@ -69,8 +69,9 @@ class _Int8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, anchor, weight_q, weight_scales, module):
-        weight = dequantize_int8(weight_q, weight_scales, block_size=module.block_size, dtype=x.dtype,
-                                     check_values=False)
+        codes = module.codes("forward")
+        weight = dequantize_int8(*codes, block_size=module.block_size, dtype=x.dtype, check_values=False)
+        del codes
         y = nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
         # Save x and the int8 codes (references, no copy) -- not the float weight: backward dequantizes again.
         ctx.save_for_backward(x, weight_q, weight_scales)
@@ -82,11 +83,13 @@ class _Int8LinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight_q, weight_scales = ctx.saved_tensors
         module = ctx.module
-        out_features, in_features = weight_q.shape
+        out_features, in_features = module.out_features, module.in_features
         # Under autocast grad_out may come back in another dtype than the forward compute dtype.
         grad_out = grad_out.to(x.dtype)
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
+            if module.weight_gather is not None:
+                weight_q, weight_scales = module.codes("backward")
             weight = dequantize_int8(weight_q, weight_scales, block_size=module.block_size, dtype=x.dtype,
                                      check_values=False)
             grad_x = grad_out @ weight
@@ -130,6 +133,9 @@ class Int8Linear(nn.Module):
         self.block_size = block_size
         self.compute_dtype = compute_dtype
         self.grad_sink: GradSink | None = None
+        # ZeRO-3: when set, the codes live on another rank and weight_q / weight_scales are empty placeholders;
+        # weight_gather(module, phase) returns the full (weight_q, weight_scales) for this use only.
+        self.weight_gather: Callable[["Int8Linear", str], tuple[Tensor, Tensor]] | None = None
         num_blocks = math.ceil(in_features / block_size)
         device = torch.device(device) if device is not None else None
         if device is not None and device.type == "meta":
@@ -178,11 +184,17 @@ class Int8Linear(nn.Module):
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
         return module
 
+    def codes(self, phase: str = "forward") -> tuple[Tensor, Tensor]:
+        """(weight_q, weight_scales) for one use: the buffers, or gathered from their owner under ZeRO-3 (phase
+        "forward" / "backward" tells the gatherer which layer to prefetch next)."""
+        if self.weight_gather is None:
+            return self.weight_q, self.weight_scales
+        return self.weight_gather(self, phase)
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """W (out, in) in `dtype` (default compute_dtype): a fresh transient tensor, not a view of the storage."""
-        return dequantize_int8(
-            self.weight_q, self.weight_scales, block_size=self.block_size, dtype=dtype or self.compute_dtype
-        )
+        weight_q, weight_scales = self.codes("forward")
+        return dequantize_int8(weight_q, weight_scales, block_size=self.block_size, dtype=dtype or self.compute_dtype)
 
     @torch.compiler.disable(reason="Int8Linear runs eagerly under torch.compile; see lowmem/int8_linear.py")
     def forward(self, x: Tensor) -> Tensor:

@@ -307,3 +307,51 @@ class SumGrad(GradOperator):
             X = torch.cat([op.factors[1] for _, op in self._terms])
             return FactoredGrad(A, X).sq_norm()
         return super().sq_norm()
+
+
+class ReducedGrad(GradOperator):
+    """The data-parallel mean gradient G = (1/W) Σ_ranks G_rank, known through each rank's local operator.
+
+    Every product is computed locally and then averaged across ranks by `reduce_mean_` (an in-place all-reduce
+    mean, supplied by the caller so this module stays free of any communication library). The range finder only
+    calls matmul / rmatmul, so a refresh moves (m + n)·width floats per power iteration instead of the (m, n)
+    gradient. All ranks must call the same products in the same order (they do: the range finder is deterministic).
+    """
+
+    def __init__(self, local: GradOperator, reduce_mean_):
+        if not isinstance(local, GradOperator):
+            raise TypeError(f"local must be a GradOperator, got {type(local).__name__}")
+        self.local = local
+        self.shape = local.shape
+        self._reduce_mean_ = reduce_mean_
+
+    @property
+    def device(self) -> torch.device:
+        return self.local.device
+
+    def _reduced(self, value: Tensor) -> Tensor:
+        value = value.contiguous()
+        self._reduce_mean_(value)
+        return value
+
+    def matmul(self, M: Tensor) -> Tensor:
+        return self._reduced(self.local.matmul(M))
+
+    def rmatmul(self, M: Tensor) -> Tensor:
+        return self._reduced(self.local.rmatmul(M))
+
+    def gather(self, flat_idx: Tensor) -> Tensor:
+        return self._reduced(self.local.gather(flat_idx))
+
+    def rows(self, row_start: int, row_end: int) -> "ReducedGrad":
+        return ReducedGrad(self.local.rows(row_start, row_end), self._reduce_mean_)
+
+    def take_rows(self, row_index: Tensor) -> "ReducedGrad":
+        return ReducedGrad(self.local.take_rows(row_index), self._reduce_mean_)
+
+    def t(self) -> "ReducedGrad":
+        return ReducedGrad(self.local.t(), self._reduce_mean_)
+
+    def dense(self) -> Tensor:
+        # Dense traffic: only the explicit full-SVD projection and its fallback get here.
+        return self._reduced(self.local.dense())

@@ -31,11 +31,11 @@ import torch
 from torch import Tensor
 
 from lowmem.config import LowMemConfig
-from lowmem.linop import DenseGrad, GradOperator, SumGrad
+from lowmem.linop import DenseGrad, GradOperator, ReducedGrad, SumGrad
 from lowmem.moments import adam_direction_, init_moments, load_moments, transfer_moments_
 from lowmem.projector import (CrossHead, backproject, backproject_gather, backproject_rows, compute_projector,
                               decode_projector, encode_projector, is_full_rank, project, projection_side)
-from lowmem.refresh import init_refresh_state, make_policy
+from lowmem.refresh import REFRESH_STATE_KEYS, init_refresh_state, make_policy
 from lowmem.residual import (exact_residual_step, init_exact_residual, residual_index_dtype, residual_step,
                              select_residual_indices)
 from lowmem.rsvd import subspace_similarity
@@ -103,6 +103,17 @@ def init_lowrank_state(spec: LowRankSpec, cfg: LowMemConfig, device=None) -> dic
     return state
 
 
+# State every data-parallel rank keeps for a weight it does not own: what it needs to project its own gradient and
+# to stay in lockstep (projector, refresh bookkeeping, residual indices, counters). Everything else (moments,
+# residual values, error feedback) lives on the owner only.
+_REPLICATED_KEYS = ("step", "fallback_count", "proj_data", "proj_scales", "res_idx")
+
+
+def follower_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The part of a weight's state a non-owning rank keeps (see _REPLICATED_KEYS and lowmem.refresh)."""
+    return {k: v for k, v in state.items() if k in _REPLICATED_KEYS or k in REFRESH_STATE_KEYS}
+
+
 def _policy(cfg: LowMemConfig):
     return make_policy(cfg.refresh, base_interval_steps=cfg.refresh_interval_steps,
                        max_interval_steps=cfg.max_refresh_interval_steps, threshold=cfg.lazy_threshold,
@@ -143,8 +154,12 @@ def _store_error_feedback(state: dict[str, Tensor], cfg: LowMemConfig, value: Te
 
 
 def _begin(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, op: GradOperator,
-           global_step: int, num_micro_batches: int) -> GradOperator:
-    """First micro-batch: fold in error feedback, decide and start a refresh, fix the projection basis."""
+           global_step: int, num_micro_batches: int, reduce_mean_) -> GradOperator:
+    """First micro-batch: fold in error feedback, decide and start a refresh, fix the projection basis.
+
+    reduce_mean_: data-parallel runs pass an in-place all-reduce mean; the range finder then works on the mean
+    gradient of all ranks (ReducedGrad: only its thin products travel) so every rank finds the same projector.
+    """
     if uses_error_feedback(spec, cfg):
         op = SumGrad([(1.0, op), (cfg.error_feedback_weight, DenseGrad(_load_error_feedback(state, cfg)))])
     accum["refresh"] = False
@@ -159,7 +174,8 @@ def _begin(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum
     rank = effective_rank(spec, cfg)
     device = op.device
     generator = _generator(cfg, spec, global_step, device)
-    result = compute_projector(op, rank, side=side, method=cfg.projection, oversampling=cfg.oversampling,
+    target = op if reduce_mean_ is None else ReducedGrad(op, reduce_mean_)
+    result = compute_projector(target, rank, side=side, method=cfg.projection, oversampling=cfg.oversampling,
                                power_iters=cfg.power_iters, warm_start=proj_old, generator=generator,
                                tol=cfg.rsvd_tol,
                                cross_head=spec.cross_head if cfg.cross_head else None)
@@ -175,13 +191,17 @@ def _begin(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum
 
 
 def accumulate_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, op: GradOperator, *,
-                global_step: int, micro_index: int, num_micro_batches: int = 1) -> None:
-    """Add one micro-batch's gradient (an operator for G_k, shape (m, n)) to the step's fp32 accumulators."""
+                global_step: int, micro_index: int, num_micro_batches: int = 1, reduce_mean_=None) -> None:
+    """Add one micro-batch's gradient (an operator for G_k, shape (m, n)) to the step's fp32 accumulators.
+
+    reduce_mean_: see _begin (data-parallel refreshes); the accumulators themselves stay local (the caller reduces
+    them once per step).
+    """
     if tuple(op.shape) != tuple(spec.shape):
         raise ValueError(f"{spec.name}: gradient shape {tuple(op.shape)} does not match weight {spec.shape}")
     if micro_index == 0:
         accum.clear()
-        op = _begin(spec, cfg, state, accum, op, global_step, num_micro_batches)
+        op = _begin(spec, cfg, state, accum, op, global_step, num_micro_batches, reduce_mean_)
     elif "basis" not in accum:
         raise RuntimeError(f"{spec.name}: micro-batch {micro_index} accumulated before micro-batch 0 of the step")
     side = projection_side_for(spec, cfg)
@@ -226,52 +246,63 @@ def settle_(spec: LowRankSpec, cfg: LowMemConfig, accum: dict) -> float:
     return accum["grad_sq"]
 
 
-def commit_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, weight: WeightTarget, *,
-            global_step: int, lr: float, clip_coef: float | None = None) -> dict:
-    """Close the step: refresh bookkeeping, Adam on R, residuals, error feedback, and write the weight.
+class UpdateExchange:
+    """How one weight's step is shared between data-parallel ranks (lowmem.distributed builds these).
 
-    clip_coef: a global clipping coefficient decided by the caller (two-pass clipping); None applies cfg's
-    per-tensor rule on ||R||. Returns stats: grad_sq (||R||² before clipping), refreshed, similarity, skipped.
-    A non-finite accumulated gradient writes nothing (state and weight untouched) and returns skipped=True.
+    owner: this rank holds the weight's moments / residual values and computes the update direction.
+    writes_weight: this rank applies the update to its copy of the weight (every rank at ZeRO 0-2; the owner of
+    the partition at ZeRO 3).
+    share_update(direction, sparse, skipped, *, direction_shape, sparse_numel) -> (direction, sparse, skipped):
+    called by every rank; the owner passes its values, the others None, and all get the owner's (direction fp32 of
+    `direction_shape`, sparse fp32 (sparse_numel,) or None, skipped bool). Ranks that do not write the weight may
+    receive only `skipped`.
+    share_indices(idx) -> idx: the owner's newly selected residual indices, on every rank.
     """
-    grad_sq = settle_(spec, cfg, accum)
-    if not math.isfinite(grad_sq):
-        accum.clear()
-        return {"grad_sq": grad_sq, "refreshed": False, "similarity": None, "skipped": True, "clip_coef": 0.0}
-    side = projection_side_for(spec, cfg)
-    grad_lowrank, proj = accum["grad_lowrank"], accum["proj_step"]
-    grad_at_idx = accum.get("grad_at_idx")
-    if clip_coef is None:
-        clip_coef = 1.0
-        if cfg.clip_mode == "per_tensor" and cfg.grad_clip is not None:
-            clip_coef = min(1.0, cfg.grad_clip / (grad_sq ** 0.5 + 1e-6))
-    if clip_coef != 1.0:
-        grad_lowrank = grad_lowrank * clip_coef
-        if grad_at_idx is not None:
-            grad_at_idx = grad_at_idx * clip_coef
 
+    owner: bool = True
+    writes_weight: bool = True
+
+    def share_update(self, direction, sparse, skipped, *, direction_shape, sparse_numel):  # pragma: no cover
+        raise NotImplementedError
+
+    def share_indices(self, idx):  # pragma: no cover
+        raise NotImplementedError
+
+
+def _clip_coefficient(cfg: LowMemConfig, grad_sq: float, clip_coef: float | None) -> float:
+    if clip_coef is not None:
+        return clip_coef
+    if cfg.clip_mode == "per_tensor" and cfg.grad_clip is not None:
+        return min(1.0, cfg.grad_clip / (grad_sq ** 0.5 + 1e-6))
+    return 1.0
+
+
+def _record_refresh(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, proj: Tensor | None,
+                    global_step: int, *, transfer: bool) -> tuple[Tensor | None, float | None]:
+    """A refresh step's bookkeeping: moment transfer (owner only), policy record, the projector stored (INT4...).
+    Returns the projector as stored (the one this and every later step back-projects with) and the similarity."""
+    if not accum["refresh"]:
+        return proj, None
     similarity = None
-    refreshed = bool(accum["refresh"])
-    if refreshed:
-        proj_old = accum["proj_old"]
-        if proj_old is not None:
-            similarity = subspace_similarity(proj_old, proj)
-            transfer_moments_(state, proj_old, proj, side=side, mode=cfg.moment_transfer, bits=cfg.optim_bits,
-                              block_size=cfg.moment_block_size)
-        _policy(cfg).record(state, global_step, similarity)
-        stored = encode_projector(proj, cfg.projector_bits, group_size=cfg.projector_group_size)
-        state["proj_data"], state["proj_scales"] = stored["data"], stored["scales"]
-        if accum.get("fell_back"):
-            state["fallback_count"] += 1
-        # Back-project with the projector as stored, the one every later step uses.
-        proj = stored_projector(spec, cfg, state)
+    proj_old = accum["proj_old"]
+    if proj_old is not None:
+        similarity = subspace_similarity(proj_old, proj)
+        if transfer:
+            transfer_moments_(state, proj_old, proj, side=projection_side_for(spec, cfg), mode=cfg.moment_transfer,
+                              bits=cfg.optim_bits, block_size=cfg.moment_block_size)
+    _policy(cfg).record(state, global_step, similarity)
+    stored = encode_projector(proj, cfg.projector_bits, group_size=cfg.projector_group_size)
+    state["proj_data"], state["proj_scales"] = stored["data"], stored["scales"]
+    if accum.get("fell_back"):
+        state["fallback_count"] += 1
+    return stored_projector(spec, cfg, state), similarity
 
-    step = int(state["step"]) + 1
-    direction, exp_avg_sq = adam_direction_(state, grad_lowrank, step=step, beta1=cfg.betas[0], beta2=cfg.betas[1],
-                                            eps=cfg.eps, bits=cfg.optim_bits, block_size=cfg.moment_block_size)
-    sparse = _sparse_residual(spec, cfg, state, grad_lowrank, grad_at_idx, proj, direction, exp_avg_sq, side,
-                              step)
 
+def _apply_update(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], weight: WeightTarget,
+                  direction: Tensor, sparse: Tensor | None, proj: Tensor | None, *, lr: float,
+                  global_step: int) -> None:
+    """W += -lr·scale·backproject(N) - lr·δ at the residual indices - lr·wd·W, row chunk by row chunk."""
+    side = projection_side_for(spec, cfg)
     n = spec.shape[1]
     low_rank_lr = lr * cfg.scale
     decay = lr * cfg.weight_decay
@@ -294,6 +325,60 @@ def commit_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accu
 
     weight.apply_(delta_rows, step=global_step)
 
+
+def _expects_sparse(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict,
+                    proj: Tensor | None) -> bool:
+    """Whether this step's update carries a sparse residual (decidable on every rank from replicated state)."""
+    return uses_residual(spec, cfg) and proj is not None and "res_idx" in state and "grad_at_idx" in accum
+
+
+def commit_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, weight: WeightTarget, *,
+            global_step: int, lr: float, clip_coef: float | None = None,
+            exchange: UpdateExchange | None = None) -> dict:
+    """Close the step: refresh bookkeeping, Adam on R, residuals, error feedback, and write the weight.
+
+    clip_coef: a global clipping coefficient decided by the caller (two-pass clipping); None applies cfg's
+    per-tensor rule on ||R||. Returns stats: grad_sq (||R||² before clipping), refreshed, similarity, skipped.
+    A non-finite accumulated gradient writes nothing (state and weight untouched) and returns skipped=True.
+    exchange: data-parallel sharing (None: this process does everything). A rank that is not the owner follows the
+    owner's decision and direction (`_follow_`); the owner shares them once computed.
+    """
+    if exchange is not None and not exchange.owner:
+        return _follow_(spec, cfg, state, accum, weight, global_step=global_step, lr=lr, exchange=exchange)
+    grad_sq = settle_(spec, cfg, accum)
+    shape = lowrank_moment_shape(spec, cfg)
+    if not math.isfinite(grad_sq):
+        if exchange is not None:
+            exchange.share_update(None, None, True, direction_shape=shape, sparse_numel=0)
+        accum.clear()
+        return {"grad_sq": grad_sq, "refreshed": False, "similarity": None, "skipped": True, "clip_coef": 0.0}
+    side = projection_side_for(spec, cfg)
+    grad_lowrank, proj = accum["grad_lowrank"], accum["proj_step"]
+    grad_at_idx = accum.get("grad_at_idx")
+    clip_coef = _clip_coefficient(cfg, grad_sq, clip_coef)
+    if clip_coef != 1.0:
+        grad_lowrank = grad_lowrank * clip_coef
+        if grad_at_idx is not None:
+            grad_at_idx = grad_at_idx * clip_coef
+
+    refreshed = bool(accum["refresh"])
+    proj, similarity = _record_refresh(spec, cfg, state, accum, proj, global_step, transfer=True)
+    expects_sparse = _expects_sparse(spec, cfg, state, accum, proj)
+    had_indices = "res_idx" in state
+    step = int(state["step"]) + 1
+    direction, exp_avg_sq = adam_direction_(state, grad_lowrank, step=step, beta1=cfg.betas[0], beta2=cfg.betas[1],
+                                            eps=cfg.eps, bits=cfg.optim_bits, block_size=cfg.moment_block_size)
+    sparse = _sparse_residual(spec, cfg, state, grad_lowrank, grad_at_idx, proj, direction, exp_avg_sq, side,
+                              step)
+    if exchange is not None:
+        # Collective order, mirrored by _follow_: the update (or the skip) first, then newly selected indices.
+        exchange.share_update(direction, sparse, False, direction_shape=shape,
+                              sparse_numel=sparse.numel() if expects_sparse else 0)
+        if not had_indices and "res_idx" in state:
+            exchange.share_indices(state["res_idx"])
+    if exchange is None or exchange.writes_weight:
+        _apply_update(spec, cfg, state, weight, direction, sparse, proj, lr=lr, global_step=global_step)
+
     if uses_error_feedback(spec, cfg):
         grad_dense = accum["grad_dense"] * clip_coef
         _store_error_feedback(state, cfg, grad_dense - backproject(grad_lowrank, proj, side))
@@ -301,6 +386,33 @@ def commit_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accu
     accum.clear()
     return {"grad_sq": grad_sq, "refreshed": refreshed, "similarity": similarity, "skipped": False,
             "clip_coef": clip_coef}
+
+
+def _follow_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, weight: WeightTarget, *,
+             global_step: int, lr: float, exchange: UpdateExchange) -> dict:
+    """commit_ on a rank that does not own the weight's moments: take the owner's decision and direction, keep the
+    replicated state (projector, refresh bookkeeping, residual indices, step counter) in lockstep, write the weight
+    when this rank holds it. grad_sq is not known here (reported as 0; the owner reports it)."""
+    settle_(spec, cfg, accum)   # fixes this step's projector (identical on every rank); the local R is not used
+    proj = accum["proj_step"]
+    refreshed = bool(accum["refresh"])
+    expects_sparse = _expects_sparse(spec, cfg, state, accum, proj)
+    step = int(state["step"]) + 1
+    direction, sparse, skipped = exchange.share_update(
+        None, None, False, direction_shape=lowrank_moment_shape(spec, cfg),
+        sparse_numel=state["res_idx"].numel() if expects_sparse else 0)
+    if skipped:
+        accum.clear()
+        return {"grad_sq": 0.0, "refreshed": False, "similarity": None, "skipped": True, "clip_coef": 0.0}
+    proj, similarity = _record_refresh(spec, cfg, state, accum, accum["proj_step"], global_step, transfer=False)
+    if uses_residual(spec, cfg) and proj is not None and "res_idx" not in state and step >= cfg.residual_warmup_steps:
+        state["res_idx"] = exchange.share_indices(None).to(residual_index_dtype(spec.shape[0] * spec.shape[1]))
+    if exchange.writes_weight:
+        _apply_update(spec, cfg, state, weight, direction, sparse if expects_sparse else None, proj, lr=lr,
+                      global_step=global_step)
+    state["step"] += 1
+    accum.clear()
+    return {"grad_sq": 0.0, "refreshed": refreshed, "similarity": similarity, "skipped": False, "clip_coef": None}
 
 
 def finish_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, weight: WeightTarget, *,

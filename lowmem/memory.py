@@ -4,10 +4,12 @@
     print(format_breakdown(b))
     peak_bytes = measure(lambda: train_step(), device=torch.device("cpu"), baseline_tensors=(t for t in state))
     verdict = preflight(cfg, model_config, torch.device("cuda"))   # launch.preflight.check calls this
+    verdict = preflight(cfg, model_config, device, zero_stage=2)  # one rank of WORLD_SIZE under ZeRO-2
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -110,44 +112,68 @@ def _dtype(cfg, device: torch.device) -> torch.dtype:
             "fp16": torch.float16}.get(name, torch.bfloat16)
 
 
-def preflight(cfg, model_config, device: torch.device) -> Preflight:
+def _world_size(world_size: int | None) -> int:
+    if world_size is None:
+        text = os.environ.get("WORLD_SIZE", "1")
+        try:
+            world_size = int(text)
+        except ValueError:
+            raise ValueError(f"environment variable WORLD_SIZE must be an int >= 1, got {text!r}") from None
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    return world_size
+
+
+def preflight(cfg, model_config, device: torch.device, *, zero_stage: int = 0,
+              world_size: int | None = None) -> Preflight:
     """Does `cfg` (a launch TrainConfig: seq_len, micro_batch_size, optim: LowMemConfig, optional
-    gradient_checkpointing) fit `device`? If not, the first of the cheap changes that fits, with bytes saved."""
+    gradient_checkpointing) fit `device`? If not, the first of the cheap changes that fits, with bytes saved.
+
+    The estimate is one rank's peak under lowmem's ZeRO `zero_stage` (from the caller's DeepSpeed plan) on
+    `world_size` ranks (None: the WORLD_SIZE environment variable, 1 when unset); on several ranks a higher ZeRO
+    stage is among the changes tried."""
     device = torch.device(device)
+    world = _world_size(world_size)
     total = _device_bytes(device)
     limit = int(FIT_FRACTION * total)
     optim = _lowmem_config(cfg)
     settings = _settings(cfg)
     dtype = _dtype(cfg, device)
 
-    def peak(opt, st) -> int:
+    def peak(opt, st, stage=zero_stage) -> int:
         return estimate(model_config, method="lowmem", lowmem_config=opt, dtype=dtype, device_type=device.type,
-                        **st).peak_bytes
+                        zero_stage=stage, world_size=world, **st).peak_bytes
 
     predicted = peak(optim, settings)
+    where = f"{device.type}" + (f", one of {world} ranks, ZeRO stage {zero_stage}" if world > 1 else "")
     if predicted <= limit:
         return Preflight(True, predicted, total, None,
                          f"memory preflight: predicted peak {predicted / GIB:.2f} GiB of {total / GIB:.2f} GiB "
-                         f"({device.type}); fits")
-    candidates = [
-        ("gradient_checkpointing=true", optim, {**settings, "gradient_checkpointing": True}),
+                         f"({where}); fits")
+    # cheapest first: a ZeRO stage that partitions optimizer state costs no compute; stage 3 adds weight gathers
+    zero2 = [("deepspeed=launch/configs/ds_zero2.json", optim, settings, 2)] if world > 1 and zero_stage < 1 else []
+    zero3 = [("deepspeed=launch/configs/ds_zero3.json", optim, settings, 3)] if world > 1 and zero_stage < 3 else []
+    candidates = zero2 + [
+        ("gradient_checkpointing=true", optim, {**settings, "gradient_checkpointing": True}, zero_stage),
+        *zero3,
         (f"optim.rank={max(1, optim.rank // 2)}", dataclasses.replace(optim, rank=max(1, optim.rank // 2)),
-         settings),
+         settings, zero_stage),
         (f"micro_batch_size={max(1, settings['micro_batch_size'] // 2)}", optim,
-         {**settings, "micro_batch_size": max(1, settings["micro_batch_size"] // 2)}),
-        (f"seq_len={max(1, settings['seq_len'] // 2)}", optim, {**settings, "seq_len": max(1, settings["seq_len"] // 2)}),
-        ("optim.projector_bits=4", dataclasses.replace(optim, projector_bits=4), settings),
+         {**settings, "micro_batch_size": max(1, settings["micro_batch_size"] // 2)}, zero_stage),
+        (f"seq_len={max(1, settings['seq_len'] // 2)}", optim,
+         {**settings, "seq_len": max(1, settings["seq_len"] // 2)}, zero_stage),
+        ("optim.projector_bits=4", dataclasses.replace(optim, projector_bits=4), settings, zero_stage),
     ]
     fix = None
-    for label, opt, st in candidates:
-        if st == settings and opt == optim:
+    for label, opt, st, stage in candidates:
+        if st == settings and opt == optim and stage == zero_stage:
             continue
-        new_peak = peak(opt, st)
+        new_peak = peak(opt, st, stage)
         if new_peak <= limit:
             fix = f"{label} (saves {(predicted - new_peak) / GIB:.2f} GiB)"
             break
     detail = (f"memory preflight: predicted peak {predicted / GIB:.2f} GiB exceeds {FIT_FRACTION:.0%} of "
-              f"{total / GIB:.2f} GiB ({device.type}); "
+              f"{total / GIB:.2f} GiB ({where}); "
               + (f"cheapest fix: {fix}" if fix else "no single cheap change fits; use a larger device or a "
                                                  "smaller model"))
     return Preflight(False, predicted, total, fix, detail)

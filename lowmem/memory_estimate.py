@@ -16,6 +16,26 @@ The peak is the largest of four moments of a step, each = resident state + what 
 Activation bytes per token per layer were measured with lowmem.live_bytes on HF LlamaForCausalLM (eager/SDPA, fp32)
 and match 8h + 2·nkv·d + 4i elements + (nh + 2) fp32 scalars (RMSNorm rsqrt, attention log-sum-exp) exactly; with
 non-reentrant checkpointing a layer keeps only its input (h) and one layer is recomputed at a time.
+
+Per-rank view (`zero_stage`, `world_size`; lowmem's distributed semantics, DESIGN §4; methods 'lowmem' and
+'q_galore' only, which run on lowmem's runtime). The result is the peak of ONE rank. With world_size = 1 it is the
+single-process estimate exactly, whatever the stage; with N > 1 ranks:
+  stage 0    everything replicated: the single-process estimate.
+  stage 1, 2 (identical in lowmem: no rank ever holds a full gradient) the optimizer state is partitioned by bytes,
+             each tensor whole on one owner: optimizer_moments (low-rank moments and the float parameters' AdamW
+             moments), residuals and error_feedback become ceil(total / N) each. A rank's real share can exceed the
+             even split by at most the largest single parameter's state, named in the notes. Projectors, weights
+             and float params stay replicated (every rank projects its own gradient). comm_buffers, alive for the
+             whole step (an upper bound for per-layer buffers): the largest linear's projected gradient R
+             (r x n or m x r, fp32, the full gradient for a full-rank linear) reduced, the broadcast update direction
+             of the same size, and the largest float parameter's gradient in fp32 reduced to its owner.
+  stage 3    stage 2, plus the linear weights (INT8 + scales, or compute-dtype floats when int8_weights is off)
+             partitioned as ceil(total / N), and gathered_weights: two gathered linears alive at a time (the one in
+             use and the one prefetched), 2 x the largest linear's bytes. Float params (embeddings, norms, lm_head)
+             stay replicated.
+  Activations, logits and the per-layer transients are per rank and unchanged (any rank may own the largest layer).
+Other methods (DeepSpeed's own ZeRO on torch optimizers keeps fp32 master weights and bucketed gradients, which
+this model does not describe) raise ValueError for world_size > 1.
 """
 from __future__ import annotations
 
@@ -27,8 +47,10 @@ import torch
 GIB = 1 << 30
 METHODS = ("lowmem", "adamw_bf16", "adamw_fp32", "adamw_8bit", "galore", "q_galore", "lora", "qlora", "dora")
 COMPONENTS = ("weights_int8", "weight_scales", "float_params", "grad_buffers", "optimizer_moments", "projectors",
-              "residuals", "error_feedback", "activations", "logits_and_loss", "layer_transients", "cuda_context",
-              "allocator_slack")
+              "residuals", "error_feedback", "activations", "logits_and_loss", "layer_transients", "comm_buffers",
+              "gathered_weights", "cuda_context", "allocator_slack")
+PARTITIONED = ("optimizer_moments", "residuals", "error_feedback")   # split across ranks from ZeRO stage 1 on
+DISTRIBUTED_METHODS = ("lowmem", "q_galore")
 ADAPTER_RANK = 16
 CUDA_CONTEXT_BYTES = 500 * (1 << 20)   # CUDA context + cuBLAS workspace, typical of torch 2.x on one GPU
 ALLOCATOR_SLACK = 0.05                 # caching-allocator fragmentation, fraction of the allocated peak
@@ -110,35 +132,81 @@ def _float_update_bytes(numel: int, param_bytes: int, bits: int) -> int:
     return 2 * 4 * numel + (4 * numel if param_bytes != 4 else 0)
 
 
-def _lowrank_state(s: ModelShape, cfg) -> dict[str, int]:
-    """Moments, projectors, residuals, error feedback of every low-rank linear under LowMemConfig `cfg`."""
+def _lowrank_units(s: ModelShape, cfg) -> list[tuple[str, dict[str, int], int]]:
+    """Per linear of ONE layer: (name, {moments, projectors, residuals, error feedback} bytes, numel of its projected
+    gradient R) under LowMemConfig `cfg`."""
     from fnmatch import fnmatchcase
-    out = dict.fromkeys(("optimizer_moments", "projectors", "residuals", "error_feedback"), 0)
+    units = []
     for name, m, n in s.linears():
+        out = dict.fromkeys(("optimizer_moments", "projectors", "residuals", "error_feedback"), 0)
         full = cfg.rank >= min(m, n)
         r = min(cfg.rank, m, n)
         cross = cfg.cross_head and name in ("q_proj", "k_proj") and any(
             fnmatchcase(f"model.layers.0.self_attn.{name}", p) for p in cfg.cross_head_modules)
         right = cross or m >= n
         numel = m * n if full else (m * r if right else r * n)
-        moments = {8: _moments8(numel, cfg.moment_block_size), 16: 4 * numel, 32: 8 * numel}[cfg.optim_bits]
-        out["optimizer_moments"] += moments
+        units.append((name, out, numel))
+        out["optimizer_moments"] = {8: _moments8(numel, cfg.moment_block_size), 16: 4 * numel,
+                                    32: 8 * numel}[cfg.optim_bits]
         if full:
             continue
         d = n if right else m
         pn = d * r
         g = cfg.projector_group_size
-        out["projectors"] += {4: _cdiv(pn, 2) + 4 * _cdiv(pn, g), 8: pn + 4 * d * _cdiv(r, g),
-                              16: 2 * pn, 32: 4 * pn}[cfg.projector_bits]
+        out["projectors"] = {4: _cdiv(pn, 2) + 4 * _cdiv(pn, g), 8: pn + 4 * d * _cdiv(r, g),
+                             16: 2 * pn, 32: 4 * pn}[cfg.projector_bits]
         module = f"model.layers.0.{'self_attn' if name[0] in 'qkvo' else 'mlp'}.{name}"
         if cfg.residual_ratio > 0 and any(fnmatchcase(module, p) for p in cfg.residual_modules):
             k = max(1, math.ceil(cfg.residual_ratio * m * n - 1e-9))
-            out["residuals"] += k * ((4 if m * n < 2 ** 31 else 8) + 2 * (4 if cfg.residual_dtype == "fp32" else 2))
+            out["residuals"] = k * ((4 if m * n < 2 ** 31 else 8) + 2 * (4 if cfg.residual_dtype == "fp32" else 2))
         if cfg.error_feedback == "bf16":
-            out["error_feedback"] += 2 * m * n
+            out["error_feedback"] = 2 * m * n
         elif cfg.error_feedback == "int8":
-            out["error_feedback"] += m * n + 4 * m * _cdiv(n, cfg.weight_block_size)
+            out["error_feedback"] = m * n + 4 * m * _cdiv(n, cfg.weight_block_size)
+    return units
+
+
+def _lowrank_state(s: ModelShape, cfg) -> dict[str, int]:
+    """Moments, projectors, residuals, error feedback of every low-rank linear under LowMemConfig `cfg`."""
+    out = dict.fromkeys(("optimizer_moments", "projectors", "residuals", "error_feedback"), 0)
+    for _, unit, _ in _lowrank_units(s, cfg):
+        for key in out:
+            out[key] += unit[key]
     return {k: v * s.layers for k, v in out.items()}
+
+
+def _float_moment_bytes(numel: int, cfg) -> int:
+    """AdamW moments of one float parameter: 8-bit for big ones when float_optim_bits is 8, else fp32."""
+    return _moments8(numel) if cfg.float_optim_bits == 8 and numel >= cfg.float_optim_min_numel else 8 * numel
+
+
+def _per_rank(s: ModelShape, cfg, c: dict[str, int], zero_stage: int, world: int, db: int) -> list[str]:
+    """Turn the single-process resident components `c` into one rank's share, in place (module docstring)."""
+    units = _lowrank_units(s, cfg)
+    even = {key: _cdiv(c[key], world) for key in PARTITIONED}
+    biggest = max([(sum(u[k] for k in PARTITIONED), f"{name} of one layer") for name, u, _ in units]
+                  + [(_float_moment_bytes(n, cfg), "embedding" if n == s.embed_numel() else "a norm")
+                     for n in s.float_numels()])
+    c.update(even)
+    c["comm_buffers"] = 2 * 4 * max(numel for _, _, numel in units) + 4 * max(s.float_numels())
+    notes = [f"ZeRO stage {zero_stage} on {world} ranks, one rank's peak: optimizer state partitioned "
+             f"({sum(even.values()) / 2**20:.1f} MiB even share); owners hold whole tensors, so a rank may hold up "
+             f"to {biggest[0] / 2**20:.1f} MiB more (the largest single state: {biggest[1]}); projectors, float "
+             f"params{' and weights' if zero_stage < 3 else ''} replicated"]
+    if zero_stage == 3:
+        per_linear = [m * n + 4 * m * _cdiv(n, cfg.weight_block_size) if cfg.int8_weights else db * m * n
+                      for _, m, n in s.linears()]
+        if cfg.int8_weights:
+            c["weights_int8"] = _cdiv(c["weights_int8"], world)
+            c["weight_scales"] = _cdiv(c["weight_scales"], world)
+        else:
+            linear_bytes = db * s.layers * sum(m * n for _, m, n in s.linears())
+            c["float_params"] = c["float_params"] - linear_bytes + _cdiv(linear_bytes, world)
+        c["gathered_weights"] = 2 * max(per_linear)
+        notes.append(f"stage 3: linear weights partitioned (whole tensors: a rank may hold up to one linear, "
+                     f"{max(per_linear) / 2**20:.1f} MiB, above the even share), two gathered linears alive "
+                     "(in use + prefetched)")
+    return notes
 
 
 def _lowrank_layer_transient(s: ModelShape, cfg, tok: int, dtype_bytes: int) -> int:
@@ -158,10 +226,19 @@ def _lowrank_layer_transient(s: ModelShape, cfg, tok: int, dtype_bytes: int) -> 
 
 
 def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, gradient_checkpointing: bool,
-             lowmem_config=None, dtype: torch.dtype = torch.bfloat16, device_type: str = "cuda") -> MemoryBreakdown:
-    """Predicted peak bytes of one training step of `method` (see METHODS); see the module docstring."""
+             lowmem_config=None, dtype: torch.dtype = torch.bfloat16, device_type: str = "cuda",
+             zero_stage: int = 0, world_size: int = 1) -> MemoryBreakdown:
+    """Predicted peak bytes of one training step of `method` (see METHODS) on ONE of `world_size` ranks under
+    lowmem's ZeRO `zero_stage` (0..3); the defaults are the single-process estimate. See the module docstring."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(zero_stage, bool) or zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if world_size > 1 and method not in DISTRIBUTED_METHODS:
+        raise ValueError(f"the per-rank view (world_size={world_size}) is modelled only for lowmem's runtime "
+                         f"(methods {DISTRIBUTED_METHODS}), not {method!r}; use world_size=1")
     for name, value in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -192,8 +269,9 @@ def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, 
         c["float_params"] += db * sum(float_numels)
         c.update({k: c[k] + v for k, v in _lowrank_state(s, cfg).items()})
         for numel in float_numels:
-            bits = 8 if cfg.float_optim_bits == 8 and numel >= cfg.float_optim_min_numel else 32
-            c["optimizer_moments"] += _moments8(numel) if bits == 8 else 8 * numel
+            c["optimizer_moments"] += _float_moment_bytes(numel, cfg)
+        if world_size > 1 and zero_stage > 0:
+            notes += _per_rank(s, cfg, c, zero_stage, world_size, db)
         emb_bits = 8 if cfg.float_optim_bits == 8 and emb >= cfg.float_optim_min_numel else 32
         layer_transient = _lowrank_layer_transient(s, cfg, tok, db)
     else:

@@ -33,8 +33,8 @@ __all__ = ["init_refresh_state", "RefreshPolicy", "FixedPolicy", "LazyPolicy", "
            "refresh_summary", "POLICY_KINDS"]
 
 POLICY_KINDS = ("fixed", "lazy", "geometric")
-_STATE_KEYS = ("next_refresh_step", "interval_steps", "stagger_offset_steps", "refresh_count", "similarity_history",
-               "last_similarity")
+REFRESH_STATE_KEYS = ("next_refresh_step", "interval_steps", "stagger_offset_steps", "refresh_count",
+                      "similarity_history", "last_similarity")
 # Similarities come out of fp32 (and INT4-decoded projectors): allow this much outside [0, 1] before calling it a bug.
 _SIMILARITY_SLACK = 1e-3
 
@@ -72,7 +72,7 @@ def init_refresh_state(layer_index: int, num_layers: int, *, base_interval_steps
 
 
 def _check_state(state: dict[str, Tensor]) -> None:
-    missing = [k for k in _STATE_KEYS if k not in state]
+    missing = [k for k in REFRESH_STATE_KEYS if k not in state]
     if missing:
         raise KeyError(f"refresh state is missing {missing}; build it with init_refresh_state")
 

@@ -1,0 +1,68 @@
+"""The model, data and settings shared by the data-parallel runtime test and its one-process reference."""
+from __future__ import annotations
+
+import torch
+
+GLOBAL_BATCH = 4      # sequences per optimizer step, split evenly over the ranks
+SEQ_LEN = 16
+STEPS = 6
+VOCAB = 96
+LR = 2e-3
+
+
+def make_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    model.train()
+    return model
+
+
+def lowmem_config():
+    """The lowmem preset small enough to exercise every part within STEPS steps: projected weights (rank 8 of
+    64-96), cross-head q/k, refreshes every 2 steps, residual indices chosen after 2 steps, INT8 + SR weights,
+    8-bit moments, embeddings and lm_head on full-rank AdamW."""
+    from lowmem.presets import preset
+    return preset("lowmem", rank=8, refresh_interval_steps=2, residual_warmup_steps=2, residual_ratio=0.05,
+                  lr=LR, warmup_steps=0, lr_schedule="constant", float_optim_min_numel=1, seed=3)
+
+
+def batch_for_step(step: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ_LEN), generator=generator)
+
+
+def weights_of(model) -> dict[str, torch.Tensor]:
+    """Every weight as fp32 (INT8 linears dequantised), contiguous and unaliased (for safetensors)."""
+    from lowmem.int8_linear import Int8Linear
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):
+            out[f"{name}.weight"] = module.dequantized_weight(torch.float32).contiguous()
+            out[f"{name}.weight_q"] = module.weight_q.clone()
+    for name, param in model.named_parameters():
+        out[name] = param.detach().float().clone().contiguous()
+    return out
+
+
+def reference_run():
+    """One process, the whole global batch per step: losses, grad norms, weights, state bytes."""
+    from hooks.runtime import prepare
+    model = make_model()
+    runtime = prepare(model, lowmem_config())
+    losses, norms = [], []
+    for step in range(STEPS):
+        ids = batch_for_step(step)
+        with runtime.micro_batch():
+            runtime.backward(model(input_ids=ids, labels=ids).loss)
+        stats = runtime.step()
+        losses.append(stats["loss"])
+        norms.append(stats["grad_norm"])
+    state_bytes = sum(t.numel() * t.element_size() for st in runtime.states.values() for t in st.values())
+    weight_bytes = sum(item.module.weight_q.numel() + 4 * item.module.weight_scales.numel()
+                       for item in runtime.trainables if item.kind == "lowrank_int8")
+    return {"losses": losses, "grad_norms": norms, "weights": weights_of(model), "state_bytes": state_bytes,
+            "weight_bytes": weight_bytes, "runtime": runtime}
