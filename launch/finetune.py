@@ -210,6 +210,12 @@ def _train(par, progress: dict) -> dict:
         set_python_random_state(meta["meta"]["python_random"])
         progress["checkpoint"] = str(resume_from)
         say(f"resumed from {resume_from} at step {runtime.global_step}", flush=True)
+        saved_world = meta.get("distributed", {}).get("world_size", 1)
+        saved_rows = meta["meta"]["config"]["micro_batch_size"] * saved_world
+        if saved_world != par.world_size or saved_rows != global_rows:
+            say(f"note: the checkpoint was written by {saved_world} process(es) with {saved_rows} sequences per "
+                f"micro-batch step; this run uses {par.world_size} with {global_rows}: the optimizer state was "
+                "redistributed and the data order continues, but the global batch changed", flush=True)
 
     log = StepLog(out / "train_log.jsonl", append=resume_from is not None) if main else None
     config_yaml = config_to_yaml(cfg)
@@ -300,7 +306,7 @@ def _train(par, progress: dict) -> dict:
     export_dir = runtime.export(out / "model", tokenizer=tokenizer) if cfg.export else None
     if not main:
         return {"export": None, "checkpoint": str(final_ckpt), "eval_loss": last_eval, "step": steps_done,
-                "report": None}
+                "report": None, "main": False}
     log.close()
     summary = {"model": loaded.source, "steps": steps_done, "tokens per step": tokens_per_step,
                "final eval loss": f"{last_eval:.4f}", "final perplexity": f"{math.exp(min(last_eval, 50)):.2f}",
@@ -395,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         raise
     if result.get("interrupted"):
         return EXIT_INTERRUPTED
+    if not result.get("main", True):
+        return 0   # other ranks of a data-parallel run: rank 0 prints the summary
     print(f"\ndone: {result['step']} steps, final eval loss {result['eval_loss']:.4f}")
     print(f"report:         {result['report']}")
     if result["export"]:
