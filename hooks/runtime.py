@@ -145,6 +145,7 @@ class Runtime:
         self._inside = False
         self._lr = None
         self._accum: dict[int, dict] = {}
+        self._inflight: list = []
         self._float_grads: dict[int, Tensor] = {}
         self._committed: set[int] = set()
         self._sq_norms: dict[int, float] = {}
@@ -199,6 +200,7 @@ class Runtime:
         if self._micro_done != self.grad_accum_steps:
             raise RuntimeError(f"runtime.step() after {self._micro_done} micro-batches; grad_accum_steps is "
                                f"{self.grad_accum_steps}")
+        self._finish_inflight()
         if self._deferred:
             self._commit_deferred()
         skipped = bool(self._nonfinite)
@@ -292,8 +294,19 @@ class Runtime:
                     micro_index=self._micro_done if accum else 0, num_micro_batches=self.grad_accum_steps,
                     reduce_mean_=None if self.dp is None else self.dp.comm.all_reduce_mean_)
         if self._last_micro:
-            if self.dp is not None:
-                self.dp.reduce_lowrank_(item.index, accum)
+            if self.dp is None:
+                if not self._deferred:
+                    self._commit_lowrank(item, clip_coef=None)
+                return
+            # Data parallel: the reduction of R runs while autograd computes the next layer's gradient; this
+            # layer is written when that one arrives (or in step() for the last layer).
+            self._inflight.append((item, self.dp.reduce_lowrank_(item.index, accum)))
+            self._finish_inflight(keep=1 if self.dp.overlap else 0)
+
+    def _finish_inflight(self, keep: int = 0) -> None:
+        while len(self._inflight) > keep:
+            item, finish = self._inflight.pop(0)
+            finish()
             if not self._deferred:
                 self._commit_lowrank(item, clip_coef=None)
 

@@ -90,6 +90,24 @@ class Comm:
         self._count("broadcast", tensor)
         return self._dist.broadcast(tensor, src=src, async_op=async_op)
 
+    def start_mean_(self, tensor: Tensor, dst: int | None = None):
+        """Begin an asynchronous mean over ranks (on `dst` only, or everywhere when dst is None); returns a
+        function that waits for it and finishes the division. Lets a layer's reduction run under the backward of
+        the next layer."""
+        if dst is None:
+            self._count("all_reduce", tensor)
+            work = self._dist.all_reduce(tensor, async_op=True)
+        else:
+            self._count("reduce", tensor)
+            work = self._dist.reduce(tensor, dst=dst, async_op=True)
+
+        def finish() -> Tensor:
+            work.wait()
+            if dst is None or self.rank == dst:
+                tensor.div_(self.world_size)
+            return tensor
+        return finish
+
     def barrier(self) -> None:
         self._dist.barrier()
 
@@ -182,14 +200,17 @@ class DataParallel:
 
     comm: the Comm; zero_stage 0..3; owners: trainable index -> owner rank (assigned by `assign`).
     debug: after each refresh, check that every rank holds the same projector bytes (raises if not).
+    overlap: reduce each layer's R asynchronously while the backward of the next layer runs (the layer is then
+    written when the next one's gradient arrives, or in runtime.step() for the last one).
     """
 
-    def __init__(self, comm: Comm, zero_stage: int, *, debug: bool = False):
+    def __init__(self, comm: Comm, zero_stage: int, *, debug: bool = False, overlap: bool = True):
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
         self.comm = comm
         self.zero_stage = zero_stage
         self.debug = debug
+        self.overlap = overlap
         self.owners: dict[int, int] = {}
 
     @property
@@ -219,16 +240,20 @@ class DataParallel:
         return _Exchange(self.comm, self.owners[index], self.zero_stage, device)
 
     # -- gradients -------------------------------------------------------------------------------------------------
-    def reduce_lowrank_(self, index: int, accum: dict) -> None:
-        """Average the step's accumulators over ranks: everywhere at ZeRO 0 or on Rayleigh-Ritz refreshes (the
-        projector depends on R), else only on the owner."""
-        everywhere = not self.partitioned or accum.get("rayleigh_ritz", False)
-        for key in ("sketch", "grad_at_idx"):
-            if key in accum:
-                if everywhere:
-                    self.comm.all_reduce_mean_(accum[key])
-                else:
-                    self.comm.reduce_mean_(accum[key], dst=self.owners[index])
+    def reduce_lowrank_(self, index: int, accum: dict):
+        """Start averaging the step's accumulators over ranks: everywhere at ZeRO 0 or on Rayleigh-Ritz refreshes
+        (the projector depends on R), else only on the owner. Returns a function that completes it (at once when
+        `overlap` is off)."""
+        dst = None if (not self.partitioned or accum.get("rayleigh_ritz", False)) else self.owners[index]
+        finishers = [self.comm.start_mean_(accum[key], dst) for key in ("sketch", "grad_at_idx") if key in accum]
+
+        def finish() -> None:
+            for done in finishers:
+                done()
+        if not self.overlap:
+            finish()
+            return lambda: None
+        return finish
 
     def reduce_float_grad(self, index: int, grad: Tensor) -> Tensor:
         """The mean fp32 gradient of a float parameter (meaningful on its owner only at ZeRO >= 1)."""
