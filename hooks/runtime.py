@@ -22,6 +22,16 @@ backward: on the last micro-batch every layer only accumulates; `step()` then se
 the exact global norm and commits every layer with one coefficient. Cost: the projected gradients R of all layers
 (~ Σ m·r·4 bytes) and the float parameters' gradients live until `step()`; no extra backward.
 
+Data parallelism (`prepare(model, cfg, data_parallel=DataParallel(...))`, lowmem.distributed): every rank runs the
+same loop on its slice of the global batch. A low-rank weight's projected gradient R is reduced across ranks when its
+last micro-batch's gradient arrives, asynchronously, and the weight is written when the next layer's gradient arrives
+(the last one in `step()`): the reduction runs under the next layer's backward. Refresh sketches are reduced inside
+the range finder (ReducedGrad), so all ranks compute the same projector. Float parameters' gradients are reduced
+(to their owner at ZeRO >= 1, which broadcasts the new values). `step()` agrees on the statistics with one small
+all-reduce (mean loss, global norm, skipped anywhere, largest peak) and reports the payload bytes moved
+("comm_bytes"). Non-finite gradients are then handled per layer (a layer whose reduced gradient is not finite is not
+written on any rank; the step is reported skipped everywhere).
+
 Non-finite gradients: no NaN/Inf is ever written into a weight or a moment. With `two_pass` the whole step is skipped
 (nothing is written: measure-then-commit). With `per_tensor`/`none` layers are committed during backward, so the
 detection is per layer: the first layer whose gradient is non-finite and every layer after it in that backward are

@@ -6,12 +6,16 @@
     python -m launch.finetune --help-config                     # every key with its default and help
     python -m launch.finetune export CHECKPOINT_DIR OUT_DIR     # bf16 Hugging Face model from any checkpoint
 
-The run, top to bottom: resolve the config; check output_dir is writable; memory preflight (refuses a run that will
-not fit unless force=true; from the model config alone, before any weight is loaded); load model and tokenizer; tokenize and pack the data (cached on disk); prepare the
-lowmem runtime (INT8 linears, optimizer state, backward hooks); resume from the latest checkpoint when there is one;
-train with a progress bar, a JSONL log line per step, held-out evaluation every eval_every steps and checkpoints
-every save_every steps (and on Ctrl-C / SIGTERM); at the end save, export a bf16 Hugging Face model and write
-report.md with loss and memory curves.
+Several processes (launch.parallel): `deepspeed --num_gpus N --module launch.finetune ... deepspeed=ds.json` or
+`torchrun --nproc_per_node N -m launch.finetune ...`.
+
+The run, top to bottom: resolve the config (and the DeepSpeed JSON); open the process group when there are several
+processes; check output_dir is writable; memory preflight (refuses a run that will not fit unless force=true; from
+the model config alone, before any weight is loaded); load model and tokenizer; tokenize and pack the data (cached
+on disk); prepare the lowmem runtime (INT8 linears, optimizer state, backward hooks); resume from the latest
+checkpoint when there is one; train with a progress bar, a JSONL log line per step, held-out evaluation every
+eval_every steps and checkpoints every save_every steps (and on Ctrl-C / SIGTERM); at the end save, export a bf16
+Hugging Face model and write report.md with loss and memory curves.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from launch.config import TrainConfig
+from launch.config import ConfigError, TrainConfig
 
 
 @dataclass
@@ -79,9 +79,9 @@ def launched_world_size() -> int:
     try:
         world = int(text)
     except ValueError:
-        raise ValueError(f"environment variable WORLD_SIZE must be an int >= 1, got {text!r}") from None
+        raise ConfigError(f"environment variable WORLD_SIZE must be an int >= 1, got {text!r}") from None
     if world < 1:
-        raise ValueError(f"environment variable WORLD_SIZE must be an int >= 1, got {text!r}")
+        raise ConfigError(f"environment variable WORLD_SIZE must be an int >= 1, got {text!r}")
     return world
 
 
@@ -100,7 +100,7 @@ def setup(cfg: TrainConfig, resolve_device) -> Parallel:
     device = resolve_device(cfg)
     if device.type == "cuda" and world > 1:
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are "
+            raise ConfigError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices are "
                              "visible; launch at most that many processes per node")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -111,7 +111,7 @@ def setup(cfg: TrainConfig, resolve_device) -> Parallel:
             print(f"deepspeed config: {notice}", flush=True)
     if world > 1:
         if cfg.optim_error_feedback_on():
-            raise ValueError("error feedback (optim.error_feedback) needs each weight's dense gradient and is not "
+            raise ConfigError("error feedback (optim.error_feedback) needs each weight's dense gradient and is not "
                              "available with several processes; set optim.error_feedback=off")
         from lowmem.distributed import DataParallel, init_distributed
         par.comm = init_distributed(device=device, timeout_s=cfg.dist_timeout_s)

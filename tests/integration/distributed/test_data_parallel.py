@@ -123,8 +123,9 @@ def test_optimizer_state_and_weights_are_partitioned(two_rank_results, reference
 
 
 def test_bytes_moved_per_step_versus_dense_allreduce(two_rank_results, capsys):
-    """ZeRO 1 steps without a refresh (nor residuals): exactly R reduced + N broadcast per low-rank weight, gradient reduced + value
-    broadcast per float parameter, 32 bytes of step statistics. Printed as a ratio to a dense-gradient all-reduce."""
+    """ZeRO 1 steps without a refresh (nor residuals): exactly R reduced + N broadcast per low-rank weight, gradient
+    reduced + value broadcast per float parameter, 32 bytes of step statistics. Printed as a ratio to a dense
+    all-reduce."""
     from hooks.runtime import prepare
     from lowmem.distributed import dense_allreduce_wire_bytes
     from lowmem.lowrank import lowrank_moment_shape
