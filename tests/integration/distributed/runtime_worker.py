@@ -15,31 +15,37 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_run import GLOBAL_BATCH, STEPS, batch_for_step, lowmem_config, make_model, weights_of  # noqa: E402
+from tiny_run import (GLOBAL_BATCH, SCENARIOS, STEPS, batch_for_step, lowmem_config, make_model,  # noqa: E402
+                      weights_of)
 
 
 def main() -> None:
     out = Path(sys.argv[1])
-    scenarios = sys.argv[2].split(",")   # "0".."3": ZeRO stages; "bytes": ZeRO 1 without refreshes after step 0
     from hooks.runtime import prepare
     from lowmem.distributed import DataParallel, init_distributed, shutdown
     comm = init_distributed(device=torch.device("cpu"), timeout_s=120)
     rank, world = comm.rank, comm.world_size
     rows = GLOBAL_BATCH // world
+    # "0".."3": ZeRO stages with lowmem_config(); the names in tiny_run.SCENARIOS: that change of it ("bytes" at
+    # ZeRO 1, the others at ZeRO 2)
+    scenarios = sys.argv[2].split(",")
     for stage in scenarios:
         model = make_model()
-        dp = DataParallel(comm, 1 if stage == "bytes" else int(stage), debug=stage != "bytes")
-        cfg = lowmem_config()
-        if stage == "bytes":
-            cfg = cfg.replace(refresh_interval_steps=1000, residual_warmup_steps=1000)
+        if stage in SCENARIOS:
+            zero_stage, cfg = (1 if stage == "bytes" else 2), lowmem_config().replace(**SCENARIOS[stage])
+        else:
+            zero_stage, cfg = int(stage), lowmem_config()
+        dp = DataParallel(comm, zero_stage, debug=stage != "bytes")
         runtime = prepare(model, cfg, data_parallel=dp)
+        accum = cfg.grad_accum_steps
         record = {"losses": [], "comm_bytes": [], "wire_bytes": [], "refreshed": [], "grad_norms": []}
         for step in range(STEPS):
-            ids = batch_for_step(step)[rank * rows:(rank + 1) * rows]
             wire_before = comm.wire_bytes
             kinds_before = dict(comm.bytes_by_kind)
-            with runtime.micro_batch():
-                runtime.backward(model(input_ids=ids, labels=ids).loss)
+            for k in range(accum):
+                ids = batch_for_step(step * accum + k)[rank * rows:(rank + 1) * rows]
+                with runtime.micro_batch():
+                    runtime.backward(model(input_ids=ids, labels=ids).loss / accum)
             stats = runtime.step()
             record["losses"].append(stats["loss"])
             record["grad_norms"].append(stats["grad_norm"])

@@ -4,9 +4,10 @@ and `torchrun` including a rank killed mid-run.
 
 Tolerances (stated once): the 2-process mean gradient equals the 1-process gradient up to fp32 reassociation
 (~1e-7 relative), so losses agree to 1e-4 relative over the 6 steps; INT8 codes may differ where that tiny
-difference moves the SR threshold across the noise: at most 1% of codes, each by at most 2 steps (a flip can also
-change its block's absmax scale by one code); float parameters (AdamW) agree to 1e-5 on 99% of entries and never
-differ by more than one learning-rate step.
+difference moves the SR threshold across the noise: at most 1% of codes, each by at most 4 steps (a flip can also
+change its block's absmax scale, rescaling the block's codes by one step, and a flipped code feeds later steps);
+float parameters (AdamW, 8-bit moments) never differ by more than one
+learning-rate step, and on average by less than 1% of it.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.multi_gpu
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
 sys.path.insert(0, str(HERE))
-from tiny_run import LR, lowmem_config, make_model, reference_run  # noqa: E402
+from tiny_run import LR, SCENARIOS, lowmem_config, make_model, reference_run  # noqa: E402
 
 
 def dist_env(port: int | None = None) -> dict:
@@ -55,7 +56,7 @@ def torchrun(args: list[str], timeout_s: float = 240, env: dict | None = None) -
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dp")
-    proc = torchrun([str(HERE / "runtime_worker.py"), str(out), "0,1,2,3,bytes"])
+    proc = torchrun([str(HERE / "runtime_worker.py"), str(out), "0,1,2,3,bytes,accum,accum_rr"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -69,8 +70,16 @@ def load_rank(out: Path, stage, rank: int) -> dict:
     return json.loads((out / f"stage{stage}-rank{rank}.json").read_text())
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def scenario_reference(name: str) -> dict:
+    changes = dict(SCENARIOS[name])
+    return reference_run(accum=changes.pop("grad_accum_steps"), **changes)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3, "accum"])
 def test_two_processes_match_one_process(two_rank_results, reference, stage):
+    """ZeRO 0-3, and ZeRO 2 with 2 micro-batches per step and two-pass clipping, against one process."""
+    if stage == "accum":
+        reference = scenario_reference("accum")
     ranks = [load_rank(two_rank_results, stage, r) for r in (0, 1)]
     assert ranks[0]["losses"] == ranks[1]["losses"]          # every rank reports the agreed step
     assert ranks[0]["losses"] == pytest.approx(reference["losses"], rel=1e-4)
@@ -85,14 +94,29 @@ def test_two_processes_match_one_process(two_rank_results, reference, stage):
             diff = (got.int() - expected.int()).abs()
             codes += diff.numel()
             changed += int((diff > 0).sum())
-            assert int(diff.max()) <= 2, name
+            assert int(diff.max()) <= 4, name
         elif not name.endswith(".weight") or name.replace(".weight", ".weight_q") not in reference["weights"]:
-            # Float params (AdamW): Adam divides each gradient by its own root, so an entry whose gradient is
-            # eps-sized can move by a fraction of lr under fp32 reassociation; 99% agree to 1e-5, none by > lr.
+            # Float params (AdamW with 8-bit moments): Adam divides each gradient by its own root and the moment
+            # codes round, so an entry can move by a fraction of lr under fp32 reassociation: none by > lr, and
+            # on average < 1% of lr.
             diff = (got - expected).abs()
             assert float(diff.max()) <= LR, name
-            assert float((diff > 1e-5).float().mean()) <= 0.01, name
+            assert float(diff.mean()) <= 0.01 * LR, name
+    print(f"stage {stage}: {changed} of {codes} INT8 codes differ from one process")
     assert changed <= 0.01 * codes, (changed, codes)
+
+
+def test_rayleigh_ritz_refresh_under_accumulation_matches_in_loss(two_rank_results):
+    """The default refresh under accumulation (Rayleigh-Ritz over the whole step's sketch) keeps the top-r subspace
+    of a (k = r + oversampling)-column sketch. On this random tiny model the singular values around the cut are
+    nearly equal, so the ~1e-5 relative difference fp32 reassociation leaves in the sketch after the range finder
+    picks other (equally good) directions, and the weights follow another trajectory: losses and gradient norms
+    still agree with one process (stated bound: 1e-3 relative), the weights are not compared."""
+    reference = scenario_reference("accum_rr")
+    ranks = [load_rank(two_rank_results, "accum_rr", r) for r in (0, 1)]
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    assert ranks[0]["losses"] == pytest.approx(reference["losses"], rel=1e-3)
+    assert ranks[0]["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-3)
 
 
 def test_optimizer_state_and_weights_are_partitioned(two_rank_results, reference):

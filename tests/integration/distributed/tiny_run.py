@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import torch
 
-GLOBAL_BATCH = 4      # sequences per optimizer step, split evenly over the ranks
+GLOBAL_BATCH = 4      # sequences per micro-batch step, split evenly over the ranks
+# ZeRO 2 with 2 micro-batches per step and two-pass clipping: "accum" refreshes from the first micro-batch's
+# gradient, "accum_rr" (the default refresh_sketch) adds the Rayleigh-Ritz step over the whole step's sketch.
+SCENARIOS = {"accum": {"grad_accum_steps": 2, "clip_mode": "two_pass", "refresh_sketch": "first_micro_batch"},
+             "accum_rr": {"grad_accum_steps": 2, "clip_mode": "two_pass", "refresh_sketch": "rayleigh_ritz"},
+             "bytes": {"refresh_interval_steps": 1000, "residual_warmup_steps": 1000}}
 SEQ_LEN = 16
 STEPS = 6
 VOCAB = 96
@@ -48,16 +53,18 @@ def weights_of(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def reference_run():
-    """One process, the whole global batch per step: losses, grad norms, weights, state bytes."""
+def reference_run(accum: int = 1, **changes):
+    """One process, the whole global batch per micro-batch: losses, grad norms, weights, state bytes.
+    accum > 1: micro-batch k of step s is batch_for_step(s * accum + k); `changes` go into the lowmem config."""
     from hooks.runtime import prepare
     model = make_model()
-    runtime = prepare(model, lowmem_config())
+    runtime = prepare(model, lowmem_config().replace(grad_accum_steps=accum, **changes))
     losses, norms = [], []
     for step in range(STEPS):
-        ids = batch_for_step(step)
-        with runtime.micro_batch():
-            runtime.backward(model(input_ids=ids, labels=ids).loss)
+        for k in range(accum):
+            ids = batch_for_step(step * accum + k)
+            with runtime.micro_batch():
+                runtime.backward(model(input_ids=ids, labels=ids).loss / accum)
         stats = runtime.step()
         losses.append(stats["loss"])
         norms.append(stats["grad_norm"])
