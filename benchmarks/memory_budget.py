@@ -181,12 +181,12 @@ def per_rank_report(model_name: str, model_config, gpu: str, seq_lens, micro_bat
             lines.append(f"| {world} | {stage} | {b.peak_bytes / GIB:.2f} | {b.peak_bytes / single.peak_bytes:.2f}x "
                          f"| {fits} | {cells} |")
         lines.append("")
-    float_grad = 4 * max(shape.float_numels())
     comm = per_rank(model_config, seq_lens[0], micro_batch, rank, max(worlds), 1).components["comm_buffers"]
-    lines += [f"Stages 1/2 save little at few ranks: their communication buffers ({comm / GIB:.2f} GiB) are mostly "
-              f"the largest float parameter's gradient in fp32 ({float_grad / GIB:.2f} GiB, the embedding), reduced "
-              "to its owner; reducing it in bf16 or in chunks would halve or remove that. Stage 3 is where one "
-              "rank's peak falls with the rank count (INT8 weights are most of the resident state).", ""]
+    lines += [f"Stages 1/2 remove the partitioned optimizer state from each rank at the cost of small communication "
+              f"buffers ({comm / GIB:.2f} GiB: one layer's projected gradient reduced and its update direction "
+              "broadcast; float gradients are reduced in place in their own dtype). The saving is bounded by the "
+              "optimizer state, which lowmem already keeps small; stage 3 is where one rank's peak falls with the "
+              "rank count (INT8 weights are most of the resident state).", ""]
     lines += ["## Resident state per rank: lowmem vs DeepSpeed ZeRO with mixed-precision AdamW", "",
               f"{params / 1e9:.2f} B parameters. ZeRO column: the ZeRO paper's model states per GPU (2 + 2 + 12 "
               "bytes per parameter: bf16 weights, bf16 gradients, fp32 master weights and Adam moments), without "

@@ -13,7 +13,6 @@ and the prefetched one.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from lowmem.distributed import Comm

@@ -256,13 +256,14 @@ class DataParallel:
         return finish
 
     def reduce_float_grad(self, index: int, grad: Tensor) -> Tensor:
-        """The mean fp32 gradient of a float parameter (meaningful on its owner only at ZeRO >= 1)."""
-        reduced = grad.float().contiguous() if grad.dtype != torch.float32 else grad.contiguous()
+        """The mean gradient of a float parameter, reduced in place in its own dtype (no extra buffer; bf16
+        parameters communicate in bf16, as DeepSpeed does by default). Meaningful on its owner only at ZeRO >= 1."""
+        grad = grad.contiguous()
         if not self.partitioned:
-            self.comm.all_reduce_mean_(reduced)
+            self.comm.all_reduce_mean_(grad)
         else:
-            self.comm.reduce_mean_(reduced, dst=self.owners[index])
-        return reduced if grad.dtype == torch.float32 else reduced.to(grad.dtype)
+            self.comm.reduce_mean_(grad, dst=self.owners[index])
+        return grad
 
     def broadcast_param_(self, index: int, tensor: Tensor) -> None:
         if self.partitioned:

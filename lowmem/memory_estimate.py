@@ -28,7 +28,7 @@ single-process estimate exactly, whatever the stage; with N > 1 ranks:
              and float params stay replicated (every rank projects its own gradient). comm_buffers, alive for the
              whole step (an upper bound for per-layer buffers): the largest linear's projected gradient R
              (r x n or m x r, fp32, the full gradient for a full-rank linear) reduced, the broadcast update direction
-             of the same size, and the largest float parameter's gradient in fp32 reduced to its owner.
+             of the same size (float parameters' gradients are reduced in place, in their own buffer and dtype).
   stage 3    stage 2, plus the linear weights (INT8 + scales, or compute-dtype floats when int8_weights is off)
              partitioned as ceil(total / N), and gathered_weights: two gathered linears alive at a time (the one in
              use and the one prefetched), 2 x the largest linear's bytes. Float params (embeddings, norms, lm_head)
@@ -188,7 +188,8 @@ def _per_rank(s: ModelShape, cfg, c: dict[str, int], zero_stage: int, world: int
                   + [(_float_moment_bytes(n, cfg), "embedding" if n == s.embed_numel() else "a norm")
                      for n in s.float_numels()])
     c.update(even)
-    c["comm_buffers"] = 2 * 4 * max(numel for _, _, numel in units) + 4 * max(s.float_numels())
+    # R reduced + the update direction broadcast; float gradients are reduced in place in their own buffer.
+    c["comm_buffers"] = 2 * 4 * max(numel for _, _, numel in units)
     notes = [f"ZeRO stage {zero_stage} on {world} ranks, one rank's peak: optimizer state partitioned "
              f"({sum(even.values()) / 2**20:.1f} MiB even share); owners hold whole tensors, so a rank may hold up "
              f"to {biggest[0] / 2**20:.1f} MiB more (the largest single state: {biggest[1]}); projectors, float "

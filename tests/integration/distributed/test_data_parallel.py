@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -122,7 +120,6 @@ def test_rayleigh_ritz_refresh_under_accumulation_matches_in_loss(two_rank_resul
 def test_optimizer_state_and_weights_are_partitioned(two_rank_results, reference):
     """ZeRO >= 1: each rank holds ~1/2 of the partitionable optimizer state (whole tensors: within the largest one)
     plus the replicated projectors and counters; ZeRO 3 also halves the INT8 weight bytes."""
-    from hooks.runtime import prepare
     from lowmem.lowrank import follower_state
     runtime = reference["runtime"]
     replicated = sum(t.numel() * t.element_size() for item in runtime.trainables if item.kind != "float"
@@ -143,7 +140,6 @@ def test_optimizer_state_and_weights_are_partitioned(two_rank_results, reference
     zero3 = [load_rank(two_rank_results, 3, r)["weight_bytes"] for r in (0, 1)]
     assert sum(zero3) == reference["weight_bytes"]
     assert max(zero3) <= 0.6 * reference["weight_bytes"]
-    del prepare
 
 
 def test_bytes_moved_per_step_versus_dense_allreduce(two_rank_results, capsys):

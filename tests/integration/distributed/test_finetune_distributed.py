@@ -3,7 +3,6 @@ and a rank killed mid-run (the survivor stops with a clear error within the time
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
