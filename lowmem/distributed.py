@@ -10,9 +10,13 @@ What travels, per optimizer step, with W ranks (a low-rank weight W (m, n), rank
 - ZeRO 1/2 (lowmem treats them alike: no rank ever holds a full gradient, so there is nothing more to partition at
   stage 2): the owner computes Adam on R and broadcasts the update direction N (r x d fp32, plus the sparse residual
   values), and every rank back-projects and writes its copy of the INT8 weight with the shared counter-based
-  stochastic rounding, so the copies stay bit-identical. The alternative — the owner broadcasts the new INT8 codes
-  and scales (m·n bytes + m·n/256·4) — moves m/(4r) times more bytes (8x for m = 4096, r = 128): the direction wins
-  whenever r < m/4, which holds for every layer lowmem projects. benchmarks/distributed.py measures both.
+  stochastic rounding, so the copies stay bit-identical. The alternative — the owner writes and broadcasts the new
+  INT8 codes and scales (m·n bytes + m·ceil(n/256)·4) — moves min(m, n)/(4r)·(1 + 1/64) times more bytes (8x for a
+  4096 x 4096 weight at r = 128). Measured (benchmarks/results/distributed-cpu.md, 2 CPU processes over gloo): 4-8x
+  fewer bytes with the direction, but on 2 CPU cores sharing the codes was faster (0.5-0.9x the time), because there
+  every rank repeating the back-projection and rounding write costs more than the bytes saved. lowmem ships the
+  direction: consumer multi-GPU boxes talk over PCIe, where bytes are the scarce resource and the write is a fast
+  kernel — expected, not yet measured on GPUs.
 - ZeRO 3: INT8 weights are partitioned too (each whole weight lives on its owner); forward and backward gather each
   layer's codes from the owner one layer ahead (hooks.zero3) and drop them after use. Only the owner writes, so only
   the skip flag is broadcast.
