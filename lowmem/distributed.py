@@ -13,8 +13,8 @@ What travels, per optimizer step, with W ranks (a low-rank weight W (m, n), rank
   stochastic rounding, so the copies stay bit-identical. The alternative — the owner writes and broadcasts the new
   INT8 codes and scales (m·n bytes + m·ceil(n/256)·4) — moves min(m, n)/(4r)·(1 + 1/64) times more bytes (8x for a
   4096 x 4096 weight at r = 128). Measured (benchmarks/results/distributed-cpu.md, 2 CPU processes over gloo): 4-8x
-  fewer bytes with the direction, but on 2 CPU cores sharing the codes was as fast or faster (0.55-0.99x the time): there
-  every rank repeating the back-projection and rounding write costs more than the bytes saved. lowmem ships the
+  fewer bytes with the direction, but on 2 CPU cores sharing the codes was as fast or faster (0.55-0.99x the
+  time): there every rank repeating the back-projection and rounding write costs more than the bytes saved. lowmem ships the
   direction: consumer multi-GPU boxes talk over PCIe, where bytes are the scarce resource and the write is a fast
   kernel — expected, not yet measured on GPUs.
 - ZeRO 3: INT8 weights are partitioned too (each whole weight lives on its owner); forward and backward gather each
