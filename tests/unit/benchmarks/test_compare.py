@@ -1,0 +1,223 @@
+"""benchmarks.compare: the runner on a tiny in-test workload, the report and its generated verdicts, the CLI's method
+selection, and the AdamW / Adafactor trainers against hand-written torch.optim loops."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from benchmarks.compare import methods as M
+from benchmarks.compare.__main__ import select_methods
+from benchmarks.compare.api import MethodSettings, MethodSpec, Workload
+from benchmarks.compare.report import NOT_REPRODUCED, REPRODUCED, reading, write_report
+from benchmarks.compare.runner import MethodResult, eval_steps, run_comparison
+
+VOCAB, SEQ, BATCH = 96, 12, 2
+
+
+def tiny_workload(accum: int = 1) -> Workload:
+    """Random 2-layer LLaMA (hidden 64, 4 heads, 2 KV heads) on random tokens."""
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ)
+    torch.manual_seed(0)
+    initial = LlamaForCausalLM(config).state_dict()
+
+    def make_model():
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(initial)
+        return model
+
+    def train_batches(step):
+        gen = torch.Generator().manual_seed(100 + step)
+        ids = [torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen) for _ in range(accum)]
+        return [{"input_ids": x, "labels": x.clone()} for x in ids]
+
+    eval_ids = torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(7))
+
+    def evaluate(model):
+        loss = float(model(input_ids=eval_ids, labels=eval_ids).loss)
+        return {"eval_loss": loss, "perplexity": math.exp(loss)}
+
+    lrs = {"full": 1e-3, "adafactor": 1e-2, "galore": 1e-2, "lowmem": 1e-2, "adapter": 1e-3}
+    return Workload("tiny", "random tokens", make_model, train_batches, evaluate, BATCH * SEQ * accum,
+                    lambda family: lrs[family])
+
+
+def settings(steps: int = 3, warmup: int = 1, accum: int = 1) -> MethodSettings:
+    return MethodSettings(steps=steps, grad_accum_steps=accum, rank=8, refresh_interval_steps=2, lr=0.0,
+                          warmup_steps=warmup, seed=0, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def spec(name: str) -> MethodSpec:
+    return next(s for s in M.all_methods() if s.name == name)
+
+
+def _broken_build(model, settings):
+    raise RuntimeError("deliberately broken\nsecond line")
+
+
+MISSING = MethodSpec("needs-missing", "full", _broken_build, requires=("no_such_module_for_compare_test",))
+BROKEN = MethodSpec("broken", "full", _broken_build)
+
+
+@pytest.fixture(scope="module")
+def results():
+    import lowmem.lowrank
+    original = lowmem.lowrank.compute_projector
+    specs = [spec("adamw-fp32"), MISSING, BROKEN, spec("lowmem"), spec("lowmem-no-residual")]
+    out = run_comparison(specs, tiny_workload(), settings(), eval_points=2, log=lambda line: None)
+    assert lowmem.lowrank.compute_projector is original   # the timing wrapper is removed on close
+    return {r.name: r for r in out}
+
+
+def test_runner_rows(results):
+    for name in ("adamw-fp32", "lowmem", "lowmem-no-residual"):
+        r = results[name]
+        assert r.ok, r.status
+        assert len(r.train_losses) == 3 and all(math.isfinite(x) for x in r.train_losses)
+        assert [s for s, _ in r.eval_points] == [0, *eval_steps(3, 2)]
+        assert math.isfinite(r.metric("eval_loss"))
+        assert r.peak_bytes > 0 and r.tokens_per_second > 0
+    assert results["adamw-fp32"].ratio_fp32 == 1.0
+    assert results["adamw-fp32"].refresh_seconds is None
+    low = results["lowmem"]
+    assert low.refresh_seconds > 0 and low.svd_equivalents > 0 and low.refresh_count > 0
+    assert low.ratio_fp32 == low.mean_step_seconds / results["adamw-fp32"].mean_step_seconds
+    # AdamW holds weights, gradients and two moments, all fp32: at least 4x the weights; activations of this tiny
+    # batch add little, and nothing from outside the run (workload data, the template weights) is counted.
+    param_bytes = 4 * sum(p.numel() for p in tiny_workload().make_model().parameters())
+    assert 4 * param_bytes <= results["adamw-fp32"].peak_bytes <= 6 * param_bytes
+    # Every method starts from the same weights: the shared step-0 evaluation.
+    assert low.eval_points[0] == results["adamw-fp32"].eval_points[0]
+
+
+def test_unavailable_and_failing_methods_do_not_stop_the_run(results):
+    assert results["needs-missing"].status == "not installed (pip install no_such_module_for_compare_test)"
+    assert results["needs-missing"].step_seconds == []
+    assert results["broken"].status == "failed: RuntimeError: deliberately broken"
+    assert results["lowmem-no-residual"].ok   # ran after both
+
+
+def test_report_files(results, tmp_path):
+    path = write_report(list(results.values()), out_dir=tmp_path, workload_name="tiny", device_tag="cpu",
+                        machine="CPU test machine", command="python -m benchmarks.compare --quick",
+                        settings_lines=["steps 3"], caveat="tiny model", wall_seconds=1.0)
+    text = path.read_text()
+    assert path.name == "compare-tiny-cpu.md"
+    for needle in ("CPU test machine", "`python -m benchmarks.compare --quick`", "| `lowmem` |", "## Reading",
+                   "Caveat: tiny model", "compare-tiny-cpu-loss.png", "not installed (pip install"):
+        assert needle in text
+    for png in ("compare-tiny-cpu-loss.png", "compare-tiny-cpu-bars.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "compare-tiny-cpu.json").stat().st_size > 0
+
+
+def _row(name, step_s=1.0, loss=3.0, refresh_s=None, refreshes=None, steps=4):
+    return MethodResult(name, "paper", "galore", "", tokens_per_step=10, step_seconds=[step_s] * steps,
+                        train_losses=[loss] * steps,
+                        eval_points=[(0, {"eval_loss": 5.0}), (steps, {"eval_loss": loss})],
+                        refresh_seconds=refresh_s, refresh_count=refreshes)
+
+
+def _claim(rows, start):
+    return next(c for c in reading(rows) if c.claim.startswith(start))
+
+
+@pytest.mark.parametrize("good", [True, False])
+def test_reading_follows_the_numbers(good):
+    galore_s, plus_s = 2.0, (0.4 if good else 1.0)                 # 5x vs 2x (claim: >= 3x)
+    q_count, g_count = (3 if good else 6), 10                       # 70% vs 40% saved (claim: > 60%)
+    dyn_loss, galore_loss = (2.9 if good else 3.1), 3.0
+    low_s, low_refresh = 0.5, (0.5 * 4 * (0.02 if good else 0.2))    # 2% vs 20% of train time (claim: <= 5%)
+    ref_s = 0.5 * (4.0 if good else 2.0)                             # 4x vs 2x faster than galore-torch (>= 3x)
+    bf16_s = 0.5 * (1.0 if good else 0.5)                            # speed 1.0 vs 0.5 of bf16 (>= 0.9)
+    bf16_loss, low_loss = 3.0, (3.02 if good else 3.06)              # +0.67% vs +2% (<= 1%)
+    ref_loss = 3.05 if good else 3.0                                 # lowmem 3.02 <= 3.05; 3.06 > 3.0
+    rows = [_row("galore", galore_s, galore_loss, refreshes=g_count), _row("galore_plus", plus_s),
+            _row("q_galore", refreshes=q_count), _row("galore_dynamics_ef", loss=dyn_loss),
+            _row("lowmem", low_s, low_loss, refresh_s=low_refresh), _row("galore-torch", ref_s, ref_loss),
+            _row("adamw-bf16", bf16_s, bf16_loss)]
+    claims = reading(rows)
+    assert len(claims) == 8
+    expected = REPRODUCED if good else NOT_REPRODUCED
+    for c in claims:
+        assert c.verdict == expected, (c.claim, c.detail)
+    assert f"{galore_s / plus_s:.2f}x" in _claim(rows, "GaLore+").detail
+    assert f"{100 * (1 - q_count / g_count):.1f}% saved" in _claim(rows, "Q-GaLore").detail
+
+
+def test_reading_not_measured():
+    rows = [_row("galore"), MethodResult("galore_plus", "paper", "galore", "", status="failed: RuntimeError: x")]
+    verdicts = {c.claim: c.verdict for c in reading(rows)}
+    plus = next(v for k, v in verdicts.items() if k.startswith("GaLore+"))
+    assert plus == "not measured (galore_plus: failed: RuntimeError: x)"
+    assert next(v for k, v in verdicts.items() if k.startswith("Q-GaLore")) == \
+        "not measured (q_galore not in this run)"
+
+
+def _reference_lr(step, lr, steps, warmup):
+    """Linear warm-up, then cosine decay from lr to 0.1 lr over the remaining steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@pytest.mark.parametrize("name,make_opt", [
+    ("adamw-fp32", lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                                         weight_decay=0.0)),
+    ("adafactor", lambda params, lr: torch.optim.Adafactor(params, lr=lr, weight_decay=0.0)),
+])
+def test_optimizer_trainers_match_torch_loop(name, make_opt):
+    workload, run = tiny_workload(accum=2), settings(steps=3, warmup=1, accum=2)
+    run = MethodSettings(**{**run.__dict__, "lr": workload.lr_for(spec(name).family)})
+    trainer = spec(name).build(workload.make_model(), run)
+    reference = workload.make_model()
+    optimizer = make_opt(reference.parameters(), run.lr)
+    for step in range(3):
+        batches = workload.train_batches(step)
+        trainer.train_step(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = _reference_lr(step, run.lr, run.steps, run.warmup_steps)
+        for batch in batches:
+            (reference(**batch).loss / len(batches)).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    trainer.close()
+    got = dict(trainer.model.named_parameters())
+    for key, want in reference.named_parameters():
+        torch.testing.assert_close(got[key], want, rtol=0, atol=1e-6)
+    assert not torch.equal(got["model.layers.0.mlp.up_proj.weight"], workload.make_model().state_dict()[
+        "model.layers.0.mlp.up_proj.weight"])
+
+
+def test_lowmem_config_keeps_paper_proportions():
+    run = settings()
+    run = MethodSettings(**{**run.__dict__, "refresh_interval_steps": 20, "steps": 100, "lr": 0.01})
+    dyn = M.lowmem_config("galore_dynamics_ef", run)
+    assert (dyn.refresh, dyn.refresh_interval_steps, dyn.geometric_start_step) == ("geometric", 20, 20)
+    assert dyn.max_refresh_interval_steps == 250 and dyn.error_feedback_weight == 0.2
+    q = M.lowmem_config("q_galore", run)
+    assert (q.refresh, q.lazy_threshold, q.rank, q.lr, q.total_steps) == ("lazy", 0.4, 8, 0.01, 100)
+    ablation = M.lowmem_config("lowmem", run, projector_bits=32)
+    assert ablation.projector_bits == 32 and ablation.residual_warmup_steps == 10
+
+
+def test_select_methods():
+    specs = M.all_methods()
+    cpu = torch.device("cpu")
+    chosen = [s.name for s in select_methods("lowmem,paper", specs, cpu)]
+    assert chosen[0] == "adamw-fp32"                      # the ratio reference is always run
+    assert {"lowmem", "galore", "q_galore", "galore_plus"} <= set(chosen)
+    assert len(select_methods("all", specs, cpu)) == len(specs)
+    with pytest.raises(SystemExit, match="did you mean 'lowmem'"):
+        select_methods("lowmme", specs, cpu)
+
+
+def test_unavailable_reason():
+    assert M.unavailable_reason(spec("adamw-8bit-bnb"), torch.device("cpu")) == "needs a GPU"
+    assert M.unavailable_reason(MISSING, torch.device("cpu")).startswith("not installed (pip install ")
+    assert M.unavailable_reason(spec("adamw-fp32"), torch.device("cpu")) is None
