@@ -28,14 +28,14 @@ from benchmarks.machine import device_tag, machine_line
 WORKLOADS = ("pretrain", "finetune")
 GROUPS = ("baseline", "paper", "ablation", "adapter")
 
-# The CPU defaults, sized so both workloads finish in ~15 min on 2 cores (measured: ~1-1.7 s per pretrain step and
-# ~4-9 s per finetune step, 32 s per galore-torch refresh of SmolLM2's 210 weights): pretrain runs every method a claim
-# of the report needs plus LoRA; finetune (a 135M model) only those its lowmem claims need. Everything else is
-# reachable with --methods all (or by name / group); on CUDA the default is all.
+# The CPU defaults, sized so both workloads finish in ~15 min on 2 otherwise idle cores (measured: ~0.3-0.6 s per
+# pretrain step, ~2.5-7 s per finetune step): pretrain runs every method a claim of the report needs plus references;
+# finetune (a 135M model) the methods its lowmem claims need plus LoRA. Everything else is reachable with
+# --methods all (or by name / group); on CUDA the default is all.
 DEFAULT_METHODS = {
-    "pretrain": ("adamw-fp32", "adamw-bf16", "galore-torch", "galore", "q_galore", "galore_plus",
-                 "galore_dynamics_ef", "lowmem", "lora"),
-    "finetune": ("adamw-fp32", "adamw-bf16", "galore-torch", "lowmem"),
+    "pretrain": ("adamw-fp32", "adamw-bf16", "adafactor", "galore-torch", "apollo-mini", "galore", "q_galore",
+                 "galore_plus", "galore_dynamics_ef", "lowmem", "lowmem-svd", "lora"),
+    "finetune": ("adamw-fp32", "adamw-bf16", "galore-torch", "lowmem", "lora"),
 }
 # Evaluations per method after training starts (the step-0 evaluation is shared by all methods).
 DEFAULT_EVAL_POINTS = {"pretrain": 3, "finetune": 1}
@@ -43,7 +43,7 @@ DEFAULT_EVAL_POINTS = {"pretrain": 3, "finetune": 1}
 # Run shape: optimizer steps, rank, projector refresh interval, warm-up steps (micro-batches per step come from the
 # workload). --quick takes benchmarks.compare.workloads.RECOMMENDED[(name, True)], sized for the tiny quick shapes.
 DEFAULT_SETTINGS = {
-    ("pretrain", "cpu"): dict(steps=40, rank=64, refresh_interval_steps=10, warmup_steps=4),
+    ("pretrain", "cpu"): dict(steps=60, rank=64, refresh_interval_steps=10, warmup_steps=6),
     ("finetune", "cpu"): dict(steps=10, rank=32, refresh_interval_steps=5, warmup_steps=1),
     ("pretrain", "cuda"): dict(steps=600, rank=64, refresh_interval_steps=100, warmup_steps=30),
     ("finetune", "cuda"): dict(steps=200, rank=32, refresh_interval_steps=50, warmup_steps=10),

@@ -54,6 +54,15 @@ def _eval_loss(r: MethodResult) -> float | None:
     return loss if loss is not None and math.isfinite(loss) else None
 
 
+def _final_losses(results, first: str, second: str) -> tuple[tuple[float, float] | None, str | None]:
+    """Final eval losses of two methods, or the reason a claim about them cannot be checked."""
+    (a, b), why = _need(results, first, second)
+    losses = None if why else (_eval_loss(a), _eval_loss(b))
+    if not why and None in losses:
+        why = "no finite final eval loss"
+    return losses, why
+
+
 def _verdict(ok: bool) -> str:
     return REPRODUCED if ok else NOT_REPRODUCED
 
@@ -93,10 +102,7 @@ def reading(results: list[MethodResult]) -> list[Claim]:
                             f"{100 * saving:.1f}% saved; needs > {100 * Q_GALORE_MIN_SVD_SAVING:.0f}%"))
 
     name = "GaLore-dynamics-EF reaches a lower eval loss than GaLore"
-    (dyn, galore), why = _need(results, "galore_dynamics_ef", "galore")
-    losses = None if why else (_eval_loss(dyn), _eval_loss(galore))
-    if not why and None in losses:
-        why = "no finite final eval loss"
+    losses, why = _final_losses(results, "galore_dynamics_ef", "galore")
     if why:
         claims.append(_missing(name, why))
     else:
@@ -135,10 +141,7 @@ def reading(results: list[MethodResult]) -> list[Claim]:
                             f"(adamw-bf16): lowmem runs at {speed:.2f}x bf16 AdamW's speed"))
 
     name = "lowmem: final eval loss within 1% of bf16 AdamW"
-    (low, bf16), why = _need(results, "lowmem", BASELINE_BF16)
-    losses = None if why else (_eval_loss(low), _eval_loss(bf16))
-    if not why and None in losses:
-        why = "no finite final eval loss"
+    losses, why = _final_losses(results, "lowmem", BASELINE_BF16)
     if why:
         claims.append(_missing(name, why))
     else:
@@ -148,10 +151,7 @@ def reading(results: list[MethodResult]) -> list[Claim]:
                             f"needs <= {100 * LOWMEM_MAX_LOSS_OVER_BF16:+.2f}%"))
 
     name = "lowmem: final eval loss no worse than galore-torch"
-    (low, ref), why = _need(results, "lowmem", "galore-torch")
-    losses = None if why else (_eval_loss(low), _eval_loss(ref))
-    if not why and None in losses:
-        why = "no finite final eval loss"
+    losses, why = _final_losses(results, "lowmem", "galore-torch")
     if why:
         claims.append(_missing(name, why))
     else:
