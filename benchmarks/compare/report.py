@@ -259,7 +259,7 @@ def write_report(results: list[MethodResult], *, out_dir: Path | str, workload_n
 
     lines = [f"# Method comparison: {title}", "", f"Machine: {machine}", "", f"Command: `{command}`"]
     if wall_seconds is not None:
-        lines.append(f"\nWall time of the whole command: {wall_seconds / 60:.1f} min")
+        lines.append(f"\nWall time of this workload's comparison: {wall_seconds / 60:.1f} min")
     lines += ["", "## Settings", "", *[f"- {line}" for line in settings_lines], "", "## Results", "",
               f"Step-time ratios divide mean step times (all steps, refreshes included) by those of "
               f"`{BASELINE_FP32}` / `{BASELINE_BF16}` in this run. Refresh share: projector computation seconds / "
