@@ -37,8 +37,9 @@ IGNORE_INDEX = -100
 # Learning rate per method family. GaLore-family and lowmem presets scale their update by 0.25 (GaLore's alpha), so
 # they take a larger lr as in the papers; VeRA trains only scaling vectors and needs ~10x an adapter's lr (the
 # parameters it trains in full when pre-training get 1/10 of it: the adapter lr, see peft_methods.Recipe).
+# Adafactor: torch.optim.Adafactor's lr is a relative step (its default 1e-2), not an Adam step size.
 LR = {
-    "pretrain": {"full": 1e-3, "adafactor": 1e-3, "galore": 1e-2, "lowmem": 1e-2, "adapter": 2e-3, "vera": 2e-2},
+    "pretrain": {"full": 1e-3, "adafactor": 1e-2, "galore": 1e-2, "lowmem": 1e-2, "adapter": 2e-3, "vera": 2e-2},
     "finetune": {"full": 5e-5, "adafactor": 5e-5, "galore": 2e-4, "lowmem": 2e-4, "adapter": 5e-4, "vera": 5e-3},
 }
 # Settings the default comparison is sized for (2 CPU cores: ~35 methods x pretrain in ~10 min, ~12 x finetune in
