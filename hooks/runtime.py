@@ -195,12 +195,18 @@ class Runtime:
             self._micro_done += 1
 
     def backward(self, loss: Tensor) -> None:
-        """`loss.backward()` with a guard: a non-finite loss skips the backward (nothing is written)."""
+        """`loss.backward()` with a guard: a non-finite loss skips the backward (nothing is written). Data
+        parallel: the ranks agree first, so all of them skip together (a lone skip would leave the others waiting in
+        the backward's collectives)."""
         if not self._inside:
             raise RuntimeError("call runtime.backward(loss) inside `with runtime.micro_batch():`")
         value = float(loss.detach())
         self._losses.append(value)
-        if not math.isfinite(value):
+        finite = math.isfinite(value)
+        if self.dp is not None and self.dp.any_(not finite):
+            self._nonfinite.append("loss" if not finite else "loss (on another rank)")
+            return
+        if not finite:
             self._nonfinite.append("loss")
             return
         loss.backward()
@@ -380,14 +386,8 @@ class Runtime:
             if self.dp is None or self.dp.owns(index):
                 sq_total += float(squared_norm(grad))
         if self.dp is not None:
-            # Each owner measured its own tensors (at ZeRO 0 every rank measured all of them, identically).
-            flags = torch.tensor([sq_total, float(bool(self._nonfinite))], dtype=torch.float64,
-                                 device=self.dp.comm.device)
-            if self.dp.partitioned:
-                self.dp.sum_(flags)
-            else:
-                self.dp.max_(flags)
-            sq_total = float(flags[0]) if not flags[1] else float("nan")
+            # A non-finite local sum poisons the global one, so every rank takes the same decision below.
+            sq_total = self.dp.total_over_owners(sq_total)
         if not math.isfinite(sq_total) or self._nonfinite:
             self._nonfinite.append("gradient (two_pass: nothing written)")
             return

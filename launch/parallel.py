@@ -49,11 +49,7 @@ class Parallel:
 
     def any(self, flag: bool) -> bool:
         """True on every rank when `flag` is True on any rank (agreeing to stop after the same step)."""
-        if self.comm is None:
-            return flag
-        value = torch.tensor([1.0 if flag else 0.0], device=self.comm.device)
-        self.comm.all_reduce_max_(value)
-        return bool(value.item())
+        return flag if self.data_parallel is None else self.data_parallel.any_(flag)
 
     def sum_(self, values: list[float]) -> list[float]:
         if self.comm is None:

@@ -287,5 +287,17 @@ class DataParallel:
     def sum_(self, values: Tensor) -> Tensor:
         return self.comm.all_reduce_sum_(values)
 
+    def any_(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on any rank (one 8-byte all-reduce)."""
+        value = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=self.comm.device)
+        return bool(self.max_(value).item())
+
+    def total_over_owners(self, value: float) -> float:
+        """Sum of a per-tensor quantity each owner measured for its own tensors (at ZeRO 0 every rank measured
+        all of them already: returned as is)."""
+        if not self.partitioned:
+            return value
+        return float(self.sum_(torch.tensor([value], dtype=torch.float64, device=self.comm.device)).item())
+
     def max_(self, values: Tensor) -> Tensor:
         return self.comm.all_reduce_max_(values)

@@ -24,6 +24,7 @@ State (tensors only, safetensors-friendly): "step" (updates done), refresh bookk
 """
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 
@@ -246,7 +247,7 @@ def settle_(spec: LowRankSpec, cfg: LowMemConfig, accum: dict) -> float:
     return accum["grad_sq"]
 
 
-class UpdateExchange:
+class UpdateExchange(abc.ABC):
     """How one weight's step is shared between data-parallel ranks (lowmem.distributed builds these).
 
     owner: this rank holds the weight's moments / residual values and computes the update direction.
@@ -262,11 +263,13 @@ class UpdateExchange:
     owner: bool = True
     writes_weight: bool = True
 
-    def share_update(self, direction, sparse, skipped, *, direction_shape, sparse_numel):  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def share_update(self, direction, sparse, skipped, *, direction_shape, sparse_numel):
+        """See the class docstring."""
 
-    def share_indices(self, idx):  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def share_indices(self, idx):
+        """See the class docstring."""
 
 
 def _clip_coefficient(cfg: LowMemConfig, grad_sq: float, clip_coef: float | None) -> float:

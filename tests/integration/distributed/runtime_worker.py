@@ -45,13 +45,17 @@ def main() -> None:
             for k in range(accum):
                 ids = batch_for_step(step * accum + k)[rank * rows:(rank + 1) * rows]
                 with runtime.micro_batch():
-                    runtime.backward(model(input_ids=ids, labels=ids).loss / accum)
+                    loss = model(input_ids=ids, labels=ids).loss / accum
+                    if stage == "nan_loss" and step == 2 and rank == 1:
+                        loss = loss * float("nan")      # one rank's loss only: both must skip together
+                    runtime.backward(loss)
             stats = runtime.step()
             record["losses"].append(stats["loss"])
             record["grad_norms"].append(stats["grad_norm"])
             record["comm_bytes"].append(stats["comm_bytes"])
             record["wire_bytes"].append(comm.wire_bytes - wire_before)
             record["refreshed"].append(len(stats["refreshed"]))
+            record.setdefault("skipped", []).append(stats["skipped"])
             record.setdefault("bytes_by_kind", []).append(
                 {k: v - kinds_before.get(k, 0) for k, v in comm.bytes_by_kind.items()})
         record["state_bytes"] = sum(t.numel() * t.element_size() for st in runtime.states.values()

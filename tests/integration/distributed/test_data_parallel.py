@@ -54,7 +54,7 @@ def torchrun(args: list[str], timeout_s: float = 240, env: dict | None = None) -
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dp")
-    proc = torchrun([str(HERE / "runtime_worker.py"), str(out), "0,1,2,3,bytes,accum,accum_rr"])
+    proc = torchrun([str(HERE / "runtime_worker.py"), str(out), "0,1,2,3,bytes,accum,accum_rr,nan_loss"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -117,6 +117,15 @@ def test_rayleigh_ritz_refresh_under_accumulation_matches_in_loss(two_rank_resul
     assert ranks[0]["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-3)
 
 
+def test_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(two_rank_results):
+    """The ranks agree before any backward: both skip step 2 (no hang in the backward's collectives), both train
+    on afterwards with the same losses."""
+    ranks = [load_rank(two_rank_results, "nan_loss", r) for r in (0, 1)]
+    assert ranks[0]["skipped"] == ranks[1]["skipped"] == [False, False, True, False, False, False]
+    assert ranks[0]["losses"][3:] == ranks[1]["losses"][3:]
+    assert all(loss == loss for loss in ranks[0]["losses"][3:])
+
+
 def test_optimizer_state_and_weights_are_partitioned(two_rank_results, reference):
     """ZeRO >= 1: each rank holds ~1/2 of the partitionable optimizer state (whole tensors: within the largest one)
     plus the replicated projectors and counters; ZeRO 3 also halves the INT8 weight bytes."""
@@ -144,7 +153,8 @@ def test_optimizer_state_and_weights_are_partitioned(two_rank_results, reference
 
 def test_bytes_moved_per_step_versus_dense_allreduce(two_rank_results, capsys):
     """ZeRO 1 steps without a refresh (nor residuals): exactly R reduced + N broadcast per low-rank weight, gradient
-    reduced + value broadcast per float parameter, 32 bytes of step statistics. Printed as a ratio to a dense
+    reduced + value broadcast per float parameter, 32 bytes of step statistics, 8 bytes agreeing that the loss is
+    finite. Printed as a ratio to a dense
     all-reduce."""
     from hooks.runtime import prepare
     from lowmem.distributed import dense_allreduce_wire_bytes
@@ -155,7 +165,7 @@ def test_bytes_moved_per_step_versus_dense_allreduce(two_rank_results, capsys):
     floats = [item for item in runtime.trainables if item.kind == "float"]
     lowrank_payload = sum(2 * 4 * torch.Size(lowrank_moment_shape(i.spec, i.config)).numel() for i in lowrank)
     float_payload = sum(4 * i.tensor.numel() + i.tensor.numel() * i.tensor.element_size() for i in floats)
-    expected = lowrank_payload + float_payload + 32
+    expected = lowrank_payload + float_payload + 32 + 8    # + step statistics + the loss-finiteness agreement
     assert record["refreshed"][1] == 0
     assert record["comm_bytes"][1] == expected
     # Wire bytes (reduce and broadcast send (W-1)/W of the payload, a ring all-reduce twice that).

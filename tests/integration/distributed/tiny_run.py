@@ -8,7 +8,8 @@ GLOBAL_BATCH = 4      # sequences per micro-batch step, split evenly over the ra
 # gradient, "accum_rr" (the default refresh_sketch) adds the Rayleigh-Ritz step over the whole step's sketch.
 SCENARIOS = {"accum": {"grad_accum_steps": 2, "clip_mode": "two_pass", "refresh_sketch": "first_micro_batch"},
              "accum_rr": {"grad_accum_steps": 2, "clip_mode": "two_pass", "refresh_sketch": "rayleigh_ritz"},
-             "bytes": {"refresh_interval_steps": 1000, "residual_warmup_steps": 1000}}
+             "bytes": {"refresh_interval_steps": 1000, "residual_warmup_steps": 1000},
+             "nan_loss": {}}   # rank 1's loss is NaN at step 2 (ZeRO 2)
 SEQ_LEN = 16
 STEPS = 6
 VOCAB = 96
