@@ -89,7 +89,7 @@ def train_run(s: dict, device: torch.device, comm=None, zero_stage: int = 0, ove
     """Train warmup_steps + timed_steps steps; per-step seconds, wire bytes, refresh flag, loss; then bytes held."""
     from hooks.runtime import prepare
     from lowmem.distributed import DataParallel
-    from lowmem.int8_linear import Int8Linear
+    from lowmem.model.int8_linear import Int8Linear
     model = build_model(s, device)
     dp = None if comm is None else DataParallel(comm, zero_stage, overlap=overlap)
     runtime = prepare(model, lowmem_config(s), data_parallel=dp)
@@ -126,10 +126,10 @@ def train_run(s: dict, device: torch.device, comm=None, zero_stage: int = 0, ove
 def share_update(comm, shape: tuple[int, int], r: int, reps: int, device: torch.device) -> dict:
     """Time and bytes of sharing one layer's update, owner rank 0 ('single'), and of two layers owned by ranks 0 and 1
     ('pair': the balanced ownership of a whole model, where (b) splits the writes between the ranks)."""
-    from lowmem.lowrank import LowRankSpec, lowrank_moment_shape, projection_side_for
+    from lowmem.optim.lowrank import LowRankSpec, lowrank_moment_shape, projection_side_for
     from lowmem.presets import preset
-    from lowmem.projector import backproject_rows
-    from lowmem.weights import Int8Weight
+    from lowmem.optim.projector import backproject_rows
+    from lowmem.optim.weights import Int8Weight
     from quant.int8 import BLOCK_SIZE, quantize_int8
     m, n = shape
     spec = LowRankSpec(name="bench", shape=shape, param_index=0)

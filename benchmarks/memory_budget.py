@@ -29,7 +29,7 @@ from transformers import LlamaConfig  # noqa: E402
 
 from benchmarks.machine import machine_line  # noqa: E402
 from lowmem.memory import COMPONENTS, GPUS, estimate, format_breakdown  # noqa: E402
-from lowmem.memory_estimate import ModelShape  # noqa: E402
+from lowmem.memory.cost_model import ModelShape  # noqa: E402
 from lowmem.presets import preset  # noqa: E402
 
 GIB = 2**30
@@ -164,7 +164,7 @@ def per_rank_report(model_name: str, model_config, gpu: str, seq_lens, micro_bat
              f"micro-batch {micro_batch} per rank; sequences >= 1024 tokens with activation checkpointing). lowmem's "
              "semantics: stage 1 = stage 2 (optimizer state partitioned by bytes, projectors and weights "
              "replicated, low-rank reduce buffers), stage 3 adds partitioned INT8 weights with two gathered linears. "
-             "Predictions, not GPU measurements; the composition is in lowmem/memory_estimate.py's docstring.", "",
+             "Predictions, not GPU measurements; the composition is in lowmem/memory/cost_model.py's docstring.", "",
              f"Command: `{command}`", "",
              f"Computed on: {machine_line('cpu')}", ""]
     for seq_len in seq_lens:
@@ -208,7 +208,7 @@ def per_rank_report(model_name: str, model_config, gpu: str, seq_lens, micro_bat
 def measure_scaled(model_config, seq_len: int, rank: int) -> None:
     """Measured vs predicted on a scaled-down copy that runs on this machine (2 layers, hidden / 8)."""
     from hooks.runtime import prepare
-    from lowmem.live_bytes import module_bytes
+    from lowmem.memory.live_bytes import module_bytes
     from lowmem.memory import measure
     from transformers import LlamaForCausalLM
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lowmem.linop import DenseGrad, FactoredGrad
-from lowmem.projector import CrossHead, compute_projector, project, projection_side
+from lowmem.optim.linop import DenseGrad, FactoredGrad
+from lowmem.optim.projector import CrossHead, compute_projector, project, projection_side
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.machine import machine_line
 from hooks.runtime import prepare
-from lowmem.live_bytes import LiveTensorBytes, baseline_bytes, module_bytes
+from lowmem.memory.live_bytes import LiveTensorBytes, baseline_bytes, module_bytes
 from lowmem.presets import preset
 
 LOWMEM_METHODS = ("galore", "q_galore", "galore_plus", "lowmem")

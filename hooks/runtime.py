@@ -9,9 +9,9 @@ gradient exists, so no model-sized gradient is ever held.
         stats = runtime.step()                      # lr schedule, counters, norms, refresh events, peak memory
 
 How gradients reach the update:
-- Int8Linear weights hand (A, X) to a gradient sink (lowmem.int8_linear); nn.Linear weights kept in float and every
+- Int8Linear weights hand (A, X) to a gradient sink (lowmem.model.int8_linear); nn.Linear weights kept in float and every
   other float parameter use `register_post_accumulate_grad_hook`. Low-rank weights accumulate only their projected
-  gradient (lowmem.lowrank.accumulate_); float parameters' gradients are moved into the runtime's own fp32/param-dtype
+  gradient (lowmem.optim.lowrank.accumulate_); float parameters' gradients are moved into the runtime's own fp32/param-dtype
   buffer between micro-batches (`.grad` is None outside backward, so a stray `zero_grad()` cannot lose them and a
   foreign `optimizer.step()` sees nothing to apply: no double update).
 - On the last micro-batch of a step each weight is written the moment its gradient is complete.
@@ -51,13 +51,13 @@ from torch import Tensor, nn
 
 from lowmem.config import LowMemConfig
 from lowmem.distributed import DataParallel
-from lowmem.float_adamw import float_adamw_update_, init_float_adamw_state
-from lowmem.linop import DenseGrad, squared_norm
-from lowmem.lowrank import accumulate_, commit_, follower_state, init_lowrank_state, settle_
+from lowmem.optim.float_adamw import float_adamw_update_, init_float_adamw_state
+from lowmem.optim.linop import DenseGrad, squared_norm
+from lowmem.optim.lowrank import accumulate_, commit_, follower_state, init_lowrank_state, settle_
 from lowmem.optimizer import float_param_bits, float_param_weight_decay
 from lowmem.schedule import lr_at
-from lowmem.surgery import convert_int8_to_linears, convert_linears_to_int8, split_fused_projections
-from lowmem.trainables import Trainable, collect_trainables, weight_target
+from lowmem.model.surgery import convert_int8_to_linears, convert_linears_to_int8, split_fused_projections
+from lowmem.model.trainables import Trainable, collect_trainables, weight_target
 
 from hooks.zero3 import WeightPartition
 
@@ -406,7 +406,7 @@ class Runtime:
                 "lowmem": {"global_step": self.global_step, "skipped_steps": self.skipped_steps}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load Runtime.state_dict(). Data-parallel: pass the states of every rank merged (lowmem.checkpoint does);
+        """Load Runtime.state_dict(). Data-parallel: pass the states of every rank merged (lowmem.checkpoint.store does);
         each rank keeps what it owns under the current world size (whole states) and the replicated part of the
         others, so a checkpoint resumes on another world size too."""
         if self._micro_done:
@@ -468,9 +468,9 @@ class Runtime:
             raise RuntimeError(f"model state mismatch: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
 
     def export(self, out_dir, tokenizer=None):
-        """Write a bf16 Hugging Face checkpoint of the current weights (lowmem.export.export_hf). Data-parallel: a
+        """Write a bf16 Hugging Face checkpoint of the current weights (lowmem.checkpoint.export.export_hf). Data-parallel: a
         collective; rank 0 writes (ZeRO 3 gathers every weight onto every rank for the duration)."""
-        from lowmem.export import export_hf
+        from lowmem.checkpoint.export import export_hf
         if self.dp is None:
             return export_hf(self.model, out_dir, tokenizer=tokenizer)
         if self.partition is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from lowmem.distributed import Comm
-from lowmem.int8_linear import Int8Linear
+from lowmem.model.int8_linear import Int8Linear
 
 
 class WeightPartition:

@@ -48,7 +48,7 @@ _ABSENT = object()
 class DistributedPlan:
     """What the DeepSpeed JSON (or its absence) decides for one run; values are per process."""
 
-    zero_stage: int                # 0..3 (lowmem's semantics: DESIGN §4, lowmem.memory_estimate per-rank view)
+    zero_stage: int                # 0..3 (lowmem's semantics: DESIGN §4, lowmem.memory.cost_model per-rank view)
     micro_batch_size: int          # sequences per forward/backward on one process
     grad_accum_steps: int          # micro-batches per optimizer step
     grad_clip: float | None        # L2 clipping bound; None = no clipping

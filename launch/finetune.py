@@ -161,8 +161,8 @@ def _train(par, progress: dict) -> dict:
     from launch.models import cache_root, load_model, load_model_config
     from launch.preflight import check as preflight
     from launch.report import StepLog, read_log, write_report
-    from lowmem.checkpoint import python_random_state, resolve_resume, save_checkpoint, set_python_random_state
-    from lowmem.checkpoint_dist import load_any_checkpoint, save_distributed_checkpoint
+    from lowmem.checkpoint.store import python_random_state, resolve_resume, save_checkpoint, set_python_random_state
+    from lowmem.checkpoint.distributed import load_any_checkpoint, save_distributed_checkpoint
 
     cfg = par.cfg
     main = par.is_main
@@ -328,7 +328,7 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
     """`launch.finetune export CHECKPOINT OUT`: rebuild the run's model, load the checkpoint, write bf16 HF."""
     from hooks.runtime import prepare
     from launch.models import load_model
-    from lowmem.checkpoint_dist import load_any_checkpoint
+    from lowmem.checkpoint.distributed import load_any_checkpoint
 
     path = Path(checkpoint)
     if not path.exists():
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - known failure kinds get one paragraph, not a traceback
         from launch.data import DataError
         from launch.models import ModelNotFoundError
-        from lowmem.checkpoint import CheckpointError
+        from lowmem.checkpoint.store import CheckpointError
         if isinstance(err, (DataError, ModelNotFoundError, CheckpointError)):
             print(f"error: {err}", file=sys.stderr)
             return EXIT_ERROR

@@ -69,7 +69,7 @@ def converted_gguf_dir(gguf: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowmem.export import export_hf
+    from lowmem.checkpoint.export import export_hf
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lowmem import memory
-from lowmem.memory import Preflight
+from lowmem.memory import Preflight, preflight
 
 __all__ = ["Preflight", "check", "device_memory_bytes"]
 
@@ -23,4 +22,4 @@ def device_memory_bytes(device: torch.device) -> int | None:
 def check(cfg, model_config, device: torch.device, *, zero_stage: int = 0, world_size: int = 1) -> Preflight:
     """Verdict for `cfg` on `device` from lowmem.memory.preflight: one rank's peak under ZeRO `zero_stage` on
     `world_size` processes."""
-    return memory.preflight(cfg, model_config, device, zero_stage=zero_stage, world_size=world_size)
+    return preflight(cfg, model_config, device, zero_stage=zero_stage, world_size=world_size)

@@ -34,7 +34,7 @@ from datetime import timedelta
 import torch
 from torch import Tensor
 
-from lowmem.lowrank import UpdateExchange
+from lowmem.optim.lowrank import UpdateExchange
 
 
 class Comm:
@@ -158,7 +158,7 @@ def assign_owners(sizes_bytes: list[int], world_size: int) -> list[int]:
 
 
 class _Exchange(UpdateExchange):
-    """UpdateExchange for one low-rank weight at ZeRO >= 1 (see lowmem.lowrank.commit_)."""
+    """UpdateExchange for one low-rank weight at ZeRO >= 1 (see lowmem.optim.lowrank.commit_)."""
 
     def __init__(self, comm: Comm, owner_rank: int, zero_stage: int, device: torch.device):
         self.comm = comm

@@ -1,8 +1,8 @@
 """`LowMemOptimizer`: a standard torch optimizer over lowmem's per-parameter updates.
 
 This is the plain path (full backward, then `optimizer.step()`), used on its own and as the reference twin of the
-fused runtime: both call `lowmem.lowrank.lowrank_update_` / `lowmem.float_adamw.float_adamw_update_` with the same
-parameter table (`lowmem.trainables`), so hooks-on and hooks-off give the same weights.
+fused runtime: both call `lowmem.optim.lowrank.lowrank_update_` / `lowmem.optim.float_adamw.float_adamw_update_` with the same
+parameter table (`lowmem.model.trainables`), so hooks-on and hooks-off give the same weights.
 
     model = ...                                   # nn.Linear or Int8Linear layers
     opt = LowMemOptimizer(model, preset("lowmem", lr=1e-4))
@@ -23,10 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from lowmem.config import LowMemConfig
-from lowmem.float_adamw import float_adamw_update_, init_float_adamw_state
-from lowmem.linop import DenseGrad, squared_norm
-from lowmem.lowrank import init_lowrank_state, lowrank_update_
-from lowmem.trainables import Trainable, collect_trainables, weight_target
+from lowmem.optim.float_adamw import float_adamw_update_, init_float_adamw_state
+from lowmem.optim.linop import DenseGrad, squared_norm
+from lowmem.optim.lowrank import init_lowrank_state, lowrank_update_
+from lowmem.model.trainables import Trainable, collect_trainables, weight_target
 
 _DENSE_GRAD_ATTR = "_lowmem_dense_grad"
 

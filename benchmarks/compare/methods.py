@@ -7,7 +7,7 @@ Every Trainer here follows benchmarks.compare.api.Trainer. Shared rules so that 
 - no weight decay anywhere;
 - the same low-rank targets everywhere: every nn.Linear except lm_head and embeddings (lowmem's default selection).
 
-Projector time is measured by wrapping the function that computes projectors (CallTimer): lowmem.lowrank's
+Projector time is measured by wrapping the function that computes projectors (CallTimer): lowmem.optim.lowrank's
 `compute_projector`, galore-torch's `GaLoreProjector.get_orthogonal_matrix`, APOLLO's random projector. A wrapper
 is installed when a Trainer is built and removed by `close()`.
 """
@@ -177,10 +177,10 @@ class LowMemTrainer:
 
     def __init__(self, name: str, model: nn.Module, config: LowMemConfig):
         from hooks.runtime import prepare
-        import lowmem.lowrank
+        import lowmem.optim.lowrank
 
         self.name, self.model, self.config = name, model, config
-        self.timer = CallTimer(lowmem.lowrank, "compute_projector", lambda args, kwargs: args[0])
+        self.timer = CallTimer(lowmem.optim.lowrank, "compute_projector", lambda args, kwargs: args[0])
         self.refreshes = 0
         self.skipped_steps = 0
         try:

@@ -7,7 +7,7 @@ order, `settings.steps` optimizer steps, evaluations at a few points. Measured:
 - refresh time and SVD-equivalents from the Trainer (its CallTimer), refresh count where the Trainer has one.
 - peak memory: on CUDA torch.cuda.max_memory_allocated over the training steps of the timed run (the model, optimizer
   state, gradients, activations). On CPU one extra, untimed step after training and the final evaluation (step
-  `steps`, then the model is discarded) runs under lowmem.live_bytes.LiveTensorBytes, which slows every op and so
+  `steps`, then the model is discarded) runs under lowmem.memory.live_bytes.LiveTensorBytes, which slows every op and so
   never runs during timed steps: the bytes of every tensor alive when the step starts (a census of the garbage
   collector's tensors, minus those that existed before the method's model was made: workload data, templates)
   plus the peak of the tensors the step allocates.
@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from benchmarks.compare.api import Batch, MethodSettings, MethodSpec, Workload
 from benchmarks.compare.methods import unavailable_reason
-from lowmem.live_bytes import LiveTensorBytes, charged_bytes
+from lowmem.memory.live_bytes import LiveTensorBytes, charged_bytes
 
 BASELINE_FP32 = "adamw-fp32"
 BASELINE_BF16 = "adamw-bf16"

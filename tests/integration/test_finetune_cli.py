@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from launch.finetune import main
-from lowmem.checkpoint import list_checkpoints
+from lowmem.checkpoint.store import list_checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -147,7 +147,7 @@ def test_bad_input_table(tiny_args, tmp_path, capsys):
 
 
 def test_full_disk_during_checkpoint_leaves_no_corrupt_checkpoint(tiny_args, tmp_path, capsys, monkeypatch):
-    import lowmem.checkpoint as checkpoint
+    import lowmem.checkpoint.store as checkpoint
 
     real_save_file = checkpoint.save_file if hasattr(checkpoint, "save_file") else None
     calls = {"n": 0}
@@ -158,7 +158,7 @@ def test_full_disk_during_checkpoint_leaves_no_corrupt_checkpoint(tiny_args, tmp
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save_file(*args, **kwargs)
 
-    assert real_save_file is not None, "lowmem.checkpoint writes with safetensors' save_file"
+    assert real_save_file is not None, "lowmem.checkpoint.store writes with safetensors' save_file"
     monkeypatch.setattr(checkpoint, "save_file", full_disk)
     err = expect_error(tiny_args + ["save_every=2", "max_steps=6", "eval_every=0", "export=false"], capsys,
                        "disk")
@@ -172,9 +172,9 @@ def test_preflight_refuses_a_run_that_does_not_fit_before_loading_weights(tiny_a
     """With a device of 64 KiB the planner predicts no fit: the run stops with the cheapest change named, before
     any model is built; force=true runs it anyway."""
     import launch.models
-    import lowmem.memory
+    import lowmem.memory.fit
 
-    monkeypatch.setattr(lowmem.memory, "_device_bytes", lambda device: 64 * 2**10)
+    monkeypatch.setattr(lowmem.memory.fit, "_device_bytes", lambda device: 64 * 2**10)
     built = []
     real_load = launch.models.load_model
     monkeypatch.setattr(launch.models, "load_model", lambda *a, **k: built.append(1) or real_load(*a, **k))

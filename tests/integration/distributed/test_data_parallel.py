@@ -129,7 +129,7 @@ def test_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(two_rank_resul
 def test_optimizer_state_and_weights_are_partitioned(two_rank_results, reference):
     """ZeRO >= 1: each rank holds ~1/2 of the partitionable optimizer state (whole tensors: within the largest one)
     plus the replicated projectors and counters; ZeRO 3 also halves the INT8 weight bytes."""
-    from lowmem.lowrank import follower_state
+    from lowmem.optim.lowrank import follower_state
     runtime = reference["runtime"]
     replicated = sum(t.numel() * t.element_size() for item in runtime.trainables if item.kind != "float"
                      for t in follower_state(runtime.states[item.index]).values())
@@ -158,7 +158,7 @@ def test_bytes_moved_per_step_versus_dense_allreduce(two_rank_results, capsys):
     all-reduce."""
     from hooks.runtime import prepare
     from lowmem.distributed import dense_allreduce_wire_bytes
-    from lowmem.lowrank import lowrank_moment_shape
+    from lowmem.optim.lowrank import lowrank_moment_shape
     record = load_rank(two_rank_results, "bytes", 0)
     runtime = prepare(make_model(), lowmem_config())
     lowrank = [item for item in runtime.trainables if item.kind != "float"]

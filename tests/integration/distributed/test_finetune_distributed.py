@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lowmem.checkpoint import list_checkpoints
+from lowmem.checkpoint.store import list_checkpoints
 
 pytestmark = [pytest.mark.multi_gpu, pytest.mark.slow]
 

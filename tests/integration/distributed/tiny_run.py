@@ -43,7 +43,7 @@ def batch_for_step(step: int) -> torch.Tensor:
 
 def weights_of(model) -> dict[str, torch.Tensor]:
     """Every weight as fp32 (INT8 linears dequantised), contiguous and unaliased (for safetensors)."""
-    from lowmem.int8_linear import Int8Linear
+    from lowmem.model.int8_linear import Int8Linear
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, Int8Linear):

@@ -64,11 +64,11 @@ BROKEN = MethodSpec("broken", "full", _broken_build)
 
 @pytest.fixture(scope="module")
 def results():
-    import lowmem.lowrank
-    original = lowmem.lowrank.compute_projector
+    import lowmem.optim.lowrank
+    original = lowmem.optim.lowrank.compute_projector
     specs = [spec("adamw-fp32"), MISSING, BROKEN, spec("lowmem"), spec("lowmem-no-residual")]
     out = run_comparison(specs, tiny_workload(), settings(), eval_points=2, log=lambda line: None)
-    assert lowmem.lowrank.compute_projector is original   # the timing wrapper is removed on close
+    assert lowmem.optim.lowrank.compute_projector is original   # the timing wrapper is removed on close
     return {r.name: r for r in out}
 
 

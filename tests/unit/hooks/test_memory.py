@@ -4,7 +4,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hooks.runtime import prepare
-from lowmem.live_bytes import LiveTensorBytes
+from lowmem.memory.live_bytes import LiveTensorBytes
 from lowmem.presets import preset
 
 

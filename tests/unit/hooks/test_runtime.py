@@ -8,10 +8,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from hooks.runtime import prepare
 from lowmem.config import LowMemConfig
-from lowmem.int8_linear import Int8Linear
+from lowmem.model.int8_linear import Int8Linear
 from lowmem.optimizer import LowMemOptimizer
 from lowmem.presets import PRESETS, preset
-from lowmem.surgery import convert_linears_to_int8
+from lowmem.model.surgery import convert_linears_to_int8
 
 VOCAB = 96
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lowmem.distributed import Comm, assign_owners, dense_allreduce_wire_bytes
-from lowmem.linop import DenseGrad, FactoredGrad, ReducedGrad
-from lowmem.lowrank import LowRankSpec, follower_state, init_lowrank_state
+from lowmem.optim.linop import DenseGrad, FactoredGrad, ReducedGrad
+from lowmem.optim.lowrank import LowRankSpec, follower_state, init_lowrank_state
 from lowmem.presets import preset
 
 

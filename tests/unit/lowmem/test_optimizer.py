@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lowmem.config import LowMemConfig
-from lowmem.int8_linear import Int8Linear
+from lowmem.model.int8_linear import Int8Linear
 from lowmem.optimizer import LowMemOptimizer
 from lowmem.presets import preset
 

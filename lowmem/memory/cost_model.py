@@ -1,0 +1,373 @@
+"""Predict the peak memory of one training step from a Hugging Face config alone (no weights): DESIGN §5.
+
+Shapes (LLaMA-like): h = hidden_size, i = intermediate_size, L = layers, nh / nkv heads, d = h / nh head dim,
+V = vocab, tok = micro_batch_size * seq_len. Per layer seven linears, (out, in): q (nh·d, h), k and v (nkv·d, h),
+o (h, nh·d), gate and up (i, h), down (h, i).
+
+The peak is the largest of four moments of a step, each = resident state + what is alive then:
+  loss      forward done, logits and log-softmax alive (vocabulary-sized, fp32);
+  head      start of backward: saved activations, the log-softmax gradient, lm_head's weight gradient and update;
+  layer     backward of a layer: activations + one layer's transients (fused: dequantised weight for grad_input,
+            projected gradient, fp32 update chunk; plain autograd: every weight gradient made so far);
+  end       end of backward: embedding gradient (tied embeddings: lm_head's and the embedding's gradients plus their
+            sum, the accumulation autograd does) and its AdamW update workspace.
+`MemoryBreakdown.components` describes the winning moment; `notes` names it and the others.
+
+Activation bytes per token per layer were measured with lowmem.memory.live_bytes on HF LlamaForCausalLM (eager/SDPA, fp32)
+and match 8h + 2·nkv·d + 4i elements + (nh + 2) fp32 scalars (RMSNorm rsqrt, attention log-sum-exp) exactly; with
+non-reentrant checkpointing a layer keeps only its input (h) and one layer is recomputed at a time.
+
+Per-rank view (`zero_stage`, `world_size`; lowmem's distributed semantics, DESIGN §4; methods 'lowmem' and
+'q_galore' only, which run on lowmem's runtime). The result is the peak of ONE rank. With world_size = 1 it is the
+single-process estimate exactly, whatever the stage; with N > 1 ranks:
+  stage 0    everything replicated: the single-process estimate.
+  stage 1, 2 (identical in lowmem: no rank ever holds a full gradient) the optimizer state is partitioned by bytes,
+             each tensor whole on one owner: optimizer_moments (low-rank moments and the float parameters' AdamW
+             moments), residuals and error_feedback become ceil(total / N) each. A rank's real share can exceed the
+             even split by at most the largest single parameter's state, named in the notes. Projectors, weights
+             and float params stay replicated (every rank projects its own gradient). comm_buffers, alive for the
+             whole step (an upper bound for per-layer buffers): the largest linear's projected gradient R
+             (r x n or m x r, fp32, the full gradient for a full-rank linear) reduced, the broadcast update direction
+             of the same size (float parameters' gradients are reduced in place, in their own buffer and dtype).
+  stage 3    stage 2, plus the linear weights (INT8 + scales, or compute-dtype floats when int8_weights is off)
+             partitioned as ceil(total / N), and gathered_weights: two gathered linears alive at a time (the one in
+             use and the one prefetched), 2 x the largest linear's bytes. Float params (embeddings, norms, lm_head)
+             stay replicated.
+  Activations, logits and the per-layer transients are per rank and unchanged (any rank may own the largest layer).
+Other methods (DeepSpeed's own ZeRO on torch optimizers keeps fp32 master weights and bucketed gradients, which
+this model does not describe) raise ValueError for world_size > 1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+GIB = 1 << 30
+METHODS = ("lowmem", "adamw_bf16", "adamw_fp32", "adamw_8bit", "galore", "q_galore", "lora", "qlora", "dora")
+COMPONENTS = ("weights_int8", "weight_scales", "float_params", "grad_buffers", "optimizer_moments", "projectors",
+              "residuals", "error_feedback", "activations", "logits_and_loss", "layer_transients", "comm_buffers",
+              "gathered_weights", "cuda_context", "allocator_slack")
+PARTITIONED = ("optimizer_moments", "residuals", "error_feedback")   # split across ranks from ZeRO stage 1 on
+DISTRIBUTED_METHODS = ("lowmem", "q_galore")
+ADAPTER_RANK = 16
+CUDA_CONTEXT_BYTES = 500 * (1 << 20)   # CUDA context + cuBLAS workspace, typical of torch 2.x on one GPU
+ALLOCATOR_SLACK = 0.05                 # caching-allocator fragmentation, fraction of the allocated peak
+
+
+@dataclass
+class MemoryBreakdown:
+    components: dict[str, int]     # bytes per component (keys: COMPONENTS)
+    peak_bytes: int
+    method: str
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    inter: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config) -> ModelShape:
+        get = (config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d))
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "vocab_size") if get(k) is None]
+        if missing:
+            raise ValueError(f"model config lacks {missing}; a LLaMA-like Hugging Face config is expected")
+        heads = int(get("num_attention_heads"))
+        hidden = int(get("hidden_size"))
+        head_dim = get("head_dim") or hidden // heads
+        return cls(hidden, int(get("intermediate_size")), int(get("num_hidden_layers")), heads,
+                   int(get("num_key_value_heads") or heads), int(head_dim), int(get("vocab_size")),
+                   bool(get("tie_word_embeddings", False)))
+
+    def linears(self) -> list[tuple[str, int, int]]:
+        """(name, out, in) of one layer's linears."""
+        h, i, q, kv = self.hidden, self.inter, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q),
+                ("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)]
+
+    def embed_numel(self) -> int:
+        return self.vocab * self.hidden
+
+    def float_numels(self) -> list[int]:
+        """Non-linear trainable tensors: embedding, lm_head (untied), 2 norms per layer, final norm."""
+        sizes = [self.embed_numel()] + ([] if self.tied else [self.embed_numel()])
+        return sizes + [self.hidden] * (2 * self.layers + 1)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _moments8(numel: int, block: int = 256) -> int:
+    return 2 * (numel + 4 * _cdiv(numel, block))
+
+
+def _activations(s: ModelShape, tok: int, dtype_bytes: int, checkpointing: bool) -> int:
+    """Saved-for-backward bytes of the whole forward (layers + embedding output + final norm + RoPE tables)."""
+    per_layer = tok * (dtype_bytes * (8 * s.hidden + 2 * s.kv_heads * s.head_dim + 4 * s.inter)
+                       + 4 * (s.heads + 2))
+    if dtype_bytes < 4:   # HF RMSNorm upcasts to fp32: input copy and normalised value kept in fp32 (2 norms)
+        per_layer += tok * 2 * (8 - 2 * dtype_bytes) * s.hidden
+    outer = tok * (dtype_bytes * 3 * s.hidden + 4) + 2 * 4 * tok * s.head_dim
+    if checkpointing:   # layer inputs only, plus one layer rebuilt during its backward
+        return s.layers * tok * s.hidden * dtype_bytes + per_layer + outer
+    return s.layers * per_layer + outer
+
+
+def _float_update_bytes(numel: int, param_bytes: int, bits: int) -> int:
+    """Workspace of one float parameter's AdamW update beyond its gradient (lowmem.optim.float_adamw)."""
+    if bits == 8:       # bitsandbytes' fused 8-bit kernel works in place
+        return 0 if param_bytes == 4 else 4 * numel
+    # 32-bit path: sqrt and the division allocate one fp32 tensor each; a non-fp32 param gets an fp32 copy
+    return 2 * 4 * numel + (4 * numel if param_bytes != 4 else 0)
+
+
+def _lowrank_units(s: ModelShape, cfg) -> list[tuple[str, dict[str, int], int]]:
+    """Per linear of ONE layer: (name, {moments, projectors, residuals, error feedback} bytes, numel of its projected
+    gradient R) under LowMemConfig `cfg`."""
+    from fnmatch import fnmatchcase
+    units = []
+    for name, m, n in s.linears():
+        out = dict.fromkeys(("optimizer_moments", "projectors", "residuals", "error_feedback"), 0)
+        full = cfg.rank >= min(m, n)
+        r = min(cfg.rank, m, n)
+        cross = cfg.cross_head and name in ("q_proj", "k_proj") and any(
+            fnmatchcase(f"model.layers.0.self_attn.{name}", p) for p in cfg.cross_head_modules)
+        right = cross or m >= n
+        numel = m * n if full else (m * r if right else r * n)
+        units.append((name, out, numel))
+        out["optimizer_moments"] = {8: _moments8(numel, cfg.moment_block_size), 16: 4 * numel,
+                                    32: 8 * numel}[cfg.optim_bits]
+        if full:
+            continue
+        d = n if right else m
+        pn = d * r
+        g = cfg.projector_group_size
+        out["projectors"] = {4: _cdiv(pn, 2) + 4 * _cdiv(pn, g), 8: pn + 4 * d * _cdiv(r, g),
+                             16: 2 * pn, 32: 4 * pn}[cfg.projector_bits]
+        module = f"model.layers.0.{'self_attn' if name[0] in 'qkvo' else 'mlp'}.{name}"
+        if cfg.residual_ratio > 0 and any(fnmatchcase(module, p) for p in cfg.residual_modules):
+            k = max(1, math.ceil(cfg.residual_ratio * m * n - 1e-9))
+            out["residuals"] = k * ((4 if m * n < 2 ** 31 else 8) + 2 * (4 if cfg.residual_dtype == "fp32" else 2))
+        if cfg.error_feedback == "bf16":
+            out["error_feedback"] = 2 * m * n
+        elif cfg.error_feedback == "int8":
+            out["error_feedback"] = m * n + 4 * m * _cdiv(n, cfg.weight_block_size)
+    return units
+
+
+def _lowrank_state(s: ModelShape, cfg) -> dict[str, int]:
+    """Moments, projectors, residuals, error feedback of every low-rank linear under LowMemConfig `cfg`."""
+    out = dict.fromkeys(("optimizer_moments", "projectors", "residuals", "error_feedback"), 0)
+    for _, unit, _ in _lowrank_units(s, cfg):
+        for key in out:
+            out[key] += unit[key]
+    return {k: v * s.layers for k, v in out.items()}
+
+
+def _float_moment_bytes(numel: int, cfg) -> int:
+    """AdamW moments of one float parameter: 8-bit for big ones when float_optim_bits is 8, else fp32."""
+    return _moments8(numel) if cfg.float_optim_bits == 8 and numel >= cfg.float_optim_min_numel else 8 * numel
+
+
+def _per_rank(s: ModelShape, cfg, c: dict[str, int], zero_stage: int, world: int, db: int) -> list[str]:
+    """Turn the single-process resident components `c` into one rank's share, in place (module docstring)."""
+    units = _lowrank_units(s, cfg)
+    even = {key: _cdiv(c[key], world) for key in PARTITIONED}
+    biggest = max([(sum(u[k] for k in PARTITIONED), f"{name} of one layer") for name, u, _ in units]
+                  + [(_float_moment_bytes(n, cfg), "embedding" if n == s.embed_numel() else "a norm")
+                     for n in s.float_numels()])
+    c.update(even)
+    # R reduced + the update direction broadcast; float gradients are reduced in place in their own buffer.
+    c["comm_buffers"] = 2 * 4 * max(numel for _, _, numel in units)
+    notes = [f"ZeRO stage {zero_stage} on {world} ranks, one rank's peak: optimizer state partitioned "
+             f"({sum(even.values()) / 2**20:.1f} MiB even share); owners hold whole tensors, so a rank may hold up "
+             f"to {biggest[0] / 2**20:.1f} MiB more (the largest single state: {biggest[1]}); projectors, float "
+             f"params{' and weights' if zero_stage < 3 else ''} replicated"]
+    if zero_stage == 3:
+        per_linear = [m * n + 4 * m * _cdiv(n, cfg.weight_block_size) if cfg.int8_weights else db * m * n
+                      for _, m, n in s.linears()]
+        if cfg.int8_weights:
+            c["weights_int8"] = _cdiv(c["weights_int8"], world)
+            c["weight_scales"] = _cdiv(c["weight_scales"], world)
+        else:
+            linear_bytes = db * s.layers * sum(m * n for _, m, n in s.linears())
+            c["float_params"] = c["float_params"] - linear_bytes + _cdiv(linear_bytes, world)
+        c["gathered_weights"] = 2 * max(per_linear)
+        notes.append(f"stage 3: linear weights partitioned (whole tensors: a rank may hold up to one linear, "
+                     f"{max(per_linear) / 2**20:.1f} MiB, above the even share), two gathered linears alive "
+                     "(in use + prefetched)")
+    return notes
+
+
+def _lowrank_layer_transient(s: ModelShape, cfg, tok: int, dtype_bytes: int) -> int:
+    """Largest one-linear transient of the fused backward: dequantised weight (compute dtype) for grad_input, the
+    fp32 update chunk with its noise, the projected gradient and decoded projector (fp32), grad_input itself."""
+    worst = 0
+    for _, m, n in s.linears():
+        r = min(cfg.rank, m, n)
+        full = cfg.rank >= min(m, n)
+        dense = m * n * dtype_bytes if cfg.int8_weights else 0
+        # fp32 update chunk on the commit: INT8+SR holds the dequantised w, the back-projected delta, w' = w + delta,
+        # the noise u and w'/s' + u (five fp32 buffers); a float weight holds its fp32 copy and the delta
+        update = 5 * 4 * m * n if cfg.int8_weights else 2 * 4 * m * n
+        projected = 4 * (m * n if full else 3 * max(m, n) * r)
+        worst = max(worst, dense + tok * n * dtype_bytes + max(update, projected))
+    return worst
+
+
+def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, gradient_checkpointing: bool,
+             lowmem_config=None, dtype: torch.dtype = torch.bfloat16, device_type: str = "cuda",
+             zero_stage: int = 0, world_size: int = 1) -> MemoryBreakdown:
+    """Predicted peak bytes of one training step of `method` (see METHODS) on ONE of `world_size` ranks under
+    lowmem's ZeRO `zero_stage` (0..3); the defaults are the single-process estimate. See the module docstring."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(zero_stage, bool) or zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if world_size > 1 and method not in DISTRIBUTED_METHODS:
+        raise ValueError(f"the per-rank view (world_size={world_size}) is modelled only for lowmem's runtime "
+                         f"(methods {DISTRIBUTED_METHODS}), not {method!r}; use world_size=1")
+    for name, value in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    if device_type not in ("cuda", "cpu"):
+        raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
+    s = ModelShape.from_config(model_config)
+    tok = seq_len * micro_batch_size
+    db = torch.finfo(dtype).bits // 8
+    c = dict.fromkeys(COMPONENTS, 0)
+    notes: list[str] = []
+    lin_numel = s.layers * sum(m * n for _, m, n in s.linears())
+    float_numels = s.float_numels()
+    emb = s.embed_numel()
+    fused = method in ("lowmem", "q_galore")
+    cfg = None
+    if fused:
+        from lowmem.config import LowMemConfig
+        from lowmem.presets import preset
+        cfg = lowmem_config if method == "lowmem" and lowmem_config is not None else (
+            preset("q_galore") if method == "q_galore" else LowMemConfig())
+        if cfg.int8_weights:
+            c["weights_int8"] = lin_numel
+            c["weight_scales"] = 4 * s.layers * sum(m * _cdiv(n, cfg.weight_block_size) for _, m, n in s.linears())
+        else:
+            c["float_params"] += db * lin_numel
+        c["float_params"] += db * sum(float_numels)
+        c.update({k: c[k] + v for k, v in _lowrank_state(s, cfg).items()})
+        for numel in float_numels:
+            c["optimizer_moments"] += _float_moment_bytes(numel, cfg)
+        if world_size > 1 and zero_stage > 0:
+            notes += _per_rank(s, cfg, c, zero_stage, world_size, db)
+        emb_bits = 8 if cfg.float_optim_bits == 8 and emb >= cfg.float_optim_min_numel else 32
+        layer_transient = _lowrank_layer_transient(s, cfg, tok, db)
+    else:
+        emb_bits = 32
+        lora = method in ("lora", "qlora", "dora")
+        if method == "qlora":   # NF4 + double-quantised absmax: 0.5 byte + ~1 byte per 64 + 4 per 16384
+            c["weights_int8"] = _cdiv(lin_numel, 2)
+            c["weight_scales"] = _cdiv(lin_numel, 64) + 4 * _cdiv(lin_numel, 64 * 256)
+        else:
+            c["float_params"] += (4 if method == "adamw_fp32" else db) * lin_numel
+        c["float_params"] += (4 if method == "adamw_fp32" else db) * sum(float_numels)
+        if lora:
+            adapters = s.layers * sum(ADAPTER_RANK * (m + n) + (m if method == "dora" else 0)
+                                      for _, m, n in s.linears())
+            c["float_params"] += 4 * adapters
+            c["grad_buffers"] = 4 * adapters
+            c["optimizer_moments"] = 8 * adapters
+            notes.append(f"{method}: rank-{ADAPTER_RANK} fp32 adapters on q/k/v/o/gate/up/down, base frozen "
+                         f"({'NF4' if method == 'qlora' else 'compute dtype'}), fp32 Adam on adapters")
+        else:
+            total = lin_numel + sum(float_numels)
+            pb = 4 if method == "adamw_fp32" else db
+            c["grad_buffers"] = pb * total
+            if method == "adamw_fp32":
+                c["optimizer_moments"] = 8 * total
+            elif method == "adamw_bf16":
+                c["optimizer_moments"] = 2 * db * total
+                notes.append("adamw_bf16: weights, gradients and both moments in the compute dtype")
+            elif method == "adamw_8bit":
+                c["optimizer_moments"] = _moments8(total)
+            else:   # galore reference: full gradients, fp32 low-rank moments and projectors on linears
+                from lowmem.presets import preset
+                gcfg = preset("galore", rank=lowmem_config.rank if lowmem_config is not None else 256)
+                st = _lowrank_state(s, gcfg)
+                c["optimizer_moments"] = st["optimizer_moments"] + 8 * sum(float_numels)
+                c["projectors"] = st["projectors"]
+                notes.append("galore: reference implementation (float weights, full gradients, fp32 moments)")
+        layer_transient = 0
+        if method in ("qlora", "dora"):   # one dequantised / normalised weight at a time
+            layer_transient = max(m * n for _, m, n in s.linears()) * db * (2 if method == "dora" else 1)
+
+    # -- the four moments of a step -----------------------------------------------------------------------------
+    acts = _activations(s, tok, db, gradient_checkpointing)
+    btv = tok * s.vocab
+    up = 0 if db == 4 else 4   # logits upcast to fp32 before the loss
+    logits_fwd = btv * (db + up + 4)
+    logits_bwd = btv * (4 + 4 + 4)            # saved log-softmax, its gradient, the logits' gradient
+    emb_param_bytes = db if (fused or method in ("adamw_bf16", "adamw_8bit", "galore")) else 4
+    head_trained = not method in ("lora", "qlora", "dora")
+    head_grad = emb * emb_param_bytes if head_trained else 0
+    moments = {"loss": {"activations": acts, "logits_and_loss": logits_fwd, "layer_transients": 0}}
+    if fused:
+        head_update = 0 if s.tied else _float_update_bytes(emb, emb_param_bytes, emb_bits)
+        # CE backward: log-softmax, its gradient and the logits' gradient; then lm_head's node holds the logits'
+        # gradient, grad_hidden and the weight gradient; its AdamW update runs after the logits' gradient is freed
+        moments["head"] = {"activations": acts, "logits_and_loss": logits_bwd, "layer_transients": 0}
+        moments["head_mm"] = {"activations": acts, "logits_and_loss": 4 * btv,
+                              "layer_transients": head_grad + tok * s.hidden * db}
+        moments["head_update"] = {"activations": acts, "logits_and_loss": 0,
+                                  "layer_transients": head_grad + tok * s.hidden * db + head_update}
+        held = head_grad if s.tied else 0     # tied: lm_head's gradient waits for the embedding's
+        moments["layer"] = {"activations": acts, "logits_and_loss": 0, "layer_transients": held + layer_transient}
+        grad_sum = 3 * head_grad if s.tied else head_grad
+        # commit: squared-norm temp, clipped copy, then the update workspace (the sum's inputs are freed by then)
+        clipped = head_grad if cfg.grad_clip is not None and cfg.clip_mode == "per_tensor" else 0  # grad * coef
+        update = max(grad_sum, head_grad + max(4 * emb, clipped + _float_update_bytes(emb, emb_param_bytes,
+                                                                                      emb_bits)))
+        moments["end"] = {"activations": 0, "logits_and_loss": 0, "layer_transients": update}
+    else:
+        moments["head"] = {"activations": acts, "logits_and_loss": logits_bwd, "layer_transients": 0}
+        moments["head_mm"] = {"activations": acts, "logits_and_loss": 4 * btv, "layer_transients": head_grad}
+        grads_resident = c["grad_buffers"]
+        # plain autograd: every gradient exists at the end; tied embeddings add their accumulation sum
+        extra = 2 * head_grad if s.tied and head_trained else 0
+        moments["end"] = {"activations": 0, "logits_and_loss": 0,
+                          "layer_transients": extra + layer_transient}
+        if method == "adamw_fp32" or method == "adamw_bf16":
+            # torch AdamW (foreach) step: per-tensor temporaries; the largest tensor's sqrt and denominator
+            biggest = max([emb] + [m * n for _, m, n in s.linears()])
+            moments["step"] = {"activations": 0, "logits_and_loss": 0,
+                               "layer_transients": 2 * biggest * (4 if method == "adamw_fp32" else db)}
+        c["grad_buffers"] = 0
+        for mom in moments.values():    # gradients grow during backward; count them whole from the head on
+            mom["grad_buffers"] = 0
+        for key in ("end", "step"):
+            if key in moments:
+                moments[key]["grad_buffers"] = grads_resident
+    winner = max(moments, key=lambda k: sum(moments[k].values()))
+    c.update(moments[winner])
+    allocated = sum(c.values())
+    if device_type == "cuda":
+        c["cuda_context"] = CUDA_CONTEXT_BYTES
+        c["allocator_slack"] = int(ALLOCATOR_SLACK * allocated)
+    notes.insert(0, f"peak at '{winner}' ({', '.join(f'{k} {sum(v.values()) / 2**20:.1f} MiB' for k, v in moments.items())}"
+                    f" of transients beyond the resident state)")
+    if fused and cfg.residual_ratio > 0:
+        notes.append("residuals are counted from their first selection (step >= residual_warmup_steps)")
+    return MemoryBreakdown(components=c, peak_bytes=sum(c.values()), method=method, notes=notes)

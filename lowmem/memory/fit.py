@@ -1,0 +1,139 @@
+"""Does a run fit a device? Format a breakdown and the launch preflight (the planner's verdict and cheapest fix).
+
+    b = estimate(LlamaConfig(...), method="lowmem", seq_len=256, micro_batch_size=1, gradient_checkpointing=False)
+    print(format_breakdown(b))
+    verdict = preflight(cfg, model_config, torch.device("cuda"))   # launch.preflight.check calls this
+    verdict = preflight(cfg, model_config, device, zero_stage=2)  # one rank of WORLD_SIZE under ZeRO-2
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+from lowmem.memory.cost_model import COMPONENTS, GIB, METHODS, MemoryBreakdown, ModelShape, estimate
+
+__all__ = ["GPUS", "Preflight", "format_breakdown", "preflight"]
+
+GPUS: dict[str, int] = {"4060ti-16gb": 16 * GIB, "4090": 24 * GIB, "3090": 24 * GIB, "a100-40gb": 40 * GIB,
+                        "a100-80gb": 80 * GIB, "h100-80gb": 80 * GIB}
+FIT_FRACTION = 0.95
+
+
+@dataclass
+class Preflight:
+    fits: bool | None            # None: no estimate available
+    predicted_peak_bytes: int | None
+    device_bytes: int | None
+    cheapest_fix: str | None     # e.g. "optim.rank=128 (saves 1.2 GiB)"
+    detail: str                  # one paragraph for the console
+
+
+def format_breakdown(b: MemoryBreakdown) -> str:
+    """A fixed-width table of the components in GiB, then the peak and the notes."""
+    width = max(len(k) for k in COMPONENTS)
+    lines = [f"memory breakdown: {b.method}", f"  {'component':<{width}}  {'GiB':>8}"]
+    for key in COMPONENTS:
+        lines.append(f"  {key:<{width}}  {b.components.get(key, 0) / GIB:8.3f}")
+    lines.append(f"  {'peak':<{width}}  {b.peak_bytes / GIB:8.3f}")
+    lines += [f"  note: {n}" for n in b.notes]
+    return "\n".join(lines)
+
+
+def _device_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    import psutil
+    return int(psutil.virtual_memory().available)
+
+
+def _lowmem_config(cfg):
+    """The LowMemConfig inside a launch TrainConfig (attribute `optim`), or cfg itself."""
+    from lowmem.config import LowMemConfig
+    if isinstance(cfg, LowMemConfig):
+        return cfg
+    if hasattr(cfg, "lowmem_config"):
+        return cfg.lowmem_config()
+    raise TypeError(f"preflight needs a launch TrainConfig (with lowmem_config()), got {type(cfg).__name__}")
+
+
+def _settings(cfg) -> dict:
+    return {"seq_len": int(cfg.seq_len), "micro_batch_size": int(cfg.micro_batch_size),
+            "gradient_checkpointing": bool(getattr(cfg, "gradient_checkpointing", False))}
+
+
+def _dtype(cfg, device: torch.device) -> torch.dtype:
+    name = str(getattr(cfg, "dtype", "auto")).replace("torch.", "")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+            "fp16": torch.float16}.get(name, torch.bfloat16)
+
+
+def _world_size(world_size: int | None) -> int:
+    if world_size is None:
+        text = os.environ.get("WORLD_SIZE", "1")
+        try:
+            world_size = int(text)
+        except ValueError:
+            raise ValueError(f"environment variable WORLD_SIZE must be an int >= 1, got {text!r}") from None
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    return world_size
+
+
+def preflight(cfg, model_config, device: torch.device, *, zero_stage: int = 0,
+              world_size: int | None = None) -> Preflight:
+    """Does `cfg` (a launch TrainConfig: seq_len, micro_batch_size, optim: LowMemConfig, optional
+    gradient_checkpointing) fit `device`? If not, the first of the cheap changes that fits, with bytes saved.
+
+    The estimate is one rank's peak under lowmem's ZeRO `zero_stage` (from the caller's DeepSpeed plan) on
+    `world_size` ranks (None: the WORLD_SIZE environment variable, 1 when unset); on several ranks a higher ZeRO
+    stage is among the changes tried."""
+    device = torch.device(device)
+    world = _world_size(world_size)
+    total = _device_bytes(device)
+    limit = int(FIT_FRACTION * total)
+    optim = _lowmem_config(cfg)
+    settings = _settings(cfg)
+    dtype = _dtype(cfg, device)
+
+    def peak(opt, st, stage=zero_stage) -> int:
+        return estimate(model_config, method="lowmem", lowmem_config=opt, dtype=dtype, device_type=device.type,
+                        zero_stage=stage, world_size=world, **st).peak_bytes
+
+    predicted = peak(optim, settings)
+    where = f"{device.type}" + (f", one of {world} ranks, ZeRO stage {zero_stage}" if world > 1 else "")
+    if predicted <= limit:
+        return Preflight(True, predicted, total, None,
+                         f"memory preflight: predicted peak {predicted / GIB:.2f} GiB of {total / GIB:.2f} GiB "
+                         f"({where}); fits")
+    # cheapest first: a ZeRO stage that partitions optimizer state costs no compute; stage 3 adds weight gathers
+    zero2 = [("deepspeed=launch/configs/ds_zero2.json", optim, settings, 2)] if world > 1 and zero_stage < 1 else []
+    zero3 = [("deepspeed=launch/configs/ds_zero3.json", optim, settings, 3)] if world > 1 and zero_stage < 3 else []
+    candidates = zero2 + [
+        ("gradient_checkpointing=true", optim, {**settings, "gradient_checkpointing": True}, zero_stage),
+        *zero3,
+        (f"optim.rank={max(1, optim.rank // 2)}", dataclasses.replace(optim, rank=max(1, optim.rank // 2)),
+         settings, zero_stage),
+        (f"micro_batch_size={max(1, settings['micro_batch_size'] // 2)}", optim,
+         {**settings, "micro_batch_size": max(1, settings["micro_batch_size"] // 2)}, zero_stage),
+        (f"seq_len={max(1, settings['seq_len'] // 2)}", optim,
+         {**settings, "seq_len": max(1, settings["seq_len"] // 2)}, zero_stage),
+        ("optim.projector_bits=4", dataclasses.replace(optim, projector_bits=4), settings, zero_stage),
+    ]
+    fix = None
+    for label, opt, st, stage in candidates:
+        if st == settings and opt == optim and stage == zero_stage:
+            continue
+        new_peak = peak(opt, st, stage)
+        if new_peak <= limit:
+            fix = f"{label} (saves {(predicted - new_peak) / GIB:.2f} GiB)"
+            break
+    detail = (f"memory preflight: predicted peak {predicted / GIB:.2f} GiB exceeds {FIT_FRACTION:.0%} of "
+              f"{total / GIB:.2f} GiB ({where}); "
+              + (f"cheapest fix: {fix}" if fix else "no single cheap change fits; use a larger device or a "
+                                                 "smaller model"))
+    return Preflight(False, predicted, total, fix, detail)

@@ -1,0 +1,219 @@
+"""Int8Linear: a linear layer whose weight lives as blockwise INT8 and is never a float leaf (DESIGN §3.1, §3.7).
+
+Storage (all buffers, saved in state_dict):
+  weight_q       int8 (out, in)             symmetric absmax codes in [-127, 127]
+  weight_scales  fp32 (out, ceil(in/block)) one scale per block of `block_size` consecutive input features
+  bias           nn.Parameter (out,) float, or None: an ordinary trainable parameter
+
+Forward dequantizes the weight into one transient (out, in) tensor of `compute_dtype` and computes y = x Wᵀ + b.
+Backward dequantizes it again (rather than keeping the forward copy alive until backward: that would hold one float
+weight per layer for the whole forward/backward gap) and computes grad_input = grad_out @ W. The weight gradient is
+never formed here: if `grad_sink` is set, it is called once per backward with the operator
+FactoredGrad(A = grad_out (T, out), X = input (T, in)), G = Aᵀ X (or DenseGrad(G) when `dense_grad`), and the
+runtime updates the INT8 weight from it inside the backward pass. No weight gradient is returned to autograd.
+
+Ordering the runtime can rely on: grad_input is computed from the forward-time weight before `grad_sink` runs, so
+the sink may rewrite weight_q / weight_scales in place. The int8 buffers are saved for backward as references (no
+copy); rewriting them in place between a forward and that forward's backward raises autograd's "modified by an
+inplace operation" error rather than producing a wrong gradient.
+
+Activation checkpointing (torch.utils.checkpoint, use_reentrant=False) recomputes the forward during backward; the
+recomputed graph is never backpropagated, so the sink still fires exactly once per backward.
+
+torch.compile (torch 2.13, CPU, inductor; tests/unit/lowmem/test_int8_linear.py::test_torch_compile): a compiled
+model containing Int8Linear gives the same outputs and gradients as eager and the sink fires once per backward, but
+Int8Linear.forward is excluded from graphs (torch.compiler.disable): one graph break per Int8Linear, the layer runs
+eagerly, the code between layers compiles. Tracing it was tried and breaks as follows:
+  - quant.int8.dequantize_int8 graph-breaks (with check_values=True a finiteness check of the scales; `out=` into a
+    non-contiguous block view), and with two layers of different shapes the recompiled, dynamic-shape remainder
+    crashes inductor (LoweringException: IndexError "pop from empty list" lowering aten.reshape of the block view).
+  - the sink call in backward is an arbitrary Python side effect (list appends, in-place optimizer state): Dynamo
+    rejects it ("HOP: Unsafe side effect") and would otherwise replay it at trace time only; it stays eager too.
+A traceable dequantization (a plain q * scales broadcast) would let the forward and grad_input compile; the sink would
+still need to run outside the graph.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from quant.int8 import dequantize_int8, quantize_int8
+
+from lowmem.optim.linop import DenseGrad, FactoredGrad, GradOperator
+
+GradSink = Callable[["Int8Linear", GradOperator], None]
+
+
+@torch.compiler.disable(reason="the grad sink is a Python side effect")
+def _deliver(module: "Int8Linear", A: Tensor, X: Tensor) -> None:
+    """Hand G = Aᵀ X (A (T, out), X (T, in)) to module.grad_sink, then drop it.
+
+    Never traced: the sink is an arbitrary Python side effect (it updates weights and optimizer state), which a
+    compiled graph would either reject or run once at trace time instead of every backward.
+    """
+    op = DenseGrad(A.T.float() @ X.float()) if module.dense_grad else FactoredGrad(A, X)
+    module.grad_sink(module, op)
+    del op  # the sink keeps what it needs (low-rank products); the (T, m) / (T, n) factors are freed here
+
+
+class _Int8LinearFunction(torch.autograd.Function):
+    """y = x Wᵀ + b with W = dequant(q, scales); backward hands G = Aᵀ X to the module's sink.
+
+    Inputs: x (..., in) compute dtype; bias (out,) or None; anchor: an empty tensor requiring grad, passed only
+    when nothing else requires grad but the sink must still fire; weight_q / weight_scales: the module's buffers;
+    module: the Int8Linear (for block_size, compute_dtype, sink).
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, anchor, weight_q, weight_scales, module):
+        codes = module.codes("forward")
+        weight = dequantize_int8(*codes, block_size=module.block_size, dtype=x.dtype, check_values=False)
+        del codes
+        y = nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+        # Save x and the int8 codes (references, no copy) -- not the float weight: backward dequantizes again.
+        ctx.save_for_backward(x, weight_q, weight_scales)
+        ctx.module = module
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight_q, weight_scales = ctx.saved_tensors
+        module = ctx.module
+        out_features, in_features = module.out_features, module.in_features
+        # Under autocast grad_out may come back in another dtype than the forward compute dtype.
+        grad_out = grad_out.to(x.dtype)
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            if module.weight_gather is not None:
+                weight_q, weight_scales = module.codes("backward")
+            weight = dequantize_int8(weight_q, weight_scales, block_size=module.block_size, dtype=x.dtype,
+                                     check_values=False)
+            grad_x = grad_out @ weight
+            del weight
+        A = grad_out.reshape(-1, out_features)
+        if ctx.needs_input_grad[1]:
+            grad_bias = A.sum(0).to(ctx.bias_dtype)
+        if module.grad_sink is not None:
+            _deliver(module, A, x.reshape(-1, in_features))
+        return grad_x, grad_bias, None, None, None, None
+
+
+class Int8Linear(nn.Module):
+    """Linear layer with a blockwise INT8 weight (see module docstring for storage, forward, backward).
+
+    in_features, out_features: weight shape (out, in). block_size: input features per scale (DESIGN default 256).
+    compute_dtype: dtype of the transient dequantized weight and of the matmul; inputs are cast to it.
+    A freshly constructed layer is initialised like nn.Linear (uniform ±1/sqrt(in)), then quantized.
+    """
+
+    dense_grad: bool = False
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        block_size: int = 256,
+        compute_dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
+        super().__init__()
+        for what, value in (("in_features", in_features), ("out_features", out_features), ("block_size", block_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{what} must be a positive int, got {value!r}")
+        if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
+            raise TypeError(f"compute_dtype must be a floating torch.dtype, got {compute_dtype!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.block_size = block_size
+        self.compute_dtype = compute_dtype
+        self.grad_sink: GradSink | None = None
+        # ZeRO-3: when set, the codes live on another rank and weight_q / weight_scales are empty placeholders;
+        # weight_gather(module, phase) returns the full (weight_q, weight_scales) for this use only.
+        self.weight_gather: Callable[["Int8Linear", str], tuple[Tensor, Tensor]] | None = None
+        num_blocks = math.ceil(in_features / block_size)
+        device = torch.device(device) if device is not None else None
+        if device is not None and device.type == "meta":
+            weight_q = torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+            weight_scales = torch.empty(out_features, num_blocks, dtype=torch.float32, device=device)
+        else:
+            bound = 1.0 / math.sqrt(in_features)
+            init = torch.empty(out_features, in_features, dtype=torch.float32, device=device).uniform_(-bound, bound)
+            weight_q, weight_scales = quantize_int8(init, block_size=block_size)
+            del init
+        self.register_buffer("weight_q", weight_q)
+        self.register_buffer("weight_scales", weight_scales)
+        if bias:
+            b = torch.empty(out_features, dtype=compute_dtype, device=device)
+            if b.device.type != "meta":
+                b.uniform_(-1.0 / math.sqrt(in_features), 1.0 / math.sqrt(in_features))
+            self.bias = nn.Parameter(b)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, *, block_size: int = 256, compute_dtype: torch.dtype | None = None
+    ) -> "Int8Linear":
+        """Quantize an nn.Linear (round-to-nearest). compute_dtype defaults to linear.weight.dtype.
+
+        The bias is copied (same dtype) into a new nn.Parameter; the float weight is not kept.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if linear.weight.device.type == "meta":
+            raise ValueError("from_linear needs a materialised weight, got one on the meta device")
+        compute_dtype = linear.weight.dtype if compute_dtype is None else compute_dtype
+        # Built on meta (validates the arguments, allocates nothing), then given the real storage.
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            block_size=block_size,
+            compute_dtype=compute_dtype,
+            device="meta",
+        )
+        with torch.no_grad():
+            module.weight_q, module.weight_scales = quantize_int8(linear.weight.detach().float(), block_size=block_size)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return module
+
+    def codes(self, phase: str = "forward") -> tuple[Tensor, Tensor]:
+        """(weight_q, weight_scales) for one use: the buffers, or gathered from their owner under ZeRO-3 (phase
+        "forward" / "backward" tells the gatherer which layer to prefetch next)."""
+        if self.weight_gather is None:
+            return self.weight_q, self.weight_scales
+        return self.weight_gather(self, phase)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """W (out, in) in `dtype` (default compute_dtype): a fresh transient tensor, not a view of the storage."""
+        weight_q, weight_scales = self.codes("forward")
+        return dequantize_int8(weight_q, weight_scales, block_size=self.block_size, dtype=dtype or self.compute_dtype)
+
+    @torch.compiler.disable(reason="Int8Linear runs eagerly under torch.compile; see lowmem/model/int8_linear.py")
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., in) any float -> (..., out) in compute_dtype. Never traced by torch.compile (module docstring)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Int8Linear expects input (..., {self.in_features}), got {tuple(x.shape)}")
+        x = x.to(self.compute_dtype)
+        bias = self.bias
+        wants_grad = x.requires_grad or (bias is not None and bias.requires_grad)
+        if not torch.is_grad_enabled() or not (wants_grad or self.grad_sink is not None):
+            # Plain path: nothing is saved; the transient weight dies with this call.
+            weight = self.dequantized_weight()
+            return nn.functional.linear(x, weight, None if bias is None else bias.to(self.compute_dtype))
+        # The anchor makes autograd call backward (so the sink fires) when neither x nor bias requires grad.
+        anchor = None if wants_grad else torch.empty(0, device=x.device, requires_grad=True)
+        return _Int8LinearFunction.apply(x, bias, anchor, self.weight_q, self.weight_scales, self)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"block_size={self.block_size}, compute_dtype={self.compute_dtype}"
+        )

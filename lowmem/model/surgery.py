@@ -1,0 +1,58 @@
+"""Model surgery: turn the target nn.Linear layers of a model into Int8Linear, one layer at a time.
+
+Each layer is quantised and its float weight released before the next one is touched, so the peak is the model plus
+one layer, never two copies of the model. GPT-2-style fused projections are split first (lowmem.model.adapters) so q and k
+are separate weights that cross-head projection can treat.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from lowmem.config import LowMemConfig
+from lowmem.model.int8_linear import Int8Linear
+from lowmem.model.trainables import is_lowrank_target
+
+
+def split_fused_projections(model: nn.Module) -> None:
+    """Apply the architecture adapter's split of fused q/k/v, when the model has an adapter that needs it."""
+    try:
+        from lowmem.model.adapters import find_adapter
+        adapter = find_adapter(model)
+    except (TypeError, ValueError):
+        return
+    adapter.split_fused(model)
+
+
+def convert_linears_to_int8(model: nn.Module, cfg: LowMemConfig) -> list[str]:
+    """Replace every target nn.Linear (cfg.target_modules minus exclude_modules, trainable, not frozen) by an
+    Int8Linear holding the round-to-nearest quantised weight. Returns the converted module names."""
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and is_lowrank_target(name, module, cfg)]
+    converted = []
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        quantised = Int8Linear.from_linear(linear, block_size=cfg.weight_block_size,
+                                           compute_dtype=linear.weight.dtype)
+        setattr(parent, child, quantised)
+        # Release the float weight now (the module may still be referenced elsewhere, e.g. by a hook list).
+        linear.weight = None
+        converted.append(name)
+    return converted
+
+
+def convert_int8_to_linears(model: nn.Module) -> list[str]:
+    """The inverse of convert_linears_to_int8: every Int8Linear becomes an nn.Linear holding its dequantised weight
+    (in the layer's compute dtype) and the same bias Parameter. Returns the converted module names."""
+    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, Int8Linear)]
+    for name, quantised in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        weight = quantised.dequantized_weight(quantised.compute_dtype)
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=quantised.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        linear.weight = nn.Parameter(weight, requires_grad=True)
+        if quantised.bias is not None:
+            linear.bias = quantised.bias
+        setattr(parent, child, linear)
+    return [name for name, _ in targets]

@@ -1,0 +1,109 @@
+"""Which tensors of a model are trained, and how: the one table the optimizer and the fused runtime share.
+
+Every trained tensor gets a stable `param_index` (its noise stream for stochastic rounding and its projector
+randomness), so a plain `optimizer.step()` and the fused backward produce the same bits. Kinds:
+
+- "lowrank_int8": the INT8 weight of an `Int8Linear` (updated through stochastic rounding);
+- "lowrank_float": the float weight of an `nn.Linear` selected by `target_modules` (GaLore on float weights);
+- "float": every other trainable float parameter (embeddings, lm_head, norms, biases): full-rank AdamW.
+
+Low-rank weights are ordered as they appear in the model; the stagger of first refreshes spreads over all of them
+(L = number of low-rank weights), so a steady-state step refreshes at most ⌈L/T0⌉+1 weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from lowmem.config import LowMemConfig, matches
+from lowmem.model.int8_linear import Int8Linear
+from lowmem.optim.lowrank import LowRankSpec
+from lowmem.optim.projector import CrossHead
+from lowmem.optim.weights import FloatWeight, Int8Weight, WeightTarget
+
+
+@dataclass
+class Trainable:
+    name: str                      # parameter name ("model.layers.0.self_attn.q_proj.weight")
+    kind: str                      # "lowrank_int8" | "lowrank_float" | "float"
+    tensor: Tensor                 # the Parameter, or the int8 data buffer of an Int8Linear
+    config: LowMemConfig           # resolved for this module (overrides applied)
+    module: nn.Module | None = None
+    spec: LowRankSpec | None = None
+    index: int = -1                # position in the table (stable across the optimizer and the runtime)
+
+
+def _head_layouts(model: nn.Module) -> dict[str, tuple[str, int | None, int | None, int]]:
+    """module name -> (role, head_dim, num_heads, layer_index) from the architecture adapter, if there is one."""
+    try:
+        from lowmem.model.adapters import find_adapter
+        adapter = find_adapter(model)
+    except (TypeError, ValueError):
+        # Not a supported Hugging Face model: no head layout, so no cross-head projection.
+        return {}
+    return {s.name: (s.role, s.head_dim, s.num_heads, s.layer_index) for s in adapter.linear_specs(model)}
+
+
+def is_lowrank_target(module_name: str, module: nn.Module, cfg: LowMemConfig) -> bool:
+    if not isinstance(module, (nn.Linear, Int8Linear)):
+        return False
+    return matches(module_name, cfg.target_modules) and not matches(module_name, cfg.exclude_modules)
+
+
+def collect_trainables(model: nn.Module, cfg: LowMemConfig) -> list[Trainable]:
+    """The ordered table of trained tensors. Frozen (requires_grad False or cfg.freeze) tensors are left out."""
+    layouts = _head_layouts(model)
+    lowrank_modules: dict[str, nn.Module] = {}
+    for module_name, module in model.named_modules():
+        if is_lowrank_target(module_name, module, cfg):
+            lowrank_modules[module_name] = module
+
+    table: list[Trainable] = []
+    lowrank_weight_ids = set()
+    for module_name, module in lowrank_modules.items():
+        module_cfg = cfg.for_module(module_name)
+        if matches(f"{module_name}.weight", cfg.freeze):
+            continue
+        if isinstance(module, Int8Linear):
+            tensor, kind = module.weight_q, "lowrank_int8"
+        else:
+            if not module.weight.requires_grad:
+                continue
+            tensor, kind = module.weight, "lowrank_float"
+        lowrank_weight_ids.add(id(tensor))
+        table.append(Trainable(f"{module_name}.weight", kind, tensor, module_cfg, module))
+
+    num_lowrank = len(table)
+    for ordinal, item in enumerate(table):
+        module_name = item.name[: -len(".weight")]
+        role, head_dim, num_heads, _ = layouts.get(module_name, ("other", None, None, -1))
+        cross = None
+        if role in ("q", "k") and head_dim and num_heads and matches(module_name, item.config.cross_head_modules):
+            cross = CrossHead(head_dim=head_dim, num_heads=num_heads)
+        shape = tuple(item.tensor.shape)
+        item.spec = LowRankSpec(name=item.name, shape=shape, param_index=ordinal, layer_index=ordinal,
+                                num_layers=num_lowrank, cross_head=cross,
+                                residual=matches(module_name, item.config.residual_modules))
+
+    for param_name, param in model.named_parameters():
+        if id(param) in lowrank_weight_ids or not param.requires_grad or matches(param_name, cfg.freeze):
+            continue
+        if not param.is_floating_point():
+            continue
+        owner = param_name.rsplit(".", 1)[0] if "." in param_name else ""
+        table.append(Trainable(param_name, "float", param, cfg.for_module(owner)))
+    for index, item in enumerate(table):
+        item.index = index
+    return table
+
+
+def weight_target(item: Trainable) -> WeightTarget:
+    """Where a low-rank update of `item` lands: its INT8 data (stochastic rounding keyed by the parameter index) or
+    its float weight."""
+    if item.kind == "lowrank_int8":
+        module = item.module
+        return Int8Weight(module.weight_q, module.weight_scales, block_size=module.block_size,
+                          seed=item.config.seed, stream=item.spec.param_index,
+                          stochastic=item.config.stochastic_rounding)
+    return FloatWeight(item.tensor.data)

@@ -1,0 +1,183 @@
+"""Top-r right singular subspace of a gradient by randomized subspace iteration (DESIGN §3.2).
+
+Halko–Martinsson–Tropp Alg. 4.4 run on the right side: from a Gaussian block Ω (n, r + p) alternate
+Y = G Q_right and Z = Gᵀ Q_left with a QR after every product, then one SVD of the small (r + p) × (r + p)
+triangular factor. Only `op.matmul` / `op.rmatmul` are used, so a FactoredGrad (G = Aᵀ X) is never formed.
+
+One "pass" is the pair of products G·, Gᵀ·; the first pass is the range finder itself and every further pass is
+one power iteration. Cost: 2·(q + 1) products of width r + p, QRs of (m, r + p) and (n, r + p), one tiny SVD.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowmem.optim.linop import GradOperator
+
+# A basis whose Gram matrix is farther than this from I (max entry) is treated as broken. Householder QR in fp32
+# keeps |PᵀP - I| near 1e-6, so only a numerical failure crosses 1e-3.
+ORTHONORMALITY_TOL = 1e-3
+# Sketch singular values below RANK_RTOL·σ_1 count as zero. fp32 rounding in the products leaves ~1e-7·σ_1 in the
+# directions of an exactly rank-deficient gradient (measured, dense and factored), so 1e-5 sits 100x above that
+# noise while real gradient spectra at ranks 32-512 stay far above it.
+RANK_RTOL = 1e-5
+
+
+@dataclass
+class SubspaceResult:
+    """basis fp32 (n, r) orthonormal columns: top-r right singular vectors of G, in decreasing order.
+    singular_values fp32 (r,): their estimates. iterations: power iterations actually run (0 = range finder only).
+    fell_back: the full-SVD fallback produced this result."""
+
+    basis: Tensor
+    singular_values: Tensor
+    iterations: int
+    fell_back: bool
+
+
+def _check_rank(op: GradOperator, rank: int) -> None:
+    if not isinstance(op, GradOperator):
+        raise TypeError(f"op must be a GradOperator (DenseGrad, FactoredGrad, SumGrad), got {type(op).__name__}")
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+    m, n = op.shape
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank must lie in [1, min(m, n)] = [1, {min(m, n)}] for a gradient of shape {op.shape}, "
+                         f"got {rank}")
+
+
+def subspace_similarity(P_old: Tensor, P_new: Tensor) -> float:
+    """s = ||P_oldᵀ P_new||_F² / r for orthonormal P_old (n, r_old), P_new (n, r_new); r = max(r_old, r_new).
+
+    Invariant to signs and rotations within either subspace; 1 for the same subspace, 0 for orthogonal ones.
+    """
+    for name, P in (("P_old", P_old), ("P_new", P_new)):
+        if not isinstance(P, Tensor) or P.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor (n, r)")
+    if P_old.shape[0] != P_new.shape[0]:
+        raise ValueError(f"P_old and P_new need the same row count, got {tuple(P_old.shape)} and {tuple(P_new.shape)}")
+    r = max(P_old.shape[1], P_new.shape[1])
+    if r == 0:
+        raise ValueError("projectors with zero columns have no subspace to compare")
+    overlap = P_old.float().T @ P_new.to(device=P_old.device, dtype=torch.float32)
+    return min(1.0, max(0.0, float(overlap.pow(2).sum()) / r))
+
+
+def exact_right_subspace(op: GradOperator, rank: int) -> SubspaceResult:
+    """Reference: torch.linalg.svd of op.dense() (m·n memory), top-r right singular vectors.
+
+    Non-finite entries are treated as zero so the stored projector stays finite; the caller still sees them in
+    R = G P and decides what to do with the step.
+    """
+    _check_rank(op, rank)
+    G = op.dense()
+    finite = torch.isfinite(G)
+    if not bool(finite.all()):
+        G = torch.where(finite, G, torch.zeros((), dtype=G.dtype, device=G.device))
+    try:
+        _, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    except RuntimeError:  # LinAlgError (no convergence on a badly scaled input): retry once in fp64
+        _, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+        S, Vh = S.float(), Vh.float()
+    return SubspaceResult(basis=Vh[:rank].T.contiguous(), singular_values=S[:rank].contiguous(), iterations=0,
+                          fell_back=False)
+
+
+def _orthonormal(Y: Tensor) -> Tensor:
+    return torch.linalg.qr(Y, mode="reduced").Q
+
+
+def _top_right(Q_right: Tensor, R_factor: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Gᵀ Q_left = Q_right R_factor, so Q_leftᵀ G = R_factorᵀ Q_rightᵀ: its right singular vectors are Q_right times
+    the left singular vectors of the small R_factor, and its singular values are R_factor's."""
+    U_small, S, _ = torch.linalg.svd(R_factor)
+    return Q_right @ U_small[:, :rank], S[:rank]
+
+
+def _is_broken(basis: Tensor, singular_values: Tensor) -> bool:
+    """Non-finite, not orthonormal, or numerically rank-deficient: σ_r <= RANK_RTOL · σ_1 (or σ_1 = 0). A
+    rank-deficient sketch leaves the trailing columns of the basis as directions picked by rounding noise, so the
+    exact SVD is used instead."""
+    finite = torch.isfinite(basis).all() & torch.isfinite(singular_values).all()
+    eye = torch.eye(basis.shape[1], dtype=basis.dtype, device=basis.device)
+    gram_error = (basis.T @ basis - eye).abs().max()
+    rank_floor = singular_values[0] * RANK_RTOL
+    deficient = (singular_values[0] <= 0) | (singular_values[-1] <= rank_floor)
+    return not bool(finite & (gram_error <= ORTHONORMALITY_TOL) & ~deficient)
+
+
+def _start_block(n: int, width: int, warm_start: Tensor | None, generator: torch.Generator | None,
+                 device: torch.device) -> Tensor:
+    """Ω (n, width) fp32 Gaussian; a warm start (n, r0) overwrites the first r0 columns. The full block is always
+    drawn so the generator advances by the same amount with or without a warm start."""
+    gen_device = generator.device if generator is not None else device
+    omega = torch.randn(n, width, generator=generator, dtype=torch.float32, device=gen_device).to(device)
+    if warm_start is not None:
+        omega[:, : warm_start.shape[1]] = warm_start.to(device=device, dtype=torch.float32)
+    return omega
+
+
+def randomized_right_subspace(op: GradOperator, rank: int, *, oversampling: int = 8, power_iters: int = 2,
+                              warm_start: Tensor | None = None, generator: torch.Generator | None = None,
+                              tol: float | None = None) -> SubspaceResult:
+    """Top-r right singular subspace of op (m, n) from products only.
+
+    oversampling p: extra sketch columns (width min(r + p, m, n)). power_iters q: maximum number of power
+    iterations. warm_start (n, r0), r0 <= r + p, any float: the previous basis, placed in the first columns of Ω.
+    generator: draws Ω (on its own device, then moved). tol: stop once the similarity between successive top-r
+    iterates exceeds 1 - tol; the warm start counts as the iterate before the first pass, so a warm start that is
+    still right stops after the range finder (iterations = 0). Falls back to exact_right_subspace (fell_back=True)
+    when the result is non-finite, not orthonormal or rank-deficient (see _is_broken).
+    """
+    _check_rank(op, rank)
+    if isinstance(oversampling, bool) or not isinstance(oversampling, int) or oversampling < 0:
+        raise ValueError(f"oversampling must be an int >= 0, got {oversampling!r}")
+    if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 0:
+        raise ValueError(f"power_iters must be an int >= 0, got {power_iters!r}")
+    if tol is not None and not (0.0 < tol < 1.0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be None or in (0, 1), got {tol!r}")
+    m, n = op.shape
+    width = min(rank + oversampling, m, n)
+    previous = None
+    if warm_start is not None:
+        if not isinstance(warm_start, Tensor) or warm_start.dim() != 2 or warm_start.shape[0] != n:
+            got = tuple(warm_start.shape) if isinstance(warm_start, Tensor) else type(warm_start).__name__
+            raise ValueError(f"warm_start must be a (n, r0) = ({n}, r0) tensor, got {got}")
+        if not 1 <= warm_start.shape[1] <= width:
+            raise ValueError(f"warm_start has {warm_start.shape[1]} columns; the sketch holds 1..{width}")
+        if tol is not None:
+            previous = _orthonormal(warm_start.to(device=op.device, dtype=torch.float32))
+
+    try:
+        basis, singular_values, iterations = _iterate(op, rank, width, power_iters, warm_start, previous, generator,
+                                                      tol)
+        broken = _is_broken(basis, singular_values)
+    except torch.linalg.LinAlgError:  # the small SVD refuses non-finite input (a NaN/Inf gradient)
+        broken, iterations = True, power_iters
+    if broken:
+        exact = exact_right_subspace(op, rank)
+        return SubspaceResult(exact.basis, exact.singular_values, iterations=iterations, fell_back=True)
+    return SubspaceResult(basis.contiguous(), singular_values.contiguous(), iterations=iterations, fell_back=False)
+
+
+def _iterate(op: GradOperator, rank: int, width: int, power_iters: int, warm_start: Tensor | None,
+             previous: Tensor | None, generator: torch.Generator | None,
+             tol: float | None) -> tuple[Tensor, Tensor, int]:
+    """The subspace iteration proper: (basis (n, r), singular values (r,), power iterations run)."""
+    Q_right = _start_block(op.shape[1], width, warm_start, generator, op.device)
+    iterations = 0
+    for it in range(power_iters + 1):
+        Q_left = _orthonormal(op.matmul(Q_right))                                 # (m, width)
+        Q_right, R_factor = torch.linalg.qr(op.rmatmul(Q_left), mode="reduced")  # (n, width), (width, width)
+        iterations = it
+        if tol is None or it == power_iters:
+            continue
+        current, _ = _top_right(Q_right, R_factor, rank)
+        if previous is not None and subspace_similarity(previous, current) > 1.0 - tol:
+            break
+        previous = current
+    basis, singular_values = _top_right(Q_right, R_factor, rank)
+    return basis, singular_values, iterations

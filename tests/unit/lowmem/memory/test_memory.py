@@ -1,0 +1,264 @@
+"""Memory planner: predicted peak (lowmem.memory.estimate, CPU, fp32) vs the peak measured with the live-tensor-bytes
+counter around one full training step (step 1, so every state exists), model and optimizer state counted as baseline.
+The bound is 5% (the brief's acceptance bound), printed with both numbers."""
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hooks.runtime import prepare
+from lowmem.memory import GPUS, MemoryBreakdown, estimate, format_breakdown, measure, preflight
+from lowmem.presets import PRESETS, preset
+
+TOLERANCE = 0.05
+
+
+def tiny_config():
+    return LlamaConfig(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, max_position_embeddings=128)
+
+
+def smol_config():
+    return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                       num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=128)
+
+
+def measured_peak(config, method, batch, seq, rank):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).float()
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    if method == "adamw_fp32":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        states = lambda: (v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))  # noqa: E731
+    else:
+        # refresh_interval_steps large: step 1 is a steady-state step (no refresh), as most steps are
+        runtime = prepare(model, preset(method, rank=rank, refresh_interval_steps=1000,
+                                             max_refresh_interval_steps=1000))
+
+        def step():
+            with runtime.micro_batch():
+                runtime.backward(model(input_ids=ids, labels=ids).loss)
+            runtime.step()
+        states = lambda: (v for s in runtime.states.values() for v in s.values())  # noqa: E731
+    step()   # step 0 creates projectors and moments
+    tensors = lambda: (t for group in ([*model.parameters(), *model.buffers()], states()) for t in group)  # noqa
+    return measure(step, device=torch.device("cpu"), baseline_tensors=tensors())
+
+
+def check(config, method, batch, seq, rank):
+    cfg = None if method == "adamw_fp32" else preset(method, rank=rank)
+    predicted = estimate(config, method="adamw_fp32" if cfg is None else "lowmem", lowmem_config=cfg, seq_len=seq,
+                         micro_batch_size=batch, gradient_checkpointing=False, dtype=torch.float32,
+                         device_type="cpu")
+    measured = measured_peak(config, method, batch, seq, rank)
+    err = predicted.peak_bytes / measured - 1
+    print(f"\n{method} b{batch} s{seq}: predicted {predicted.peak_bytes / 2**20:.2f} MiB, measured "
+          f"{measured / 2**20:.2f} MiB, error {err:+.2%}\n{format_breakdown(predicted)}")
+    assert abs(err) <= TOLERANCE
+
+
+@pytest.mark.parametrize("method", sorted(PRESETS) + ["adamw_fp32"])
+def test_tiny_llama_prediction_within_5_percent(method):
+    check(tiny_config(), method, batch=2, seq=64, rank=32)   # rank below every dim, as in real use
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lowmem", "q_galore", "galore", "adamw_fp32"])
+def test_smollm2_shaped_prediction_within_5_percent(method):
+    check(smol_config(), method, batch=1, seq=64, rank=256)
+
+
+def test_components_sum_and_cpu_has_no_cuda_overheads():
+    b = estimate(tiny_config(), method="lowmem", seq_len=32, micro_batch_size=1, gradient_checkpointing=False,
+                 device_type="cpu")
+    assert isinstance(b, MemoryBreakdown) and b.peak_bytes == sum(b.components.values())
+    assert b.components["cuda_context"] == 0 and b.components["allocator_slack"] == 0
+    g = estimate(tiny_config(), method="lowmem", seq_len=32, micro_batch_size=1, gradient_checkpointing=False)
+    assert g.components["cuda_context"] > 0
+
+
+def test_int8_weight_bytes_match_a_direct_count():
+    cfg = tiny_config()
+    b = estimate(cfg, method="lowmem", seq_len=8, micro_batch_size=1, gradient_checkpointing=False)
+    h, i, kv = 128, 352, 2 * 32
+    per_layer = 2 * h * h + 2 * kv * h + 3 * i * h   # reference twin: seven linears per layer
+    assert b.components["weights_int8"] == 2 * per_layer
+    scales = 2 * 4 * (h + kv + kv + h + i + i + h) * 1   # one fp32 scale per 256 inputs: every in-dim <= 352
+    scales += 2 * 4 * h * (2 - 1)                          # down_proj has in = 352 -> 2 blocks per row
+    assert b.components["weight_scales"] == scales
+
+
+def test_checkpointing_lowers_activations_and_baselines_order():
+    cfg = smol_config()
+    kw = dict(seq_len=2048, micro_batch_size=1)
+    plain = estimate(cfg, method="lowmem", gradient_checkpointing=False, **kw)
+    ckpt = estimate(cfg, method="lowmem", gradient_checkpointing=True, **kw)
+    assert ckpt.peak_bytes < plain.peak_bytes
+    peaks = {m: estimate(cfg, method=m, gradient_checkpointing=True, **kw).peak_bytes
+             for m in ("adamw_fp32", "adamw_bf16", "adamw_8bit", "galore", "lowmem")}
+    assert peaks["adamw_fp32"] > peaks["adamw_bf16"] > peaks["adamw_8bit"] > peaks["lowmem"]
+    assert peaks["galore"] > peaks["lowmem"]
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="method"):
+        estimate(tiny_config(), method="sgd", seq_len=8, micro_batch_size=1, gradient_checkpointing=False)
+    with pytest.raises(ValueError, match="seq_len"):
+        estimate(tiny_config(), method="lowmem", seq_len=0, micro_batch_size=1, gradient_checkpointing=False)
+    with pytest.raises(ValueError, match="LLaMA-like"):
+        estimate({"hidden_size": 8}, method="lowmem", seq_len=8, micro_batch_size=1, gradient_checkpointing=False)
+
+
+def test_preflight_names_the_first_fix_that_fits(monkeypatch):
+    import lowmem.memory.fit as mem
+    from launch.config import TrainConfig
+    cfg = TrainConfig(seq_len=2048, micro_batch_size=1)
+    model_cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                            vocab_size=32000)
+    full = estimate(model_cfg, method="lowmem", lowmem_config=cfg.lowmem_config(), seq_len=2048,
+                    micro_batch_size=1, gradient_checkpointing=False, dtype=torch.float32, device_type="cpu")
+    ckpt = estimate(model_cfg, method="lowmem", lowmem_config=cfg.lowmem_config(), seq_len=2048,
+                    micro_batch_size=1, gradient_checkpointing=True, dtype=torch.float32, device_type="cpu")
+    device_bytes = int((full.peak_bytes + ckpt.peak_bytes) / 2 / 0.95)
+    monkeypatch.setattr(mem, "_device_bytes", lambda device: device_bytes)
+    verdict = preflight(cfg, model_cfg, torch.device("cpu"))
+    assert verdict.fits is False and verdict.cheapest_fix.startswith("gradient_checkpointing=true")
+    assert verdict.predicted_peak_bytes == full.peak_bytes
+    monkeypatch.setattr(mem, "_device_bytes", lambda device: 2 * full.peak_bytes)
+    assert preflight(cfg, model_cfg, torch.device("cpu")).fits is True
+    assert GPUS["4060ti-16gb"] == 16 * 2**30
+
+
+# ---- per-rank view (ZeRO stages on several ranks) ----------------------------------------------------------------
+
+PARTITIONED = ("optimizer_moments", "residuals", "error_feedback")
+REPLICATED = ("weights_int8", "weight_scales", "float_params", "projectors", "activations", "logits_and_loss",
+              "layer_transients", "grad_buffers", "cuda_context")
+
+
+def dist_cfg():
+    # every partitioned component non-zero: low-rank + 8-bit moments, q/k residuals, bf16 error feedback
+    return preset("lowmem", rank=32, error_feedback="bf16")
+
+
+def per_rank(stage, world, **kw):
+    return estimate(tiny_config(), method="lowmem", lowmem_config=dist_cfg(), seq_len=32, micro_batch_size=2,
+                    gradient_checkpointing=False, zero_stage=stage, world_size=world, **kw)
+
+
+def tiny_linears():
+    """(out, in) of the tiny config's seven linears per layer: h 128, i 352, 4 heads of 32, 2 kv heads."""
+    h, i, kv = 128, 352, 64
+    return {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (i, h), "up": (i, h), "down": (h, i)}
+
+
+def test_world_one_is_the_single_process_estimate_for_every_stage():
+    today = estimate(tiny_config(), method="lowmem", lowmem_config=dist_cfg(), seq_len=32, micro_batch_size=2,
+                     gradient_checkpointing=False)
+    for stage in range(4):
+        b = per_rank(stage, 1)
+        assert (b.components, b.peak_bytes, b.notes) == (today.components, today.peak_bytes, today.notes)
+    stage0 = per_rank(0, 4)   # stage 0 replicates everything
+    assert (stage0.components, stage0.peak_bytes) == (today.components, today.peak_bytes)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("world", [2, 3])
+def test_per_rank_components_partition_or_replicate(stage, world):
+    single, b = per_rank(0, 1).components, per_rank(stage, world)
+    c = b.components
+    for key in PARTITIONED:
+        assert single[key] > 0 and c[key] == -(-single[key] // world), key
+    for key in REPLICATED:
+        if stage == 3 and key in ("weights_int8", "weight_scales"):
+            assert c[key] == -(-single[key] // world)          # stage 3: the INT8 weights halve at world 2
+        else:
+            assert c[key] == single[key], key
+    # reference twin of the buffers: the largest projected gradient R (fp32) reduced + the update direction of the
+    # same size (float gradients are reduced in place: no buffer)
+    r = 32
+    r_numel = max(m * r if (m >= n or name in ("q", "k")) else r * n for name, (m, n) in tiny_linears().items())
+    assert c["comm_buffers"] == 2 * 4 * r_numel
+    largest = max(m * n + 4 * m * -(-n // 256) for m, n in tiny_linears().values())
+    assert c["gathered_weights"] == (2 * largest if stage == 3 else 0)
+    assert b.peak_bytes == sum(c.values())
+    assert any(f"ZeRO stage {stage} on {world} ranks" in note for note in b.notes)
+
+
+def test_stage_one_partition_total_matches_a_count_from_the_shapes():
+    """Twin of the optimizer state from DESIGN §3.4-3.6: 8-bit moments (1 byte per element + an fp32 absmax per
+    256-block, for each of the two moments), q/k residuals of 1% (int32 index + fp32 dM and dV), bf16 error
+    feedback, 8-bit AdamW for the embedding and lm_head (>= 4096 elements), fp32 AdamW (8 bytes) for the norms."""
+    r, layers, h, vocab = 32, 2, 128, 512
+
+    def moments8(numel):
+        return 2 * numel + 2 * 4 * -(-numel // 256)
+
+    moments = residuals = feedback = 0
+    for name, (m, n) in tiny_linears().items():
+        right = m >= n or name in ("q", "k")     # cross-head projection for q/k is a right projection
+        moments += layers * moments8(m * r if right else r * n)
+        residuals += layers * (math.ceil(0.01 * m * n) * (4 + 4 + 4) if name in ("q", "k") else 0)
+        feedback += layers * 2 * m * n
+    moments += 2 * moments8(vocab * h) + (2 * layers + 1) * 8 * h
+    single = per_rank(0, 1).components
+    assert (single["optimizer_moments"], single["residuals"], single["error_feedback"]) == (moments, residuals,
+                                                                                           feedback)
+    for world in (2, 4):
+        c = per_rank(1, world).components
+        assert (c["optimizer_moments"], c["residuals"], c["error_feedback"]) == (
+            -(-moments // world), -(-residuals // world), -(-feedback // world))
+
+
+def test_stage_three_partitions_float_linear_weights_when_int8_is_off():
+    cfg = preset("galore", rank=32)                      # float linears (int8_weights off), fp32 compute below
+    kw = dict(method="lowmem", lowmem_config=cfg, seq_len=16, micro_batch_size=1, gradient_checkpointing=False,
+              dtype=torch.float32, device_type="cpu")
+    single = estimate(tiny_config(), **kw).components
+    c = estimate(tiny_config(), zero_stage=3, world_size=2, **kw).components
+    linear_bytes = 4 * 2 * sum(m * n for m, n in tiny_linears().values())
+    assert c["weights_int8"] == 0 and c["float_params"] == single["float_params"] - linear_bytes // 2
+    assert c["gathered_weights"] == 2 * 4 * max(m * n for m, n in tiny_linears().values())
+
+
+def test_per_rank_view_bad_input_is_refused():
+    with pytest.raises(ValueError, match="zero_stage"):
+        per_rank(4, 2)
+    with pytest.raises(ValueError, match="world_size"):
+        per_rank(1, 0)
+    with pytest.raises(ValueError, match="only for lowmem's runtime"):
+        estimate(tiny_config(), method="adamw_bf16", seq_len=8, micro_batch_size=1, gradient_checkpointing=False,
+                 zero_stage=2, world_size=2)
+
+
+def test_preflight_reads_world_size_from_the_environment(monkeypatch):
+    import lowmem.memory.fit as mem
+    from launch.config import TrainConfig
+    cfg = TrainConfig(seq_len=2048, micro_batch_size=1)
+    model_cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                            vocab_size=32000)
+
+    def peak(stage, world, **kw):
+        return estimate(model_cfg, method="lowmem", lowmem_config=cfg.lowmem_config(), seq_len=2048,
+                        micro_batch_size=1, gradient_checkpointing=kw.get("ckpt", False), dtype=torch.float32,
+                        device_type="cpu", zero_stage=stage, world_size=world).peak_bytes
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(mem, "_device_bytes", lambda device: 10 * peak(0, 1))
+    fits = preflight(cfg, model_cfg, torch.device("cpu"), zero_stage=3)
+    assert fits.fits and fits.predicted_peak_bytes == peak(3, 4) and "one of 4 ranks, ZeRO stage 3" in fits.detail
+    assert preflight(cfg, model_cfg, torch.device("cpu"), zero_stage=3, world_size=2).predicted_peak_bytes \
+        == peak(3, 2)
+    # a device between the ZeRO-2 and the stage-0 peak: the cheapest fix is the ZeRO-2 JSON
+    monkeypatch.setattr(mem, "_device_bytes", lambda device: int((peak(0, 4) + peak(2, 4)) / 2 / 0.95))
+    verdict = preflight(cfg, model_cfg, torch.device("cpu"))
+    assert verdict.fits is False and verdict.cheapest_fix.startswith("deepspeed=launch/configs/ds_zero2.json")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        preflight(cfg, model_cfg, torch.device("cpu"))

@@ -1,0 +1,67 @@
+"""The per-parameter low-rank update's phases: refresh under gradient accumulation, and the LR schedule."""
+import math
+
+import pytest
+import torch
+
+from lowmem.optim.linop import FactoredGrad
+from lowmem.optim.lowrank import LowRankSpec, accumulate_, init_lowrank_state, settle_
+from lowmem.presets import preset
+from lowmem.optim.rsvd import subspace_similarity
+from lowmem.schedule import lr_at
+
+
+def micro_batch_factors(k, tokens, m, n, rank_signal, seed):
+    """Gradients G_k = A_kᵀ X_k that share a rank-`rank_signal` structure plus per-micro-batch noise."""
+    gen = torch.Generator().manual_seed(seed)
+    left = torch.randn(m, rank_signal, generator=gen)
+    right = torch.linalg.qr(torch.randn(n, rank_signal, generator=gen))[0] * torch.linspace(3, 1, rank_signal)
+    out = []
+    for _ in range(k):
+        coeff = torch.randn(tokens, rank_signal, generator=gen)
+        a = coeff @ left.T + 0.3 * torch.randn(tokens, m, generator=gen)
+        x = coeff @ right.T + 0.3 * torch.randn(tokens, n, generator=gen)
+        out.append((a, x))
+    return out
+
+
+@pytest.mark.parametrize("sketch", ["rayleigh_ritz", "first_micro_batch"])
+def test_refresh_under_accumulation_vs_exact_svd_of_summed_gradient(sketch):
+    """Reports the subspace similarity ||P_exactᵀ P||²/r of the projector a K=4 refresh picks, against the exact
+    top-r right singular vectors of the SUMMED gradient. Rayleigh-Ritz over the accumulated sketch must do at least
+    as well as the first micro-batch alone (it searches a space that contains it, with the whole step's gradient);
+    both must find most of the dominant subspace. Measured: rayleigh_ritz 0.944, first_micro_batch 0.933."""
+    m, n, r, k = 96, 64, 8, 4
+    cfg = preset("galore", rank=r, refresh_sketch=sketch, projection="randomized", oversampling=8)
+    spec = LowRankSpec(name="w", shape=(m, n), param_index=0)
+    factors = micro_batch_factors(k, 24, m, n, rank_signal=r, seed=0)
+    state = init_lowrank_state(spec, cfg)
+    accum = {}
+    for i, (a, x) in enumerate(factors):
+        accumulate_(spec, cfg, state, accum, FactoredGrad(a, x), global_step=0, micro_index=i, num_micro_batches=k)
+    settle_(spec, cfg, accum)
+    chosen = accum["proj_step"]
+    summed = sum(a.T @ x for a, x in factors)
+    exact = torch.linalg.svd(summed, full_matrices=False)[2][:r].T
+    similarity = subspace_similarity(exact, chosen)
+    print(f"\n{sketch}: similarity to the exact SVD of the summed gradient = {similarity:.3f}")
+    # R is exact for the chosen projector, whatever the projector is.
+    torch.testing.assert_close(accum["grad_lowrank"], summed @ chosen, rtol=1e-4, atol=1e-3)
+    assert similarity > (0.9 if sketch == "rayleigh_ritz" else 0.7)
+    if sketch == "rayleigh_ritz":
+        first_only = torch.linalg.svd(factors[0][0].T @ factors[0][1], full_matrices=False)[2][:r].T
+        assert similarity >= subspace_similarity(exact, first_only) - 1e-3
+
+
+def test_lr_schedule_warmup_cosine_linear_constant():
+    cfg = preset("lowmem", lr=1.0, warmup_steps=4, total_steps=14, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert [lr_at(s, cfg) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lr_at(4, cfg) == pytest.approx(1.0)
+    assert lr_at(9, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(14, cfg) == pytest.approx(0.1) and lr_at(100, cfg) == pytest.approx(0.1)
+    linear = cfg.replace(lr_schedule="linear")
+    assert lr_at(9, linear) == pytest.approx(0.1 + 0.9 * 0.5)
+    constant = cfg.replace(lr_schedule="constant")
+    assert lr_at(12, constant) == 1.0
+    with pytest.raises(ValueError):
+        lr_at(-1, cfg)
