@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from launch.config import ConfigError, TrainConfig, config_help, config_to_yaml, load_train_config
+from launch.config import ConfigError, TrainConfig
+from launch.config_loader import config_help, config_to_yaml, load_train_config
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130

@@ -21,6 +21,9 @@ S = G B). The projected gradient R of that subspace is then exact: R = S V_r. Wi
 State (tensors only, safetensors-friendly): "step" (updates done), refresh bookkeeping (lowmem.optim.refresh), moments
 (lowmem.optim.moments), the encoded projector "proj_data"/"proj_scales" once one exists, "fallback_count", residual
 "res_idx"/"res_m"/"res_v"/"res_clamp_count", error-feedback "ef" or "ef_q"/"ef_scales".
+
+Length: one state machine (begin, accumulate, settle, commit, follow) whose phases share private helpers over the same
+state dict; split apart, those helpers would become a public surface with no second user.
 """
 from __future__ import annotations
 

