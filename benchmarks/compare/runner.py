@@ -162,7 +162,8 @@ def measure_step_peak_bytes(trainer, batches: list[Batch], foreign: set[int]) ->
 
 
 def _train(spec: MethodSpec, workload: Workload, settings: MethodSettings, result: MethodResult,
-           eval_at: list[int], measure_memory: bool, log: Callable[[str], None]) -> None:
+           eval_at: list[int], measure_memory: bool, log: Callable[[str], None],
+           on_step: Callable[[int], None] | None = None) -> None:
     """The timed run: fills train_losses, step_seconds, eval_points, refresh figures and peak_bytes."""
     device = settings.device
     gc.collect()
@@ -188,6 +189,8 @@ def _train(spec: MethodSpec, workload: Workload, settings: MethodSettings, resul
                 break
             if step + 1 in eval_at:
                 result.eval_points.append((step + 1, evaluate(workload, trainer.eval_model())))
+            if on_step is not None:
+                on_step(step + 1)
         result.refresh_seconds = trainer.refresh_seconds()
         result.svd_equivalents = trainer.svd_equivalents()
         count = getattr(trainer, "refresh_count", None)
@@ -213,8 +216,9 @@ def _train(spec: MethodSpec, workload: Workload, settings: MethodSettings, resul
 
 def run_method(spec: MethodSpec, workload: Workload, base: MethodSettings, *, eval_at: list[int],
                initial_eval: dict | None = None, measure_memory: bool = True,
-               log: Callable[[str], None] = print) -> MethodResult:
-    """Train and measure one method; never raises for a method's own failure (see MethodResult.status)."""
+               log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None) -> MethodResult:
+    """Train and measure one method; never raises for a method's own failure (see MethodResult.status).
+    `on_step(steps_done)` is called after every optimizer step (progress bars)."""
     result = MethodResult(spec.name, spec.group, spec.family, spec.description,
                           tokens_per_step=int(workload.tokens_per_step))
     reason = unavailable_reason(spec, base.device)
@@ -226,7 +230,7 @@ def run_method(spec: MethodSpec, workload: Workload, base: MethodSettings, *, ev
     try:
         settings = settings_for(spec, workload, base)
         result.lr = settings.lr
-        _train(spec, workload, settings, result, eval_at, measure_memory, log)
+        _train(spec, workload, settings, result, eval_at, measure_memory, log, on_step)
     except Exception as err:   # one method's failure must not end the comparison
         line = (str(err).strip().splitlines() or [""])[0]
         result.status = f"failed: {type(err).__name__}: {line}"[:300]

@@ -225,15 +225,19 @@ def _remap(lookup: Tensor, t: Tensor) -> Tensor:
 
 
 def pretrain_workload(*, tokenizer: Any, data_path: str | None, size: Size, device: torch.device,
-                      seed: int) -> Workload:
-    """LLaMA-style model from scratch on `data_path` (None: the Python documentation, launch.data's default set)."""
+                      seed: int, split_seed: int | None = None) -> Workload:
+    """LLaMA-style model from scratch on `data_path` (None: the Python documentation, launch.data's default set).
+
+    `seed` draws the initial weights and the batch order; `split_seed` (default: `seed`) the held-out split, so runs
+    of several seeds can share one evaluation set."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from launch.data import build_data
     from launch.models import cache_root
 
     cfg = SimpleNamespace(path=data_path, pack=True, eval_fraction=0.05, eval_max_sequences=size.eval_rows)
-    data = build_data(cfg, tokenizer, seq_len=size.seq_len, seed=seed, cache_dir=cache_root() / "tokenized")
+    data = build_data(cfg, tokenizer, seq_len=size.seq_len, seed=seed if split_seed is None else split_seed,
+                      cache_dir=cache_root() / "tokenized")
     lookup, vocab = compact_vocabulary(data.train, data.eval)
     train_ids, eval_ids = _remap(lookup, data.train), _remap(lookup, data.eval)
     config = LlamaConfig(vocab_size=vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
