@@ -13,9 +13,10 @@ The run, top to bottom: resolve the config (and the DeepSpeed JSON); open the pr
 processes; check output_dir is writable; memory preflight (refuses a run that will not fit unless force=true; from
 the model config alone, before any weight is loaded); load model and tokenizer; tokenize and pack the data (cached
 on disk); prepare the lowmem runtime (INT8 linears, optimizer state, backward hooks); resume from the latest
-checkpoint when there is one; train with a progress bar, a JSONL log line per step, held-out evaluation every
-eval_every steps and checkpoints every save_every steps (and on Ctrl-C / SIGTERM); at the end save, export a bf16
-Hugging Face model and write report.md with loss and memory curves.
+checkpoint when there is one; train with a progress bar, a JSONL log line per step (plus TensorBoard / W&B with
+log_to: launch.loggers), held-out evaluation every eval_every steps and checkpoints every save_every steps (and on
+Ctrl-C / SIGTERM); at the end save, export a bf16 Hugging Face model with its model card (README.md) and write
+report.md with loss and memory curves.
 """
 from __future__ import annotations
 
@@ -161,7 +162,8 @@ def _train(par, progress: dict) -> dict:
     from launch.data import BatchSampler, build_data
     from launch.models import cache_root, load_model, load_model_config
     from launch.preflight import check as preflight
-    from launch.report import StepLog, read_log, write_report
+    from launch.loggers import RunLogger
+    from launch.report import read_log, write_report
     from lowmem.checkpoint.store import python_random_state, resolve_resume, save_checkpoint, set_python_random_state
     from lowmem.checkpoint.distributed import load_any_checkpoint, save_distributed_checkpoint
 
@@ -222,7 +224,7 @@ def _train(par, progress: dict) -> dict:
                 f"micro-batch step; this run uses {par.world_size} with {global_rows}: the optimizer state was "
                 "redistributed and the data order continues, but the global batch changed", flush=True)
 
-    log = StepLog(out / "train_log.jsonl", append=resume_from is not None) if main else None
+    log = RunLogger(out, cfg.log_to, append=resume_from is not None, config=cfg.to_dict(), say=say) if main else None
     config_yaml = config_to_yaml(cfg)
     if main:
         (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
@@ -277,6 +279,8 @@ def _train(par, progress: dict) -> dict:
                 record["comm_bytes"] = stats["comm_bytes"]
             if main and ((step + 1) % cfg.log_every == 0 or stats["skipped"]):
                 log.write(record)
+            if main and stats["refreshed"]:
+                log.write({"kind": "refresh", "step": step + 1, "layers": list(stats["refreshed"])})
             bar.update(1)
             if main and bar.disable and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps):
                 # No terminal (a log file, CI): one line per logged step instead of a bar.
