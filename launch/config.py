@@ -126,10 +126,12 @@ def _validate_fields(obj: Any, prefix: str) -> None:
 class DataConfig:
     """The `data:` section: where the training text comes from and how it is split and packed."""
 
-    path: str | None = _f(None, "Training data: a .jsonl file (one JSON object per line, text under text_field) or "
-                                "a plain-text file; null uses the embedded default data set.", _text(optional=True))
-    format: str = _f("auto", "File format: 'auto' (from the extension: .jsonl/.json -> jsonl, else text), 'jsonl' "
-                             "or 'text'.", _choice("auto", "jsonl", "text"))
+    path: str | None = _f(None, "Training data: a .jsonl file (one JSON object per line, text under text_field), "
+                                "a plain-text file, a directory of them, or a local Hugging Face data set (a "
+                                "datasets.save_to_disk directory, .parquet or .arrow files; needs pyarrow, pip install "
+                                "'lowmem[hf]'); null uses the embedded default data set.", _text(optional=True))
+    format: str = _f("auto", "File format: 'auto' (from the extension: .jsonl/.json -> jsonl, .parquet / .arrow "
+                             "-> table rows, else text), 'jsonl' or 'text'.", _choice("auto", "jsonl", "text"))
     text_field: str = _f("text", "Field of each jsonl record that holds its text; non-empty string.", _text())
     eval_fraction: float = _f(0.05, "Fraction of the data held out for evaluation; in (0, 1).",
                               _float(0.0, 1.0, lo_open=True, hi_open=True))
