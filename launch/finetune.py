@@ -313,6 +313,9 @@ def _train(par, progress: dict) -> dict:
     if last_eval is None or cfg.max_steps % max(cfg.eval_every, 1):
         last_eval = run_eval(steps_done)
     export_dir = runtime.export(out / "model", tokenizer=tokenizer) if cfg.export else None
+    if main and export_dir is not None:
+        write_card(export_dir, cfg, steps=steps_done, eval_loss=last_eval,
+                   extra={"tokens per step": tokens_per_step, "sequence length": cfg.seq_len})
     if not main:
         return {"export": None, "checkpoint": str(final_ckpt), "eval_loss": last_eval, "step": steps_done,
                 "report": None, "main": False}
@@ -329,6 +332,16 @@ def _train(par, progress: dict) -> dict:
             "eval_loss": last_eval, "step": steps_done}
 
 
+def write_card(export_dir: Path, cfg: TrainConfig, *, steps: int, eval_loss: float | None, extra: dict) -> Path:
+    """README.md model card next to the exported weights (lowmem.checkpoint.model_card): a Hub-ready directory."""
+    from launch.models import EMBEDDED_HUB_ID, EMBEDDED_MODEL
+    from lowmem.checkpoint.model_card import write_model_card
+    base = EMBEDDED_HUB_ID if cfg.model == EMBEDDED_MODEL else cfg.model
+    data = cfg.data.path if cfg.data.path is not None else "the Python documentation (python3-doc), lowmem's default"
+    return write_model_card(export_dir, base_model=base, datasets=[data], steps=steps, method=cfg.lowmem_config(),
+                            eval_loss=eval_loss, extra=extra)
+
+
 def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
     """`launch.finetune export CHECKPOINT OUT`: rebuild the run's model, load the checkpoint, write bf16 HF."""
     from hooks.runtime import prepare
@@ -338,12 +351,15 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
     path = Path(checkpoint)
     if not path.exists():
         raise UsageError(f"checkpoint {path} does not exist; checkpoints live in <output_dir>/checkpoints/step-N")
-    model_state, _, meta = load_any_checkpoint(path)
+    model_state, runtime_state, meta = load_any_checkpoint(path)
     cfg = config_from_dict(meta["meta"]["config"])
     loaded = load_model(cfg.model, dtype=torch.float32, tokenizer=cfg.tokenizer, seed=cfg.seed)
     runtime = prepare(loaded.model, cfg.lowmem_config())
     loaded.model.load_state_dict(model_state)
-    return runtime.export(out_dir, tokenizer=loaded.tokenizer)
+    exported = runtime.export(out_dir, tokenizer=loaded.tokenizer)
+    write_card(exported, cfg, steps=runtime_state["lowmem"]["global_step"], eval_loss=None,
+               extra={"exported from": str(path)})
+    return exported
 
 
 def config_from_dict(config: dict) -> TrainConfig:

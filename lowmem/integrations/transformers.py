@@ -34,7 +34,8 @@ gradient_accumulation_steps is refused (the runtime takes exactly that many micr
 Checkpoints (`save_steps`, `resume_from_checkpoint`): `checkpoint-N/lowmem/step-N/` holds the exact-resume state
 through lowmem.checkpoint.store (INT8 weights and float parameters, Runtime.state_dict(), torch RNG, step; safetensors
 with sha256 sidecar), next to the Trainer's own trainer_state.json and rng_state.pth. `save_model(dir)` writes a
-bf16 Hugging Face model (lowmem.checkpoint.export); `save_model()` without a directory writes `<output_dir>/model`.
+bf16 Hugging Face model (lowmem.checkpoint.export) with a model card (README.md, lowmem.checkpoint.model_card);
+`save_model()` without a directory writes `<output_dir>/model`.
 
 Refused with a message saying what to do instead: an optimizer or scheduler passed to the Trainer
 (`optimizers=`, `optimizer_cls_and_kwargs=`), `model_init`, `torch_compile` (Dynamo traces through the backward hooks
@@ -279,7 +280,7 @@ class LowMemTrainerMixin:
     # -- saving and resuming -------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoint saves (internal): the exact-resume state under output_dir/lowmem. A user's call: a bf16
-        Hugging Face model in output_dir (default <args.output_dir>/model)."""
+        Hugging Face model and its model card in output_dir (default <args.output_dir>/model)."""
         if not self.args.should_save:
             return
         if _internal_call:
@@ -291,7 +292,12 @@ class LowMemTrainerMixin:
             return
         out = output_dir if output_dir is not None else os.path.join(self.args.output_dir, "model")
         tokenizer = self.processing_class if hasattr(self.processing_class, "save_pretrained") else None
-        self.runtime.export(out, tokenizer=tokenizer)
+        exported = self.runtime.export(out, tokenizer=tokenizer)
+        from lowmem.checkpoint.model_card import write_model_card
+        evals = [r["eval_loss"] for r in self.state.log_history if "eval_loss" in r]
+        write_model_card(exported, base_model=getattr(self.model.config, "_name_or_path", None) or None,
+                         datasets=(), steps=self.runtime.global_step, method=self.runtime.config,
+                         eval_loss=evals[-1] if evals else None, extra={"trainer": type(self).__name__})
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         return None   # the optimizer state is in output_dir/lowmem with the weights (save_model)

@@ -195,3 +195,6 @@ def test_save_model_writes_a_loadable_bf16_model(tmp_path):
         theirs = loaded.float()(ids).logits
         ours = trainer.model(ids).logits
     assert torch.isfinite(theirs).all() and math.isclose(float((theirs - ours).abs().max()), 0.0, abs_tol=0.1)
+    from huggingface_hub import ModelCard
+    card = ModelCard.load(tmp_path / "model" / "README.md")
+    assert card.data.to_dict()["library_name"] == "transformers" and "| optimizer steps | 2 |" in card.text
