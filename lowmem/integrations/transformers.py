@@ -61,7 +61,7 @@ from torch import nn
 from lowmem.config import ConfigError, LowMemConfig
 from lowmem.deepspeed_keys import refused_keys
 
-__all__ = ["LowMemTrainer", "LowMemTrainerMixin", "lowmem_trainer", "runtime_config"]
+__all__ = ["LowMemTrainer", "LowMemTrainerMixin", "check_trainer_args", "lowmem_trainer", "runtime_config"]
 
 CHECKPOINT_SUBDIR = "lowmem"   # checkpoint-N/lowmem/step-N: lowmem.checkpoint.store's layout
 _DEFAULTS = LowMemConfig()

@@ -3,6 +3,7 @@
 The reference for every Trainer run is the same run written by hand against `hooks.runtime.prepare` (micro-batches
 in the same order, the LowMemConfig built field by field from the TrainingArguments, not by `runtime_config`)."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, Trainin
 
 from hooks.runtime import prepare
 from lowmem.config import ConfigError, LowMemConfig
-from lowmem.integrations.transformers import LowMemTrainer, runtime_config
+from lowmem.integrations.transformers import LowMemTrainer, check_trainer_args, runtime_config
 from lowmem.schedule import lr_at
 
 VOCAB = 96
@@ -172,11 +173,15 @@ def test_refuses_what_cannot_work(tmp_path):
     with pytest.raises(ValueError, match="torch_compile=True"):
         LowMemTrainer(model=tiny_llama(), args=args(tmp_path, torch_compile=True), train_dataset=data)
     ds = {"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
-    bad = args(tmp_path)
-    bad.deepspeed = ds   # the refusal reads the dict; building a DeepSpeed engine is not needed to refuse it
     with pytest.raises(ValueError) as err:
-        LowMemTrainer(model=tiny_llama(), args=bad, train_dataset=data)
+        LowMemTrainer(model=tiny_llama(), args=args(tmp_path, deepspeed=ds), train_dataset=data)
     assert "optimizer: " in str(err.value) and "zero_optimization.offload_optimizer" in str(err.value)
+    with pytest.raises(ValueError, match="DeepSpeed engine wraps its own optimizer"):   # no refused key: still no
+        LowMemTrainer(model=tiny_llama(), args=args(tmp_path, deepspeed={"zero_optimization": {"stage": 1}}),
+                      train_dataset=data)
+    with pytest.raises(ValueError, match="fp16=True: lowmem has no loss scaling"):
+        check_trainer_args(SimpleNamespace(deepspeed=None, torch_compile=False, fp16=True, fsdp=None,
+                                           load_best_model_at_end=False, world_size=1, n_gpu=1))
     # An epoch of 5 batches cannot be split into steps of 2 micro-batches.
     trainer = LowMemTrainer(model=tiny_llama(), args=args(tmp_path, max_steps=4), train_dataset=rows(n=20))
     with pytest.raises(ValueError, match="not a multiple of gradient_accumulation_steps=2"):
