@@ -57,3 +57,39 @@ def test_finetune_log_to_tensorboard_and_missing_wandb(tiny_args, tmp_path, caps
             assert got[f"train/{key}"][r["step"]] == pytest.approx(r[key], rel=1e-6)
     assert set(got["eval/eval_loss"]) == {r["step"] for r in records if r["kind"] == "eval"} == {0, 2, 4}
     assert set(got["refresh/layers_refreshed"]) == {r["step"] for r in refresh}
+
+
+def test_wandb_sink_runs_offline_with_the_same_scalars(tmp_path, monkeypatch):
+    """The W&B sink against a recording stand-in of the `wandb` module's API (init / run.log / run.finish): wandb is
+    not installed here, so this checks what lowmem calls, not W&B itself."""
+    import sys
+    import types
+
+    calls = {}
+
+    class Run:
+        def __init__(self):
+            calls["logged"] = []
+
+        def log(self, values, step):
+            calls["logged"].append((step, dict(values)))
+
+        def finish(self):
+            calls["finished"] = True
+
+    def init(**kwargs):
+        calls["init"] = kwargs
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    log = RunLogger(tmp_path, ("jsonl", "wandb"), append=False, config={"lr": 1e-3})
+    log.write({"kind": "train", "step": 1, "loss": 2.0, "lr": 1e-3, "grad_norm": 0.7, "skipped": False,
+               "peak_memory_bytes": 2**31})
+    log.write({"kind": "refresh", "step": 1, "layers": ["a", "b"]})
+    log.close()
+    assert calls["init"]["mode"] == "offline" and calls["init"]["dir"] == str(tmp_path / "wandb")
+    assert calls["init"]["config"] == {"lr": 1e-3} and calls["finished"]
+    assert calls["logged"][0] == (1, {"train/loss": 2.0, "train/lr": 1e-3, "train/grad_norm": 0.7,
+                                      "train/skipped": 0.0, "train/peak_memory_bytes": float(2**31),
+                                      "train/peak_memory_gib": 2.0})
+    assert calls["logged"][1] == (1, {"refresh/layers_refreshed": 2})
