@@ -62,7 +62,8 @@ def model_card_text(*, base_model: str | None, datasets: list[str] | tuple[str, 
     loss = "not evaluated" if eval_loss is None or not math.isfinite(eval_loss) else \
         f"{eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f})"
     rows = [("base model", base_model or "unknown"), ("training data", ", ".join(map(str, datasets)) or "unknown"),
-            ("optimizer steps", str(steps)), ("final eval loss", loss), *((k, str(v)) for k, v in (extra or {}).items())]
+            ("optimizer steps", str(steps)), ("final eval loss", loss),
+            *((k, str(v)) for k, v in (extra or {}).items())]
     method_rows = _method_rows(method)
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
              f"# {title or 'Fine-tuned with lowmem'}", "",

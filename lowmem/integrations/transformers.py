@@ -67,8 +67,8 @@ CHECKPOINT_SUBDIR = "lowmem"   # checkpoint-N/lowmem/step-N: lowmem.checkpoint.s
 _DEFAULTS = LowMemConfig()
 # LowMemConfig field -> the TrainingArguments name that sets it (for conflict messages)
 _ARG_OF = {"lr": "learning_rate", "lr_schedule": "lr_scheduler_type", "min_lr_ratio": "lr_scheduler_type",
-           "warmup_steps": "warmup_steps", "total_steps": "max_steps", "grad_accum_steps": "gradient_accumulation_steps",
-           "grad_clip": "max_grad_norm", "seed": "seed"}
+           "warmup_steps": "warmup_steps", "total_steps": "max_steps",
+           "grad_accum_steps": "gradient_accumulation_steps", "grad_clip": "max_grad_norm", "seed": "seed"}
 
 
 def _schedule(args) -> tuple[str, float]:
