@@ -28,7 +28,8 @@ The step: each micro-batch's forward and backward run inside `runtime.micro_batc
 mean loss divided by gradient_accumulation_steps (as `launch.finetune` does; the Trainer's `num_items_in_batch`
 token weighting is not used); weights are written during the last micro-batch's backward, no `.grad` is kept, and
 the Trainer's `optimizer.step()` is `runtime.step()`. Loss, grad_norm and learning_rate reach the Trainer's normal
-logs (callbacks, report_to) from the runtime's step statistics. An epoch whose batch count is not a multiple of
+logs (callbacks, report_to) from the runtime's step statistics, with peak_memory_gib and refreshed_layers (projector
+refreshes in that step) beside them. An epoch whose batch count is not a multiple of
 gradient_accumulation_steps is refused (the runtime takes exactly that many micro-batches per step).
 
 Checkpoints (`save_steps`, `resume_from_checkpoint`): `checkpoint-N/lowmem/step-N/` holds the exact-resume state
@@ -270,12 +271,24 @@ class LowMemTrainerMixin:
         return None   # known after runtime.step(); substituted in _maybe_log_save_evaluate
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
-        stats = getattr(self.optimizer, "last_stats", None)
-        if stats is None and self.optimizer is not None and hasattr(self.optimizer, "optimizer"):
-            stats = getattr(self.optimizer.optimizer, "last_stats", None)
+        stats = self._runtime_stats()
         if stats is not None:
             grad_norm = stats["grad_norm"]
         return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Training-step logs also carry the runtime's peak memory and how many projectors it refreshed."""
+        stats = self._runtime_stats()
+        if stats is not None and "loss" in logs and "grad_norm" in logs:
+            logs = {**logs, "peak_memory_gib": stats["peak_memory_bytes"] / 2**30,
+                    "refreshed_layers": len(stats["refreshed"])}
+        return super().log(logs, *args, **kwargs)
+
+    def _runtime_stats(self) -> dict | None:
+        optimizer = self.optimizer
+        while optimizer is not None and not isinstance(optimizer, _RuntimeOptimizer):
+            optimizer = getattr(optimizer, "optimizer", None)   # accelerate's AcceleratedOptimizer wraps ours
+        return None if optimizer is None else optimizer.last_stats
 
     # -- saving and resuming -------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
