@@ -39,7 +39,8 @@ bf16 Hugging Face model (lowmem.checkpoint.export) with a model card (README.md,
 `save_model()` without a directory writes `<output_dir>/model`.
 
 Refused with a message saying what to do instead: an optimizer or scheduler passed to the Trainer
-(`optimizers=`, `optimizer_cls_and_kwargs=`), `model_init`, `torch_compile` (Dynamo traces through the backward hooks
+(`optimizers=`, `optimizer_cls_and_kwargs=`, a non-default `optim`, `optim_args`, `optim_target_modules`),
+`model_init`, `torch_compile` (Dynamo traces through the backward hooks
 that write the weights), fp16 (no loss scaling: use bf16), several processes or GPUs (use `launch.finetune` under
 torchrun/deepspeed), FSDP, `load_best_model_at_end`, and DeepSpeed: the keys lowmem's CLI refuses
 (lowmem.deepspeed_keys) are named one by one, and any other DeepSpeed config is refused too, because the Trainer's
@@ -130,17 +131,39 @@ def _deepspeed_dict(args) -> dict | None:
         raise ValueError(f"TrainingArguments.deepspeed={spec!r} cannot be read as a JSON file ({err})") from None
 
 
+def _default_optim(kind: type) -> str | None:
+    """The default `optim` of this arguments class (TrainingArguments or a subclass such as TRL's SFTConfig): the
+    value a user did not choose."""
+    import dataclasses
+    if not dataclasses.is_dataclass(kind):
+        kind = transformers.TrainingArguments
+    for f in dataclasses.fields(kind):
+        if f.name == "optim" and f.default is not dataclasses.MISSING:
+            return str(getattr(f.default, "value", f.default))
+    return None
+
+
 def check_trainer_args(args) -> None:
     """Refuse TrainingArguments that cannot work with lowmem's fused-backward runtime (module docstring)."""
     ds = _deepspeed_dict(args)
     if ds is not None:
         refused = refused_keys(ds)
         detail = ("; ".join(refused) + ". Besides, ") if refused else ""
+        detail = detail.replace(" in the YAML", " (launch.finetune's YAML; here: lowmem_config and the Trainer's "
+                                "arguments)")
         raise ValueError(f"LowMemTrainer: TrainingArguments.deepspeed: {detail}the Trainer's DeepSpeed engine wraps "
                          "its own optimizer around the model, which lowmem replaces; for several GPUs run "
                          "`deepspeed --module launch.finetune ... deepspeed=ds.json` (lowmem's own data "
                          "parallelism over the same JSON), or drop deepspeed= for one process")
     problems = []
+    default_optim = _default_optim(type(args))
+    chosen = str(getattr(getattr(args, "optim", None), "value", getattr(args, "optim", None)))
+    if default_optim is not None and chosen != default_optim:
+        problems.append(f"optim={chosen!r}: lowmem is the optimizer (its settings go in lowmem_config=LowMemConfig("
+                        "...)); leave TrainingArguments.optim at its default")
+    if getattr(args, "optim_target_modules", None) or getattr(args, "optim_args", None):
+        problems.append("optim_target_modules / optim_args: choose modules and settings with LowMemConfig "
+                        "(target_modules, exclude_modules, rank, ...) instead")
     if getattr(args, "torch_compile", False):
         problems.append("torch_compile=True (with torch_compile_backend/mode): Dynamo would trace through the "
                         "backward hooks that write the weights; set torch_compile=False")

@@ -172,6 +172,9 @@ def test_refuses_what_cannot_work(tmp_path):
     with pytest.raises(ValueError, match="do not pass optimizers="):
         LowMemTrainer(model=tiny_llama(), args=args(tmp_path), train_dataset=data,
                       optimizers=(torch.optim.SGD(tiny_llama().parameters(), lr=0.1), None))
+    with pytest.raises(ValueError, match="optim='galore_adamw_layerwise': lowmem is the optimizer"):
+        LowMemTrainer(model=tiny_llama(), args=args(tmp_path, optim="galore_adamw_layerwise",
+                                                    optim_target_modules=["mlp"]), train_dataset=data)
     with pytest.raises(ValueError, match="torch_compile=True"):
         LowMemTrainer(model=tiny_llama(), args=args(tmp_path, torch_compile=True), train_dataset=data)
     ds = {"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
@@ -182,8 +185,8 @@ def test_refuses_what_cannot_work(tmp_path):
         LowMemTrainer(model=tiny_llama(), args=args(tmp_path, deepspeed={"zero_optimization": {"stage": 1}}),
                       train_dataset=data)
     with pytest.raises(ValueError, match="fp16=True: lowmem has no loss scaling"):
-        check_trainer_args(SimpleNamespace(deepspeed=None, torch_compile=False, fp16=True, fsdp=None,
-                                           load_best_model_at_end=False, world_size=1, n_gpu=1))
+        check_trainer_args(SimpleNamespace(deepspeed=None, optim=args(tmp_path).optim, torch_compile=False,
+                                           fp16=True, fsdp=None, load_best_model_at_end=False, world_size=1, n_gpu=1))
     # An epoch of 5 batches cannot be split into steps of 2 micro-batches.
     trainer = LowMemTrainer(model=tiny_llama(), args=args(tmp_path, max_steps=4), train_dataset=rows(n=20))
     with pytest.raises(ValueError, match="not a multiple of gradient_accumulation_steps=2"):
