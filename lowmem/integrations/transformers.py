@@ -251,9 +251,23 @@ class LowMemTrainerMixin:
 
     # -- optimizer and schedule: views of the runtime ---------------------------------------------------------------
     def create_optimizer(self, model=None):
+        self._check_still_prepared()
         if not isinstance(self.optimizer, _RuntimeOptimizer):
             self.optimizer = _RuntimeOptimizer(self.runtime)
         return self.optimizer
+
+    def _check_still_prepared(self) -> None:
+        """Every float tensor the runtime trains must still be a parameter of the model: Trainer.train() may swap
+        one before the loop (e.g. resizing the embeddings to the tokenizer's new special tokens), and the runtime's
+        hooks would then train a detached copy while the model's new tensor never changes."""
+        live = {id(p) for p in self.model.parameters()}
+        gone = [item.name for item in self.runtime.trainables if item.kind != "lowrank_int8" and id(item.tensor)
+                not in live]
+        if gone:
+            raise RuntimeError(f"LowMemTrainer: {', '.join(gone[:3])} {'was' if len(gone) == 1 else 'were'} replaced "
+                               "after lowmem prepared the model (resized embeddings for new tokenizer tokens?); make "
+                               "such changes (model.resize_token_embeddings(len(tokenizer))) before building the "
+                               "LowMemTrainer")
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         # Only now is the run's length known (max_steps or epochs x batches): the schedule's total_steps.
