@@ -23,7 +23,7 @@ from typing import Any, Callable
 from lowmem.config import ConfigError, LowMemConfig, closest_key
 from lowmem.presets import PRESETS, preset
 
-__all__ = ["CONFIG_DIR", "ConfigError", "DEMO_CONFIG_PATH", "DataConfig", "OptimSection", "TrainConfig"]
+__all__ = ["CONFIG_DIR", "ConfigError", "DEMO_CONFIG_PATH", "DataConfig", "LOG_SINKS", "OptimSection", "TrainConfig"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEMO_CONFIG_PATH = CONFIG_DIR / "demo.yaml"
@@ -94,6 +94,22 @@ def _text(optional: bool = False) -> Callable[[str, Any], str | None]:
     return check
 
 
+LOG_SINKS = ("jsonl", "tensorboard", "wandb")
+
+
+def _sinks(name: str, value: Any) -> tuple[str, ...]:
+    """A sink name or a list of them -> a tuple without repeats, 'jsonl' (always written) first."""
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise _fail(name, value, f"a list of sink names from {', '.join(LOG_SINKS)}")
+    for item in items:
+        if item not in LOG_SINKS:
+            best = closest_key(item, LOG_SINKS)
+            hint = f"did you mean {best!r}?" if best else f"valid sinks: {', '.join(LOG_SINKS)}"
+            raise ConfigError(f"{name}: unknown sink {item!r}; {hint}")
+    return tuple(dict.fromkeys(("jsonl", *items)))
+
+
 def _f(default: Any, help: str, check: Callable[[str, Any], Any]):
     return field(default=default, metadata={"help": help, "check": check})
 
@@ -110,10 +126,12 @@ def _validate_fields(obj: Any, prefix: str) -> None:
 class DataConfig:
     """The `data:` section: where the training text comes from and how it is split and packed."""
 
-    path: str | None = _f(None, "Training data: a .jsonl file (one JSON object per line, text under text_field) or "
-                                "a plain-text file; null uses the embedded default data set.", _text(optional=True))
-    format: str = _f("auto", "File format: 'auto' (from the extension: .jsonl/.json -> jsonl, else text), 'jsonl' "
-                             "or 'text'.", _choice("auto", "jsonl", "text"))
+    path: str | None = _f(None, "Training data: a .jsonl file (one JSON object per line, text under text_field), "
+                                "a plain-text file, a directory of them, or a local Hugging Face data set (a "
+                                "datasets.save_to_disk directory, .parquet or .arrow files; needs pyarrow, pip install "
+                                "'lowmem[hf]'); null uses the embedded default data set.", _text(optional=True))
+    format: str = _f("auto", "File format: 'auto' (from the extension: .jsonl/.json -> jsonl, .parquet / .arrow "
+                             "-> table rows, else text), 'jsonl' or 'text'.", _choice("auto", "jsonl", "text"))
     text_field: str = _f("text", "Field of each jsonl record that holds its text; non-empty string.", _text())
     eval_fraction: float = _f(0.05, "Fraction of the data held out for evaluation; in (0, 1).",
                               _float(0.0, 1.0, lo_open=True, hi_open=True))
@@ -274,6 +292,12 @@ class TrainConfig:
     eval_every: int = _f(10, "Held-out evaluation every this many optimizer steps; 0 evaluates only at the end; "
                              "int >= 0.", _int(0))
     log_every: int = _f(1, "Log metrics every this many optimizer steps; int >= 1.", _int(1))
+    log_to: tuple[str, ...] = _f(("jsonl",), "Where metrics go (launch.loggers), a list of: 'jsonl' "
+                                 "(output_dir/train_log.jsonl, always written), 'tensorboard' (event files in "
+                                 "output_dir/tensorboard; needs the tensorboard package, pip install "
+                                 "'lowmem[tensorboard]'), 'wandb' (Weights & Biases in offline mode under "
+                                 "output_dir/wandb; needs wandb; `wandb sync` uploads later). E.g. "
+                                 "log_to=[jsonl,tensorboard].", _sinks)
     device: str = _f("auto", "'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'.",
                      _choice("auto", "cpu", "cuda"))
     dtype: str = _f("auto", "Compute dtype: 'auto' (bf16 on CUDA with bf16 support, else fp32), 'bf16' or 'fp32'.",

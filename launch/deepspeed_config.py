@@ -36,6 +36,9 @@ from typing import Any, Callable
 
 from launch.config import CONFIG_DIR, ConfigError, TrainConfig
 from lowmem.config import closest_key
+from lowmem.deepspeed_keys import REFUSED_TOP as _REFUSED_TOP
+from lowmem.deepspeed_keys import REFUSED_ZERO as _REFUSED_ZERO
+from lowmem.deepspeed_keys import truthy as _truthy
 
 __all__ = ["NO_JSON", "DistributedPlan", "apply_plan", "load_deepspeed_config"]
 
@@ -75,59 +78,6 @@ _FP16_KEYS = ("enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss
 _BF16_KEYS = ("enabled", "immediate_grad_update", "check_grad_overflow")
 
 
-def _truthy(value: Any) -> bool:
-    return value not in (False, None, 0)
-
-
-def _enabled(value: Any) -> bool:
-    return _truthy(value.get("enabled", True)) if isinstance(value, dict) else _truthy(value)
-
-
-def _above(limit: int) -> Callable[[Any], bool]:
-    return lambda value: not (isinstance(value, (int, float)) and not isinstance(value, bool) and value <= limit)
-
-
-def _offloads(value: Any) -> bool:
-    return value is not None and not (isinstance(value, dict) and value.get("device", "none") in ("none", None))
-
-
-_OWN_QUANT = "lowmem does its own quantisation (INT8 weights, 8-bit moments, INT4 projectors); remove the key"
-_NO_OFFLOAD = ("offloading is not supported: lowmem keeps its (small) state on the device; use a higher "
-               "zero_optimization.stage or more ranks instead")
-# key -> (refuses(value), why and what to do instead)
-_REFUSED_TOP: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "optimizer": (lambda v: True, "lowmem is the optimizer: remove this section and set optim.* (preset, rank, "
-                                  "betas, weight_decay, ...) in the YAML"),
-    "scheduler": (lambda v: True, "lowmem owns the learning-rate schedule: remove this section and set lr, "
-                                  "lr_schedule and warmup_steps in the YAML"),
-    "zero_force_ds_cpu_optimizer": (_truthy, "DeepSpeed's CPU optimizer is never used (lowmem updates on the "
-                                             "device); remove the key"),
-    "amp": (_enabled, "apex AMP is not supported: use \"bf16\": {\"enabled\": true}"),
-    "gradient_predivide_factor": (lambda v: v != 1, "lowmem averages the reduced low-rank gradients itself; use 1 "
-                                                    "or remove the key"),
-    "prescale_gradients": (_truthy, "lowmem averages the reduced low-rank gradients itself; use false or remove "
-                                    "the key"),
-    "sparse_gradients": (_truthy, "sparse embedding gradients are not supported; use false or remove the key"),
-    "pipeline": (lambda v: True, "pipeline parallelism is not supported (lowmem is data-parallel with ZeRO "
-                                 "stages); remove the section"),
-    "tensor_parallel": (lambda v: True, "tensor parallelism is not supported (lowmem is data-parallel with ZeRO "
-                                        "stages); remove the section"),
-    "sequence_parallel_size": (_above(1), "sequence parallelism is not supported; use 1 or remove the key"),
-    "communication_data_type": (lambda v: v not in ("fp32", AUTO, None),
-                                "lowmem reduces low-rank gradients in fp32; use \"fp32\" or remove the key"),
-}
-_REFUSED_ZERO: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "offload_optimizer": (_offloads, _NO_OFFLOAD),
-    "offload_param": (_offloads, _NO_OFFLOAD),
-    "cpu_offload": (_truthy, _NO_OFFLOAD),
-    "cpu_offload_param": (_truthy, _NO_OFFLOAD),
-    "zero_quantized_weights": (_truthy, _OWN_QUANT),
-    "zero_quantized_gradients": (_truthy, _OWN_QUANT),
-    "zero_quantized_nontrainable_weights": (_truthy, _OWN_QUANT),
-    "zero_hpz_partition_size": (_above(1), _OWN_QUANT),
-    "mics_shard_size": (_above(0), "MiCS sub-group sharding is not supported: lowmem partitions state across all "
-                                   "ranks; remove the key"),
-}
 _TOP_KEYS = (*_BATCH_KEYS, "gradient_clipping", "bf16", "bfloat16", "fp16", "zero_optimization", "data_types",
              "zero_allow_untested_optimizer", "flops_profiler", *_LOGGING, *_MONITORS, *_REFUSED_TOP)
 _ZERO_KEYS = ("stage", *_ZERO_PERF, *_REFUSED_ZERO)

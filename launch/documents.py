@@ -1,8 +1,9 @@
 """Training documents from files: the embedded default set, one file, or a directory of them.
 
 Sources (`load_documents`): the embedded default data set (English prose from the Python documentation, shipped by
-the Debian package `python3-doc`), one file, or a directory of *.jsonl / *.txt / *.md / *.rst files. A JSONL line is
-one of
+the Debian package `python3-doc`), one file, or a directory of *.jsonl / *.txt / *.md / *.rst / *.parquet files, or a
+local Hugging Face data set (a `save_to_disk` directory, .parquet / .arrow files: launch.hf_datasets, whose rows
+follow the same mapping, errors naming file:row). A JSONL line is one of
     {"text": "..."}                                         plain text (the key is `data.text_field`), loss on all of it
     {"messages": [{"role": ..., "content": ...}, ...]}      chat, rendered by the tokenizer's chat template, loss only
                                                             on assistant turns
@@ -20,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launch.hf_datasets import hf_disk_files, iter_rows, table_kind
+
 __all__ = ["DEFAULT_DOC_FOLDERS", "DataError", "Document", "PYTHON_DOCS_GLOB", "data_files", "default_text_files",
            "load_documents"]
 
 PYTHON_DOCS_GLOB = "/usr/share/doc/python3*/html/_sources"
 DEFAULT_DOC_FOLDERS = ("tutorial", "howto", "faq", "whatsnew")
-_DIR_SUFFIXES = (".jsonl", ".txt", ".md", ".rst")
+_DIR_SUFFIXES = (".jsonl", ".txt", ".md", ".rst", ".parquet")
 _JSONL_SUFFIXES = (".jsonl", ".json")
 _SKIP_HINT = "fix the line, or set data.skip_bad_lines=true to skip (and count) such lines"
 
@@ -76,6 +79,9 @@ def data_files(path: str | os.PathLike | None, fmt: str) -> list[tuple[Path, str
     if not root.exists():
         raise DataError(f"data.path {str(path)!r} does not exist (resolved to {root.resolve()}); give an existing "
                         "file or directory, or data.path=null for the embedded default data set.")
+    saved = hf_disk_files(root) if root.is_dir() else None   # a `datasets.save_to_disk` directory
+    if saved is not None:
+        return [(f, "arrow") for f in saved]
     if root.is_dir():
         files = sorted(f for f in root.rglob("*") if f.is_file() and f.name.lower().endswith(_DIR_SUFFIXES)
                        and not any(part.startswith(".") for part in f.relative_to(root).parts))
@@ -83,8 +89,8 @@ def data_files(path: str | os.PathLike | None, fmt: str) -> list[tuple[Path, str
         files = [root]
     if fmt not in ("auto", "jsonl", "text"):
         raise DataError(f"data.format must be 'auto', 'jsonl' or 'text', got {fmt!r}")
-    return [(f, fmt if fmt != "auto" else "jsonl" if f.name.lower().endswith(_JSONL_SUFFIXES) else "text")
-            for f in files]
+    return [(f, fmt if fmt != "auto" else table_kind(f) or ("jsonl" if f.name.lower().endswith(_JSONL_SUFFIXES)
+                                                              else "text")) for f in files]
 
 
 def _read_text(file: Path) -> str:
@@ -154,6 +160,21 @@ def _load_jsonl(file: Path, text_field: str, skip_bad: bool, stats: dict) -> lis
     return docs
 
 
+def _load_table(file: Path, kind: str, text_field: str, skip_bad: bool, stats: dict) -> list[Document]:
+    """Rows of a parquet / arrow file (launch.hf_datasets) through the JSONL field mapping; errors name file:row."""
+    docs = []
+    for number, row in iter_rows(file, kind):
+        parsed = _parse_record(row, text_field)
+        if isinstance(parsed, str):
+            if not skip_bad:
+                raise DataError(f"{file}:{number}: {parsed}; fix the row, or set "
+                                "data.skip_bad_lines=true to skip (and count) such rows.")
+            stats["bad_lines_skipped"] += 1
+            continue
+        docs.append(Document(kind=parsed[0], source=f"{file}:{number}", **parsed[1]))
+    return docs
+
+
 def load_documents(path: str | os.PathLike | None, cfg: Any, *, stats: dict | None = None) -> list[Document]:
     """Documents of `path` (None: the embedded default set) read with cfg.format / text_field / skip_bad_lines.
 
@@ -167,6 +188,8 @@ def load_documents(path: str | os.PathLike | None, cfg: Any, *, stats: dict | No
         bad_before = counts["bad_lines_skipped"]
         if fmt == "jsonl":
             found = _load_jsonl(file, getattr(cfg, "text_field", "text"), skip_bad, counts)
+        elif fmt in ("parquet", "arrow"):
+            found = _load_table(file, fmt, getattr(cfg, "text_field", "text"), skip_bad, counts)
         else:
             text = _read_text(file)
             found = [Document(kind="text", source=str(file), text=text)] if text.strip() else []

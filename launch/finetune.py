@@ -13,9 +13,10 @@ The run, top to bottom: resolve the config (and the DeepSpeed JSON); open the pr
 processes; check output_dir is writable; memory preflight (refuses a run that will not fit unless force=true; from
 the model config alone, before any weight is loaded); load model and tokenizer; tokenize and pack the data (cached
 on disk); prepare the lowmem runtime (INT8 linears, optimizer state, backward hooks); resume from the latest
-checkpoint when there is one; train with a progress bar, a JSONL log line per step, held-out evaluation every
-eval_every steps and checkpoints every save_every steps (and on Ctrl-C / SIGTERM); at the end save, export a bf16
-Hugging Face model and write report.md with loss and memory curves.
+checkpoint when there is one; train with a progress bar, a JSONL log line per step (plus TensorBoard / W&B with
+log_to: launch.loggers), held-out evaluation every eval_every steps and checkpoints every save_every steps (and on
+Ctrl-C / SIGTERM); at the end save, export a bf16 Hugging Face model with its model card (README.md) and write
+report.md with loss and memory curves.
 """
 from __future__ import annotations
 
@@ -161,7 +162,8 @@ def _train(par, progress: dict) -> dict:
     from launch.data import BatchSampler, build_data
     from launch.models import cache_root, load_model, load_model_config
     from launch.preflight import check as preflight
-    from launch.report import StepLog, read_log, write_report
+    from launch.loggers import RunLogger
+    from launch.report import read_log, write_report
     from lowmem.checkpoint.store import python_random_state, resolve_resume, save_checkpoint, set_python_random_state
     from lowmem.checkpoint.distributed import load_any_checkpoint, save_distributed_checkpoint
 
@@ -222,7 +224,7 @@ def _train(par, progress: dict) -> dict:
                 f"micro-batch step; this run uses {par.world_size} with {global_rows}: the optimizer state was "
                 "redistributed and the data order continues, but the global batch changed", flush=True)
 
-    log = StepLog(out / "train_log.jsonl", append=resume_from is not None) if main else None
+    log = RunLogger(out, cfg.log_to, append=resume_from is not None, config=cfg.to_dict(), say=say) if main else None
     config_yaml = config_to_yaml(cfg)
     if main:
         (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
@@ -277,6 +279,8 @@ def _train(par, progress: dict) -> dict:
                 record["comm_bytes"] = stats["comm_bytes"]
             if main and ((step + 1) % cfg.log_every == 0 or stats["skipped"]):
                 log.write(record)
+            if main and stats["refreshed"]:
+                log.write({"kind": "refresh", "step": step + 1, "layers": list(stats["refreshed"])})
             bar.update(1)
             if main and bar.disable and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps):
                 # No terminal (a log file, CI): one line per logged step instead of a bar.
@@ -309,6 +313,9 @@ def _train(par, progress: dict) -> dict:
     if last_eval is None or cfg.max_steps % max(cfg.eval_every, 1):
         last_eval = run_eval(steps_done)
     export_dir = runtime.export(out / "model", tokenizer=tokenizer) if cfg.export else None
+    if main and export_dir is not None:
+        write_card(export_dir, cfg, steps=steps_done, eval_loss=last_eval,
+                   extra={"tokens per step": tokens_per_step, "sequence length": cfg.seq_len})
     if not main:
         return {"export": None, "checkpoint": str(final_ckpt), "eval_loss": last_eval, "step": steps_done,
                 "report": None, "main": False}
@@ -325,6 +332,16 @@ def _train(par, progress: dict) -> dict:
             "eval_loss": last_eval, "step": steps_done}
 
 
+def write_card(export_dir: Path, cfg: TrainConfig, *, steps: int, eval_loss: float | None, extra: dict) -> Path:
+    """README.md model card next to the exported weights (lowmem.checkpoint.model_card): a Hub-ready directory."""
+    from launch.models import EMBEDDED_HUB_ID, EMBEDDED_MODEL
+    from lowmem.checkpoint.model_card import write_model_card
+    base = EMBEDDED_HUB_ID if cfg.model == EMBEDDED_MODEL else cfg.model
+    data = cfg.data.path if cfg.data.path is not None else "the Python documentation (python3-doc), lowmem's default"
+    return write_model_card(export_dir, base_model=base, datasets=[data], steps=steps, method=cfg.lowmem_config(),
+                            eval_loss=eval_loss, extra=extra)
+
+
 def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
     """`launch.finetune export CHECKPOINT OUT`: rebuild the run's model, load the checkpoint, write bf16 HF."""
     from hooks.runtime import prepare
@@ -334,12 +351,15 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
     path = Path(checkpoint)
     if not path.exists():
         raise UsageError(f"checkpoint {path} does not exist; checkpoints live in <output_dir>/checkpoints/step-N")
-    model_state, _, meta = load_any_checkpoint(path)
+    model_state, runtime_state, meta = load_any_checkpoint(path)
     cfg = config_from_dict(meta["meta"]["config"])
     loaded = load_model(cfg.model, dtype=torch.float32, tokenizer=cfg.tokenizer, seed=cfg.seed)
     runtime = prepare(loaded.model, cfg.lowmem_config())
     loaded.model.load_state_dict(model_state)
-    return runtime.export(out_dir, tokenizer=loaded.tokenizer)
+    exported = runtime.export(out_dir, tokenizer=loaded.tokenizer)
+    write_card(exported, cfg, steps=runtime_state["lowmem"]["global_step"], eval_loss=None,
+               extra={"exported from": str(path)})
+    return exported
 
 
 def config_from_dict(config: dict) -> TrainConfig:

