@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lowmem.optim.moments import adam_direction_bound
+from quant.bf16 import sr_to_bf16
 from quant.moments8 import dequantize_moment8, dynamic_map, quantize_moment8
 
 STATE_BITS = (8, 32)
@@ -66,7 +67,7 @@ def state_bits(state: dict[str, Tensor]) -> int:
 
 def float_adamw_update_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta1: float,
                         beta2: float, eps: float, weight_decay: float, block_size: int = 256,
-                        backend: str = "auto") -> None:
+                        backend: str = "auto", sr_key: tuple[int, int] | None = None) -> None:
     """One AdamW step on `param` in place, with torch.optim.AdamW's semantics.
 
     param: any shape, fp32/bf16/fp16. grad: param's shape, any float dtype (read as fp32). state: from
@@ -77,9 +78,11 @@ def float_adamw_update_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *
       m <- β1·m + (1 − β1)·g ;  v <- β2·v + (1 − β2)·g²
       p <- p − (lr / (1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + ε)  ε outside the square root
 
-    All arithmetic is fp32; a bf16/fp16 param is read as fp32 and written back rounded to nearest in its dtype. A
-    bf16 param therefore loses updates smaller than half its unit in the last place (about |p|·2⁻⁹): stochastic
-    rounding for bf16 float parameters is not in scope here (the INT8 linears get SR, DESIGN §3.1).
+    All arithmetic is fp32; a bf16/fp16 param is read as fp32 and written back rounded to nearest in its dtype, so
+    a bf16 param loses updates smaller than half its unit in the last place (about |p|·2⁻⁹). sr_key = (seed,
+    stream): a bf16 param is written with stochastic rounding instead (quant.bf16.sr_to_bf16, unbiased), the noise
+    keyed by (seed, stream, t) and the element's flat index, so a resumed run and every data-parallel rank write
+    the same bits (DESIGN §3.1). fp32 params are unaffected; fp16 params keep round-to-nearest.
 
     bits=8 (`block_size` must be the one the state was made with): dequantize both moments to fp32, update as
     above with the direction m̂ / (√v̂ + ε) clamped to ±`adam_direction_bound(t)` (exact Adam never exceeds it; it
@@ -122,20 +125,30 @@ def float_adamw_update_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *
     step = int(state["step"]) + 1  # this update's t; the counter is advanced only once the update went through
     hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
                  weight_decay=float(weight_decay), step=step)
+    write = _copy_nearest_
+    if sr_key is not None and param.dtype == torch.bfloat16:
+        seed, stream = sr_key
+
+        def write(target: Tensor, value: Tensor) -> None:
+            target.copy_(sr_to_bf16(value, seed=seed, stream=stream, step=step))
     with torch.no_grad():
         if bits == 32:
-            _update_32bit_(param, grad, state, **hyper)
+            _update_32bit_(param, grad, state, write=write, **hyper)
         else:
             _check_8bit_layout(param, state, block_size)
             if backend == "bnb":
-                _update_8bit_bnb_(param, grad, state, block_size=block_size, **hyper)
+                _update_8bit_bnb_(param, grad, state, block_size=block_size, write=write, **hyper)
             else:
-                _update_8bit_twin_(param, grad, state, block_size=block_size, **hyper)
+                _update_8bit_twin_(param, grad, state, block_size=block_size, write=write, **hyper)
         state["step"] += 1
 
 
+def _copy_nearest_(target: Tensor, value: Tensor) -> None:
+    target.copy_(value)
+
+
 def _update_32bit_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta1: float,
-                   beta2: float, eps: float, weight_decay: float, step: int) -> None:
+                   beta2: float, eps: float, weight_decay: float, step: int, write) -> None:
     # Same op sequence as torch.optim.adamw's single-tensor path, on an fp32 view of the param.
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     g = grad.to(torch.float32)
@@ -148,7 +161,7 @@ def _update_32bit_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr:
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
     if p is not param:
-        param.copy_(p)
+        write(param, p)
 
 
 def _check_8bit_layout(param: Tensor, state: dict[str, Tensor], block_size: int) -> None:
@@ -165,7 +178,7 @@ def _check_8bit_layout(param: Tensor, state: dict[str, Tensor], block_size: int)
 
 
 def _update_8bit_twin_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta1: float,
-                       beta2: float, eps: float, weight_decay: float, step: int, block_size: int) -> None:
+                       beta2: float, eps: float, weight_decay: float, step: int, block_size: int, write) -> None:
     # Order of operations as in bnb's pure-torch reference for "adam" (8-bit blockwise), plus the direction bound.
     exp_avg = dequantize_moment8(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True,
                                  block_size=block_size, dtype=torch.float32)
@@ -188,7 +201,7 @@ def _update_8bit_twin_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *,
     for name, value, signed in (("exp_avg", exp_avg, True), ("exp_avg_sq", exp_avg_sq, False)):
         encoded[f"{name}_codes"], encoded[f"{name}_absmax"] = quantize_moment8(
             value, signed=signed, block_size=block_size, squared=not signed)
-    param.copy_(p)
+    write(param, p)
     for key, value in encoded.items():
         state[key].copy_(value)
 
@@ -206,7 +219,7 @@ def _bnb_qmap(device: torch.device, signed: bool) -> Tensor:
 
 
 def _update_8bit_bnb_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta1: float,
-                      beta2: float, eps: float, weight_decay: float, step: int, block_size: int) -> None:
+                      beta2: float, eps: float, weight_decay: float, step: int, block_size: int, write) -> None:
     # Any device bnb has the op for (CUDA; recent bnb also ships a CPU version, which the unit tests use).
     if block_size != _BNB_BLOCK_SIZE or grad.dtype != param.dtype or param.dtype not in _BNB_DTYPES:
         raise ValueError(f"bnb's 8-bit Adam kernel needs block_size {_BNB_BLOCK_SIZE} and grad dtype == param dtype "
@@ -214,12 +227,16 @@ def _update_8bit_bnb_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, 
     if not param.is_contiguous():
         raise ValueError("bnb's 8-bit Adam kernel needs a contiguous param")
     import bitsandbytes.functional as bnbf
+    # stochastic rounding of a bf16 param: the kernel updates an fp32 copy, which is then rounded by `write`
+    target = param if write is _copy_nearest_ else param.float()
     bnbf.optimizer_update_8bit_blockwise(
-        "adam", grad.contiguous(), param, state["exp_avg_codes"], state["exp_avg_sq_codes"],
+        "adam", grad.to(target.dtype).contiguous(), target, state["exp_avg_codes"], state["exp_avg_sq_codes"],
         beta1=beta1, beta2=beta2, beta3=0.0, alpha=0.0, eps=eps, step=step, lr=lr,
         qmap1=_bnb_qmap(param.device, True), qmap2=_bnb_qmap(param.device, False),
         absmax1=state["exp_avg_absmax"], absmax2=state["exp_avg_sq_absmax"], weight_decay=weight_decay,
         gnorm_scale=1.0, skip_zeros=False)
+    if target is not param:
+        write(param, target)
 
 
 class FloatAdamW(torch.optim.Optimizer):

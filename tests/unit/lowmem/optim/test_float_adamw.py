@@ -385,3 +385,52 @@ def test_twin_matches_bnb_kernel(device, dtype, weight_decay):
     travelled = (p_twin.float() - init.float()).norm()
     assert (p_bnb.float() - p_twin.float()).norm() <= 0.02 * travelled
     assert int(s_bnb["step"]) == int(s_twin["step"]) == 12
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_bf16_param_with_stochastic_rounding_tracks_fp32_adamw(bits):
+    """Updates of lr = 1e-3 down from bf16 weights of 1.0 (ulp 2**-8 below 1: each update is 1/4 ulp). Reference:
+    torch.optim.AdamW on an fp32 copy. Round-to-nearest never moves; with sr_key the mean follows the reference.
+    Bound: the rounding errors are zero-mean with variance <= ulp²/4 each (ulp <= 2**-7 on [0.5, 2)), so after
+    100 steps the mean over 4096 elements is within 6·sqrt(100/4)·2**-7/64 = 3.7e-3 of the reference's mean. The
+    gradient is constant and positive, so the 8-bit moments sit at their block's absmax, which both maps hold
+    exactly (the signed map has no -1: a negative constant gradient would lose 0.7% per step to the map)."""
+    lr, steps = 1e-3, 100
+    hyper = dict(lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    sr = torch.ones(64, 64, dtype=torch.bfloat16)
+    nearest = sr.clone()
+    s_sr, s_rn = init_float_adamw_state(sr, bits=bits), init_float_adamw_state(nearest, bits=bits)
+    ref = torch.nn.Parameter(torch.ones(64, 64))
+    ref_opt = torch.optim.AdamW([ref], lr=lr, weight_decay=0.0)
+    grad = torch.ones(64, 64)
+    for _ in range(steps):
+        float_adamw_update_(sr, grad.bfloat16(), s_sr, sr_key=(0, 5), **hyper)
+        float_adamw_update_(nearest, grad.bfloat16(), s_rn, **hyper)
+        ref.grad = grad.clone()
+        ref_opt.step()
+    assert bool((nearest == 1.0).all())
+    moved = 1.0 - float(ref.detach().mean())
+    assert moved == pytest.approx(0.1, rel=0.01)
+    assert abs(float(sr.double().mean()) - float(ref.detach().double().mean())) <= 3.7e-3 + 1e-3 * moved
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_stochastic_rounding_is_reproducible(bits):
+    """Same (seed, stream) and step counter -> the same bits (resume, data-parallel ranks); another stream -> other
+    bits; fp32 params ignore sr_key."""
+    g = torch.Generator().manual_seed(3)
+    init = torch.randn(40, 70, generator=g).bfloat16()
+    grads = [torch.randn(40, 70, generator=g).bfloat16() for _ in range(3)]
+
+    def run(key, param=None):
+        p = init.clone() if param is None else param
+        state = init_float_adamw_state(p, bits=bits)
+        for gr in grads:
+            float_adamw_update_(p, gr.to(p.dtype), state, sr_key=key, **HYPER, weight_decay=0.0)
+        return p
+
+    a = run((1, 2))
+    assert torch.equal(a, run((1, 2)))
+    assert not torch.equal(a, run((1, 3)))
+    fp32 = run((1, 2), init.float())
+    assert torch.equal(fp32, run(None, init.float()))
