@@ -68,18 +68,47 @@ def test_full_rank_twin_equals_torch_adamw():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def _low_rank_only(model):
+    """Freeze everything except the two hidden linears' weights, so the loss can only fall through the low-rank
+    updates (the head, norm and biases alone took the loss from 0.87 to 0.27 with the low-rank updates scaled by
+    1e-6, which the smoke version of the test below could not tell from a working preset)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in ("up.weight", "down.weight"))
+    return model
+
+
+def _mean_last(losses, k=10):
+    return sum(losses[-k:]) / k
+
+
 @pytest.mark.parametrize("name", ["galore", "q_galore", "galore_plus", "galore_ef", "galore_dynamics",
                                   "galore_dynamics_ef", "lowmem"])
 def test_every_preset_trains(name):
-    cfg = preset(name, rank=4, lr=2e-2, refresh_interval_steps=10, residual_warmup_steps=5, weight_block_size=16,
-                 moment_block_size=64, projector_group_size=64, exclude_modules=("head",),
-                 residual_modules=("up",), grad_clip=None)
+    """Only the hidden linears train (rank 4 of 24), 60 steps of a teacher regression. References on the same
+    batches: the untrained network (no learning) and the AdamW twin (full rank, fp32: torch.optim.AdamW, tested
+    above) at the same lr. Property: the preset closes at least 20% of the loss gap the twin closes (mean of the
+    last 10 steps; measured 30-37% over the presets, the twin reaching 0.31 from 1.29; a preset whose low-rank
+    update is scaled by 1e-6 closes under 1%)."""
+    common = dict(lr=2e-2, exclude_modules=("head",))
+    cfg = preset(name, rank=4, refresh_interval_steps=10, residual_warmup_steps=5, weight_block_size=16,
+                 moment_block_size=64, projector_group_size=64, residual_modules=("up",), grad_clip=None, **common)
     model = TinyNet()
     if cfg.int8_weights:
         to_int8(model)
+    _low_rank_only(model)
     opt = LowMemOptimizer(model, cfg)
+    assert {t.name for t in opt.trainables} == {"up.weight", "down.weight"}
     losses = train(model, opt, 60)
-    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10, (name, losses[:3], losses[-3:])
+
+    frozen = TinyNet()
+    with torch.no_grad():
+        untrained = [float(nn.functional.mse_loss(frozen(x), y)) for x, y in batches(60)]
+    twin = _low_rank_only(TinyNet())
+    twin_losses = train(twin, LowMemOptimizer(twin, preset("adamw_twin", **common)), 60)
+    gap = _mean_last(untrained) - _mean_last(twin_losses)
+    assert gap > 0.5  # the task is learnable by these two layers
+    closed = (_mean_last(untrained) - _mean_last(losses)) / gap
+    assert closed >= 0.2, (name, closed, _mean_last(losses), _mean_last(untrained), _mean_last(twin_losses))
     if cfg.residual_ratio > 0:
         up_state = opt.state[model.up.weight_q if cfg.int8_weights else model.up.weight]
         assert "res_idx" in up_state and up_state["res_idx"].numel() == -(-40 * 24 // 100)
