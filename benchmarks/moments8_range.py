@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from benchmarks.machine import machine_line
 from lowmem.optim.moments import adam_direction_bound
 from quant.moments8 import dequantize_moment8, quantize_moment8
 
@@ -88,6 +89,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
+    print(f"# {machine_line()}; {args.steps} steps, seed {args.seed}")
     print(f"{'case':<14} {'encoding':<14} {'max|N|':>10} {'fp32 max|N|':>12} {'worst rel err':>14}")
     for name, grads in _cases(args.steps, gen).items():
         ref = run_case(grads, None)
