@@ -193,8 +193,11 @@ def _update_8bit_twin_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *,
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     if weight_decay > 0.0:
         p.mul_(1.0 - lr * weight_decay)
+    # The direction bound as a floor on the denominator, |m̂| / bound: where it does not bind, the arithmetic is
+    # exactly bnb's reference order (addcdiv with lr / (1 - β1ᵗ) folded in).
     bound = adam_direction_bound(step, beta1, beta2)
-    p.add_(((exp_avg / bias_correction1) / denom).clamp_(-bound, bound), alpha=-lr)
+    torch.maximum(denom, exp_avg.abs().mul_(1.0 / (bias_correction1 * bound)), out=denom)
+    p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
     # Quantize before writing anything: quant.moments8 rejects non-finite moments, and a NaN gradient must then
     # leave param and state as they were.
     encoded = {}
