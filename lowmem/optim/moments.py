@@ -72,7 +72,8 @@ def moment_shape(state: dict[str, Tensor]) -> tuple[int, ...]:
 
 def adam_direction_bound(step: int, beta1: float, beta2: float) -> float:
     """Largest |N| exact Adam can produce at step t: max over all gradient sequences of
-    |m̂_t| / sqrt(v̂_t) (ε = 0), from Cauchy-Schwarz on m_t = (1-β1) Σ β1^(t-i) g_i against v_t = (1-β2) Σ β2^(t-i) g_i²:
+    |m̂_t| / sqrt(v̂_t) (ε = 0), from Cauchy-Schwarz on m_t = (1-β1) Σ β1^(t-i) g_i against
+    v_t = (1-β2) Σ β2^(t-i) g_i²:
 
         |m̂_t| / sqrt(v̂_t) <= (1-β1)/(1-β1ᵗ) · sqrt((1-β2ᵗ)/(1-β2)) · sqrt(Σ_{k<t} γᵏ),   γ = β1²/β2,
 

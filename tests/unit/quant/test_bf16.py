@@ -8,8 +8,10 @@ from quant.bf16 import sr_to_bf16
 def neighbours(x):
     """The two bf16 values around fp32 x, found without bit tricks: round toward zero and away from it."""
     down = x.to(torch.bfloat16)  # nearest; step to the other side where needed
-    below = torch.where(down.float() <= x, down.float(), torch.nextafter(down, torch.full_like(down, -torch.inf)).float())
-    above = torch.where(down.float() >= x, down.float(), torch.nextafter(down, torch.full_like(down, torch.inf)).float())
+    lower = torch.nextafter(down, torch.full_like(down, -torch.inf)).float()
+    upper = torch.nextafter(down, torch.full_like(down, torch.inf)).float()
+    below = torch.where(down.float() <= x, down.float(), lower)
+    above = torch.where(down.float() >= x, down.float(), upper)
     return below, above
 
 

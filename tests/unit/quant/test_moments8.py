@@ -133,7 +133,8 @@ def test_twin_error_bounds(signed, squared):
     scale = absmax.repeat_interleave(256)[:x.numel()].view(x.shape)
     err = (out - x).abs()
     worst = float((err / torch.where(scale > 0, scale, 1.0)).max())
-    print(f"moments8 signed={signed} squared={squared}: max |err| / absmax = {worst:.4f}, bound (largest gap / 2) = {max_gap / 2:.4f}")
+    print(f"moments8 signed={signed} squared={squared}: max |err| / absmax = {worst:.4f}, "
+          f"bound (largest gap / 2) = {max_gap / 2:.4f}")
     assert bool((err <= scale * (max_gap / 2 + 2**-22)).all())
     live = (scale > 0).reshape(-1)
     v = (x * (1.0 / scale)).reshape(-1)[live].double()

@@ -344,7 +344,8 @@ def test_twin_matches_bnb_kernel(device, dtype, weight_decay):
     the step) for fp32, to two bf16 ulps for bf16 (CUDA rounds twice when λ > 0); the same absmax to fp32
     rounding; dequantized moments within 1e-3 relative in mean for the first moment and for sqrt(v) (bnb's CPU op
     searches codes on a 65536-point grid of [0, 1], coarse against the squared map's small entries; measured
-    <= 2.3e-4 here, where the gradients span a small range). Over 12 steps the trajectories stay within 2% of the distance travelled.
+    <= 2.3e-4 here, where the gradients span a small range). Over 12 steps the trajectories stay within 2% of the
+    distance travelled.
     """
     if not _bnb_has_op(device):
         pytest.skip(f"this bitsandbytes has no 8-bit blockwise optimizer op for {device}")

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from lowmem.optim.moments import adam_direction_, adam_direction_bound, init_moments, load_moments, moment_shape, transfer_moments_
+from lowmem.optim.moments import (adam_direction_, adam_direction_bound, init_moments, load_moments, moment_shape,
+                                  transfer_moments_)
 
 
 def reference_adam(grads, beta1=0.9, beta2=0.999, eps=1e-8):
