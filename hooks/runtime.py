@@ -56,7 +56,7 @@ from lowmem.optim.lowrank import accumulate_, commit_, follower_state, init_lowr
 from lowmem.optimizer import float_param_bits, float_param_weight_decay
 from lowmem.schedule import lr_at
 from lowmem.model.surgery import convert_int8_to_linears, convert_linears_to_int8, split_fused_projections
-from lowmem.model.trainables import Trainable, collect_trainables, weight_target
+from lowmem.model.trainables import Trainable, collect_trainables, sr_key, weight_target
 
 from hooks.state import RuntimeState
 from hooks.zero3 import WeightPartition
@@ -370,7 +370,7 @@ class Runtime(RuntimeState):
                 clip_coef = min(1.0, cfg.grad_clip / (math.sqrt(sq_norm) + 1e-6))
         float_adamw_update_(item.tensor.data, grad if clip_coef == 1.0 else grad * clip_coef,
                             self.states[item.index], lr=self._lr, beta1=cfg.betas[0], beta2=cfg.betas[1],
-                            eps=cfg.eps, weight_decay=float_param_weight_decay(item))
+                            eps=cfg.eps, weight_decay=float_param_weight_decay(item), sr_key=sr_key(item))
         self._sq_norms[item.index] = sq_norm
         if self.dp is not None:
             self.dp.broadcast_param_(item.index, item.tensor)

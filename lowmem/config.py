@@ -259,8 +259,9 @@ class LowMemConfig:
                                   "True or False.", _bool)
     weight_block_size: int = _f(256, "Elements per absmax block of INT8 weights along the input dim; int >= 1.",
                                 _int(1))
-    stochastic_rounding: bool = _f(True, "Round INT8 weight updates stochastically (unbiased) instead of to "
-                                         "nearest; True or False.", _bool)
+    stochastic_rounding: bool = _f(True, "Round weight updates stochastically (unbiased) instead of to nearest: "
+                                         "INT8 weights, and bf16 float weights (norms, embeddings, lm_head, float "
+                                         "linears); True or False.", _bool)
     target_modules: tuple[str, ...] = _f(("*",), "fnmatch patterns of nn.Linear module names that get the low-rank "
                                          "treatment.", _patterns)
     exclude_modules: tuple[str, ...] = _f(("*lm_head", "*embed*"), "fnmatch patterns of module names excluded from "

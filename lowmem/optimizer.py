@@ -26,7 +26,7 @@ from lowmem.config import LowMemConfig
 from lowmem.optim.float_adamw import float_adamw_update_, init_float_adamw_state
 from lowmem.optim.linop import DenseGrad, squared_norm
 from lowmem.optim.lowrank import init_lowrank_state, lowrank_update_
-from lowmem.model.trainables import Trainable, collect_trainables, weight_target
+from lowmem.model.trainables import Trainable, collect_trainables, sr_key, weight_target
 
 _DENSE_GRAD_ATTR = "_lowmem_dense_grad"
 
@@ -116,7 +116,7 @@ class LowMemOptimizer(torch.optim.Optimizer):
                 g = grad if coef == 1.0 else grad * coef
                 float_adamw_update_(item.tensor.data, g, state, lr=lr, beta1=item.config.betas[0],
                                     beta2=item.config.betas[1], eps=item.config.eps,
-                                    weight_decay=float_param_weight_decay(item))
+                                    weight_decay=float_param_weight_decay(item), sr_key=sr_key(item))
             else:
                 stats = lowrank_update_(item.spec, item.config, state, DenseGrad(grad), weight_target(item),
                                         global_step=self.global_step, lr=lr, clip_coef=global_coef)

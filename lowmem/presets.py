@@ -30,7 +30,6 @@ _GALORE: dict[str, Any] = {
     "cross_head": False,
     "residual_ratio": 0.0,
     "int8_weights": False,
-    "stochastic_rounding": False,
     "optim_bits": 32,
     "float_optim_bits": 32,
     "error_feedback": "off",
@@ -66,7 +65,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "residual_ratio": 0.01,
         "residual_modules": ("*q_proj", "*k_proj"),
         "int8_weights": False,
-        "stochastic_rounding": False,
         "projector_bits": 32,
         "refresh": "fixed",
         "refresh_interval_steps": 200,
@@ -100,12 +98,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 PRESET_DESCRIPTIONS: dict[str, str] = {
     "galore": "GaLore (Zhao et al. 2024, 'GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection'): "
-              "exact SVD every 200 steps, fp32 projectors and moments, float weights.",
+              "exact SVD every 200 steps, fp32 projectors and moments, float weights (bf16 ones updated with "
+              "stochastic rounding).",
     "q_galore": "Q-GaLore (2024, 'Q-GaLore: Quantized GaLore with INT4 Projection and Layer-Adaptive "
                 "Low-Rank Gradients'): INT8 weights with stochastic rounding, INT4 projectors, lazy refresh, "
                 "8-bit moments.",
     "galore_plus": "GaLore+ (2024, 'GaLore+: Boosting Low-Rank Adaptation for LLMs with Cross-Head "
-                   "Projection'): cross-head randomized projectors for q/k and 1% sparse residuals.",
+                   "Projection'): cross-head randomized projectors for q/k and 1% sparse residuals; float weights "
+                   "(bf16 ones updated with stochastic rounding).",
     "galore_ef": "GaLore-error-feedback ('Approximations may be all you need: Towards Pre-training LLMs with "
                  "Low-Rank Decomposition and Optimizers'): GaLore plus bf16 error feedback, weight 0.1.",
     "galore_dynamics": "GaLore-dynamics ('Approximations may be all you need'): GaLore with the refresh interval "

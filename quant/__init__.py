@@ -1,10 +1,13 @@
 """quant: pure tensor kernels for lowmem (torch only; bitsandbytes is imported lazily, on CUDA).
 
 - noise:    counter-based uniform noise, reproducible on every device and rank
+- bf16:     stochastic rounding of fp32 values to bfloat16 with that noise (float weights)
 - int8:     blockwise INT8 weights, nearest and stochastic rounding, chunked in-place SR update
 - int4:     packed 4-bit codes with per-group scales (projectors)
-- moments8: bitsandbytes' 8-bit dynamic blockwise codec (optimizer moments), with a pure-torch twin
+- moments8: bitsandbytes' 8-bit dynamic blockwise codec (optimizer moments; second moments on the squared map),
+            with a pure-torch twin
 """
+from quant.bf16 import sr_to_bf16
 from quant.int4 import pack_int4, unpack_int4
 from quant.int8 import BLOCK_SIZE, dequantize_int8, quantize_int8, sr_update_int8_
 from quant.moments8 import dequantize_moment8, dynamic_map, quantize_moment8
@@ -19,6 +22,7 @@ __all__ = [
     "pack_int4",
     "quantize_int8",
     "quantize_moment8",
+    "sr_to_bf16",
     "sr_update_int8_",
     "unpack_int4",
 ]

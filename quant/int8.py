@@ -162,9 +162,13 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, *, block_size: int = 
     check_values=False skips the finiteness check of the scales (a device synchronisation on CUDA): for hot paths
     whose scales come from quantize_int8 / sr_update_int8_, which only ever write finite scales.
 
+    float16 output: values beyond fp16's largest finite value (65504) would round to inf. With check_values=True
+    they raise ValueError (naming the largest |w| and the dtypes that hold it); with check_values=False (no device
+    synchronisation) they saturate to ±65504, so a forward pass stays finite.
+
     Args:
         q: int8 (m, n); scales: float (m, ceil(n / block_size)), finite (fp32 from quantize_int8).
-        dtype: output dtype; the product is formed in fp32 and then rounded to dtype.
+        dtype: output dtype; the product is formed in fp32 and then rounded to dtype (float16: see above).
         row_start, row_end: 0 <= row_start <= row_end <= m (row_end None means m).
     Returns:
         (row_end - row_start, n) tensor of `dtype` on q's device (empty when the range or n is empty).
@@ -180,6 +184,15 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, *, block_size: int = 
     if check_values:
         _checks.finite(scales[row_start:row_end], "scales")
     out = _dequantize_rows(q[row_start:row_end], scales[row_start:row_end], block_size)
+    if dtype == torch.float16:
+        fp16_max = torch.finfo(torch.float16).max
+        if check_values and out.numel():
+            largest = float(out.abs().max())
+            if largest > fp16_max:
+                raise ValueError(f"dequantized weight has |w| up to {largest:.6g}, beyond float16's largest finite "
+                                 f"value {fp16_max:.0f}: dequantize to float32 or bfloat16, or pass "
+                                 "check_values=False to saturate at ±65504")
+        out = out.clamp_(-fp16_max, fp16_max)
     return out if dtype == torch.float32 else out.to(dtype)
 
 

@@ -22,6 +22,16 @@ nearest, so the CPU twin deliberately does not follow bitsandbytes' CPU kernel.
 
 Error: |x - decode(code)| <= absmax * (largest gap between adjacent map entries) / 2, since the nearest entry is at
 most half a gap away; tests derive the gap from the map itself.
+
+Second moments: the squared map (`squared=True`, unsigned only). The unsigned map reaches down to 1.6e-7 * absmax
+and rounds anything smaller to 0; a second moment v = E[g^2] spans the square of the gradient's dynamic range, so a
+block whose gradients differ by 2.5e3 or more (rare embedding rows, the small singular directions of a projected
+gradient) loses its small v to 0 while their first moment survives, and Adam's m / (sqrt(v) + eps) then explodes
+to m / eps. The squared map holds map_u[k]**2: v is stored with absmax = max v, and decodes to
+absmax * map_u[k]**2, i.e. sqrt(v) = sqrt(absmax) * map_u[k] -- the unsigned map applied to sqrt(v), which has the
+gradient's dynamic range (to 1.6e-7 of the block's largest |g|, like the first moment's signed map). Codes are
+the nearest entry in v (what bitsandbytes' fused 8-bit Adam kernel does when handed this map as qmap2), so the same
+state works on both paths.
 """
 from __future__ import annotations
 
@@ -38,12 +48,13 @@ _CHUNK_ELEMS_GPU = 1 << 24
 _EXPONENT_BITS = 7
 _MAP_SIZE = 256
 
-_maps: dict[tuple[bool, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_maps: dict[tuple[bool, bool, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def _build_map(signed: bool) -> torch.Tensor:
+def _build_map(signed: bool, squared: bool = False) -> torch.Tensor:
     """The 256 map values, built from their definition: for decade e = 0..6 the bin centres of 2**e (signed) or
-    2**(e+1) (unsigned) equal bins of [0.1, 1], times 10**(e-6), with both signs when signed; plus 0 and 1."""
+    2**(e+1) (unsigned) equal bins of [0.1, 1], times 10**(e-6), with both signs when signed; plus 0 and 1.
+    squared: the unsigned values squared (fp32), for second moments (module docstring)."""
     values = [torch.tensor([0.0, 1.0])]
     for decade in range(_EXPONENT_BITS):
         n_bins = 2 ** decade if signed else 2 ** (decade + 1)
@@ -53,27 +64,31 @@ def _build_map(signed: bool) -> torch.Tensor:
         if signed:
             values.append(-magnitudes)
     table = torch.sort(torch.cat(values)).values
+    if squared:
+        table = table * table
     assert table.numel() == _MAP_SIZE and bool((table[1:] > table[:-1]).all())
     return table
 
 
-def _cached(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _cached(signed: bool, device: torch.device, squared: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(map (256,), midpoints padded with +inf (256,), bucket table (2**17,) int32) on device, built once."""
-    key = (bool(signed), str(device))
+    key = (bool(signed), bool(squared), str(device))
     if key not in _maps:
-        cpu_key = (bool(signed), "cpu")
+        cpu_key = (bool(signed), bool(squared), "cpu")
         if cpu_key not in _maps:
-            table = _build_map(signed)
+            table = _build_map(signed, squared)
             midpoints = torch.cat([(table[:-1] + table[1:]) * 0.5, torch.tensor([float("inf")])])
             _maps[cpu_key] = (table, midpoints, _build_bucket_table(midpoints))
         _maps[key] = tuple(t.to(device) for t in _maps[cpu_key])
     return _maps[key]
 
 
-def dynamic_map(signed: bool = True) -> torch.Tensor:
+def dynamic_map(signed: bool = True, *, squared: bool = False) -> torch.Tensor:
     """fp32 (256,) sorted map values in [-1, 1] (signed) or [0, 1] (unsigned); a fresh CPU tensor. Equal to
-    bitsandbytes.functional.create_dynamic_map(signed=signed)."""
-    return _cached(signed, torch.device("cpu"))[0].clone()
+    bitsandbytes.functional.create_dynamic_map(signed=signed). squared=True (unsigned only): that map's values
+    squared, the second-moment map (module docstring)."""
+    return _cached(_check_signed(signed, squared), torch.device("cpu"), squared)[0].clone()
 
 
 def _use_bnb(device: torch.device, block_size: int):
@@ -86,9 +101,13 @@ def _use_bnb(device: torch.device, block_size: int):
     return bnb_functional
 
 
-def _check_signed(signed) -> bool:
+def _check_signed(signed, squared=False) -> bool:
     if not isinstance(signed, bool):
         raise TypeError(f"signed must be a bool, got {type(signed).__name__}")
+    if not isinstance(squared, bool):
+        raise TypeError(f"squared must be a bool, got {type(squared).__name__}")
+    if signed and squared:
+        raise ValueError("squared=True is the second-moment map and needs signed=False")
     return signed
 
 
@@ -133,8 +152,8 @@ def _nearest_codes(v: torch.Tensor, midpoints: torch.Tensor, buckets: torch.Tens
 
 
 def quantize_moment8(x: torch.Tensor, *, signed: bool, block_size: int = BLOCK_SIZE,
-                     check_values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode x blockwise with the dynamic map.
+                     check_values: bool = True, squared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode x blockwise with the dynamic map (squared=True: the second-moment map, see the module docstring).
 
     check_values=False skips the finiteness and sign checks of x (device synchronisations on CUDA) for hot paths
     whose input is known good (lowmem's optimizer state, updated only from verified-finite gradients).
@@ -148,7 +167,7 @@ def quantize_moment8(x: torch.Tensor, *, signed: bool, block_size: int = BLOCK_S
         codes tensor of x's shape and absmax (0,).
     """
     _checks.floating(x, "x")
-    signed = _check_signed(signed)
+    signed = _check_signed(signed, squared)
     block_size = _checks.integer(block_size, "block_size", minimum=1)
     if check_values:
         _checks.finite(x, "x")
@@ -162,12 +181,12 @@ def quantize_moment8(x: torch.Tensor, *, signed: bool, block_size: int = BLOCK_S
                 torch.empty(0, dtype=torch.float32, device=x.device))
     bnb_functional = _use_bnb(x.device, block_size)
     if bnb_functional is not None:
-        table = _cached(signed, x.device)[0]
+        table = _cached(signed, x.device, squared)[0]
         codes, state = bnb_functional.quantize_blockwise(x.contiguous(), code=table, blocksize=block_size)
         absmax = state.absmax
         _zero_empty_blocks_(codes.view(-1), absmax, block_size)
         return codes, absmax
-    return _quantize_twin(x, signed, block_size, n_blocks)
+    return _quantize_twin(x, signed, block_size, n_blocks, squared)
 
 
 def _zero_empty_blocks_(codes: torch.Tensor, absmax: torch.Tensor, block_size: int) -> None:
@@ -187,8 +206,8 @@ def _block_chunks(n_blocks: int, block_size: int, device: torch.device):
         yield b0, min(n_blocks, b0 + blocks_per_chunk)
 
 
-def _quantize_twin(x: torch.Tensor, signed: bool, block_size: int, n_blocks: int):
-    _, midpoints, buckets = _cached(signed, x.device)
+def _quantize_twin(x: torch.Tensor, signed: bool, block_size: int, n_blocks: int, squared: bool = False):
+    _, midpoints, buckets = _cached(signed, x.device, squared)
     flat = x.reshape(-1)
     numel = flat.numel()
     codes = torch.empty(numel, dtype=torch.uint8, device=x.device)
@@ -209,9 +228,11 @@ def _quantize_twin(x: torch.Tensor, signed: bool, block_size: int, n_blocks: int
 
 
 def dequantize_moment8(codes: torch.Tensor, absmax: torch.Tensor, *, signed: bool, block_size: int = BLOCK_SIZE,
-                       dtype: torch.dtype = torch.float32, check_values: bool = True) -> torch.Tensor:
+                       dtype: torch.dtype = torch.float32, check_values: bool = True,
+                       squared: bool = False) -> torch.Tensor:
     """Decode map[codes] * absmax (fp32 product, then rounded to dtype). check_values=False skips the absmax
-    finiteness and sign checks (absmax written by quantize_moment8 is always finite and >= 0).
+    finiteness and sign checks (absmax written by quantize_moment8 is always finite and >= 0). squared must be
+    what the codes were written with.
 
     Args:
         codes: uint8, any shape; absmax: float (ceil(numel / block_size),), finite and >= 0.
@@ -222,7 +243,7 @@ def dequantize_moment8(codes: torch.Tensor, absmax: torch.Tensor, *, signed: boo
     _checks.floating(absmax, "absmax")
     _checks.rank(absmax, "absmax", 1)
     _checks.same_device(codes, absmax, "codes", "absmax")
-    signed = _check_signed(signed)
+    signed = _check_signed(signed, squared)
     block_size = _checks.integer(block_size, "block_size", minimum=1)
     _checks.float_dtype(dtype)
     numel = codes.numel()
@@ -237,7 +258,7 @@ def dequantize_moment8(codes: torch.Tensor, absmax: torch.Tensor, *, signed: boo
     if numel == 0:
         return torch.empty(codes.shape, dtype=dtype, device=codes.device)
     absmax = absmax.float()
-    table = _cached(signed, codes.device)[0]
+    table = _cached(signed, codes.device, squared)[0]
     bnb_functional = _use_bnb(codes.device, block_size)
     if bnb_functional is not None and dtype in (torch.float32, torch.float16, torch.bfloat16):
         state = bnb_functional.QuantState(absmax=absmax, code=table, blocksize=block_size, dtype=dtype)

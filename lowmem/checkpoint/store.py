@@ -36,7 +36,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-SCHEMA_VERSION = 1
+# 2: 8-bit second moments (low-rank and float AdamW "exp_avg_sq_codes") index the squared unsigned map
+#    (quant.moments8); version 1 indexed the plain unsigned map, and decoding those codes now would shrink V.
+SCHEMA_VERSION = 2
+_SCHEMA_CHANGES = {1: "8-bit second moments were stored on the plain unsigned map; this version stores them on the "
+                      "squared map (no underflow of small V) and cannot reinterpret the old codes"}
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _HIDDEN_DIR = re.compile(r"^\.(tmp|old)-step-(\d{8,})-(\d+)$")
@@ -376,9 +380,11 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = False) -> tuple[d
         raise CheckpointError(f"{path} is not a complete lowmem checkpoint: {why}. Resume from another one "
                               f"(list_checkpoints(root)) or start without resume.")
     if meta.get("schema_version") != SCHEMA_VERSION:
+        change = _SCHEMA_CHANGES.get(meta.get("schema_version"))
         raise CheckpointError(f"{path} has checkpoint schema_version {meta.get('schema_version')!r}; this lowmem "
-                              f"reads schema_version {SCHEMA_VERSION}. Load it with the lowmem version that wrote "
-                              "it (and export it), or start a fresh run.")
+                              f"reads schema_version {SCHEMA_VERSION}" + (f" ({change})" if change else "") +
+                              ". Load it with the lowmem version that wrote it (and export it), or start a fresh "
+                              "run from its exported weights.")
     if verify:
         for name, info in meta["files"].items():
             if _sha256(path / name) != info.get("sha256"):

@@ -98,12 +98,28 @@ def collect_trainables(model: nn.Module, cfg: LowMemConfig) -> list[Trainable]:
     return table
 
 
+# Noise streams of full-rank float parameters start here, above every low-rank param_index, so no two tensors
+# share a stream.
+FLOAT_SR_STREAM_BASE = 1 << 40
+
+
+def sr_key(item: Trainable) -> tuple[int, int] | None:
+    """(seed, stream) of `item`'s stochastic-rounding noise, or None when config.stochastic_rounding is off.
+    Low-rank weights use their param_index (as the INT8 path always did); full-rank float parameters
+    FLOAT_SR_STREAM_BASE + their table index."""
+    if not item.config.stochastic_rounding:
+        return None
+    if item.spec is not None:
+        return item.config.seed, item.spec.param_index
+    return item.config.seed, FLOAT_SR_STREAM_BASE + item.index
+
+
 def weight_target(item: Trainable) -> WeightTarget:
-    """Where a low-rank update of `item` lands: its INT8 data (stochastic rounding keyed by the parameter index) or
-    its float weight."""
+    """Where a low-rank update of `item` lands: its INT8 data or its float weight, both with stochastic rounding
+    keyed by the parameter index when config.stochastic_rounding (a float weight only rounds when it is bf16)."""
     if item.kind == "lowrank_int8":
         module = item.module
         return Int8Weight(module.weight_q, module.weight_scales, block_size=module.block_size,
                           seed=item.config.seed, stream=item.spec.param_index,
                           stochastic=item.config.stochastic_rounding)
-    return FloatWeight(item.tensor.data)
+    return FloatWeight(item.tensor.data, sr_key=sr_key(item))

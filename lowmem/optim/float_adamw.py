@@ -6,7 +6,8 @@ dict of tensors (no Python objects), created by `init_float_adamw_state`:
 
   bits=32: "exp_avg", "exp_avg_sq"            fp32, param's shape
   bits=8:  "exp_avg_codes", "exp_avg_sq_codes" uint8, param's shape (bitsandbytes dynamic blockwise codes:
-           signed map for the first moment, unsigned map for the second, which is never negative)
+           signed map for the first moment; the squared unsigned map for the second, so that sqrt(v) keeps the
+           gradient's dynamic range instead of underflowing to 0 -- quant.moments8's module docstring)
            "exp_avg_absmax", "exp_avg_sq_absmax" fp32 (ceil(numel / block_size),)
   both:    "step"                              int64 0-d (CPU), number of updates applied so far
 
@@ -21,6 +22,8 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
+from lowmem.optim.moments import adam_direction_bound
+from quant.bf16 import sr_to_bf16
 from quant.moments8 import dequantize_moment8, dynamic_map, quantize_moment8
 
 STATE_BITS = (8, 32)
@@ -47,7 +50,7 @@ def init_float_adamw_state(param: Tensor, *, bits: int, block_size: int = 256) -
         state["exp_avg_sq"] = zeros.clone()
         return state
     for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-        codes, absmax = quantize_moment8(zeros, signed=signed, block_size=block_size)
+        codes, absmax = quantize_moment8(zeros, signed=signed, block_size=block_size, squared=not signed)
         state[f"{name}_codes"], state[f"{name}_absmax"] = codes, absmax
     return state
 
@@ -64,7 +67,7 @@ def state_bits(state: dict[str, Tensor]) -> int:
 
 def float_adamw_update_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta1: float,
                         beta2: float, eps: float, weight_decay: float, block_size: int = 256,
-                        backend: str = "auto") -> None:
+                        backend: str = "auto", sr_key: tuple[int, int] | None = None) -> None:
     """One AdamW step on `param` in place, with torch.optim.AdamW's semantics.
 
     param: any shape, fp32/bf16/fp16. grad: param's shape, any float dtype (read as fp32). state: from
@@ -75,31 +78,38 @@ def float_adamw_update_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *
       m <- β1·m + (1 − β1)·g ;  v <- β2·v + (1 − β2)·g²
       p <- p − (lr / (1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + ε)  ε outside the square root
 
-    All arithmetic is fp32; a bf16/fp16 param is read as fp32 and written back rounded to nearest in its dtype. A
-    bf16 param therefore loses updates smaller than half its unit in the last place (about |p|·2⁻⁹): stochastic
-    rounding for bf16 float parameters is not in scope here (the INT8 linears get SR, DESIGN §3.1).
+    All arithmetic is fp32; a bf16/fp16 param is read as fp32 and written back rounded to nearest in its dtype, so
+    a bf16 param loses updates smaller than half its unit in the last place (about |p|·2⁻⁹). sr_key = (seed,
+    stream): a bf16 param is written with stochastic rounding instead (quant.bf16.sr_to_bf16, unbiased), the noise
+    keyed by (seed, stream, t) and the element's flat index, so a resumed run and every data-parallel rank write
+    the same bits (DESIGN §3.1). fp32 params are unaffected; fp16 params keep round-to-nearest.
 
     bits=8 (`block_size` must be the one the state was made with): dequantize both moments to fp32, update as
-    above, re-quantize (new absmax per block from the updated moments). `backend`: "auto" uses bitsandbytes'
-    fused blockwise 8-bit Adam kernel (`optimizer_update_8bit_blockwise("adam", ...)`, same state layout) for a
-    CUDA or CPU param when it applies (block_size 256, grad dtype == param dtype, contiguous tensors, bnb importable) and
-    the pure-torch twin otherwise; "bnb" forces bnb's op on any device it supports (ValueError when block_size or
-    dtypes do not fit); "torch" forces the twin. bits=32 always uses torch.
+    above with the direction m̂ / (√v̂ + ε) clamped to ±`adam_direction_bound(t)` (exact Adam never exceeds it; it
+    caps what a second moment quantised to 0 beside a surviving first moment would make of m / ε), re-quantize
+    (new absmax per block; the second moment on the squared map, quant.moments8). `backend`: "auto" and "torch" run
+    this pure-torch twin (on CUDA its quantisation is bitsandbytes' blockwise kernels); "bnb" runs bitsandbytes'
+    fused blockwise 8-bit Adam kernel (`optimizer_update_8bit_blockwise("adam", ...)`, same state layout: the
+    squared map is handed to it as qmap2; block_size 256, grad dtype == param dtype, contiguous; ValueError
+    otherwise). bits=32 always uses torch.
 
-    The twin follows bnb's pure-torch reference (backends/cpu and triton `*_pytorch`) op for op. Known differences
-    from bnb's CUDA kernel, all at rounding level except the last:
+    Why "auto" no longer picks the fused kernel: it cannot apply the direction bound (measured by
+    `python -m benchmarks.moments8_range`: on embedding-like rows whose entries span 1e-6..1 the squared map alone
+    reaches |N| = 21 where fp32 Adam stays at 1; with the bound 1.6), and bitsandbytes' CPU version of the op
+    re-quantises on a 65536-point grid of [0, 1], which cannot resolve the squared map's small entries (a second
+    moment below 1.5e-5 of its block's largest lands on a wrong code).
+
+    Known differences of the fused kernel from the twin, all at rounding level except the last two:
       - the kernel applies weight decay after the Adam step, p <- (p − lr·u)·(1 − lr·λ), a difference of
         lr²·λ·|u| per step; for a bf16 param it rounds to bf16 twice (after the step and after the decay);
       - the kernel's code search (`quantize_2D`) is a binary search with midpoint tests on fast-math
         (`__fdividef`, `__powf`) values, and it nudges a first-moment code by one when rounding flipped its sign;
         the twin re-quantizes through `quant.moments8` (nearest code on CPU, bnb's standalone blockwise quantizer
         on CUDA), so a code can differ near a midpoint;
+      - no direction bound (above);
       - for NaN/Inf gradient elements the kernel zeroes both moments and leaves the param element untouched; the
         8-bit twin raises ValueError (quant.moments8 refuses non-finite moments) before changing param or state,
         and the 32-bit path propagates the NaN like torch.optim.AdamW does.
-    bnb's CPU version of the op (recent bnb) does the twin's math but re-quantizes with bnb's standalone blockwise
-    quantizer, whose search is not exactly nearest-code for the unsigned map (measured: ~5% of second-moment codes
-    off by up to 7 codes at step 1, dequantized moments within 1e-4 relative in mean; the twin is the closer one).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -115,21 +125,30 @@ def float_adamw_update_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *
     step = int(state["step"]) + 1  # this update's t; the counter is advanced only once the update went through
     hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
                  weight_decay=float(weight_decay), step=step)
+    write = _copy_nearest_
+    if sr_key is not None and param.dtype == torch.bfloat16:
+        seed, stream = sr_key
+
+        def write(target: Tensor, value: Tensor) -> None:
+            target.copy_(sr_to_bf16(value, seed=seed, stream=stream, step=step))
     with torch.no_grad():
         if bits == 32:
-            _update_32bit_(param, grad, state, **hyper)
+            _update_32bit_(param, grad, state, write=write, **hyper)
         else:
             _check_8bit_layout(param, state, block_size)
-            use_bnb = backend == "bnb" or (backend == "auto" and _bnb_applies(param, grad, block_size))
-            if use_bnb:
-                _update_8bit_bnb_(param, grad, state, block_size=block_size, **hyper)
+            if backend == "bnb":
+                _update_8bit_bnb_(param, grad, state, block_size=block_size, write=write, **hyper)
             else:
-                _update_8bit_twin_(param, grad, state, block_size=block_size, **hyper)
+                _update_8bit_twin_(param, grad, state, block_size=block_size, write=write, **hyper)
         state["step"] += 1
 
 
+def _copy_nearest_(target: Tensor, value: Tensor) -> None:
+    target.copy_(value)
+
+
 def _update_32bit_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta1: float,
-                   beta2: float, eps: float, weight_decay: float, step: int) -> None:
+                   beta2: float, eps: float, weight_decay: float, step: int, write) -> None:
     # Same op sequence as torch.optim.adamw's single-tensor path, on an fp32 view of the param.
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     g = grad.to(torch.float32)
@@ -142,7 +161,7 @@ def _update_32bit_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr:
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
     if p is not param:
-        param.copy_(p)
+        write(param, p)
 
 
 def _check_8bit_layout(param: Tensor, state: dict[str, Tensor], block_size: int) -> None:
@@ -159,12 +178,12 @@ def _check_8bit_layout(param: Tensor, state: dict[str, Tensor], block_size: int)
 
 
 def _update_8bit_twin_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta1: float,
-                       beta2: float, eps: float, weight_decay: float, step: int, block_size: int) -> None:
-    # Order of operations as in bnb's pure-torch reference for "adam" (8-bit blockwise).
+                       beta2: float, eps: float, weight_decay: float, step: int, block_size: int, write) -> None:
+    # Order of operations as in bnb's pure-torch reference for "adam" (8-bit blockwise), plus the direction bound.
     exp_avg = dequantize_moment8(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True,
                                  block_size=block_size, dtype=torch.float32)
     exp_avg_sq = dequantize_moment8(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False,
-                                    block_size=block_size, dtype=torch.float32)
+                                    block_size=block_size, dtype=torch.float32, squared=True)
     g = grad.to(torch.float32)
     p = param.to(torch.float32, copy=True)
     exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
@@ -174,14 +193,18 @@ def _update_8bit_twin_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *,
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     if weight_decay > 0.0:
         p.mul_(1.0 - lr * weight_decay)
+    # The direction bound as a floor on the denominator, |m̂| / bound: where it does not bind, the arithmetic is
+    # exactly bnb's reference order (addcdiv with lr / (1 - β1ᵗ) folded in).
+    bound = adam_direction_bound(step, beta1, beta2)
+    torch.maximum(denom, exp_avg.abs().mul_(1.0 / (bias_correction1 * bound)), out=denom)
     p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
     # Quantize before writing anything: quant.moments8 rejects non-finite moments, and a NaN gradient must then
     # leave param and state as they were.
     encoded = {}
     for name, value, signed in (("exp_avg", exp_avg, True), ("exp_avg_sq", exp_avg_sq, False)):
-        encoded[f"{name}_codes"], encoded[f"{name}_absmax"] = quantize_moment8(value, signed=signed,
-                                                                               block_size=block_size)
-    param.copy_(p)
+        encoded[f"{name}_codes"], encoded[f"{name}_absmax"] = quantize_moment8(
+            value, signed=signed, block_size=block_size, squared=not signed)
+    write(param, p)
     for key, value in encoded.items():
         state[key].copy_(value)
 
@@ -190,29 +213,16 @@ _QMAPS: dict[tuple[str, bool], Tensor] = {}
 
 
 def _bnb_qmap(device: torch.device, signed: bool) -> Tensor:
-    # quant.moments8's map equals bitsandbytes.functional.create_dynamic_map (one format, one definition).
+    # quant.moments8's maps: the signed one equals bitsandbytes.functional.create_dynamic_map(True); the second
+    # moment's is the squared unsigned map (the kernel searches the nearest entry of whatever sorted map it gets).
     key = (str(device), signed)
     if key not in _QMAPS:
-        _QMAPS[key] = dynamic_map(signed).to(device=device, dtype=torch.float32)
+        _QMAPS[key] = dynamic_map(signed, squared=not signed).to(device=device, dtype=torch.float32)
     return _QMAPS[key]
 
 
-def _bnb_applies(param: Tensor, grad: Tensor, block_size: int) -> bool:
-    # CUDA and CPU: bitsandbytes >= 0.49 ships a CPU 8-bit blockwise Adam op, 2.5x faster than the torch twin on a
-    # 49152x576 embedding here (0.50 s vs 1.27 s per step); the twin stays the reference the tests compare with.
-    if not (param.device.type in ("cuda", "cpu") and block_size == _BNB_BLOCK_SIZE and param.dtype in _BNB_DTYPES
-            and grad.dtype == param.dtype and grad.device == param.device
-            and param.is_contiguous() and grad.is_contiguous()):
-        return False
-    try:
-        import bitsandbytes.functional  # noqa: F401 - lazy: slow to import and CUDA-only in practice
-    except Exception:  # noqa: BLE001 - a broken bnb install must fall back, not crash training
-        return False
-    return True
-
-
 def _update_8bit_bnb_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta1: float,
-                      beta2: float, eps: float, weight_decay: float, step: int, block_size: int) -> None:
+                      beta2: float, eps: float, weight_decay: float, step: int, block_size: int, write) -> None:
     # Any device bnb has the op for (CUDA; recent bnb also ships a CPU version, which the unit tests use).
     if block_size != _BNB_BLOCK_SIZE or grad.dtype != param.dtype or param.dtype not in _BNB_DTYPES:
         raise ValueError(f"bnb's 8-bit Adam kernel needs block_size {_BNB_BLOCK_SIZE} and grad dtype == param dtype "
@@ -220,12 +230,16 @@ def _update_8bit_bnb_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, 
     if not param.is_contiguous():
         raise ValueError("bnb's 8-bit Adam kernel needs a contiguous param")
     import bitsandbytes.functional as bnbf
+    # stochastic rounding of a bf16 param: the kernel updates an fp32 copy, which is then rounded by `write`
+    target = param if write is _copy_nearest_ else param.float()
     bnbf.optimizer_update_8bit_blockwise(
-        "adam", grad.contiguous(), param, state["exp_avg_codes"], state["exp_avg_sq_codes"],
+        "adam", grad.to(target.dtype).contiguous(), target, state["exp_avg_codes"], state["exp_avg_sq_codes"],
         beta1=beta1, beta2=beta2, beta3=0.0, alpha=0.0, eps=eps, step=step, lr=lr,
         qmap1=_bnb_qmap(param.device, True), qmap2=_bnb_qmap(param.device, False),
         absmax1=state["exp_avg_absmax"], absmax2=state["exp_avg_sq_absmax"], weight_decay=weight_decay,
         gnorm_scale=1.0, skip_zeros=False)
+    if target is not param:
+        write(param, target)
 
 
 class FloatAdamW(torch.optim.Optimizer):

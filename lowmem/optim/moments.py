@@ -2,10 +2,13 @@
 
 The moments have the shape of the projected gradient R: (m, r) for a right projection, (r, n) for a left one, or
 (m, n) when the rank covers the whole matrix (no projection). At 8 bits they are kept in bitsandbytes' blockwise
-dynamic format (signed map for M', unsigned for V' which is never negative), through `quant.moments8`; at 16 bits as
+dynamic format (signed map for M'; the squared unsigned map for V', so that sqrt(V') has the gradient's dynamic range
+and small entries do not underflow to 0 while M' survives -- quant.moments8), through `quant.moments8`; at 16 bits as
 bf16; at 32 bits as fp32. All arithmetic is fp32: a moment is dequantised, updated and stored back.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -38,7 +41,7 @@ def load_moments(state: dict[str, Tensor], *, bits: int, block_size: int = 256) 
         out = []
         for name, signed in zip(_NAMES, (True, False)):
             out.append(dequantize_moment8(state[f"{name}_codes"], state[f"{name}_absmax"], signed=signed,
-                                          block_size=block_size, check_values=False))
+                                          block_size=block_size, check_values=False, squared=not signed))
         return out[0], out[1]
     return state["exp_avg"].float().clone(), state["exp_avg_sq"].float().clone()
 
@@ -52,7 +55,7 @@ def store_moments_(state: dict[str, Tensor], exp_avg: Tensor, exp_avg_sq: Tensor
             # Moments are only ever updated from gradients the caller verified finite: skip the kernel's own
             # value checks (a device synchronisation each on CUDA).
             codes, absmax = quantize_moment8(value.float(), signed=signed, block_size=block_size,
-                                             check_values=False)
+                                             check_values=False, squared=not signed)
             state[f"{name}_codes"] = codes
             state[f"{name}_absmax"] = absmax
     else:
@@ -67,6 +70,27 @@ def moment_shape(state: dict[str, Tensor]) -> tuple[int, ...]:
     return tuple(state[key].shape)
 
 
+def adam_direction_bound(step: int, beta1: float, beta2: float) -> float:
+    """Largest |N| exact Adam can produce at step t: max over all gradient sequences of
+    |m̂_t| / sqrt(v̂_t) (ε = 0), from Cauchy-Schwarz on m_t = (1-β1) Σ β1^(t-i) g_i against
+    v_t = (1-β2) Σ β2^(t-i) g_i²:
+
+        |m̂_t| / sqrt(v̂_t) <= (1-β1)/(1-β1ᵗ) · sqrt((1-β2ᵗ)/(1-β2)) · sqrt(Σ_{k<t} γᵏ),   γ = β1²/β2,
+
+    tight (reached by g_i ∝ (β1/β2)^(t-i)); 1 at t = 1, about 7.3 for large t at β = (0.9, 0.999). 8-bit moments
+    clamp N to it: it never binds on exact moments, and it caps what a second moment that quantised to 0 beside a
+    surviving first moment would otherwise turn into m/ε.
+    """
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    if beta2 == 0.0:  # v = g_t² alone: m̂ / |g_t| is unbounded as g_t -> 0
+        return math.inf
+    gamma = beta1 * beta1 / beta2
+    geometric = float(step) if gamma == 1.0 else (1.0 - gamma ** step) / (1.0 - gamma)
+    return ((1.0 - beta1) / (1.0 - beta1 ** step) * math.sqrt((1.0 - beta2 ** step) / (1.0 - beta2))
+            * math.sqrt(geometric))
+
+
 def adam_direction_(state: dict[str, Tensor], grad_lowrank: Tensor, *, step: int, beta1: float, beta2: float,
                     eps: float, bits: int, block_size: int = 256) -> tuple[Tensor, Tensor]:
     """One Adam moment update on the projected gradient, in place on `state`.
@@ -74,7 +98,10 @@ def adam_direction_(state: dict[str, Tensor], grad_lowrank: Tensor, *, step: int
     grad_lowrank: fp32 R, the moments' shape. step: t >= 1 (this update's index, for bias correction).
     Returns (N, V'): N = (M'/(1-β1ᵗ)) / (sqrt(V'/(1-β2ᵗ)) + eps), fp32 like R, and the updated V' (not bias
     corrected, fp32; the sparse residual needs it). V' is stored back clamped at 0 (8-bit rounding cannot make it
-    negative, but bf16 storage of tiny values must not produce -0 surprises).
+    negative, but bf16 storage of tiny values must not produce -0 surprises). At 8 and 16 bits N is clamped to
+    ±adam_direction_bound(t), which exact Adam never exceeds: at 8 bits V' of a coordinate far below its block's
+    largest can still decode to 0 (below 5e-14 of it, i.e. a gradient ratio over ~4e6 in one block) while M'
+    survives, and at both widths rounding overshoots the bound slightly in the first steps.
     """
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
@@ -90,6 +117,9 @@ def adam_direction_(state: dict[str, Tensor], grad_lowrank: Tensor, *, step: int
     # 32-bit case reproduces it to float rounding.
     denom = (exp_avg_sq.sqrt() / (bias2 ** 0.5)).add_(eps)
     direction = (exp_avg / bias1) / denom
+    if bits != 32:  # rounded moments can overshoot what exact Adam can reach; 32-bit stays torch's AdamW exactly
+        bound = adam_direction_bound(step, beta1, beta2)
+        direction.clamp_(-bound, bound)
     store_moments_(state, exp_avg, exp_avg_sq.clamp_(min=0.0), bits=bits, block_size=block_size)
     return direction, exp_avg_sq
 

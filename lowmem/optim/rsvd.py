@@ -6,6 +6,12 @@ triangular factor. Only `op.matmul` / `op.rmatmul` are used, so a FactoredGrad (
 
 One "pass" is the pair of products G·, Gᵀ·; the first pass is the range finder itself and every further pass is
 one power iteration. Cost: 2·(q + 1) products of width r + p, QRs of (m, r + p) and (n, r + p), one tiny SVD.
+
+Rank-deficient gradients (fewer tokens T than the rank: G = Aᵀ X has rank <= T) need no fallback: when
+rank(G) = k <= r + p, the sketch G Ω spans range(G) exactly (Ω Gaussian), so the top-k right singular vectors come
+out exact (to fp32 rounding) and the remaining r - k basis columns are orthonormal directions of G's null space,
+as arbitrary as the trailing vectors of a full SVD, whose singular values are 0 too. The numerical rank is
+reported (`SubspaceResult.numerical_rank`), and the full SVD is kept for non-finite or non-orthonormal results.
 """
 from __future__ import annotations
 
@@ -20,9 +26,9 @@ from lowmem.optim.linop import GradOperator
 # A basis whose Gram matrix is farther than this from I (max entry) is treated as broken. Householder QR in fp32
 # keeps |PᵀP - I| near 1e-6, so only a numerical failure crosses 1e-3.
 ORTHONORMALITY_TOL = 1e-3
-# Sketch singular values below RANK_RTOL·σ_1 count as zero. fp32 rounding in the products leaves ~1e-7·σ_1 in the
-# directions of an exactly rank-deficient gradient (measured, dense and factored), so 1e-5 sits 100x above that
-# noise while real gradient spectra at ranks 32-512 stay far above it.
+# Sketch singular values below RANK_RTOL·σ_1 count as zero (numerical_rank). fp32 rounding in the products leaves
+# ~1e-7·σ_1 in the directions of an exactly rank-deficient gradient (measured, dense and factored), so 1e-5 sits
+# 100x above that noise while real gradient spectra at ranks 32-512 stay far above it.
 RANK_RTOL = 1e-5
 
 
@@ -30,12 +36,14 @@ RANK_RTOL = 1e-5
 class SubspaceResult:
     """basis fp32 (n, r) orthonormal columns: top-r right singular vectors of G, in decreasing order.
     singular_values fp32 (r,): their estimates. iterations: power iterations actually run (0 = range finder only).
-    fell_back: the full-SVD fallback produced this result."""
+    fell_back: the full-SVD fallback produced this result. numerical_rank: how many singular values exceed
+    RANK_RTOL·σ_1 (r for a full-rank gradient; the columns beyond it span part of G's null space)."""
 
     basis: Tensor
     singular_values: Tensor
     iterations: int
     fell_back: bool
+    numerical_rank: int
 
 
 def _check_rank(op: GradOperator, rank: int) -> None:
@@ -83,7 +91,15 @@ def exact_right_subspace(op: GradOperator, rank: int) -> SubspaceResult:
         _, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
         S, Vh = S.float(), Vh.float()
     return SubspaceResult(basis=Vh[:rank].T.contiguous(), singular_values=S[:rank].contiguous(), iterations=0,
-                          fell_back=False)
+                          fell_back=False, numerical_rank=_numerical_rank(S[:rank]))
+
+
+def _numerical_rank(singular_values: Tensor) -> int:
+    """Number of singular values (sorted, decreasing) above RANK_RTOL · σ_1; 0 for a zero or non-finite σ_1."""
+    top = singular_values[0]
+    if not bool(torch.isfinite(top)) or float(top) <= 0.0:
+        return 0
+    return int((singular_values > top * RANK_RTOL).sum())
 
 
 def _orthonormal(Y: Tensor) -> Tensor:
@@ -98,15 +114,12 @@ def _top_right(Q_right: Tensor, R_factor: Tensor, rank: int) -> tuple[Tensor, Te
 
 
 def _is_broken(basis: Tensor, singular_values: Tensor) -> bool:
-    """Non-finite, not orthonormal, or numerically rank-deficient: σ_r <= RANK_RTOL · σ_1 (or σ_1 = 0). A
-    rank-deficient sketch leaves the trailing columns of the basis as directions picked by rounding noise, so the
-    exact SVD is used instead."""
+    """Non-finite, not orthonormal, or a zero gradient (σ_1 = 0: nothing to find). A rank-deficient but nonzero
+    gradient is not broken: its whole range is in the sketch (module docstring)."""
     finite = torch.isfinite(basis).all() & torch.isfinite(singular_values).all()
     eye = torch.eye(basis.shape[1], dtype=basis.dtype, device=basis.device)
     gram_error = (basis.T @ basis - eye).abs().max()
-    rank_floor = singular_values[0] * RANK_RTOL
-    deficient = (singular_values[0] <= 0) | (singular_values[-1] <= rank_floor)
-    return not bool(finite & (gram_error <= ORTHONORMALITY_TOL) & ~deficient)
+    return not bool(finite & (gram_error <= ORTHONORMALITY_TOL) & (singular_values[0] > 0))
 
 
 def _start_block(n: int, width: int, warm_start: Tensor | None, generator: torch.Generator | None,
@@ -127,10 +140,14 @@ def randomized_right_subspace(op: GradOperator, rank: int, *, oversampling: int 
 
     oversampling p: extra sketch columns (width min(r + p, m, n)). power_iters q: maximum number of power
     iterations. warm_start (n, r0), r0 <= r + p, any float: the previous basis, placed in the first columns of Ω.
+    For a rank-deficient G the sketch holds all of range(G) when G Ω has rank(G) independent columns: always
+    for a cold start, and with a warm start unless the previous basis is orthogonal to part of G's row space
+    beyond what the p Gaussian columns make up (the same exposure as for a full-rank G).
     generator: draws Ω (on its own device, then moved). tol: stop once the similarity between successive top-r
     iterates exceeds 1 - tol; the warm start counts as the iterate before the first pass, so a warm start that is
     still right stops after the range finder (iterations = 0). Falls back to exact_right_subspace (fell_back=True)
-    when the result is non-finite, not orthonormal or rank-deficient (see _is_broken).
+    when the result is non-finite, not orthonormal or the gradient is zero (see _is_broken); a rank-deficient
+    gradient is handled by the sketch itself (module docstring) and reported in numerical_rank.
     """
     _check_rank(op, rank)
     if isinstance(oversampling, bool) or not isinstance(oversampling, int) or oversampling < 0:
@@ -159,8 +176,10 @@ def randomized_right_subspace(op: GradOperator, rank: int, *, oversampling: int 
         broken, iterations = True, power_iters
     if broken:
         exact = exact_right_subspace(op, rank)
-        return SubspaceResult(exact.basis, exact.singular_values, iterations=iterations, fell_back=True)
-    return SubspaceResult(basis.contiguous(), singular_values.contiguous(), iterations=iterations, fell_back=False)
+        return SubspaceResult(exact.basis, exact.singular_values, iterations=iterations, fell_back=True,
+                              numerical_rank=exact.numerical_rank)
+    return SubspaceResult(basis.contiguous(), singular_values.contiguous(), iterations=iterations, fell_back=False,
+                          numerical_rank=_numerical_rank(singular_values))
 
 
 def _iterate(op: GradOperator, rank: int, width: int, power_iters: int, warm_start: Tensor | None,

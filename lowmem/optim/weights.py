@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from quant.bf16 import sr_to_bf16
 from quant.int8 import dequantize_int8, sr_update_int8_
 
 DeltaRows = Callable[[int, int, Tensor], Tensor]
@@ -39,13 +40,20 @@ class WeightTarget:
 
 
 class FloatWeight(WeightTarget):
-    """A float weight tensor updated by plain addition in its own dtype (fp32 or bf16: bf16 rounds to nearest)."""
+    """A float weight tensor updated by addition in fp32, written back in its own dtype.
 
-    def __init__(self, tensor: Tensor):
+    sr_key = (seed, stream): a bf16 tensor is written with stochastic rounding (quant.bf16.sr_to_bf16), the noise of
+    element (i, j) at counter i·n + j under (seed, stream, step), so the bits do not depend on the row chunking
+    and are the same on resume and on every rank. None (or an fp32/fp16 tensor): round to nearest, which drops a
+    bf16 update below half an ulp (|w|·2⁻⁹) every time.
+    """
+
+    def __init__(self, tensor: Tensor, *, sr_key: tuple[int, int] | None = None):
         if tensor.dim() != 2 or not tensor.is_floating_point():
             raise ValueError(f"FloatWeight needs a 2-D float tensor, got {tuple(tensor.shape)} {tensor.dtype}")
         self.tensor = tensor
         self.shape = tuple(tensor.shape)
+        self.sr_key = sr_key if tensor.dtype == torch.bfloat16 else None
 
     def read(self) -> Tensor:
         return self.tensor.detach().float().clone()
@@ -57,6 +65,10 @@ class FloatWeight(WeightTarget):
                 row_end = min(row_start + chunk, self.shape[0])
                 rows = self.tensor[row_start:row_end]
                 updated = rows.float() + delta_rows(row_start, row_end, rows.float())
+                if self.sr_key is not None:
+                    seed, stream = self.sr_key
+                    updated = sr_to_bf16(updated, seed=seed, stream=stream, step=step,
+                                         offset=row_start * self.shape[1])
                 rows.copy_(updated)
 
 

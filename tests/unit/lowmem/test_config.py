@@ -215,7 +215,7 @@ def test_loaders_are_lenient_where_yaml_is_odd():
 PRESET_EXPECT = {
     "galore": {"projection": "svd", "refresh": "fixed", "refresh_interval_steps": 200, "projector_bits": 32,
                "cross_head": False, "residual_ratio": 0.0, "int8_weights": False, "optim_bits": 32,
-               "error_feedback": "off", "moment_transfer": "keep", "stochastic_rounding": False},
+               "error_feedback": "off", "moment_transfer": "keep", "stochastic_rounding": True},
     "q_galore": {"int8_weights": True, "stochastic_rounding": True, "projector_bits": 4, "refresh": "lazy",
                  "lazy_threshold": 0.4, "projection": "svd", "cross_head": False, "residual_ratio": 0.0,
                  "optim_bits": 8},
@@ -234,7 +234,7 @@ PRESET_EXPECT = {
 }
 MUST_DIFFER = {
     "galore": ["projection", "refresh", "projector_bits", "cross_head", "residual_ratio", "int8_weights",
-               "optim_bits", "stochastic_rounding"],
+               "optim_bits"],
     "q_galore": ["projection", "cross_head", "residual_ratio"],
     "galore_plus": ["int8_weights", "projector_bits", "refresh", "optim_bits"],
     "galore_ef": ["error_feedback"], "galore_dynamics": ["refresh"], "galore_dynamics_ef": ["refresh",

@@ -104,6 +104,28 @@ def test_dequantize_matches_reference_and_row_ranges(dtype):
         assert torch.equal(part, full_ref[r0:r1].to(dtype))
 
 
+def test_dequantize_float16_refuses_or_saturates_beyond_its_range():
+    """fp16's largest finite value is 65504. Reference: the fp32 product q·s (ref_dequantize). In range, fp16
+    output is that product rounded to fp16; beyond it, check_values=True raises and check_values=False saturates
+    to ±65504 (it returned inf before)."""
+    w = make_weight((3, 300), torch.float32, seed=5)
+    w = w / w.abs().max() * 60000.0
+    w[1, 7] = 1e5
+    w[2, 280] = -2e5
+    q, s = quantize_int8(w, block_size=256)
+    ref = ref_dequantize(q, s, 256)
+    assert float(ref.abs().max()) > 65504  # the case is real
+    with pytest.raises(ValueError, match="65504.*float32 or bfloat16"):
+        dequantize_int8(q, s, dtype=torch.float16)
+    out = dequantize_int8(q, s, dtype=torch.float16, check_values=False)
+    assert bool(torch.isfinite(out).all())
+    assert torch.equal(out, ref.clamp(-65504, 65504).to(torch.float16))
+    assert float(out[1, 7]) == 65504 and float(out[2, 280]) == -65504
+    # rows inside fp16's range are unaffected, with and without the check
+    assert torch.equal(dequantize_int8(q, s, dtype=torch.float16, row_start=0, row_end=1),
+                       ref[:1].to(torch.float16))
+
+
 def test_empty_inputs():
     for shape in [(0, 10), (4, 0), (0, 0)]:
         q, s = quantize_int8(torch.zeros(shape))

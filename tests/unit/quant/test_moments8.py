@@ -12,10 +12,16 @@ def midpoints32(table):
 
 
 # ---- reference twins: brute force over all 256 entries -----------------------------------------------------------
-def ref_quantize(x, signed, block):
+def ref_table(signed, squared=False):
+    """The map a reference decodes with: the squared map is built here from the unsigned one."""
+    table = dynamic_map(signed)
+    return table * table if squared else table
+
+
+def ref_quantize(x, signed, block, squared=False):
     """codes by counting the fp32 midpoints below v (an exact midpoint goes to the even index), one block at a
     time; v = x * (1 / absmax) in fp32."""
-    table = dynamic_map(signed)
+    table = ref_table(signed, squared)
     mids = midpoints32(table)
     odd = torch.arange(255) % 2 == 1
     flat = x.reshape(-1).float()
@@ -33,8 +39,8 @@ def ref_quantize(x, signed, block):
     return torch.cat(codes).to(torch.uint8).view(x.shape), torch.stack(absmax).float()
 
 
-def ref_dequantize(codes, absmax, signed, block):
-    table = dynamic_map(signed)
+def ref_dequantize(codes, absmax, signed, block, squared=False):
+    table = ref_table(signed, squared)
     flat = codes.reshape(-1).long()
     scale = absmax.repeat_interleave(block)[:flat.numel()]
     return (table[flat] * scale).view(codes.shape)
@@ -51,6 +57,13 @@ def test_map_shape_order_and_bitsandbytes_equality():
         assert float(table[127 if signed else 0]) == 0.0
         assert torch.equal(table, bnb_functional.create_dynamic_map(signed=signed))
     assert dynamic_map(True) is not dynamic_map(True)  # fresh tensors: callers cannot corrupt the cache
+    unsigned = dynamic_map(False)
+    assert torch.equal(dynamic_map(False, squared=True), unsigned * unsigned)
+    with pytest.raises(ValueError, match="signed=False"):
+        dynamic_map(True, squared=True)
+
+
+MAPS = [(True, False), (False, False), (False, True)]  # (signed, squared): first moments, plain v, squared v
 
 
 CASES = [((1,), 256), ((255,), 256), ((256,), 256), ((257,), 256), ((3, 1000), 256), ((5, 130), 64),
@@ -67,20 +80,21 @@ def make_moment(shape, signed, seed):
     return x
 
 
-@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("signed,squared", MAPS)
 @pytest.mark.parametrize("shape,block", CASES)
-def test_twin_matches_reference(shape, block, signed):
+def test_twin_matches_reference(shape, block, signed, squared):
     x = make_moment(shape, signed, seed=block + len(shape))
-    codes, absmax = quantize_moment8(x, signed=signed, block_size=block)
-    codes_ref, absmax_ref = ref_quantize(x, signed, block)
+    codes, absmax = quantize_moment8(x, signed=signed, block_size=block, squared=squared)
+    codes_ref, absmax_ref = ref_quantize(x, signed, block, squared)
     assert codes.dtype == torch.uint8 and codes.shape == x.shape
     assert absmax.dtype == torch.float32 and absmax.shape == (-(-x.numel() // block),)
     assert torch.equal(absmax, absmax_ref)
     assert torch.equal(codes, codes_ref)
-    out = dequantize_moment8(codes, absmax, signed=signed, block_size=block)
+    out = dequantize_moment8(codes, absmax, signed=signed, block_size=block, squared=squared)
     assert out.dtype == torch.float32 and out.shape == x.shape
-    assert torch.equal(out, ref_dequantize(codes, absmax, signed, block))
-    out16 = dequantize_moment8(codes, absmax, signed=signed, block_size=block, dtype=torch.bfloat16)
+    assert torch.equal(out, ref_dequantize(codes, absmax, signed, block, squared))
+    out16 = dequantize_moment8(codes, absmax, signed=signed, block_size=block, dtype=torch.bfloat16,
+                               squared=squared)
     assert torch.equal(out16, out.to(torch.bfloat16))
 
 
@@ -95,31 +109,32 @@ def test_bf16_input_and_chunking(monkeypatch):
                        ref_dequantize(codes, absmax, True, 256))
 
 
-@pytest.mark.parametrize("signed", [True, False])
-def test_exact_midpoints_go_to_the_even_index(signed):
+@pytest.mark.parametrize("signed,squared", MAPS)
+def test_exact_midpoints_go_to_the_even_index(signed, squared):
     """Every fp32 midpoint, in a block whose absmax is 1 (so v = x exactly): the even neighbour wins."""
-    table = dynamic_map(signed)
+    table = ref_table(signed, squared)
     mids = midpoints32(table)
     x = torch.cat([mids, torch.ones(1)])
-    codes, absmax = quantize_moment8(x, signed=signed, block_size=256)
+    codes, absmax = quantize_moment8(x, signed=signed, block_size=256, squared=squared)
     assert float(absmax[0]) == 1.0
     k = torch.arange(255)
     assert torch.equal(codes[:255].long(), torch.where(k % 2 == 0, k, k + 1))
 
 
-@pytest.mark.parametrize("signed", [True, False])
-def test_twin_error_bounds(signed):
+@pytest.mark.parametrize("signed,squared", MAPS)
+def test_twin_error_bounds(signed, squared):
     """Nearest entry: |x - decode| <= absmax * (largest gap of the map) / 2, plus fp32 rounding of v and of the
     product. Also: no entry is nearer than the chosen one (up to the rounding of the fp32 midpoint)."""
     x = make_moment((8, 1024), signed, seed=3) * 1e3
-    codes, absmax = quantize_moment8(x, signed=signed)
-    out = dequantize_moment8(codes, absmax, signed=signed)
-    table = dynamic_map(signed)
+    codes, absmax = quantize_moment8(x, signed=signed, squared=squared)
+    out = dequantize_moment8(codes, absmax, signed=signed, squared=squared)
+    table = ref_table(signed, squared)
     max_gap = float((table[1:] - table[:-1]).max())
     scale = absmax.repeat_interleave(256)[:x.numel()].view(x.shape)
     err = (out - x).abs()
     worst = float((err / torch.where(scale > 0, scale, 1.0)).max())
-    print(f"moments8 signed={signed}: max |err| / absmax = {worst:.4f}, bound (largest gap / 2) = {max_gap / 2:.4f}")
+    print(f"moments8 signed={signed} squared={squared}: max |err| / absmax = {worst:.4f}, "
+          f"bound (largest gap / 2) = {max_gap / 2:.4f}")
     assert bool((err <= scale * (max_gap / 2 + 2**-22)).all())
     live = (scale > 0).reshape(-1)
     v = (x * (1.0 / scale)).reshape(-1)[live].double()
@@ -233,15 +248,15 @@ def test_bad_input(name, call, exc, match):
 
 # ---- CUDA: bitsandbytes kernels against the twin -------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("signed,squared", MAPS)
 @pytest.mark.parametrize("block", [64, 256, 4096])
-def test_cuda_bitsandbytes_matches_twin(signed, block):
+def test_cuda_bitsandbytes_matches_twin(signed, squared, block):
     """Codes from bitsandbytes on CUDA equal the CPU twin's, except where bitsandbytes' --use_fast_math reciprocal
     moves v across a midpoint: such codes differ by one index, v lies within 4 ulp of that midpoint, and they are
     rare (<= 1e-4 of all codes). Decoding is bit-identical."""
     x = make_moment((64, 4096), signed, seed=block)
-    codes_cpu, absmax_cpu = quantize_moment8(x, signed=signed, block_size=block)
-    codes_gpu, absmax_gpu = quantize_moment8(x.cuda(), signed=signed, block_size=block)
+    codes_cpu, absmax_cpu = quantize_moment8(x, signed=signed, block_size=block, squared=squared)
+    codes_gpu, absmax_gpu = quantize_moment8(x.cuda(), signed=signed, block_size=block, squared=squared)
     assert torch.equal(absmax_gpu.cpu(), absmax_cpu)
     diff = codes_gpu.cpu().long() != codes_cpu.long()
     n_diff = int(diff.sum())
@@ -250,23 +265,25 @@ def test_cuda_bitsandbytes_matches_twin(signed, block):
         assert n_diff <= 1e-4 * x.numel()
         a, b = codes_gpu.cpu().long()[diff], codes_cpu.long()[diff]
         assert bool(((a - b).abs() == 1).all())
-        mids = midpoints32(dynamic_map(signed))
+        mids = midpoints32(ref_table(signed, squared))
         scale = absmax_cpu.repeat_interleave(block)[:x.numel()].view(x.shape)
         v = (x * (1.0 / scale))[diff]
         mid = mids[torch.minimum(a, b)]
         assert bool(((v - mid).abs() <= 4 * torch.finfo(torch.float32).eps * mid.abs()).all())
     for dtype in (torch.float32, torch.bfloat16):
-        out_gpu = dequantize_moment8(codes_gpu, absmax_gpu, signed=signed, block_size=block, dtype=dtype)
-        out_cpu = dequantize_moment8(codes_gpu.cpu(), absmax_cpu, signed=signed, block_size=block, dtype=dtype)
+        out_gpu = dequantize_moment8(codes_gpu, absmax_gpu, signed=signed, block_size=block, dtype=dtype,
+                                     squared=squared)
+        out_cpu = dequantize_moment8(codes_gpu.cpu(), absmax_cpu, signed=signed, block_size=block, dtype=dtype,
+                                     squared=squared)
         assert torch.equal(out_gpu.cpu(), out_cpu)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("signed", [True, False])
-def test_cuda_ties_and_zero_blocks_match_twin(signed):
+@pytest.mark.parametrize("signed,squared", MAPS)
+def test_cuda_ties_and_zero_blocks_match_twin(signed, squared):
     """Exact midpoints (absmax 1, so the fast-math reciprocal is exact) and all-zero blocks: identical codes."""
-    mids = midpoints32(dynamic_map(signed))
+    mids = midpoints32(ref_table(signed, squared))
     x = torch.cat([mids, torch.ones(1), torch.zeros(256), torch.zeros(10)])
-    codes_cpu, _ = quantize_moment8(x, signed=signed)
-    codes_gpu, _ = quantize_moment8(x.cuda(), signed=signed)
+    codes_cpu, _ = quantize_moment8(x, signed=signed, squared=squared)
+    codes_gpu, _ = quantize_moment8(x.cuda(), signed=signed, squared=squared)
     assert torch.equal(codes_gpu.cpu(), codes_cpu)

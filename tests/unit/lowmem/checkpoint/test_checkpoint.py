@@ -225,6 +225,11 @@ def test_verify_detects_a_flipped_byte_and_schema_mismatch_is_refused(tmp_path):
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="schema_version"):
         load_checkpoint(path)
+    # version 1 stored 8-bit second moments on another map: refused, and the message says why
+    meta["schema_version"] = 1
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="schema_version 1.*second moments.*squared map"):
+        load_checkpoint(path)
 
 
 # -- failures while saving -------------------------------------------------------------------------------------------

@@ -132,24 +132,42 @@ def test_fallback_on_nan_gradient():
     assert_orthonormal(res.basis)
 
 
-@pytest.mark.parametrize("true_rank,expect_fallback", [(4, True), (5, True), (6, False), (9, False)])
-def test_fallback_on_rank_deficient_gradient(true_rank, expect_fallback):
+@pytest.mark.parametrize("true_rank", [4, 5, 6, 9])
+def test_rank_deficient_gradient_needs_no_fallback(true_rank):
+    """rank(G) = k <= r + p: the sketch spans range(G), so the top-k directions are exact without the full SVD.
+    Reference: the known singular vectors V and values s of G, and torch.linalg.svd (exact_right_subspace)."""
     s = torch.linspace(3, 1, true_rank, dtype=torch.float64)
     G, _, V = known_spectrum(50, 40, s, seed=17)
     res = randomized_right_subspace(DenseGrad(G), 6, generator=gen(18))
-    assert res.fell_back == expect_fallback
+    assert not res.fell_back
+    assert res.numerical_rank == min(6, true_rank)
     assert_orthonormal(res.basis)
-    # whatever the path, the basis contains the top min(r, true_rank) directions
     k = min(6, true_rank)
+    # the top-k directions are G's: principal angles to V[:, :k] at fp32 rounding, singular values likewise
     assert float((V[:, :k].T @ res.basis.double()).pow(2).sum()) / k > 1 - 1e-5
+    torch.testing.assert_close(res.singular_values[:k].double(), s[:k], rtol=1e-5, atol=0)
+    exact = exact_right_subspace(DenseGrad(G), 6)
+    assert captured_energy(G, res.basis, s, k) == pytest.approx(captured_energy(G, exact.basis, s, k), abs=1e-5)
+    # the columns beyond the rank lie in G's null space, like the full SVD's trailing vectors
+    assert float((G @ res.basis[:, k:].double()).norm()) <= 1e-5 * float(s[0])
 
 
-def test_fallback_on_factored_gradient_with_fewer_tokens_than_rank():
+@pytest.mark.parametrize("tokens,rank", [(5, 8), (3, 8), (8, 8)])
+def test_factored_gradient_with_fewer_tokens_than_rank_needs_no_fallback(tokens, rank):
+    """G = Aᵀ X with T tokens has rank T; T <= r used to force the full SVD. Reference: torch.linalg.svd of the
+    dense G (m, n): same top-T singular values and subspace, and the rest of the basis in G's null space."""
     g = gen(19)
-    A, X = torch.randn(5, 30, generator=g), torch.randn(5, 20, generator=g)
-    res = randomized_right_subspace(FactoredGrad(A, X), 8, generator=gen(20))
-    assert res.fell_back
+    A, X = torch.randn(tokens, 30, generator=g), torch.randn(tokens, 20, generator=g)
+    res = randomized_right_subspace(FactoredGrad(A, X), rank, generator=gen(20))
+    assert not res.fell_back
+    assert res.numerical_rank == tokens
     assert_orthonormal(res.basis)
+    G = (A.T @ X).double()
+    _, S, Vh = torch.linalg.svd(G)
+    top = Vh[:tokens].T
+    assert float((top.T @ res.basis.double()).pow(2).sum()) / tokens > 1 - 1e-5
+    torch.testing.assert_close(res.singular_values[:tokens].double(), S[:tokens], rtol=1e-4, atol=0)
+    assert float((G @ res.basis[:, tokens:].double()).norm()) <= 1e-5 * float(S[0])
 
 
 def test_zero_gradient_falls_back_and_stays_finite():
