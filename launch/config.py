@@ -274,6 +274,10 @@ class TrainConfig:
     eval_every: int = _f(10, "Held-out evaluation every this many optimizer steps; 0 evaluates only at the end; "
                              "int >= 0.", _int(0))
     log_every: int = _f(1, "Log metrics every this many optimizer steps; int >= 1.", _int(1))
+    max_skipped_steps: int = _f(5, "Stop with an error (exit 2) after this many consecutive skipped steps (loss or "
+                                   "gradients not finite: the run diverged, usually lr too high); the checkpoints "
+                                   "holding the diverged state are set aside so resume=auto picks the last good "
+                                   "one; int >= 1.", _int(1))
     device: str = _f("auto", "'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'.",
                      _choice("auto", "cpu", "cuda"))
     dtype: str = _f("auto", "Compute dtype: 'auto' (bf16 on CUDA with bf16 support, else fp32), 'bf16' or 'fp32'.",

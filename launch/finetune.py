@@ -140,7 +140,9 @@ def train(cfg: TrainConfig) -> dict:
     from launch.parallel import describe_failure, is_comm_failure, setup
     par = setup(cfg, resolve_device)
     progress = {"step": None, "checkpoint": None}
+    lock = None
     try:
+        lock = claim_output_dir(par)
         result = _train(par, progress)
     except Exception as err:
         if par.distributed and is_comm_failure(err):
@@ -150,8 +152,88 @@ def train(cfg: TrainConfig) -> dict:
             os._exit(EXIT_ERROR)
         par.shutdown(clean=False)
         raise
+    finally:
+        if lock is not None:
+            lock.release()
     par.shutdown(clean=True)
     return result
+
+
+def _agreed_error(par, error: str | None) -> str | None:
+    """Several processes: the first rank's error (every rank gets the same answer, so all stop together)."""
+    if not par.distributed:
+        return error
+    errors = [e for e in par.comm.all_gather_object(error) if e]
+    return errors[0] if errors else None
+
+
+def claim_output_dir(par):
+    """Rank 0 checks output_dir is writable and takes its run lock (launch.run_dir.RunLock) for the life of the
+    run; every rank stops with the same error when either fails. Returns the lock (None on other ranks)."""
+    from launch.run_dir import RunDirError, RunLock
+    error, lock = None, None
+    if par.is_main:
+        out = Path(par.cfg.output_dir)
+        try:
+            check_output_dir(out)
+            lock = RunLock(out).acquire()
+        except (UsageError, RunDirError) as err:
+            error = str(err)
+    error = _agreed_error(par, error)
+    if error:
+        if lock is not None:
+            lock.release()
+        raise UsageError(error)
+    return lock
+
+
+def choose_checkpoint(par, ckpt_root: Path):
+    """The verified checkpoint to resume from (lowmem.checkpoint.verify.select_resume), chosen by rank 0 (which
+    alone reads every byte for the hashes) and shared with the others; damaged ones passed over are printed."""
+    from lowmem.checkpoint.store import CheckpointError
+    from lowmem.checkpoint.verify import select_resume
+
+    def skipped(path: Path, why: str) -> None:
+        print(f"resume=auto: skipping checkpoint {path}: {why}", flush=True)
+
+    choice, error = None, None
+    if par.is_main:
+        try:
+            found = select_resume(ckpt_root, par.cfg.resume, on_skip=skipped)
+            choice = None if found is None else str(found)
+        except CheckpointError as err:
+            error = str(err)
+    error = _agreed_error(par, error)
+    if error:
+        raise UsageError(error)
+    if par.distributed:
+        choice = par.comm.all_gather_object(choice)[0]
+    return None if choice is None else Path(choice)
+
+
+def check_compatible(cfg: TrainConfig, checkpoint: Path) -> None:
+    """Stop before anything is written when the checkpoint was made with settings its state cannot load into."""
+    import json
+
+    from launch.run_dir import RunDirError, check_resume_compatible
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    try:
+        check_resume_compatible(cfg, checkpoint, (meta.get("meta") or {}).get("config"))
+    except RunDirError as err:
+        raise UsageError(str(err)) from None
+
+
+def divergence_message(cfg: TrainConfig, first_step: int, last_step: int, nonfinite: list[str],
+                       resume_point: Path | None, set_aside: list[Path]) -> str:
+    what = ", ".join(nonfinite[:3]) + (" ..." if len(nonfinite) > 3 else "") if nonfinite else "loss or gradients"
+    where = (f"it resumes from {resume_point}, the last checkpoint saved before the divergence" if resume_point
+             else "no checkpoint was saved before the divergence, so it starts from the beginning")
+    aside = (f" The checkpoints holding the diverged state were renamed: {', '.join(p.name for p in set_aside)}."
+             if set_aside else "")
+    return (f"training diverged: steps {first_step}-{last_step} ({last_step - first_step + 1} in a row, "
+            f"max_skipped_steps={cfg.max_skipped_steps}) had non-finite values ({what}) and were skipped. The "
+            f"learning rate lr={cfg.lr:g} is most likely too high: lower it (e.g. lr={cfg.lr / 10:g}) or raise "
+            f"warmup_steps, then run the same command again; {where}.{aside}")
 
 
 def _train(par, progress: dict) -> dict:
@@ -162,18 +244,18 @@ def _train(par, progress: dict) -> dict:
     from launch.models import cache_root, load_model, load_model_config
     from launch.preflight import check as preflight
     from launch.report import StepLog, read_log, write_report
-    from lowmem.checkpoint.store import python_random_state, resolve_resume, save_checkpoint, set_python_random_state
+    from launch.run_dir import set_aside_diverged, truncate_log
+    from lowmem.checkpoint.store import list_checkpoints, python_random_state, save_checkpoint, set_python_random_state
     from lowmem.checkpoint.distributed import load_any_checkpoint, save_distributed_checkpoint
 
     cfg = par.cfg
     main = par.is_main
     say = print if main else (lambda *a, **k: None)
-    out = Path(cfg.output_dir)
-    if main:
-        check_output_dir(out)
-    par.barrier()
+    out = Path(cfg.output_dir)    # writable and locked by this run (claim_output_dir)
     ckpt_root = out / "checkpoints"
-    resume_from = resolve_resume(ckpt_root, cfg.resume)
+    resume_from = choose_checkpoint(par, ckpt_root)
+    if resume_from is not None:
+        check_compatible(cfg, resume_from)
     device = par.device
     dtype = resolve_dtype(cfg, device)
     torch.manual_seed(cfg.seed)
@@ -208,9 +290,15 @@ def _train(par, progress: dict) -> dict:
     runtime = prepare(model, cfg.lowmem_config(), data_parallel=par.data_parallel)
     sampler = BatchSampler(data.train.shape[0], global_rows, cfg.seed)
     if resume_from is not None:
-        model_state, runtime_state, meta = load_any_checkpoint(resume_from, rank=par.rank)
-        runtime.load_model_state(model_state)
-        runtime.load_state_dict(runtime_state)
+        model_state, runtime_state, meta = load_any_checkpoint(resume_from, rank=par.rank, verify=False)  # verified
+        try:
+            runtime.load_model_state(model_state)
+            runtime.load_state_dict(runtime_state)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise UsageError(f"cannot resume from {resume_from}: its state does not fit this model and optim "
+                             f"settings ({' '.join(str(err).split())[:400]}). Nothing was written. Resume with the "
+                             "settings the checkpoint was written with, or choose another output_dir (or "
+                             "resume=none).") from None
         sampler.load_state_dict(meta["meta"]["data"])
         set_python_random_state(meta["meta"]["python_random"])
         progress["checkpoint"] = str(resume_from)
@@ -222,6 +310,8 @@ def _train(par, progress: dict) -> dict:
                 f"micro-batch step; this run uses {par.world_size} with {global_rows}: the optimizer state was "
                 "redistributed and the data order continues, but the global batch changed", flush=True)
 
+    if main and resume_from is not None:
+        truncate_log(out / "train_log.jsonl", runtime.global_step)   # steps after it are replayed and logged again
     log = StepLog(out / "train_log.jsonl", append=resume_from is not None) if main else None
     config_yaml = config_to_yaml(cfg)
     if main:
@@ -251,6 +341,7 @@ def _train(par, progress: dict) -> dict:
     start_step = runtime.global_step
     last_eval = None
     interrupted = None
+    skipped_in_a_row, first_skipped, diverged = 0, 0, False
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True,
                disable=None if main else True)
     if cfg.eval_every and start_step == 0:
@@ -290,7 +381,15 @@ def _train(par, progress: dict) -> dict:
                 if main:
                     bar.write(f"step {step + 1}: eval loss {last_eval:.4f} "
                               f"(perplexity {math.exp(min(last_eval, 50)):.2f})")
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
+            skipped_in_a_row = skipped_in_a_row + 1 if stats["skipped"] else 0
+            if skipped_in_a_row == 1:
+                first_skipped = step + 1
+            if skipped_in_a_row >= cfg.max_skipped_steps:
+                diverged = True
+                break
+            # No checkpoint while steps are being skipped: it could replace a good one with a diverging state.
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps
+                    and not skipped_in_a_row):
                 save(step + 1)
             # Every rank must stop after the same step (a signal reaches the ranks at different moments).
             if par.any(stop.signal_name is not None):
@@ -298,6 +397,16 @@ def _train(par, progress: dict) -> dict:
                 break
     bar.close()
     progress["step"] = None
+    if diverged:
+        # The state after step first_skipped - 1 produced the non-finite steps: no final save, and checkpoints
+        # holding that state (or later) are set aside so resume=auto takes the last one before it.
+        aside = set_aside_diverged(ckpt_root, first_skipped - 1) if main else []
+        par.barrier()
+        good = list_checkpoints(ckpt_root)
+        if main:
+            log.close()
+        raise UsageError(divergence_message(cfg, first_skipped, runtime.global_step, stats["nonfinite"],
+                                            good[-1] if good else None, aside))
     steps_done = runtime.global_step
     final_ckpt = save(steps_done)
     if interrupted:
@@ -334,7 +443,7 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
     path = Path(checkpoint)
     if not path.exists():
         raise UsageError(f"checkpoint {path} does not exist; checkpoints live in <output_dir>/checkpoints/step-N")
-    model_state, _, meta = load_any_checkpoint(path)
+    model_state, _, meta = load_any_checkpoint(path)   # verifies every file's sha256 first
     cfg = config_from_dict(meta["meta"]["config"])
     loaded = load_model(cfg.model, dtype=torch.float32, tokenizer=cfg.tokenizer, seed=cfg.seed)
     runtime = prepare(loaded.model, cfg.lowmem_config())

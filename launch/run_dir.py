@@ -1,0 +1,184 @@
+"""The output directory of one run: who owns it, which checkpoint a resume may use, and the log it continues.
+
+- `RunLock`: one run per output_dir. An exclusive advisory `fcntl.flock` on `output_dir/.lowmem-run.lock`, held for
+  the life of the run; the file holds the holder's pid so a refused second run can name it. The kernel drops the
+  lock when its process dies (even by SIGKILL), so a lock file left by a dead run is simply taken over; the pid in
+  it is then stale and is overwritten. Under DeepSpeed/torchrun only rank 0 takes it (launch.finetune).
+- `check_resume_compatible`: a checkpoint resumes only into a run whose optimizer state has the same shapes: the
+  same model and the same state-shaping optim settings; otherwise the run stops before anything is written,
+  naming the setting, its value in the checkpoint and in this run.
+- `truncate_log`: on resume, train_log.jsonl keeps only the records up to the resumed step (written to a temporary
+  file, fsynced, renamed over the log), so steps replayed after a kill are not logged twice.
+- `set_aside_diverged`: after a divergence, checkpoints that hold the state which produced non-finite steps are
+  renamed to `diverged-step-N` (kept for inspection, never picked by resume=auto).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+from pathlib import Path
+
+LOCK_NAME = ".lowmem-run.lock"
+
+# LowMemConfig fields that decide the shape or encoding of the optimizer state or the INT8 weights: a checkpoint
+# written with other values cannot be loaded into this run. Learning-rate, schedule, clipping and refresh-timing
+# settings may change on resume.
+STATE_SHAPING = ("rank", "weight_block_size", "projector_bits", "projector_group_size", "optim_bits",
+                 "moment_block_size", "residual_ratio", "residual_modules", "residual_dtype", "residual_mode",
+                 "error_feedback", "cross_head", "cross_head_modules", "target_modules", "exclude_modules",
+                 "float_optim_bits", "float_optim_min_numel", "freeze", "overrides")
+
+
+class RunDirError(Exception):
+    """The output directory cannot be used by this run (held by another run, or an incompatible checkpoint)."""
+
+
+def _holder_pid(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        return "unknown"
+    return text if text.isdigit() else "unknown"
+
+
+class RunLock:
+    """Exclusive lock on an output directory for the life of a run (module docstring). Context manager."""
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.path = Path(output_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise RunDirError naming the holder's pid. The directory must exist."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            pid = _holder_pid(self.path)
+            raise RunDirError(
+                f"output_dir {self.path.parent} is in use by another run (pid {pid}, lock file {self.path}). Two "
+                "runs in one directory overwrite each other's checkpoints and log: wait for that run to finish, "
+                "stop it, or choose another output_dir=PATH.") from None
+        # Ours now (a previous holder, if any, is dead: its pid is stale). Record who holds it.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False
+
+
+# ---- resume compatibility -----------------------------------------------------------------------------------------
+
+def _show(value) -> str:
+    text = repr(list(value) if isinstance(value, tuple) else value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def resume_differences(cfg, saved_config: dict) -> list[tuple[str, str, str]]:
+    """[(key, value in the checkpoint, value in this run)] for the settings that must match on resume.
+
+    cfg: this run's TrainConfig; saved_config: the checkpoint's meta["meta"]["config"] (TrainConfig.to_dict())."""
+    from launch.config import TrainConfig
+    from launch.finetune import config_from_dict
+    if not isinstance(saved_config, dict):
+        return [("config", "missing", "present")]
+    saved_optim = saved_config.get("optim") if isinstance(saved_config.get("optim"), dict) else {}
+    diffs = []
+    if saved_config.get("model") != cfg.model:
+        diffs.append(("model", _show(saved_config.get("model")), _show(cfg.model)))
+    if saved_optim.get("preset", "lowmem") != cfg.optim.preset:
+        diffs.append(("optim.preset", _show(saved_optim.get("preset", "lowmem")), _show(cfg.optim.preset)))
+    try:
+        saved: TrainConfig = config_from_dict(saved_config)
+    except Exception as exc:  # noqa: BLE001 - an unreadable recorded config is itself a difference to report
+        diffs.append(("config", f"unreadable by this version ({type(exc).__name__})", "valid"))
+        return diffs
+    old, new = saved.lowmem_config(), cfg.lowmem_config()
+    for name in STATE_SHAPING:
+        if getattr(old, name) != getattr(new, name):
+            diffs.append((f"optim.{name}", _show(getattr(old, name)), _show(getattr(new, name))))
+    return diffs
+
+
+def check_resume_compatible(cfg, checkpoint: Path, saved_config: dict) -> None:
+    """Raise RunDirError naming every setting that differs between the checkpoint and this run."""
+    diffs = resume_differences(cfg, saved_config)
+    if not diffs:
+        return
+    listed = "; ".join(f"{key}: the checkpoint has {old}, this run {new}" for key, old, new in diffs)
+    fix = " ".join(f"{key}={old}" for key, old, _ in diffs if key != "config")
+    raise RunDirError(
+        f"cannot resume from {checkpoint}: it was written with other settings ({listed}); its optimizer state "
+        f"does not fit this run. Nothing was written. Resume with the checkpoint's settings ({fix}), or start a "
+        "new run: another output_dir=PATH, or resume=none (which overwrites this directory's checkpoints).")
+
+
+# ---- the step log --------------------------------------------------------------------------------------------------
+
+def truncate_log(path: Path, step: int) -> int:
+    """Keep the records of train_log.jsonl with step <= `step` (and drop a torn last line), atomically.
+
+    Returns the number of records dropped. A missing log is left missing."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh.read().split("\n"):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                dropped += 1   # a line torn by a kill mid-write
+                continue
+            record_step = record.get("step") if isinstance(record, dict) else None
+            if isinstance(record_step, int) and record_step > step:
+                dropped += 1
+                continue
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write("".join(line + "\n" for line in kept))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dropped
+
+
+# ---- divergence ----------------------------------------------------------------------------------------------------
+
+def set_aside_diverged(ckpt_root: Path, first_bad_step: int) -> list[Path]:
+    """Rename the complete checkpoints with step >= first_bad_step to `diverged-step-N`; returns the new paths."""
+    from lowmem.checkpoint.store import list_checkpoints
+    moved = []
+    for path in list_checkpoints(ckpt_root):
+        if int(path.name.split("-")[1]) >= first_bad_step:
+            target = path.with_name(f"diverged-{path.name}")
+            if target.exists():
+                import shutil
+                shutil.rmtree(target)
+            os.rename(path, target)
+            moved.append(target)
+    return moved
