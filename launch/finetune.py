@@ -10,12 +10,15 @@ Several processes (launch.parallel): `deepspeed --num_gpus N --module launch.fin
 `torchrun --nproc_per_node N -m launch.finetune ...`.
 
 The run, top to bottom: resolve the config (and the DeepSpeed JSON); open the process group when there are several
-processes; check output_dir is writable; memory preflight (refuses a run that will not fit unless force=true; from
+processes; check output_dir is writable and take its run lock (rank 0; launch.run_dir); choose the checkpoint to
+resume from (hashes verified, damaged ones passed over with a line saying why) and check its settings match this
+run's, before anything is written; memory preflight (refuses a run that will not fit unless force=true; from
 the model config alone, before any weight is loaded); load model and tokenizer; tokenize and pack the data (cached
-on disk); prepare the lowmem runtime (INT8 linears, optimizer state, backward hooks); resume from the latest
-checkpoint when there is one; train with a progress bar, a JSONL log line per step, held-out evaluation every
-eval_every steps and checkpoints every save_every steps (and on Ctrl-C / SIGTERM); at the end save, export a bf16
-Hugging Face model and write report.md with loss and memory curves.
+on disk); prepare the lowmem runtime (INT8 linears, optimizer state, backward hooks); load the checkpoint and cut
+train_log.jsonl back to its step; train with a progress bar, a JSONL log line per step, held-out evaluation every
+eval_every steps and checkpoints every save_every steps (and on Ctrl-C / SIGTERM; none while steps are being
+skipped for NaN/Inf, and max_skipped_steps skipped in a row stop the run as diverged); at the end save, export a
+bf16 Hugging Face model and write report.md with loss and memory curves.
 """
 from __future__ import annotations
 
