@@ -18,6 +18,7 @@ import errno
 import fcntl
 import json
 import os
+import warnings
 from pathlib import Path
 
 LOCK_NAME = ".lowmem-run.lock"
@@ -56,6 +57,12 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                # Some network file systems have no locks: run unguarded rather than not at all, and say so.
+                warnings.warn(f"the file system of {self.path.parent} does not support locks ({exc.strerror}): a "
+                              "second run started in this output_dir would not be detected")
+                self._fd = fd
+                return self
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
@@ -73,9 +80,13 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+            fd, self._fd = self._fd, None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)   # closing would release it too; explicit for the reader
+            except OSError:
+                pass   # a file system without locks (acquire warned)
+            finally:
+                os.close(fd)
 
     def __enter__(self) -> RunLock:
         return self.acquire()

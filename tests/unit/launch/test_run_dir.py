@@ -33,6 +33,19 @@ def test_a_stale_lock_file_is_taken_over_and_an_unreadable_pid_is_reported_as_un
             RunLock(tmp_path).acquire()
 
 
+def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch):
+    import errno
+
+    import launch.run_dir as run_dir
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(run_dir.fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="does not support locks"):
+        lock = RunLock(tmp_path).acquire()
+    lock.release()
+
+
 def test_truncate_log_keeps_steps_up_to_the_resumed_one_and_drops_a_torn_line(tmp_path):
     log = tmp_path / "train_log.jsonl"
     records = [{"kind": "eval", "step": 0}] + [{"kind": "train", "step": s} for s in range(1, 6)] + [
