@@ -141,11 +141,12 @@ def evaluate(model, eval_ids: torch.Tensor, eval_labels: torch.Tensor, batch_siz
 def train(cfg: TrainConfig) -> dict:
     """Set up the process layout, run, and tear down (explicitly, also after a failure of another rank)."""
     from launch.parallel import describe_failure, is_comm_failure, setup
+    from launch.run_dir import claim_output_dir
     par = setup(cfg, resolve_device)
     progress = {"step": None, "checkpoint": None}
     lock = None
     try:
-        lock = claim_output_dir(par)
+        lock = claim_output_dir(par, check_output_dir)
         result = _train(par, progress)
     except Exception as err:
         if par.distributed and is_comm_failure(err):
@@ -162,83 +163,6 @@ def train(cfg: TrainConfig) -> dict:
     return result
 
 
-def _agreed_error(par, error: str | None) -> str | None:
-    """Several processes: the first rank's error (every rank gets the same answer, so all stop together)."""
-    if not par.distributed:
-        return error
-    errors = [e for e in par.comm.all_gather_object(error) if e]
-    return errors[0] if errors else None
-
-
-def claim_output_dir(par):
-    """Rank 0 checks output_dir is writable and takes its run lock (launch.run_dir.RunLock) for the life of the
-    run; every rank stops with the same error when either fails. Returns the lock (None on other ranks)."""
-    from launch.run_dir import RunDirError, RunLock
-    error, lock = None, None
-    if par.is_main:
-        out = Path(par.cfg.output_dir)
-        try:
-            check_output_dir(out)
-            lock = RunLock(out).acquire()
-        except (UsageError, RunDirError) as err:
-            error = str(err)
-    error = _agreed_error(par, error)
-    if error:
-        if lock is not None:
-            lock.release()
-        raise UsageError(error)
-    return lock
-
-
-def choose_checkpoint(par, ckpt_root: Path):
-    """The verified checkpoint to resume from (lowmem.checkpoint.verify.select_resume), chosen by rank 0 (which
-    alone reads every byte for the hashes) and shared with the others; damaged ones passed over are printed."""
-    from lowmem.checkpoint.store import CheckpointError
-    from lowmem.checkpoint.verify import select_resume
-
-    def skipped(path: Path, why: str) -> None:
-        print(f"resume=auto: skipping checkpoint {path}: {why}", flush=True)
-
-    choice, error = None, None
-    if par.is_main:
-        try:
-            found = select_resume(ckpt_root, par.cfg.resume, on_skip=skipped)
-            choice = None if found is None else str(found)
-        except CheckpointError as err:
-            error = str(err)
-    error = _agreed_error(par, error)
-    if error:
-        raise UsageError(error)
-    if par.distributed:
-        choice = par.comm.all_gather_object(choice)[0]
-    return None if choice is None else Path(choice)
-
-
-def check_compatible(cfg: TrainConfig, checkpoint: Path) -> None:
-    """Stop before anything is written when the checkpoint was made with settings its state cannot load into."""
-    import json
-
-    from launch.run_dir import RunDirError, check_resume_compatible
-    meta = json.loads((checkpoint / "meta.json").read_text())
-    try:
-        check_resume_compatible(cfg, checkpoint, (meta.get("meta") or {}).get("config"))
-    except RunDirError as err:
-        raise UsageError(str(err)) from None
-
-
-def divergence_message(cfg: TrainConfig, first_step: int, last_step: int, nonfinite: list[str],
-                       resume_point: Path | None, set_aside: list[Path]) -> str:
-    what = ", ".join(nonfinite[:3]) + (" ..." if len(nonfinite) > 3 else "") if nonfinite else "loss or gradients"
-    where = (f"it resumes from {resume_point}, the last checkpoint saved before the divergence" if resume_point
-             else "no checkpoint was saved before the divergence, so it starts from the beginning")
-    aside = (f" The checkpoints holding the diverged state were renamed: {', '.join(p.name for p in set_aside)}."
-             if set_aside else "")
-    return (f"training diverged: steps {first_step}-{last_step} ({last_step - first_step + 1} in a row, "
-            f"max_skipped_steps={cfg.max_skipped_steps}) had non-finite values ({what}) and were skipped. The "
-            f"learning rate lr={cfg.lr:g} is most likely too high: lower it (e.g. lr={cfg.lr / 10:g}) or raise "
-            f"warmup_steps, then run the same command again; {where}.{aside}")
-
-
 def _train(par, progress: dict) -> dict:
     from tqdm.auto import tqdm
 
@@ -247,8 +171,8 @@ def _train(par, progress: dict) -> dict:
     from launch.models import cache_root, load_model, load_model_config
     from launch.preflight import check as preflight
     from launch.report import StepLog, read_log, write_report
-    from launch.run_dir import set_aside_diverged, truncate_log
-    from lowmem.checkpoint.store import list_checkpoints, python_random_state, save_checkpoint, set_python_random_state
+    from launch.run_dir import SkipStreak, check_compatible, choose_checkpoint, load_resumed_state, truncate_log
+    from lowmem.checkpoint.store import python_random_state, save_checkpoint, set_python_random_state
     from lowmem.checkpoint.distributed import load_any_checkpoint, save_distributed_checkpoint
 
     cfg = par.cfg
@@ -294,14 +218,7 @@ def _train(par, progress: dict) -> dict:
     sampler = BatchSampler(data.train.shape[0], global_rows, cfg.seed)
     if resume_from is not None:
         model_state, runtime_state, meta = load_any_checkpoint(resume_from, rank=par.rank, verify=False)  # verified
-        try:
-            runtime.load_model_state(model_state)
-            runtime.load_state_dict(runtime_state)
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise UsageError(f"cannot resume from {resume_from}: its state does not fit this model and optim "
-                             f"settings ({' '.join(str(err).split())[:400]}). Nothing was written. Resume with the "
-                             "settings the checkpoint was written with, or choose another output_dir (or "
-                             "resume=none).") from None
+        load_resumed_state(runtime, model_state, runtime_state, resume_from)
         sampler.load_state_dict(meta["meta"]["data"])
         set_python_random_state(meta["meta"]["python_random"])
         progress["checkpoint"] = str(resume_from)
@@ -344,7 +261,7 @@ def _train(par, progress: dict) -> dict:
     start_step = runtime.global_step
     last_eval = None
     interrupted = None
-    skipped_in_a_row, first_skipped, diverged = 0, 0, False
+    streak = SkipStreak(cfg.max_skipped_steps, cfg.lr)
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True,
                disable=None if main else True)
     if cfg.eval_every and start_step == 0:
@@ -384,15 +301,10 @@ def _train(par, progress: dict) -> dict:
                 if main:
                     bar.write(f"step {step + 1}: eval loss {last_eval:.4f} "
                               f"(perplexity {math.exp(min(last_eval, 50)):.2f})")
-            skipped_in_a_row = skipped_in_a_row + 1 if stats["skipped"] else 0
-            if skipped_in_a_row == 1:
-                first_skipped = step + 1
-            if skipped_in_a_row >= cfg.max_skipped_steps:
-                diverged = True
-                break
+            if streak.update(stats, step + 1):
+                break   # diverged: handled after the loop
             # No checkpoint while steps are being skipped: it could replace a good one with a diverging state.
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps
-                    and not skipped_in_a_row):
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps and not streak.count:
                 save(step + 1)
             # Every rank must stop after the same step (a signal reaches the ranks at different moments).
             if par.any(stop.signal_name is not None):
@@ -400,16 +312,10 @@ def _train(par, progress: dict) -> dict:
                 break
     bar.close()
     progress["step"] = None
-    if diverged:
-        # The state after step first_skipped - 1 produced the non-finite steps: no final save, and checkpoints
-        # holding that state (or later) are set aside so resume=auto takes the last one before it.
-        aside = set_aside_diverged(ckpt_root, first_skipped - 1) if main else []
-        par.barrier()
-        good = list_checkpoints(ckpt_root)
+    if streak.diverged:
         if main:
             log.close()
-        raise UsageError(divergence_message(cfg, first_skipped, runtime.global_step, stats["nonfinite"],
-                                            good[-1] if good else None, aside))
+        streak.stop(par, ckpt_root)   # no final save; raises RunDirError
     steps_done = runtime.global_step
     final_ckpt = save(steps_done)
     if interrupted:
@@ -511,8 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - known failure kinds get one paragraph, not a traceback
         from launch.data import DataError
         from launch.models import ModelNotFoundError
+        from launch.run_dir import RunDirError
         from lowmem.checkpoint.store import CheckpointError
-        if isinstance(err, (DataError, ModelNotFoundError, CheckpointError)):
+        if isinstance(err, (DataError, ModelNotFoundError, CheckpointError, RunDirError)):
             print(f"error: {err}", file=sys.stderr)
             return EXIT_ERROR
         raise

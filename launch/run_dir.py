@@ -1,16 +1,22 @@
-"""The output directory of one run: who owns it, which checkpoint a resume may use, and the log it continues.
+"""The output directory of one run: who owns it, which checkpoint a resume may use, the log it continues, and
+what a diverged run leaves behind. launch.finetune calls these in this order.
 
-- `RunLock`: one run per output_dir. An exclusive advisory `fcntl.flock` on `output_dir/.lowmem-run.lock`, held for
-  the life of the run; the file holds the holder's pid so a refused second run can name it. The kernel drops the
-  lock when its process dies (even by SIGKILL), so a lock file left by a dead run is simply taken over; the pid in
-  it is then stale and is overwritten. Under DeepSpeed/torchrun only rank 0 takes it (launch.finetune).
-- `check_resume_compatible`: a checkpoint resumes only into a run whose optimizer state has the same shapes: the
-  same model and the same state-shaping optim settings; otherwise the run stops before anything is written,
-  naming the setting, its value in the checkpoint and in this run.
+- `claim_output_dir` / `RunLock`: one run per output_dir. An exclusive advisory `fcntl.flock` on
+  `output_dir/.lowmem-run.lock`, held for the life of the run; the file holds the holder's pid so a refused second
+  run can name it. The kernel drops the lock when its process dies (even by SIGKILL), so a lock file left by a dead
+  run is simply taken over; the pid in it is then stale and is overwritten. Under DeepSpeed/torchrun only rank 0
+  takes it, and every rank learns whether it got it (they stop together).
+- `choose_checkpoint`: rank 0 picks the verified checkpoint (lowmem.checkpoint.verify.select_resume: damaged ones
+  passed over with a printed reason under resume=auto, an error for a damaged resume=PATH) and tells the others.
+- `check_compatible` / `load_resumed_state`: a checkpoint resumes only into a run whose state has the same shapes:
+  the same model and the same state-shaping optim settings; otherwise the run stops before anything is written,
+  naming each setting, its value in the checkpoint and in this run.
 - `truncate_log`: on resume, train_log.jsonl keeps only the records up to the resumed step (written to a temporary
   file, fsynced, renamed over the log), so steps replayed after a kill are not logged twice.
-- `set_aside_diverged`: after a divergence, checkpoints that hold the state which produced non-finite steps are
-  renamed to `diverged-step-N` (kept for inspection, never picked by resume=auto).
+- `SkipStreak`: max_skipped_steps consecutive skipped steps stop the run; the checkpoints that hold the state which
+  produced them are renamed `diverged-step-N` (`set_aside_diverged`: kept for inspection, never picked by
+  resume=auto), so the newest `step-N` is the last good one.
+Every failure here is a `RunDirError`: one paragraph for the user, exit 2.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import fcntl
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 LOCK_NAME = ".lowmem-run.lock"
@@ -94,6 +101,79 @@ class RunLock:
     def __exit__(self, *exc) -> bool:
         self.release()
         return False
+
+
+# ---- the run's start: claim the directory, choose the checkpoint (every rank agrees) ----------------------------
+
+def _agreed_error(par, error: str | None) -> str | None:
+    """Several processes: the first rank's error (every rank gets the same answer, so all stop together)."""
+    if not par.distributed:
+        return error
+    errors = [e for e in par.comm.all_gather_object(error) if e]
+    return errors[0] if errors else None
+
+
+def claim_output_dir(par, check_writable: Callable[[Path], None]) -> RunLock | None:
+    """Rank 0 checks output_dir is writable (check_writable raises an exception whose text is the message) and takes
+    its RunLock for the life of the run; every rank stops with the same RunDirError when either fails (a lone
+    failing rank would leave the others waiting in a collective). Returns the lock (None on other ranks)."""
+    error, lock = None, None
+    if par.is_main:
+        out = Path(par.cfg.output_dir)
+        try:
+            check_writable(out)
+            lock = RunLock(out).acquire()
+        except Exception as err:  # noqa: BLE001 - the message travels to every rank; the user fixes the cause
+            error = str(err)
+    error = _agreed_error(par, error)
+    if error:
+        if lock is not None:
+            lock.release()
+        raise RunDirError(error)
+    return lock
+
+
+def choose_checkpoint(par, ckpt_root: Path) -> Path | None:
+    """The verified checkpoint to resume from (lowmem.checkpoint.verify.select_resume), chosen by rank 0 (which
+    alone reads every byte for the hashes) and shared with the others; damaged ones passed over are printed."""
+    from lowmem.checkpoint.store import CheckpointError
+    from lowmem.checkpoint.verify import select_resume
+
+    def skipped(path: Path, why: str) -> None:
+        print(f"resume=auto: skipping checkpoint {path}: {why}", flush=True)
+
+    choice, error = None, None
+    if par.is_main:
+        try:
+            found = select_resume(ckpt_root, par.cfg.resume, on_skip=skipped)
+            choice = None if found is None else str(found)
+        except CheckpointError as err:
+            error = str(err)
+    error = _agreed_error(par, error)
+    if error:
+        raise RunDirError(error)
+    if par.distributed:
+        choice = par.comm.all_gather_object(choice)[0]
+    return None if choice is None else Path(choice)
+
+
+def load_resumed_state(runtime, model_state: dict, runtime_state: dict, checkpoint: Path) -> None:
+    """Load a checkpoint's tensors into the runtime; a state that does not fit (a shape check the settings
+    comparison could not foresee) is a RunDirError, raised before the run writes anything."""
+    try:
+        runtime.load_model_state(model_state)
+        runtime.load_state_dict(runtime_state)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise RunDirError(f"cannot resume from {checkpoint}: its state does not fit this model and optim settings "
+                          f"({' '.join(str(err).split())[:400]}). Nothing was written. Resume with the settings the "
+                          "checkpoint was written with, or choose another output_dir (or resume=none).") from None
+
+
+def check_compatible(cfg, checkpoint: Path) -> None:
+    """Stop (RunDirError) before anything is written when the checkpoint was made with settings its state cannot
+    load into; cfg is this run's TrainConfig."""
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    check_resume_compatible(cfg, checkpoint, (meta.get("meta") or {}).get("config"))
 
 
 # ---- resume compatibility -----------------------------------------------------------------------------------------
@@ -193,3 +273,53 @@ def set_aside_diverged(ckpt_root: Path, first_bad_step: int) -> list[Path]:
             os.rename(path, target)
             moved.append(target)
     return moved
+
+
+def _divergence_message(limit: int, lr: float, first_step: int, last_step: int, nonfinite: list[str],
+                        resume_point: Path | None, set_aside: list[Path]) -> str:
+    what = ", ".join(nonfinite[:3]) + (" ..." if len(nonfinite) > 3 else "") if nonfinite else "loss or gradients"
+    where = (f"it resumes from {resume_point}, the last checkpoint saved before the divergence" if resume_point
+             else "no checkpoint was saved before the divergence, so it starts from the beginning")
+    aside = (f" The checkpoints holding the diverged state were renamed: {', '.join(p.name for p in set_aside)}."
+             if set_aside else "")
+    return (f"training diverged: steps {first_step}-{last_step} ({last_step - first_step + 1} in a row, "
+            f"max_skipped_steps={limit}) had non-finite values ({what}) and were skipped. The learning rate "
+            f"lr={lr:g} is most likely too high: lower it (e.g. lr={lr / 10:g}) or raise warmup_steps, then run the "
+            f"same command again; {where}.{aside}")
+
+
+class SkipStreak:
+    """Counts consecutive skipped (non-finite) steps; `max_skipped_steps` of them in a row mean the run diverged.
+
+    The state after step `first_step - 1` is the one that produced the non-finite steps (a skipped step writes
+    nothing, or only the layers whose gradients were finite before the bad one), so on divergence every
+    checkpoint from that step on is set aside and the run stops without a final save."""
+
+    def __init__(self, limit: int, lr: float):
+        self.limit, self.lr = limit, lr
+        self.count, self.first_step, self.last_step = 0, 0, 0
+        self.nonfinite: list[str] = []
+
+    @property
+    def diverged(self) -> bool:
+        return self.count >= self.limit
+
+    def update(self, stats: dict, step: int) -> bool:
+        """Record Runtime.step()'s stats for optimizer step `step` (1-based); True once the run has diverged."""
+        if not stats["skipped"]:
+            self.count = 0
+            return False
+        self.count += 1
+        if self.count == 1:
+            self.first_step = step
+        self.last_step, self.nonfinite = step, list(stats.get("nonfinite") or [])
+        return self.diverged
+
+    def stop(self, par, ckpt_root: Path) -> None:
+        """Set the diverged checkpoints aside (rank 0), then raise RunDirError with the message on every rank."""
+        from lowmem.checkpoint.store import list_checkpoints
+        aside = set_aside_diverged(ckpt_root, self.first_step - 1) if par.is_main else []
+        par.barrier()
+        good = list_checkpoints(ckpt_root)
+        raise RunDirError(_divergence_message(self.limit, self.lr, self.first_step, self.last_step, self.nonfinite,
+                                              good[-1] if good else None, aside))

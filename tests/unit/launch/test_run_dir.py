@@ -80,3 +80,18 @@ def test_resume_differences_name_state_shaping_settings_only(tmp_path):
     with pytest.raises(RunDirError, match=r"optim.rank: the checkpoint has 16, this run 8.*Nothing was written"):
         check_resume_compatible(other, tmp_path, saved)
     assert isinstance(base, TrainConfig)
+
+
+def test_skip_streak_counts_consecutive_skips_only(tmp_path):
+    from types import SimpleNamespace
+
+    from launch.run_dir import SkipStreak
+    streak = SkipStreak(3, lr=0.5)
+    ok, bad = {"skipped": False}, {"skipped": True, "nonfinite": ["loss"]}
+    assert [streak.update(s, i) for i, s in enumerate([bad, bad, ok, bad, bad], start=1)] == [False] * 5
+    assert streak.count == 2 and streak.first_step == 4
+    assert streak.update(bad, 6) and streak.diverged
+    par = SimpleNamespace(is_main=True, barrier=lambda: None)
+    with pytest.raises(RunDirError, match=r"steps 4-6 \(3 in a row, max_skipped_steps=3\).*\(loss\).*lr=0.5 .*"
+                                          r"lr=0.05.*starts from the beginning"):
+        streak.stop(par, tmp_path / "checkpoints")
