@@ -1,6 +1,5 @@
 """`python -m launch.finetune` as a careless or unlucky user drives it: damaged checkpoints, a resume with other
 settings, a log torn by a kill, two runs in one directory, a learning rate that makes training diverge."""
-import json
 import os
 import shutil
 import signal

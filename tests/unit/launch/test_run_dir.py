@@ -4,13 +4,19 @@ import json
 import os
 
 import pytest
-import torch
 from torch import nn
 
 from launch.config import TrainConfig
 from launch.config_loader import load_train_config
-from launch.run_dir import (LOCK_NAME, RunDirError, RunLock, check_resume_compatible, resume_differences,
-                            set_aside_diverged, truncate_log)
+from launch.run_dir import (
+    LOCK_NAME,
+    RunDirError,
+    RunLock,
+    check_resume_compatible,
+    resume_differences,
+    set_aside_diverged,
+    truncate_log,
+)
 from lowmem.checkpoint.store import list_checkpoints, save_checkpoint
 
 
@@ -36,7 +42,7 @@ def test_a_stale_lock_file_is_taken_over_and_an_unreadable_pid_is_reported_as_un
 def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch):
     import errno
 
-    import launch.run_dir as run_dir
+    from launch import run_dir
 
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
