@@ -405,7 +405,8 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> tuple[di
 
 
 def resolve_resume(root: str | os.PathLike, resume: str | os.PathLike | None) -> Path | None:
-    """The checkpoint a run should resume from.
+    """The checkpoint a run should resume from, by completeness and sizes only (no hashes; launch.finetune and
+    Runtime.load use lowmem.checkpoint.verify.select_resume, which verifies and reports what it skips).
 
     "auto": the latest complete checkpoint under root, or None when there is none; "none", "" or None: None;
     anything else is a path to one checkpoint directory (absolute, relative to the working directory, or a name
