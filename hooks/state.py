@@ -14,7 +14,63 @@ from lowmem.optim.lowrank import follower_state
 
 
 class RuntimeState:
-    """Mixin of Runtime: state_dict / load_state_dict, model_state / load_model_state, export."""
+    """Mixin of Runtime: save / load (checkpoint directories), state_dict / load_state_dict, model_state /
+    load_model_state, export."""
+
+    def save(self, directory, *, meta: dict | None = None, keep_last: int | None = 3) -> Path:
+        """Checkpoint everything an exact resume needs into `directory/step-{global_step:08d}/`, the atomic, hashed
+        format of lowmem.checkpoint.store: the model's weights (INT8 codes, scales, float parameters), the optimizer
+        state, the step counters, torch's CPU (and initialised CUDA) RNG state and Python's `random` state.
+
+        meta: anything JSON-able of yours that a resume needs (the data loader's position, your config); load()
+        returns it. keep_last: checkpoints kept under `directory` after this one (None keeps all). Call between
+        steps. Data-parallel: a collective (every rank calls it; one directory, a sub-directory per rank).
+        Returns the checkpoint's path.
+        """
+        from lowmem.checkpoint.distributed import save_distributed_checkpoint
+        from lowmem.checkpoint.store import python_random_state, save_checkpoint
+        if self._micro_done:
+            raise RuntimeError("save() in the middle of a step: call it after runtime.step()")
+        full_meta = {"user": {} if meta is None else meta, "python_random": python_random_state()}
+        if self.dp is None:
+            return save_checkpoint(directory, step=self.global_step, model=self.model, runtime_state=self.state_dict(),
+                                   meta=full_meta, keep_last=keep_last)
+        return save_distributed_checkpoint(directory, step=self.global_step, model_state=self.model_state(),
+                                           runtime_state=self.state_dict(), meta=full_meta, comm=self.dp.comm,
+                                           zero_stage=self.dp.zero_stage, keep_last=keep_last)
+
+    def load(self, directory) -> dict:
+        """Restore what save() wrote, into a runtime prepare()'d from the same model and config: weights,
+        optimizer state, step counters and RNG states, so training continues exactly as if it had not stopped.
+
+        directory: one checkpoint (`.../step-00000100`) or the directory given to save(), which loads its newest
+        intact checkpoint (damaged newer ones are skipped with a warning). Every file's sha256 is verified first;
+        a damaged or missing checkpoint raises lowmem.checkpoint.store.CheckpointError. Returns the `meta` given to
+        save() ({} when none).
+        """
+        import warnings
+
+        from lowmem.checkpoint.distributed import load_any_checkpoint
+        from lowmem.checkpoint.store import CheckpointError, set_python_random_state
+        from lowmem.checkpoint.verify import select_resume
+        if self._micro_done:
+            raise RuntimeError("load() in the middle of a step")
+        directory = Path(directory)
+        if (directory / "meta.json").exists():
+            path = select_resume(directory.parent, str(directory))
+        else:
+            path = select_resume(directory, "auto", on_skip=lambda p, why: warnings.warn(
+                f"skipping damaged checkpoint {p}: {why}", stacklevel=3))
+            if path is None:
+                raise CheckpointError(f"no intact checkpoint under {directory}: save one with runtime.save(dir)")
+        model_state, runtime_state, meta = load_any_checkpoint(path, rank=0 if self.dp is None else self.dp.rank,
+                                                               verify=False)   # select_resume verified it
+        self.load_model_state(model_state)
+        self.load_state_dict(runtime_state)
+        user = meta.get("meta", {})
+        if "python_random" in user:
+            set_python_random_state(user["python_random"])
+        return user.get("user", {})
 
     def state_dict(self) -> dict:
         """Optimizer state (tensors only) and counters; model weights are the model's own state_dict."""

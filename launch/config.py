@@ -298,6 +298,10 @@ class TrainConfig:
                                  "'lowmem[tensorboard]'), 'wandb' (Weights & Biases in offline mode under "
                                  "output_dir/wandb; needs wandb; `wandb sync` uploads later). E.g. "
                                  "log_to=[jsonl,tensorboard].", _sinks)
+    max_skipped_steps: int = _f(5, "Stop with an error (exit 2) after this many consecutive skipped steps (loss or "
+                                   "gradients not finite: the run diverged, usually lr too high); the checkpoints "
+                                   "holding the diverged state are set aside so resume=auto picks the last good "
+                                   "one; int >= 1.", _int(1))
     device: str = _f("auto", "'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'.",
                      _choice("auto", "cpu", "cuda"))
     dtype: str = _f("auto", "Compute dtype: 'auto' (bf16 on CUDA with bf16 support, else fp32), 'bf16' or 'fp32'.",

@@ -10,12 +10,15 @@ Several processes (launch.parallel): `deepspeed --num_gpus N --module launch.fin
 `torchrun --nproc_per_node N -m launch.finetune ...`.
 
 The run, top to bottom: resolve the config (and the DeepSpeed JSON); open the process group when there are several
-processes; check output_dir is writable; memory preflight (refuses a run that will not fit unless force=true; from
+processes; check output_dir is writable and take its run lock (rank 0; launch.run_dir); choose the checkpoint to
+resume from (hashes verified, damaged ones passed over with a line saying why) and check its settings match this
+run's, before anything is written; memory preflight (refuses a run that will not fit unless force=true; from
 the model config alone, before any weight is loaded); load model and tokenizer; tokenize and pack the data (cached
-on disk); prepare the lowmem runtime (INT8 linears, optimizer state, backward hooks); resume from the latest
-checkpoint when there is one; train with a progress bar, a JSONL log line per step (plus TensorBoard / W&B with
+on disk); prepare the lowmem runtime (INT8 linears, optimizer state, backward hooks); load the checkpoint and cut
+train_log.jsonl back to its step; train with a progress bar, a JSONL log line per step (plus TensorBoard / W&B with
 log_to: launch.loggers), held-out evaluation every eval_every steps and checkpoints every save_every steps (and on
-Ctrl-C / SIGTERM); at the end save, export a bf16 Hugging Face model with its model card (README.md) and write
+Ctrl-C / SIGTERM; none while steps are being skipped for NaN/Inf, and max_skipped_steps skipped in a row stop the
+run as diverged); at the end save, export a bf16 Hugging Face model with its model card (README.md) and write
 report.md with loss and memory curves.
 """
 from __future__ import annotations
@@ -139,9 +142,12 @@ def evaluate(model, eval_ids: torch.Tensor, eval_labels: torch.Tensor, batch_siz
 def train(cfg: TrainConfig) -> dict:
     """Set up the process layout, run, and tear down (explicitly, also after a failure of another rank)."""
     from launch.parallel import describe_failure, is_comm_failure, setup
+    from launch.run_dir import claim_output_dir
     par = setup(cfg, resolve_device)
     progress = {"step": None, "checkpoint": None}
+    lock = None
     try:
+        lock = claim_output_dir(par, check_output_dir)
         result = _train(par, progress)
     except Exception as err:
         if par.distributed and is_comm_failure(err):
@@ -151,6 +157,9 @@ def train(cfg: TrainConfig) -> dict:
             os._exit(EXIT_ERROR)
         par.shutdown(clean=False)
         raise
+    finally:
+        if lock is not None:
+            lock.release()
     par.shutdown(clean=True)
     return result
 
@@ -164,18 +173,18 @@ def _train(par, progress: dict) -> dict:
     from launch.preflight import check as preflight
     from launch.loggers import RunLogger
     from launch.report import read_log, write_report
-    from lowmem.checkpoint.store import python_random_state, resolve_resume, save_checkpoint, set_python_random_state
+    from launch.run_dir import SkipStreak, check_compatible, choose_checkpoint, load_resumed_state, truncate_log
+    from lowmem.checkpoint.store import python_random_state, save_checkpoint, set_python_random_state
     from lowmem.checkpoint.distributed import load_any_checkpoint, save_distributed_checkpoint
 
     cfg = par.cfg
     main = par.is_main
     say = print if main else (lambda *a, **k: None)
-    out = Path(cfg.output_dir)
-    if main:
-        check_output_dir(out)
-    par.barrier()
+    out = Path(cfg.output_dir)    # writable and locked by this run (claim_output_dir)
     ckpt_root = out / "checkpoints"
-    resume_from = resolve_resume(ckpt_root, cfg.resume)
+    resume_from = choose_checkpoint(par, ckpt_root)
+    if resume_from is not None:
+        check_compatible(cfg, resume_from)
     device = par.device
     dtype = resolve_dtype(cfg, device)
     torch.manual_seed(cfg.seed)
@@ -210,9 +219,8 @@ def _train(par, progress: dict) -> dict:
     runtime = prepare(model, cfg.lowmem_config(), data_parallel=par.data_parallel)
     sampler = BatchSampler(data.train.shape[0], global_rows, cfg.seed)
     if resume_from is not None:
-        model_state, runtime_state, meta = load_any_checkpoint(resume_from, rank=par.rank)
-        runtime.load_model_state(model_state)
-        runtime.load_state_dict(runtime_state)
+        model_state, runtime_state, meta = load_any_checkpoint(resume_from, rank=par.rank, verify=False)  # verified
+        load_resumed_state(runtime, model_state, runtime_state, resume_from)
         sampler.load_state_dict(meta["meta"]["data"])
         set_python_random_state(meta["meta"]["python_random"])
         progress["checkpoint"] = str(resume_from)
@@ -224,6 +232,8 @@ def _train(par, progress: dict) -> dict:
                 f"micro-batch step; this run uses {par.world_size} with {global_rows}: the optimizer state was "
                 "redistributed and the data order continues, but the global batch changed", flush=True)
 
+    if main and resume_from is not None:
+        truncate_log(out / "train_log.jsonl", runtime.global_step)   # steps after it are replayed and logged again
     log = RunLogger(out, cfg.log_to, append=resume_from is not None, config=cfg.to_dict(), say=say) if main else None
     config_yaml = config_to_yaml(cfg)
     if main:
@@ -253,6 +263,7 @@ def _train(par, progress: dict) -> dict:
     start_step = runtime.global_step
     last_eval = None
     interrupted = None
+    streak = SkipStreak(cfg.max_skipped_steps, cfg.lr)
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True,
                disable=None if main else True)
     if cfg.eval_every and start_step == 0:
@@ -294,7 +305,10 @@ def _train(par, progress: dict) -> dict:
                 if main:
                     bar.write(f"step {step + 1}: eval loss {last_eval:.4f} "
                               f"(perplexity {math.exp(min(last_eval, 50)):.2f})")
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps:
+            if streak.update(stats, step + 1):
+                break   # diverged: handled after the loop
+            # No checkpoint while steps are being skipped: it could replace a good one with a diverging state.
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps and not streak.count:
                 save(step + 1)
             # Every rank must stop after the same step (a signal reaches the ranks at different moments).
             if par.any(stop.signal_name is not None):
@@ -302,6 +316,10 @@ def _train(par, progress: dict) -> dict:
                 break
     bar.close()
     progress["step"] = None
+    if streak.diverged:
+        if main:
+            log.close()
+        streak.stop(par, ckpt_root)   # no final save; raises RunDirError
     steps_done = runtime.global_step
     final_ckpt = save(steps_done)
     if interrupted:
@@ -351,7 +369,7 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
     path = Path(checkpoint)
     if not path.exists():
         raise UsageError(f"checkpoint {path} does not exist; checkpoints live in <output_dir>/checkpoints/step-N")
-    model_state, runtime_state, meta = load_any_checkpoint(path)
+    model_state, runtime_state, meta = load_any_checkpoint(path)   # verifies every file's sha256 first
     cfg = config_from_dict(meta["meta"]["config"])
     loaded = load_model(cfg.model, dtype=torch.float32, tokenizer=cfg.tokenizer, seed=cfg.seed)
     runtime = prepare(loaded.model, cfg.lowmem_config())
@@ -419,8 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - known failure kinds get one paragraph, not a traceback
         from launch.data import DataError
         from launch.models import ModelNotFoundError
+        from launch.run_dir import RunDirError
         from lowmem.checkpoint.store import CheckpointError
-        if isinstance(err, (DataError, ModelNotFoundError, CheckpointError)):
+        if isinstance(err, (DataError, ModelNotFoundError, CheckpointError, RunDirError)):
             print(f"error: {err}", file=sys.stderr)
             return EXIT_ERROR
         raise

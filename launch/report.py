@@ -28,10 +28,22 @@ class StepLog:
 
 
 def read_log(path: Path) -> list[dict]:
+    """The records of train_log.jsonl. A line that is not a JSON object (one torn by a kill mid-write, which only
+    the last line can be) is passed over: the log is ours, and a report must not fail on it."""
     if not path.exists():
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f.read().split("\n"):   # "\n" only: a JSON string may hold U+2028, which splitlines() splits
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
 
 
 def _plot(records: list[dict], out: Path) -> tuple[Path, Path]:

@@ -108,13 +108,19 @@ def is_distributed_checkpoint(path) -> bool:
     return bool(meta and meta.get("distributed"))
 
 
-def load_distributed_checkpoint(path, *, rank: int) -> tuple[dict, dict, dict]:
+def load_distributed_checkpoint(path, *, rank: int, verify: bool = True) -> tuple[dict, dict, dict]:
     """(model_state, runtime_state, meta) merged over the ranks of a distributed checkpoint (module docstring);
-    restores this rank's RNG state when the checkpoint has one for `rank`."""
+    restores this rank's RNG state when the checkpoint has one for `rank`. verify: first check every rank's files
+    (sizes, headers, sha256: lowmem.checkpoint.verify.damage); False only when that was just done."""
     path = Path(path)
     meta, why = ckpt._read_complete_meta(path)
     if meta is None or not meta.get("distributed"):
         raise ckpt.CheckpointError(f"{path} is not a complete distributed lowmem checkpoint: {why or 'no ranks'}")
+    if verify:
+        from lowmem.checkpoint.verify import damage
+        why = damage(path)
+        if why is not None:
+            raise ckpt.CheckpointError(f"checkpoint {path} is damaged: {why}. Resume from another checkpoint.")
     model_state: dict[str, Tensor] = {}
     states: dict[int, dict[str, Tensor]] = {}
     try:
@@ -138,8 +144,9 @@ def load_distributed_checkpoint(path, *, rank: int) -> tuple[dict, dict, dict]:
     return model_state, {"state": states, "lowmem": meta["lowmem"]}, meta
 
 
-def load_any_checkpoint(path, *, rank: int = 0) -> tuple[dict, dict, dict]:
-    """load_checkpoint for a single-process checkpoint, load_distributed_checkpoint for a data-parallel one."""
+def load_any_checkpoint(path, *, rank: int = 0, verify: bool = True) -> tuple[dict, dict, dict]:
+    """load_checkpoint for a single-process checkpoint, load_distributed_checkpoint for a data-parallel one
+    (both verify the files' hashes first unless verify=False)."""
     if is_distributed_checkpoint(path):
-        return load_distributed_checkpoint(path, rank=rank)
-    return ckpt.load_checkpoint(path)
+        return load_distributed_checkpoint(path, rank=rank, verify=verify)
+    return ckpt.load_checkpoint(path, verify=verify)

@@ -217,7 +217,7 @@ def _read_complete_meta(path: Path) -> tuple[dict | None, str]:
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     """Complete checkpoints `root/step-*` (meta.json parses, complete, every listed file has its recorded size),
-    sorted by step. Cheap: sizes only; load_checkpoint(verify=True) checks the hashes."""
+    sorted by step. Cheap: sizes only; lowmem.checkpoint.verify checks headers and hashes (load_checkpoint does)."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -366,13 +366,15 @@ def save_checkpoint(root: str | os.PathLike, *, step: int, model: nn.Module, run
 
 
 # -- load ------------------------------------------------------------------------------------------------------------
-def load_checkpoint(path: str | os.PathLike, *, verify: bool = False) -> tuple[dict, dict, dict]:
+def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict, dict, dict]:
     """Read a checkpoint directory -> (model_state_dict, runtime_state, meta_json). CPU tensors, no pickle.
 
     model_state_dict has every name of the saved model.state_dict() (tied names share one tensor), ready for
     model.load_state_dict(strict=True). runtime_state = {"state": {int index: {key: Tensor}}, "lowmem": {...}}.
-    verify: also compare each file's sha256 with meta.json. The RNG states (when saved) are restored last, after
-    everything else was read, and meta_json["rng_restored"] says whether that happened.
+    verify: first check the checkpoint is intact (lowmem.checkpoint.verify.damage: sizes, safetensors headers and
+    each file's sha256 against meta.json, streamed); pass False only when that was just done. The RNG states (when
+    saved) are restored last, after everything else was read, and meta_json["rng_restored"] says whether that
+    happened.
     """
     path = Path(path)
     meta, why = _read_complete_meta(path)
@@ -386,10 +388,11 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = False) -> tuple[d
                               ". Load it with the lowmem version that wrote it (and export it), or start a fresh "
                               "run from its exported weights.")
     if verify:
-        for name, info in meta["files"].items():
-            if _sha256(path / name) != info.get("sha256"):
-                raise CheckpointError(f"{path / name} does not match the sha256 in {path / _META}: the file is "
-                                      "corrupt. Resume from another checkpoint (list_checkpoints(root)).")
+        from lowmem.checkpoint.verify import damage
+        why = damage(path)
+        if why is not None:
+            raise CheckpointError(f"checkpoint {path} is damaged: {why}. Resume from another checkpoint "
+                                  "(list_checkpoints(root)).")
     aliases = meta.get("aliases", {})
     try:
         loaded = {name: load_file(path / name, device="cpu") for name in meta["files"]}
@@ -408,7 +411,8 @@ def load_checkpoint(path: str | os.PathLike, *, verify: bool = False) -> tuple[d
 
 
 def resolve_resume(root: str | os.PathLike, resume: str | os.PathLike | None) -> Path | None:
-    """The checkpoint a run should resume from.
+    """The checkpoint a run should resume from, by completeness and sizes only (no hashes; launch.finetune and
+    Runtime.load use lowmem.checkpoint.verify.select_resume, which verifies and reports what it skips).
 
     "auto": the latest complete checkpoint under root, or None when there is none; "none", "" or None: None;
     anything else is a path to one checkpoint directory (absolute, relative to the working directory, or a name

@@ -3,6 +3,7 @@ and a rank killed mid-run (the survivor stops with a clear error within the time
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -49,6 +50,10 @@ def test_deepspeed_launcher_zero2_then_resume_on_one_process(args, tmp_path):
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["distributed"] == {"world_size": 2, "zero_stage": 2}
     assert (run / "model" / "config.json").exists()
+    # Only rank 0 takes the output_dir's run lock (had rank 1 tried too, it would have been refused and the run
+    # would have failed): the lock file names one process, not this one.
+    holder = (run / ".lowmem-run.lock").read_text().strip()
+    assert holder.isdigit() and int(holder) != os.getpid()
 
     # The same command on one process with more steps continues from the 2-process checkpoint.
     one = subprocess.run([sys.executable, "-m", "launch.finetune", *argv, "max_steps=10"], cwd=REPO,
