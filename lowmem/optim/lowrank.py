@@ -295,7 +295,8 @@ def _record_refresh(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tenso
         similarity = subspace_similarity(proj_old, proj)
         if transfer:
             transfer_moments_(state, proj_old, proj, side=projection_side_for(spec, cfg), mode=cfg.moment_transfer,
-                              bits=cfg.optim_bits, block_size=cfg.moment_block_size)
+                              bits=cfg.optim_bits, block_size=cfg.moment_block_size, steps_done=int(state["step"]),
+                              betas=cfg.betas)
     _policy(cfg).record(state, global_step, similarity)
     stored = encode_projector(proj, cfg.projector_bits, group_size=cfg.projector_group_size)
     state["proj_data"], state["proj_scales"] = stored["data"], stored["scales"]
@@ -373,7 +374,8 @@ def commit_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accu
     had_indices = "res_idx" in state
     step = int(state["step"]) + 1
     direction, exp_avg_sq = adam_direction_(state, grad_lowrank, step=step, beta1=cfg.betas[0], beta2=cfg.betas[1],
-                                            eps=cfg.eps, bits=cfg.optim_bits, block_size=cfg.moment_block_size)
+                                            eps=cfg.eps, bits=cfg.optim_bits, block_size=cfg.moment_block_size,
+                                            coord_dim=1 if side == "right" else 0)
     sparse = _sparse_residual(spec, cfg, state, grad_lowrank, grad_at_idx, proj, direction, exp_avg_sq, side,
                               step)
     if exchange is not None:
