@@ -184,14 +184,37 @@ def _begin(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum
                                tol=cfg.rsvd_tol,
                                cross_head=spec.cross_head if cfg.cross_head else None)
     basis = result.basis
+    accum.update(refresh=True, proj_old=proj_old, fell_back=result.fell_back, power_iterations=result.iterations)
     wide = num_micro_batches > 1 and cfg.refresh_sketch == "rayleigh_ritz"
     if wide:
         extra = torch.randn(basis.shape[0], cfg.oversampling, generator=generator, device=device)
         # QR keeps span(P_cand) in the first r columns and adds `oversampling` fresh random directions.
         basis = torch.linalg.qr(torch.cat([basis, extra], dim=1))[0]
-    accum.update(refresh=True, rayleigh_ritz=wide, proj_old=proj_old, basis=basis, fell_back=result.fell_back,
-                 power_iterations=result.iterations)
+    else:
+        basis = _fix_projector(cfg, accum, basis)
+    accum.update(rayleigh_ritz=wide, basis=basis)
     return op
+
+
+def _align_signs(proj_old: Tensor | None, proj: Tensor) -> Tensor:
+    """proj (d, r) with each column's sign flipped so that it points the way the previous projector's column did
+    (diag(P_oldᵀ P) >= 0). An SVD fixes singular vectors only up to sign (and torch's sign for the left vectors of G
+    differs from that of the right vectors of Gᵀ): without this, moments kept across a refresh would pair
+    coordinates of opposite sign."""
+    if proj_old is None:
+        return proj
+    dots = (proj_old.to(device=proj.device, dtype=torch.float32) * proj).sum(0)
+    return proj * torch.where(dots < 0, -1.0, 1.0).to(proj.dtype)
+
+
+def _fix_projector(cfg: LowMemConfig, accum: dict, proj: Tensor) -> Tensor:
+    """The projector of a refresh as this step and every later one will use it: signs aligned with the previous
+    projector, then rounded through its storage format (INT4 ...). The encoded form waits in accum["proj_stored"]
+    for the commit, so R is projected with exactly the matrix the update is back-projected with."""
+    proj = _align_signs(accum.get("proj_old"), proj)
+    stored = encode_projector(proj, cfg.projector_bits, group_size=cfg.projector_group_size)
+    accum["proj_stored"] = stored
+    return decode_projector(stored, cfg.projector_bits, tuple(proj.shape), group_size=cfg.projector_group_size)
 
 
 def accumulate_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, op: GradOperator, *,
@@ -220,8 +243,12 @@ def accumulate_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], 
         accum["grad_dense"] = dense if "grad_dense" not in accum else accum["grad_dense"].add_(dense)
 
 
-def _settle_projection(accum: dict, side: str, rank: int) -> tuple[Tensor, Tensor | None]:
-    """(R, P) for this step from the accumulated sketch; Rayleigh-Ritz when the basis was widened."""
+def _settle_projection(cfg: LowMemConfig, accum: dict, side: str, rank: int) -> tuple[Tensor, Tensor | None]:
+    """(R, P) for this step from the accumulated sketch; Rayleigh-Ritz when the basis was widened.
+
+    Rayleigh-Ritz: P is the top-r subspace of the step's gradient within span(B), fixed (signs, storage rounding) by
+    _fix_projector, and R = (G B)(Bᵀ P): the gradient within span(B) projected on that P. Exact when P lies in
+    span(B), i.e. up to the storage rounding of P (which R and the back-projection then share)."""
     sketch, basis = accum["sketch"], accum["basis"]
     if basis is None:
         return sketch, None
@@ -229,10 +256,10 @@ def _settle_projection(accum: dict, side: str, rank: int) -> tuple[Tensor, Tenso
         return sketch, basis
     left_vecs, _, right_vecs_h = torch.linalg.svd(sketch, full_matrices=False)
     if side == "right":          # sketch = G B (m, k): top right singular vectors within span(B)
-        coeff = right_vecs_h[:rank].T
-        return sketch @ coeff, basis @ coeff
-    coeff = left_vecs[:, :rank]  # sketch = Bᵀ G (k, n)
-    return coeff.T @ sketch, basis @ coeff
+        proj = _fix_projector(cfg, accum, basis @ right_vecs_h[:rank].T)
+        return sketch @ (basis.T @ proj), proj
+    proj = _fix_projector(cfg, accum, basis @ left_vecs[:, :rank])   # sketch = Bᵀ G (k, n)
+    return (basis.T @ proj).T @ sketch, proj
 
 
 def settle_(spec: LowRankSpec, cfg: LowMemConfig, accum: dict) -> float:
@@ -241,7 +268,8 @@ def settle_(spec: LowRankSpec, cfg: LowMemConfig, accum: dict) -> float:
     if "sketch" not in accum:
         raise RuntimeError(f"{spec.name}: no accumulated gradient to settle")
     if "grad_lowrank" not in accum:
-        grad_lowrank, proj = _settle_projection(accum, projection_side_for(spec, cfg), effective_rank(spec, cfg))
+        grad_lowrank, proj = _settle_projection(cfg, accum, projection_side_for(spec, cfg),
+                                                effective_rank(spec, cfg))
         accum["grad_lowrank"], accum["proj_step"] = grad_lowrank, proj
         sq = grad_lowrank.pow(2).sum()
         if "grad_at_idx" in accum:
@@ -286,7 +314,8 @@ def _clip_coefficient(cfg: LowMemConfig, grad_sq: float, clip_coef: float | None
 def _record_refresh(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, proj: Tensor | None,
                     global_step: int, *, transfer: bool) -> tuple[Tensor | None, float | None]:
     """A refresh step's bookkeeping: moment transfer (owner only), policy record, the projector stored (INT4...).
-    Returns the projector as stored (the one this and every later step back-projects with) and the similarity."""
+    proj is already the decoded stored projector (_fix_projector); returns it (the one this and every later step
+    projects and back-projects with) and the similarity."""
     if not accum["refresh"]:
         return proj, None
     similarity = None
@@ -298,11 +327,11 @@ def _record_refresh(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tenso
                               bits=cfg.optim_bits, block_size=cfg.moment_block_size, steps_done=int(state["step"]),
                               betas=cfg.betas)
     _policy(cfg).record(state, global_step, similarity)
-    stored = encode_projector(proj, cfg.projector_bits, group_size=cfg.projector_group_size)
+    stored = accum["proj_stored"]   # proj is its decoded form (_fix_projector): R was projected with it
     state["proj_data"], state["proj_scales"] = stored["data"], stored["scales"]
     if accum.get("fell_back"):
         state["fallback_count"] += 1
-    return stored_projector(spec, cfg, state), similarity
+    return proj, similarity
 
 
 def _apply_update(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], weight: WeightTarget,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lowmem.optim.linop import CHUNK_ELEMENTS, GradOperator
-from lowmem.optim.rsvd import SubspaceResult, exact_right_subspace, randomized_right_subspace
+from lowmem.optim.rsvd import SubspaceResult, exact_left_subspace, exact_right_subspace, randomized_right_subspace
 
 SIDES = ("right", "left")
 METHODS = ("randomized", "svd")
@@ -111,6 +111,8 @@ def compute_projector(op: GradOperator, rank: int, *, side: str, method: str = "
         target = op if side == "right" else op.t()
 
     if method == "svd":
+        if side == "left":   # GaLore's left projector: U of svd(G) (its column signs, not those of svd(Gᵀ))
+            return exact_left_subspace(op, rank)
         return exact_right_subspace(target, rank)
     return randomized_right_subspace(target, rank, oversampling=oversampling, power_iters=power_iters,
                                      warm_start=warm_start, generator=generator, tol=tol)

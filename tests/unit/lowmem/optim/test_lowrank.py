@@ -65,3 +65,42 @@ def test_lr_schedule_warmup_cosine_linear_constant():
     assert lr_at(12, constant) == 1.0
     with pytest.raises(ValueError):
         lr_at(-1, cfg)
+
+
+@pytest.mark.parametrize("k, sketch", [(1, "rayleigh_ritz"), (4, "rayleigh_ritz"), (4, "first_micro_batch")])
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
+def test_refresh_step_projects_and_backprojects_with_the_stored_projector(k, sketch, shape):
+    """A refresh with INT4 projectors: R is computed with the decoded INT4 projector P̃ that the update is
+    back-projected with and that later steps use (not with the fp32 candidate). K = 1 / first micro-batch:
+    R = G P̃ (right) or P̃ᵀ G (left) exactly; Rayleigh-Ritz: R = (G B)(Bᵀ P̃), G's part in the searched span(B)."""
+    from lowmem.optim.lowrank import commit_, stored_projector
+    from lowmem.optim.weights import FloatWeight
+
+    m, n = shape
+    cfg = preset("lowmem", rank=4, projector_bits=4, projector_group_size=32, refresh_sketch=sketch,
+                 residual_ratio=0.0, grad_clip=None, clip_mode="none", int8_weights=False)
+    spec = LowRankSpec(name="w", shape=(m, n), param_index=0)
+    side = "right" if m >= n else "left"
+    state = init_lowrank_state(spec, cfg)
+    weight = torch.zeros(m, n)
+    for step in range(2):   # step 0: first projector; step 1 (forced due): a refresh with a previous projector
+        if step:
+            state["next_refresh_step"].fill_(step)
+        factors = micro_batch_factors(k, 24, m, n, rank_signal=4, seed=step)
+        accum = {}
+        for i, (a, x) in enumerate(factors):
+            accumulate_(spec, cfg, state, accum, FactoredGrad(a, x), global_step=step, micro_index=i,
+                        num_micro_batches=k)
+        settle_(spec, cfg, accum)
+        assert accum["refresh"]
+        used = accum["proj_step"].clone()
+        summed = sum(a.T @ x for a, x in factors)
+        if accum["rayleigh_ritz"]:
+            basis = accum["basis"]
+            inside = basis @ (basis.T @ used)      # P̃'s part in span(B)
+            expected = summed @ inside if side == "right" else inside.T @ summed
+        else:
+            expected = summed @ used if side == "right" else used.T @ summed
+        torch.testing.assert_close(accum["grad_lowrank"], expected, rtol=1e-4, atol=1e-4)
+        commit_(spec, cfg, state, accum, FloatWeight(weight), global_step=step, lr=1e-3)
+        assert torch.equal(stored_projector(spec, cfg, state), used)
