@@ -192,7 +192,9 @@ class LowMemConfig:
     grad_clip: float | None = _f(1.0, "Gradient-norm clipping bound (L2 norm); None disables clipping; "
                                       "number > 0 or None.", _optional(_float(0.0, lo_open=True)))
     clip_mode: str = _f("per_tensor", "How grad_clip applies: 'per_tensor' (each tensor's own norm, fused), "
-                                      "'two_pass' (exact global norm, about +35% time) or 'none'.",
+                                      "'two_pass' (exact global norm, about +35% time) or 'none'. The norm is that "
+                                      "of what the updates consume: the projected gradient R of a low-rank weight, "
+                                      "the gradient of a float one (the same on the fused and the plain path).",
                         _choice("per_tensor", "two_pass", "none"))
     # finding the subspace
     projection: str = _f("randomized", "Projector algorithm: 'randomized' (subspace iteration) or 'svd' "

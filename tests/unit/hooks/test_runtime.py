@@ -290,11 +290,71 @@ def test_nonfinite_loss_skips_backward():
     assert all(torch.equal(before[k], v) for k, v in weights(model).items())
 
 
-def test_two_pass_clips_globally():
-    """two_pass commits with one coefficient: the reported norm is the exact global norm of what was consumed."""
+@pytest.mark.parametrize("clip_mode", ["per_tensor", "two_pass", "none"])
+def test_hooks_on_equals_hooks_off_in_every_clip_mode(clip_mode):
+    """galore preset (float weights: both paths see the same dense gradients), rank 8, grad_clip 0.05 (far below
+    the gradient norm ~2, so clipping is active), 4 steps with a refresh at step 3: identical weights and identical
+    reported norms. two_pass clips the global norm of what the updates consume (Σ ||R||² + Σ ||g||²) on both paths."""
+    cfg = small("galore", clip_mode=clip_mode, grad_clip=0.05)
+    batches = token_batches(4)
+    fused, plain = tiny_llama(), tiny_llama()
+    _, fused_stats = run_fused(fused, cfg, batches)
+    opt = LowMemOptimizer(plain, cfg)
+    plain_norms = []
+    for ids in batches:
+        plain(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        plain_norms.append(opt.last_stats["grad_norm"])
+    assert [s["grad_norm"] for s in fused_stats] == plain_norms
+    assert min(plain_norms) > 10 * 0.05
+    a, b = weights(fused), weights(plain)
+    for key in a:
+        assert torch.equal(a[key], b[key]), (clip_mode, key)
+
+
+@pytest.mark.parametrize("path", ["fused", "plain"])
+def test_two_pass_clips_globally(path):
+    """two_pass commits every tensor with one coefficient c = grad_clip / (||g|| + 1e-6), ||g||² = Σ ||G P||² over
+    low-rank weights + Σ ||g||² over float ones, computed here independently: a plain autograd backward on a copy of
+    the model and the projectors the step stored. After one step every first moment is (1 - β1)·c·(its gradient).
+    Both paths: the fused runtime and LowMemOptimizer."""
+    grad_clip = 1e-3
+    cfg = small("galore", clip_mode="two_pass", grad_clip=grad_clip)
     model = tiny_llama()
-    runtime, stats = run_fused(model, small("lowmem", clip_mode="two_pass", grad_clip=1e-3), token_batches(2))
-    assert stats[-1]["grad_norm"] > 1e-3 and not stats[-1]["skipped"]
+    reference = copy.deepcopy(model)
+    ids = token_batches(1)[0]
+    reference(input_ids=ids, labels=ids).loss.backward()
+    ref_grads = dict(reference.named_parameters())
+    if path == "fused":
+        runtime, stats = run_fused(model, cfg, [ids])
+        trainables, states = runtime.trainables, runtime.states
+    else:
+        opt = LowMemOptimizer(model, cfg)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        stats = [opt.last_stats]
+        trainables = opt.trainables
+        states = {item.index: opt.state[item.tensor] for item in trainables}
+    from lowmem.optim.lowrank import projection_side_for, stored_projector
+
+    consumed = {}
+    for item in trainables:
+        grad = ref_grads[item.name].grad
+        if item.kind == "float":
+            consumed[item.index] = grad
+            continue
+        proj = stored_projector(item.spec, item.config, states[item.index])
+        side = projection_side_for(item.spec, item.config)
+        consumed[item.index] = grad @ proj if side == "right" else proj.T @ grad
+    norm = sum(float(g.double().pow(2).sum()) for g in consumed.values()) ** 0.5
+    coef = grad_clip / (norm + 1e-6)
+    assert not stats[0]["skipped"] and coef < 1e-2
+    assert stats[0]["grad_norm"] == pytest.approx(norm, rel=1e-5)
+    beta1 = cfg.betas[0]
+    for item in trainables:
+        torch.testing.assert_close(states[item.index]["exp_avg"], (1 - beta1) * coef * consumed[item.index],
+                                   rtol=1e-4, atol=1e-12, msg=item.name)
 
 
 def test_state_dict_round_trip_resumes_identically():
