@@ -96,28 +96,56 @@ def test_hooks_on_equals_hooks_off_bit_for_bit(name):
         assert torch.equal(a[key], b[key]), (name, key)
 
 
+def _compare_int8_and_float(fused, plain):
+    """Per Int8Linear: (fraction of differing codes, largest |ΔW| in quantisation steps of its block); and the
+    largest relative norm difference of a float parameter."""
+    worst_fraction, worst_steps = 0.0, 0.0
+    for (_, mod_a), (_, mod_b) in zip(fused.named_modules(), plain.named_modules()):
+        if isinstance(mod_a, Int8Linear):
+            worst_fraction = max(worst_fraction, float((mod_a.weight_q != mod_b.weight_q).float().mean()))
+            wa, wb = mod_a.dequantized_weight(torch.float32), mod_b.dequantized_weight(torch.float32)
+            step = mod_a.weight_scales.repeat_interleave(mod_a.block_size, dim=1)[:, : wa.shape[1]]
+            worst_steps = max(worst_steps, float(((wa - wb).abs() / step).max()))
+    worst_float = max(float((a - b).detach().norm() / b.detach().norm())
+                      for a, b in zip(fused.parameters(), plain.parameters()))
+    return worst_fraction, worst_steps, worst_float
+
+
+@pytest.mark.parametrize("name", ["galore_plus", "lowmem"])
+def test_factored_gradients_match_dense_path_one_step(name):
+    """One step from identical weights: the fused path projects G = AᵀX without forming it, the reference forms G;
+    they differ only by float rounding (~1e-7 relative) in R. That can flip a stochastic-rounding decision only
+    where the value sits within that rounding of the noise threshold (probability ~1e-6 per entry), and a flip
+    moves one quantisation step: at most 0.1% of codes, each by <= 1 step (+1e-3 for a block scale that moved with
+    it); float parameters to 1e-5 (measured: identical)."""
+    cfg = small(name)
+    batches = token_batches(1)
+    fused, plain = tiny_llama(), tiny_llama()
+    run_fused(fused, cfg, batches)
+    run_plain(plain, cfg, batches)
+    fraction, steps, float_rel = _compare_int8_and_float(fused, plain)
+    assert fraction <= 1e-3 and steps <= 1.001 and float_rel <= 1e-5, (fraction, steps, float_rel)
+
+
 @pytest.mark.parametrize("name", ["galore_plus", "lowmem"])
 def test_factored_gradients_match_dense_path(name):
-    """The fused path projects G = AᵀX without forming it; the reference forms G. Only float rounding differs:
-    INT8 weights differ in at most 1% of entries (measured <= 0.15%), by about one quantisation step (a stochastic
-    rounding decision flipped by a last-bit difference); float parameters, whose gradients see those INT8
-    differences, agree to 1e-3 in relative norm (measured ~1e-4)."""
+    """Five steps (refreshes, residual selection): the same computation as the one-step test, but a last-bit
+    difference is amplified by discontinuous decisions — a stochastic-rounding floor that lands one step apart, a
+    block absmax (and so every code of its block) that moves with it, the next forward seeing those weights, the
+    top-k residual selection and the projector of a refresh. The bound is what that amplification produces on the
+    DENSE path alone: perturbing its own gradients by one rounding unit (G·(1 + 2⁻²³·z), z ~ N(0, 1), 6-8 seeds)
+    moved up to 2.2% of INT8 codes by up to 2.94 quantisation steps, and float parameters by up to 2.7e-4 relative
+    (the factored path on the audit's fresh install, transformers 5.24.0: 2.2%, 2.94 steps — the same magnitudes; the earlier
+    1%/1.5-step bound held only for the rounding of one library version and thread count). Bounds: 5% of codes,
+    4 steps, 1e-3. A real error of the factored path (a wrong transpose, a dropped micro-batch) changes most codes
+    by many steps."""
     cfg = small(name)
     batches = token_batches(5)
     fused, plain = tiny_llama(), tiny_llama()
     run_fused(fused, cfg, batches)
     run_plain(plain, cfg, batches)
-    for (name_a, mod_a), (_, mod_b) in zip(fused.named_modules(), plain.named_modules()):
-        if isinstance(mod_a, Int8Linear):
-            qa, qb = mod_a.weight_q.int(), mod_b.weight_q.int()
-            differs = (qa != qb)
-            assert differs.float().mean() <= 0.01, name_a
-            # Where bytes differ, the dequantised weights differ by about one step of that block.
-            wa, wb = mod_a.dequantized_weight(torch.float32), mod_b.dequantized_weight(torch.float32)
-            step = mod_a.weight_scales.repeat_interleave(mod_a.block_size, dim=1)[:, : wa.shape[1]]
-            assert ((wa - wb).abs() <= 1.5 * step + 1e-6).all(), name_a
-    for (key, a), b in zip(fused.named_parameters(), plain.parameters()):
-        assert float((a - b).detach().norm() / b.detach().norm()) < 1e-3, key
+    fraction, steps, float_rel = _compare_int8_and_float(fused, plain)
+    assert fraction <= 0.05 and steps <= 4.0 and float_rel <= 1e-3, (fraction, steps, float_rel)
 
 
 def test_gradient_accumulation_full_rank_equals_big_batch():
