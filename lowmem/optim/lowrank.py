@@ -19,7 +19,8 @@ picks the top-r subspace of the whole step's gradient inside span(B) (Rayleigh-R
 S = G B). The projected gradient R of that subspace is then exact: R = S V_r. With K = 1, P = P_cand (GaLore).
 
 State (tensors only, safetensors-friendly): "step" (updates done), refresh bookkeeping (lowmem.optim.refresh), moments
-(lowmem.optim.moments), the encoded projector "proj_data"/"proj_scales" once one exists, "fallback_count", residual
+(lowmem.optim.moments), the encoded projector "proj_data"/"proj_scales" once one exists (and "proj_heads", the heads a
+cross-head projector was computed from), "fallback_count", residual
 "res_idx"/"res_m"/"res_v"/"res_clamp_count", error-feedback "ef" or "ef_q"/"ef_scales".
 
 Length: one state machine (begin, accumulate, settle, commit, follow) whose phases share private helpers over the same
@@ -38,7 +39,8 @@ from lowmem.config import LowMemConfig
 from lowmem.optim.linop import DenseGrad, GradOperator, ReducedGrad, SumGrad
 from lowmem.optim.moments import adam_direction_, init_moments, load_moments, transfer_moments_
 from lowmem.optim.projector import (CrossHead, backproject, backproject_gather, backproject_rows, compute_projector,
-                              decode_projector, encode_projector, is_full_rank, project, projection_side)
+                                   decode_projector, encode_projector, is_full_rank, project, projection_side,
+                                   select_heads)
 from lowmem.optim.refresh import REFRESH_STATE_KEYS, init_refresh_state, make_policy
 from lowmem.optim.residual import (exact_residual_step, init_exact_residual, residual_index_dtype, residual_step,
                              select_residual_indices)
@@ -110,7 +112,7 @@ def init_lowrank_state(spec: LowRankSpec, cfg: LowMemConfig, device=None) -> dic
 # State every data-parallel rank keeps for a weight it does not own: what it needs to project its own gradient and
 # to stay in lockstep (projector, refresh bookkeeping, residual indices, counters). Everything else (moments,
 # residual values, error feedback) lives on the owner only.
-_REPLICATED_KEYS = ("step", "fallback_count", "proj_data", "proj_scales", "res_idx")
+_REPLICATED_KEYS = ("step", "fallback_count", "proj_data", "proj_scales", "proj_heads", "res_idx")
 
 
 def follower_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -179,12 +181,23 @@ def _begin(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum
     device = op.device
     generator = _generator(cfg, spec, global_step, device)
     target = op if reduce_mean_ is None else ReducedGrad(op, reduce_mean_)
+    cross_head = spec.cross_head if cfg.cross_head else None
+    heads = None if cross_head is None else select_heads(cross_head, rank, generator)
     result = compute_projector(target, rank, side=side, method=cfg.projection, oversampling=cfg.oversampling,
                                power_iters=cfg.power_iters, warm_start=proj_old, generator=generator,
-                               tol=cfg.rsvd_tol,
-                               cross_head=spec.cross_head if cfg.cross_head else None)
+                               tol=cfg.rsvd_tol, cross_head=cross_head, heads=heads)
     basis = result.basis
-    accum.update(refresh=True, proj_old=proj_old, fell_back=result.fell_back, power_iterations=result.iterations)
+    accum.update(refresh=True, proj_old=proj_old, fell_back=result.fell_back, power_iterations=result.iterations,
+                 heads=heads)
+    if heads is not None and proj_old is not None and "proj_heads" in state:
+        # The refresh policy compares subspaces of the same heads: the old projector came from the old heads' rows,
+        # the new one from a fresh draw, so their similarity would measure the draw, not drift. The old heads' rows
+        # of this gradient give the like-for-like subspace (warm-started from the old projector: a stationary
+        # gradient converges at once).
+        same_heads = compute_projector(target, rank, side=side, method=cfg.projection, oversampling=cfg.oversampling,
+                                       power_iters=cfg.power_iters, warm_start=proj_old, generator=generator,
+                                       tol=cfg.rsvd_tol, cross_head=cross_head, heads=state["proj_heads"])
+        accum["similarity_basis"] = same_heads.basis
     wide = num_micro_batches > 1 and cfg.refresh_sketch == "rayleigh_ritz"
     if wide:
         extra = torch.randn(basis.shape[0], cfg.oversampling, generator=generator, device=device)
@@ -321,7 +334,7 @@ def _record_refresh(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tenso
     similarity = None
     proj_old = accum["proj_old"]
     if proj_old is not None:
-        similarity = subspace_similarity(proj_old, proj)
+        similarity = subspace_similarity(proj_old, accum.get("similarity_basis", proj))
         if transfer:
             transfer_moments_(state, proj_old, proj, side=projection_side_for(spec, cfg), mode=cfg.moment_transfer,
                               bits=cfg.optim_bits, block_size=cfg.moment_block_size, steps_done=int(state["step"]),
@@ -329,6 +342,10 @@ def _record_refresh(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tenso
     _policy(cfg).record(state, global_step, similarity)
     stored = accum["proj_stored"]   # proj is its decoded form (_fix_projector): R was projected with it
     state["proj_data"], state["proj_scales"] = stored["data"], stored["scales"]
+    if accum.get("heads") is not None:
+        state["proj_heads"] = accum["heads"]      # int64 (k,): the heads the stored projector was computed from
+    else:
+        state.pop("proj_heads", None)
     if accum.get("fell_back"):
         state["fallback_count"] += 1
     return proj, similarity

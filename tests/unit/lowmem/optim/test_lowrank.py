@@ -104,3 +104,37 @@ def test_refresh_step_projects_and_backprojects_with_the_stored_projector(k, ske
         torch.testing.assert_close(accum["grad_lowrank"], expected, rtol=1e-4, atol=1e-4)
         commit_(spec, cfg, state, accum, FloatWeight(weight), global_step=step, lr=1e-3)
         assert torch.equal(stored_projector(spec, cfg, state), used)
+
+
+@pytest.mark.parametrize("projector_bits", [4, 32])
+def test_cross_head_lazy_interval_grows_on_a_stationary_gradient(projector_bits):
+    """Cross-head q/k projectors come from the rows of ⌈r/d⌉ randomly drawn heads, and here every head has its own
+    input subspace (nearly orthogonal ones), so two refreshes on the SAME gradient with different heads give a
+    similarity near 0.1: compared that way the lazy policy would see drift that is not there and never lengthen the
+    interval. Compared like with like (the old projector against the same heads' subspace of the new gradient) a
+    stationary gradient gives similarity ~1 and the interval doubles after every `lazy_window` refreshes up to
+    the cap (T0 = 1, cap 16: 1 -> 16 within 4 doublings)."""
+    from lowmem.optim.linop import DenseGrad
+    from lowmem.optim.lowrank import lowrank_update_
+    from lowmem.optim.projector import CrossHead
+    from lowmem.optim.weights import FloatWeight
+
+    head_dim, num_heads, n, rank = 4, 8, 48, 4
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randn(head_dim, rank, generator=gen) @ torch.linalg.qr(torch.randn(n, rank, generator=gen))[0].T
+            for _ in range(num_heads)]
+    grad = torch.cat(rows)   # (32, 48): head h's rows span its own 4-dim input subspace
+    cfg = preset("lowmem", rank=rank, projector_bits=projector_bits, projector_group_size=32, refresh="lazy",
+                 refresh_interval_steps=1, max_refresh_interval_steps=16, lazy_window=3, lazy_threshold=0.4,
+                 stagger=False, residual_ratio=0.0, int8_weights=False, grad_clip=None, clip_mode="none")
+    spec = LowRankSpec(name="q_proj", shape=(head_dim * num_heads, n), param_index=3,
+                       cross_head=CrossHead(head_dim=head_dim, num_heads=num_heads))
+    state = init_lowrank_state(spec, cfg)
+    weight = torch.zeros(head_dim * num_heads, n)
+    similarities = []
+    for step in range(60):
+        stats = lowrank_update_(spec, cfg, state, DenseGrad(grad), FloatWeight(weight), global_step=step, lr=1e-6)
+        if stats["similarity"] is not None:
+            similarities.append(stats["similarity"])
+    assert min(similarities) > 0.9, similarities
+    assert int(state["interval_steps"]) == 16, (int(state["interval_steps"]), similarities)
