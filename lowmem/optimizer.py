@@ -1,8 +1,9 @@
 """`LowMemOptimizer`: a standard torch optimizer over lowmem's per-parameter updates.
 
 This is the plain path (full backward, then `optimizer.step()`), used on its own and as the reference twin of the
-fused runtime: both call `lowmem.optim.lowrank` (accumulate_, settle_, commit_) / `lowmem.optim.float_adamw.float_adamw_update_` with the same
-parameter table (`lowmem.model.trainables`), so hooks-on and hooks-off give the same weights.
+fused runtime: both call `lowmem.optim.lowrank` (accumulate_, settle_, commit_) and
+`lowmem.optim.float_adamw.float_adamw_update_` with the same parameter table (`lowmem.model.trainables`), so
+hooks-on and hooks-off give the same weights.
 
     model = ...                                   # nn.Linear or Int8Linear layers
     opt = LowMemOptimizer(model, preset("lowmem", lr=1e-4))

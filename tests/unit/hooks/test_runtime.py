@@ -135,9 +135,9 @@ def test_factored_gradients_match_dense_path(name):
     top-k residual selection and the projector of a refresh. The bound is what that amplification produces on the
     DENSE path alone: perturbing its own gradients by one rounding unit (G·(1 + 2⁻²³·z), z ~ N(0, 1), 6-8 seeds)
     moved up to 2.2% of INT8 codes by up to 2.94 quantisation steps, and float parameters by up to 2.7e-4 relative
-    (the factored path on the audit's fresh install, transformers 5.24.0: 2.2%, 2.94 steps — the same magnitudes; the earlier
-    1%/1.5-step bound held only for the rounding of one library version and thread count). Bounds: 5% of codes,
-    4 steps, 1e-3. A real error of the factored path (a wrong transpose, a dropped micro-batch) changes most codes
+    (the factored path on the audit's fresh install, transformers 5.24.0: 2.2%, 2.94 steps — the same magnitudes;
+    the earlier 1%/1.5-step bound held only for the rounding of one library version and thread count). Bounds: 5%
+    of codes, 4 steps, 1e-3. A real error of the factored path (a wrong transpose, a dropped micro-batch) changes most codes
     by many steps."""
     cfg = small(name)
     batches = token_batches(5)
