@@ -196,7 +196,7 @@ def _begin(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum
         # gradient converges at once).
         same_heads = compute_projector(target, rank, side=side, method=cfg.projection, oversampling=cfg.oversampling,
                                        power_iters=cfg.power_iters, warm_start=proj_old, generator=generator,
-                                       tol=cfg.rsvd_tol, cross_head=cross_head, heads=state["proj_heads"])
+                                       tol=cfg.rsvd_tol, cross_head=cross_head, heads=state["proj_heads"].cpu())
         accum["similarity_basis"] = same_heads.basis
     wide = num_micro_batches > 1 and cfg.refresh_sketch == "rayleigh_ritz"
     if wide:
