@@ -133,15 +133,20 @@ def test_int4_projector_close_to_fp32_projector():
         assert abs(l4[t] - l32[t]) <= 0.05 * (l32[0] - l32[t]), (t, l4[t], l32[t])
 
 
-def test_state_dict_round_trip_and_bit_identical_resume():
+@pytest.mark.parametrize("transfer", ["keep", "rotate", "reset"])
+def test_state_dict_round_trip_and_bit_identical_resume(transfer):
+    """Every moment_transfer mode: after refreshes rotate/reset carry per-coordinate bias masses in the state."""
     cfg = preset("lowmem", rank=4, lr=1e-2, refresh_interval_steps=5, residual_warmup_steps=3, weight_block_size=16,
-                 moment_block_size=64, projector_group_size=64, exclude_modules=("head",), residual_modules=("up",))
+                 moment_block_size=64, projector_group_size=64, exclude_modules=("head",), residual_modules=("up",),
+                 moment_transfer=transfer)
     model = to_int8(TinyNet())
     opt = LowMemOptimizer(model, cfg)
     train(model, opt, 12, seed=3)
     snapshot_model = copy.deepcopy(model.state_dict())
     snapshot_opt = opt.state_dict()
     assert all(isinstance(v, torch.Tensor) for s in snapshot_opt["state"].values() for v in s.values())
+    has_masses = any("bias1" in s for s in snapshot_opt["state"].values())
+    assert has_masses == (transfer != "keep")
     train(model, opt, 10, seed=4)
     uninterrupted = copy.deepcopy(model.state_dict())
 
