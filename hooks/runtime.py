@@ -17,9 +17,12 @@ How gradients reach the update:
 - On the last micro-batch of a step each weight is written the moment its gradient is complete.
 
 Clipping (`clip_mode`): `per_tensor` (default) clips each tensor's gradient (the projected R for low-rank weights) to
-`grad_clip`; `none`; `two_pass`: exact global clipping. lowmem implements two_pass as a deferred commit, not a second
-backward: on the last micro-batch every layer only accumulates; `step()` then settles all projected gradients, computes
-the exact global norm and commits every layer with one coefficient. Cost: the projected gradients R of all layers
+`grad_clip`; `none`; `two_pass`: exact global clipping of the norm of what the updates consume,
+sqrt(Σ ||R||² over low-rank weights + Σ ||g||² over float parameters) (R: the projected gradient; the dense gradient
+of a low-rank weight is never formed). LowMemOptimizer clips the same norm, and `stats["grad_norm"]` reports it on
+both paths. lowmem implements two_pass as a deferred commit, not a second backward: on the last micro-batch every
+layer only accumulates; `step()` then settles all projected gradients, computes the global norm and commits every
+layer with one coefficient. Cost: the projected gradients R of all layers
 (~ Σ m·r·4 bytes) and the float parameters' gradients live until `step()`; no extra backward.
 
 Data parallelism (`prepare(model, cfg, data_parallel=DataParallel(...))`, lowmem.distributed): every rank runs the
@@ -53,7 +56,7 @@ from lowmem.distributed import DataParallel
 from lowmem.optim.float_adamw import float_adamw_update_, init_float_adamw_state
 from lowmem.optim.linop import DenseGrad, squared_norm
 from lowmem.optim.lowrank import accumulate_, commit_, follower_state, init_lowrank_state, settle_
-from lowmem.optimizer import float_param_bits, float_param_weight_decay
+from lowmem.optimizer import float_param_bits, float_param_weight_decay, global_squared_norm
 from lowmem.schedule import lr_at
 from lowmem.model.surgery import convert_int8_to_linears, convert_linears_to_int8, split_fused_projections
 from lowmem.model.trainables import Trainable, collect_trainables, sr_key, weight_target
@@ -220,7 +223,7 @@ class Runtime(RuntimeState):
         if self._deferred:
             self._commit_deferred()
         skipped = bool(self._nonfinite)
-        grad_sq = sum(self._sq_norms.values())
+        grad_sq = global_squared_norm(self._sq_norms)
         loss = sum(self._losses) / len(self._losses) if self._losses else None
         device = self.trainables[0].tensor.device
         peak_bytes = peak_memory_bytes(device)
@@ -378,13 +381,15 @@ class Runtime(RuntimeState):
     def _commit_deferred(self) -> None:
         """two_pass: measure every settled gradient, then commit all with the exact global coefficient."""
         by_index = {item.index: item for item in self.trainables}
-        sq_total = 0.0
+        sq_norms: dict[int, float] = {}
         for index, accum in self._accum.items():
             sq = settle_(by_index[index].spec, by_index[index].config, accum)
-            sq_total += sq if self.dp is None or self.dp.owns(index) else 0.0
+            if self.dp is None or self.dp.owns(index):
+                sq_norms[index] = sq
         for index, grad in self._float_grads.items():
             if self.dp is None or self.dp.owns(index):
-                sq_total += float(squared_norm(grad))
+                sq_norms[index] = float(squared_norm(grad))
+        sq_total = global_squared_norm(sq_norms)
         if self.dp is not None:
             # A non-finite local sum poisons the global one, so every rank takes the same decision below.
             sq_total = self.dp.total_over_owners(sq_total)

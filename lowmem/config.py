@@ -192,7 +192,9 @@ class LowMemConfig:
     grad_clip: float | None = _f(1.0, "Gradient-norm clipping bound (L2 norm); None disables clipping; "
                                       "number > 0 or None.", _optional(_float(0.0, lo_open=True)))
     clip_mode: str = _f("per_tensor", "How grad_clip applies: 'per_tensor' (each tensor's own norm, fused), "
-                                      "'two_pass' (exact global norm, about +35% time) or 'none'.",
+                                      "'two_pass' (exact global norm, about +35% time) or 'none'. The norm is that "
+                                      "of what the updates consume: the projected gradient R of a low-rank weight, "
+                                      "the gradient of a float one (the same on the fused and the plain path).",
                         _choice("per_tensor", "two_pass", "none"))
     # finding the subspace
     projection: str = _f("randomized", "Projector algorithm: 'randomized' (subspace iteration) or 'svd' "
@@ -231,8 +233,12 @@ class LowMemConfig:
                                  _float(1.0))
     stagger: bool = _f(True, "Spread first refreshes: layer l first refreshes at step l*T0/L (after step 0); "
                              "True or False.", _bool)
-    moment_transfer: str = _f("keep", "Low-rank moments at a refresh: 'keep' (as they are), 'rotate' (into the new "
-                                      "basis) or 'reset' (to zero).", _choice("keep", "rotate", "reset"))
+    moment_transfer: str = _f("keep", "Low-rank moments at a refresh: 'keep' (as they are, GaLore; the new "
+                                      "projector's column signs are aligned with the old one's), 'rotate' (into the "
+                                      "new basis; directions new to the subspace restart their Adam bias "
+                                      "correction, kept ones continue) or 'reset' (to zero; bias correction "
+                                      "restarts: the next steps are a fresh Adam).",
+                              _choice("keep", "rotate", "reset"))
     # low-rank moments
     optim_bits: int = _f(8, "Storage bits of low-rank Adam moments: 8 (blockwise dynamic), 16 (bf16) or 32 (fp32).",
                          _choice(8, 16, 32))

@@ -1,8 +1,9 @@
 """`LowMemOptimizer`: a standard torch optimizer over lowmem's per-parameter updates.
 
 This is the plain path (full backward, then `optimizer.step()`), used on its own and as the reference twin of the
-fused runtime: both call `lowmem.optim.lowrank.lowrank_update_` / `lowmem.optim.float_adamw.float_adamw_update_` with the same
-parameter table (`lowmem.model.trainables`), so hooks-on and hooks-off give the same weights.
+fused runtime: both call `lowmem.optim.lowrank` (accumulate_, settle_, commit_) and
+`lowmem.optim.float_adamw.float_adamw_update_` with the same parameter table (`lowmem.model.trainables`), so
+hooks-on and hooks-off give the same weights.
 
     model = ...                                   # nn.Linear or Int8Linear layers
     opt = LowMemOptimizer(model, preset("lowmem", lr=1e-4))
@@ -11,9 +12,12 @@ parameter table (`lowmem.model.trainables`), so hooks-on and hooks-off give the 
 Int8Linear weights are not leaves: for them the optimizer installs a gradient sink that accumulates the dense weight
 gradient (fp32, one per layer: this path is the reference, not the memory-saving one; use the fused runtime for that).
 
-Clipping: `per_tensor` clips each tensor's (projected) gradient to `grad_clip`; `two_pass` on this path is exact global
-clipping, since every gradient is available before any write. A step with any non-finite gradient writes nothing
-(all gradients are checked first) and is counted in `skipped_steps`.
+Clipping: `per_tensor` clips each tensor's (projected) gradient to `grad_clip`; `two_pass` clips the global norm
+sqrt(Σ ||R||² over low-rank weights + Σ ||g||² over float parameters), R being the projected gradient each low-rank
+update consumes (the full gradient for a full-rank one): the same norm as the fused runtime, which never has the
+dense gradient of a low-rank weight. This path settles every R first (a refresh that is due happens there), then
+commits with one coefficient. `last_stats["grad_norm"]` reports that norm. A step with any non-finite gradient
+writes nothing (all gradients are checked first) and is counted in `skipped_steps`.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from torch import Tensor, nn
 from lowmem.config import LowMemConfig
 from lowmem.optim.float_adamw import float_adamw_update_, init_float_adamw_state
 from lowmem.optim.linop import DenseGrad, squared_norm
-from lowmem.optim.lowrank import init_lowrank_state, lowrank_update_
+from lowmem.optim.lowrank import accumulate_, commit_, init_lowrank_state, settle_
 from lowmem.model.trainables import Trainable, collect_trainables, sr_key, weight_target
 
 _DENSE_GRAD_ATTR = "_lowmem_dense_grad"
@@ -35,6 +39,12 @@ def _accumulate_dense_grad(module: nn.Module, op) -> None:
     grad = op.dense()
     previous = getattr(module, _DENSE_GRAD_ATTR, None)
     setattr(module, _DENSE_GRAD_ATTR, grad if previous is None else previous.add_(grad))
+
+
+def global_squared_norm(sq_norms: dict[int, float]) -> float:
+    """Σ of per-tensor squared norms {parameter index: ||·||²}, exactly rounded (math.fsum: independent of the order
+    the tensors arrived in), so the fused runtime and this optimizer take bit-identical two_pass coefficients."""
+    return math.fsum(sq_norms.values())
 
 
 def float_param_bits(item: Trainable) -> int:
@@ -94,32 +104,46 @@ class LowMemOptimizer(torch.optim.Optimizer):
         grads = [(item, self._gradient(item)) for item in self.trainables]
         grads = [(item, g) for item, g in grads if g is not None]
         # Measure, then commit: nothing is written unless every gradient is finite.
-        sq_norms = [float(squared_norm(g)) for _, g in grads]
-        if not all(math.isfinite(s) for s in sq_norms):
+        if not all(math.isfinite(float(squared_norm(g))) for _, g in grads):
             self.skipped_steps += 1
             self.last_stats = {"skipped": True, "grad_norm": float("nan"), "step": self.global_step}
             return loss
-        grad_norm = math.sqrt(sum(sq_norms))
+        # The norm that clipping bounds is that of what the updates consume (the fused runtime's definition): the
+        # projected gradient R of each low-rank weight (settled first, refreshing its projector when due), the
+        # gradient of each float parameter.
+        accums: dict[int, dict] = {}
+        sq_norms: dict[int, float] = {}
+        for item, grad in grads:
+            if item.kind == "float":
+                sq_norms[item.index] = float(squared_norm(grad))
+                continue
+            accum: dict = {}
+            accumulate_(item.spec, item.config, self._state_for(item), accum, DenseGrad(grad),
+                        global_step=self.global_step, micro_index=0, num_micro_batches=1)
+            sq_norms[item.index] = settle_(item.spec, item.config, accum)
+            accums[item.index] = accum
+        grad_sq = global_squared_norm(sq_norms)
+        grad_norm = math.sqrt(grad_sq)
         cfg = self.config
         global_coef = None
         if cfg.clip_mode == "two_pass" and cfg.grad_clip is not None:
             global_coef = min(1.0, cfg.grad_clip / (grad_norm + 1e-6))
         refreshed = []
-        for (item, grad), sq_norm in zip(grads, sq_norms):
+        for item, grad in grads:
             state = self._state_for(item)
             if item.kind == "float":
                 coef = global_coef
                 if coef is None:
                     coef = 1.0
                     if item.config.clip_mode == "per_tensor" and item.config.grad_clip is not None:
-                        coef = min(1.0, item.config.grad_clip / (math.sqrt(sq_norm) + 1e-6))
+                        coef = min(1.0, item.config.grad_clip / (math.sqrt(sq_norms[item.index]) + 1e-6))
                 g = grad if coef == 1.0 else grad * coef
                 float_adamw_update_(item.tensor.data, g, state, lr=lr, beta1=item.config.betas[0],
                                     beta2=item.config.betas[1], eps=item.config.eps,
                                     weight_decay=float_param_weight_decay(item), sr_key=sr_key(item))
             else:
-                stats = lowrank_update_(item.spec, item.config, state, DenseGrad(grad), weight_target(item),
-                                        global_step=self.global_step, lr=lr, clip_coef=global_coef)
+                stats = commit_(item.spec, item.config, state, accums.pop(item.index), weight_target(item),
+                                global_step=self.global_step, lr=lr, clip_coef=global_coef)
                 if stats["refreshed"]:
                     refreshed.append(item.name)
         self.last_stats = {"skipped": False, "grad_norm": grad_norm, "step": self.global_step,

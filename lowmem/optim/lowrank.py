@@ -19,7 +19,8 @@ picks the top-r subspace of the whole step's gradient inside span(B) (Rayleigh-R
 S = G B). The projected gradient R of that subspace is then exact: R = S V_r. With K = 1, P = P_cand (GaLore).
 
 State (tensors only, safetensors-friendly): "step" (updates done), refresh bookkeeping (lowmem.optim.refresh), moments
-(lowmem.optim.moments), the encoded projector "proj_data"/"proj_scales" once one exists, "fallback_count", residual
+(lowmem.optim.moments), the encoded projector "proj_data"/"proj_scales" once one exists (and "proj_heads", the heads a
+cross-head projector was computed from), "fallback_count", residual
 "res_idx"/"res_m"/"res_v"/"res_clamp_count", error-feedback "ef" or "ef_q"/"ef_scales".
 
 Length: one state machine (begin, accumulate, settle, commit, follow) whose phases share private helpers over the same
@@ -38,7 +39,8 @@ from lowmem.config import LowMemConfig
 from lowmem.optim.linop import DenseGrad, GradOperator, ReducedGrad, SumGrad
 from lowmem.optim.moments import adam_direction_, init_moments, load_moments, transfer_moments_
 from lowmem.optim.projector import (CrossHead, backproject, backproject_gather, backproject_rows, compute_projector,
-                              decode_projector, encode_projector, is_full_rank, project, projection_side)
+                                   decode_projector, encode_projector, is_full_rank, project, projection_side,
+                                   select_heads)
 from lowmem.optim.refresh import REFRESH_STATE_KEYS, init_refresh_state, make_policy
 from lowmem.optim.residual import (exact_residual_step, init_exact_residual, residual_index_dtype, residual_step,
                              select_residual_indices)
@@ -110,7 +112,7 @@ def init_lowrank_state(spec: LowRankSpec, cfg: LowMemConfig, device=None) -> dic
 # State every data-parallel rank keeps for a weight it does not own: what it needs to project its own gradient and
 # to stay in lockstep (projector, refresh bookkeeping, residual indices, counters). Everything else (moments,
 # residual values, error feedback) lives on the owner only.
-_REPLICATED_KEYS = ("step", "fallback_count", "proj_data", "proj_scales", "res_idx")
+_REPLICATED_KEYS = ("step", "fallback_count", "proj_data", "proj_scales", "proj_heads", "res_idx")
 
 
 def follower_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -179,19 +181,53 @@ def _begin(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum
     device = op.device
     generator = _generator(cfg, spec, global_step, device)
     target = op if reduce_mean_ is None else ReducedGrad(op, reduce_mean_)
+    cross_head = spec.cross_head if cfg.cross_head else None
+    heads = None if cross_head is None else select_heads(cross_head, rank, generator)
     result = compute_projector(target, rank, side=side, method=cfg.projection, oversampling=cfg.oversampling,
                                power_iters=cfg.power_iters, warm_start=proj_old, generator=generator,
-                               tol=cfg.rsvd_tol,
-                               cross_head=spec.cross_head if cfg.cross_head else None)
+                               tol=cfg.rsvd_tol, cross_head=cross_head, heads=heads)
     basis = result.basis
+    accum.update(refresh=True, proj_old=proj_old, fell_back=result.fell_back, power_iterations=result.iterations,
+                 heads=heads)
+    if heads is not None and proj_old is not None and "proj_heads" in state:
+        # The refresh policy compares subspaces of the same heads: the old projector came from the old heads' rows,
+        # the new one from a fresh draw, so their similarity would measure the draw, not drift. The old heads' rows
+        # of this gradient give the like-for-like subspace (warm-started from the old projector: a stationary
+        # gradient converges at once).
+        same_heads = compute_projector(target, rank, side=side, method=cfg.projection, oversampling=cfg.oversampling,
+                                       power_iters=cfg.power_iters, warm_start=proj_old, generator=generator,
+                                       tol=cfg.rsvd_tol, cross_head=cross_head, heads=state["proj_heads"].cpu())
+        accum["similarity_basis"] = same_heads.basis
     wide = num_micro_batches > 1 and cfg.refresh_sketch == "rayleigh_ritz"
     if wide:
         extra = torch.randn(basis.shape[0], cfg.oversampling, generator=generator, device=device)
         # QR keeps span(P_cand) in the first r columns and adds `oversampling` fresh random directions.
         basis = torch.linalg.qr(torch.cat([basis, extra], dim=1))[0]
-    accum.update(refresh=True, rayleigh_ritz=wide, proj_old=proj_old, basis=basis, fell_back=result.fell_back,
-                 power_iterations=result.iterations)
+    else:
+        basis = _fix_projector(cfg, accum, basis)
+    accum.update(rayleigh_ritz=wide, basis=basis)
     return op
+
+
+def _align_signs(proj_old: Tensor | None, proj: Tensor) -> Tensor:
+    """proj (d, r) with each column's sign flipped so that it points the way the previous projector's column did
+    (diag(P_oldᵀ P) >= 0). An SVD fixes singular vectors only up to sign (and torch's sign for the left vectors of G
+    differs from that of the right vectors of Gᵀ): without this, moments kept across a refresh would pair
+    coordinates of opposite sign."""
+    if proj_old is None:
+        return proj
+    dots = (proj_old.to(device=proj.device, dtype=torch.float32) * proj).sum(0)
+    return proj * torch.where(dots < 0, -1.0, 1.0).to(proj.dtype)
+
+
+def _fix_projector(cfg: LowMemConfig, accum: dict, proj: Tensor) -> Tensor:
+    """The projector of a refresh as this step and every later one will use it: signs aligned with the previous
+    projector, then rounded through its storage format (INT4 ...). The encoded form waits in accum["proj_stored"]
+    for the commit, so R is projected with exactly the matrix the update is back-projected with."""
+    proj = _align_signs(accum.get("proj_old"), proj)
+    stored = encode_projector(proj, cfg.projector_bits, group_size=cfg.projector_group_size)
+    accum["proj_stored"] = stored
+    return decode_projector(stored, cfg.projector_bits, tuple(proj.shape), group_size=cfg.projector_group_size)
 
 
 def accumulate_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, op: GradOperator, *,
@@ -220,8 +256,12 @@ def accumulate_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], 
         accum["grad_dense"] = dense if "grad_dense" not in accum else accum["grad_dense"].add_(dense)
 
 
-def _settle_projection(accum: dict, side: str, rank: int) -> tuple[Tensor, Tensor | None]:
-    """(R, P) for this step from the accumulated sketch; Rayleigh-Ritz when the basis was widened."""
+def _settle_projection(cfg: LowMemConfig, accum: dict, side: str, rank: int) -> tuple[Tensor, Tensor | None]:
+    """(R, P) for this step from the accumulated sketch; Rayleigh-Ritz when the basis was widened.
+
+    Rayleigh-Ritz: P is the top-r subspace of the step's gradient within span(B), fixed (signs, storage rounding) by
+    _fix_projector, and R = (G B)(Bᵀ P): the gradient within span(B) projected on that P. Exact when P lies in
+    span(B), i.e. up to the storage rounding of P (which R and the back-projection then share)."""
     sketch, basis = accum["sketch"], accum["basis"]
     if basis is None:
         return sketch, None
@@ -229,10 +269,10 @@ def _settle_projection(accum: dict, side: str, rank: int) -> tuple[Tensor, Tenso
         return sketch, basis
     left_vecs, _, right_vecs_h = torch.linalg.svd(sketch, full_matrices=False)
     if side == "right":          # sketch = G B (m, k): top right singular vectors within span(B)
-        coeff = right_vecs_h[:rank].T
-        return sketch @ coeff, basis @ coeff
-    coeff = left_vecs[:, :rank]  # sketch = Bᵀ G (k, n)
-    return coeff.T @ sketch, basis @ coeff
+        proj = _fix_projector(cfg, accum, basis @ right_vecs_h[:rank].T)
+        return sketch @ (basis.T @ proj), proj
+    proj = _fix_projector(cfg, accum, basis @ left_vecs[:, :rank])   # sketch = Bᵀ G (k, n)
+    return (basis.T @ proj).T @ sketch, proj
 
 
 def settle_(spec: LowRankSpec, cfg: LowMemConfig, accum: dict) -> float:
@@ -241,7 +281,8 @@ def settle_(spec: LowRankSpec, cfg: LowMemConfig, accum: dict) -> float:
     if "sketch" not in accum:
         raise RuntimeError(f"{spec.name}: no accumulated gradient to settle")
     if "grad_lowrank" not in accum:
-        grad_lowrank, proj = _settle_projection(accum, projection_side_for(spec, cfg), effective_rank(spec, cfg))
+        grad_lowrank, proj = _settle_projection(cfg, accum, projection_side_for(spec, cfg),
+                                                effective_rank(spec, cfg))
         accum["grad_lowrank"], accum["proj_step"] = grad_lowrank, proj
         sq = grad_lowrank.pow(2).sum()
         if "grad_at_idx" in accum:
@@ -286,22 +327,28 @@ def _clip_coefficient(cfg: LowMemConfig, grad_sq: float, clip_coef: float | None
 def _record_refresh(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, proj: Tensor | None,
                     global_step: int, *, transfer: bool) -> tuple[Tensor | None, float | None]:
     """A refresh step's bookkeeping: moment transfer (owner only), policy record, the projector stored (INT4...).
-    Returns the projector as stored (the one this and every later step back-projects with) and the similarity."""
+    proj is already the decoded stored projector (_fix_projector); returns it (the one this and every later step
+    projects and back-projects with) and the similarity."""
     if not accum["refresh"]:
         return proj, None
     similarity = None
     proj_old = accum["proj_old"]
     if proj_old is not None:
-        similarity = subspace_similarity(proj_old, proj)
+        similarity = subspace_similarity(proj_old, accum.get("similarity_basis", proj))
         if transfer:
             transfer_moments_(state, proj_old, proj, side=projection_side_for(spec, cfg), mode=cfg.moment_transfer,
-                              bits=cfg.optim_bits, block_size=cfg.moment_block_size)
+                              bits=cfg.optim_bits, block_size=cfg.moment_block_size, steps_done=int(state["step"]),
+                              betas=cfg.betas)
     _policy(cfg).record(state, global_step, similarity)
-    stored = encode_projector(proj, cfg.projector_bits, group_size=cfg.projector_group_size)
+    stored = accum["proj_stored"]   # proj is its decoded form (_fix_projector): R was projected with it
     state["proj_data"], state["proj_scales"] = stored["data"], stored["scales"]
+    if accum.get("heads") is not None:
+        state["proj_heads"] = accum["heads"]      # int64 (k,): the heads the stored projector was computed from
+    else:
+        state.pop("proj_heads", None)
     if accum.get("fell_back"):
         state["fallback_count"] += 1
-    return stored_projector(spec, cfg, state), similarity
+    return proj, similarity
 
 
 def _apply_update(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], weight: WeightTarget,
@@ -373,7 +420,8 @@ def commit_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accu
     had_indices = "res_idx" in state
     step = int(state["step"]) + 1
     direction, exp_avg_sq = adam_direction_(state, grad_lowrank, step=step, beta1=cfg.betas[0], beta2=cfg.betas[1],
-                                            eps=cfg.eps, bits=cfg.optim_bits, block_size=cfg.moment_block_size)
+                                            eps=cfg.eps, bits=cfg.optim_bits, block_size=cfg.moment_block_size,
+                                            coord_dim=1 if side == "right" else 0)
     sparse = _sparse_residual(spec, cfg, state, grad_lowrank, grad_at_idx, proj, direction, exp_avg_sq, side,
                               step)
     if exchange is not None:

@@ -5,6 +5,16 @@ The moments have the shape of the projected gradient R: (m, r) for a right proje
 dynamic format (signed map for M'; the squared unsigned map for V', so that sqrt(V') has the gradient's dynamic range
 and small entries do not underflow to 0 while M' survives -- quant.moments8), through `quant.moments8`; at 16 bits as
 bf16; at 32 bits as fp32. All arithmetic is fp32: a moment is dequantised, updated and stored back.
+
+Bias correction after a refresh (DESIGN §3.3). Adam divides M' by 1 - β1ᵗ and V' by 1 - β2ᵗ: the weight the
+exponential averages have accumulated since they started from zero (their "mass"). A refresh that resets or rotates
+the moments changes that mass, so the global t no longer describes it. Once a transfer other than "keep" has run, the
+state carries the mass per projected coordinate: "bias1"/"bias2" fp32 (r,), each Adam step updates them as
+b ← β b + (1 - β) (which is 1 - βᵗ for a moment started at zero), and the step divides by them instead of the global
+formula. "reset" restarts every coordinate at mass 0 (the next step is a fresh Adam started at the refresh);
+"rotate" maps the mass like the second moment, b_new = (C∘C) b_old, so a direction the old subspace did not hold
+starts afresh and one it held keeps its history. Before any such transfer (and always for "keep", GaLore's rule)
+the keys are absent and the global 1 - βᵗ applies: those states are bit-identical to plain Adam's.
 """
 from __future__ import annotations
 
@@ -17,6 +27,7 @@ from quant.moments8 import dequantize_moment8, quantize_moment8
 
 MOMENT_BITS = (8, 16, 32)
 _NAMES = ("exp_avg", "exp_avg_sq")
+BIAS_KEYS = ("bias1", "bias2")
 
 
 def _check_bits(bits: int) -> None:
@@ -91,17 +102,28 @@ def adam_direction_bound(step: int, beta1: float, beta2: float) -> float:
             * math.sqrt(geometric))
 
 
+def _coordinate_view(mass: Tensor, ndim: int, coord_dim: int) -> Tensor:
+    """(r,) per-coordinate mass shaped to broadcast along the moments' coordinate dimension."""
+    shape = [1] * ndim
+    shape[coord_dim] = mass.numel()
+    return mass.view(shape)
+
+
 def adam_direction_(state: dict[str, Tensor], grad_lowrank: Tensor, *, step: int, beta1: float, beta2: float,
-                    eps: float, bits: int, block_size: int = 256) -> tuple[Tensor, Tensor]:
+                    eps: float, bits: int, block_size: int = 256, coord_dim: int = 1) -> tuple[Tensor, Tensor]:
     """One Adam moment update on the projected gradient, in place on `state`.
 
     grad_lowrank: fp32 R, the moments' shape. step: t >= 1 (this update's index, for bias correction).
-    Returns (N, V'): N = (M'/(1-β1ᵗ)) / (sqrt(V'/(1-β2ᵗ)) + eps), fp32 like R, and the updated V' (not bias
-    corrected, fp32; the sparse residual needs it). V' is stored back clamped at 0 (8-bit rounding cannot make it
-    negative, but bf16 storage of tiny values must not produce -0 surprises). At 8 and 16 bits N is clamped to
-    ±adam_direction_bound(t), which exact Adam never exceeds: at 8 bits V' of a coordinate far below its block's
-    largest can still decode to 0 (below 5e-14 of it, i.e. a gradient ratio over ~4e6 in one block) while M'
-    survives, and at both widths rounding overshoots the bound slightly in the first steps.
+    coord_dim: the dimension of R that indexes projected coordinates (1 for a right projection (m, r), 0 for a left
+    one (r, n)); only read when the state carries per-coordinate bias masses (see the module docstring).
+    Returns (N, V'): N = (M'/b1) / (sqrt(V'/b2) + eps) with b1 = 1-β1ᵗ, b2 = 1-β2ᵗ (or the per-coordinate masses),
+    fp32 like R, and the updated V' (not bias corrected, fp32; the sparse residual needs it). V' is stored back
+    clamped at 0 (8-bit rounding cannot make it negative, but bf16 storage of tiny values must not produce -0
+    surprises). At 8 and 16 bits N is clamped to ±adam_direction_bound(t), which exact Adam never exceeds: at 8 bits
+    V' of a coordinate far below its block's largest can still decode to 0 (below 5e-14 of it, i.e. a gradient ratio
+    over ~4e6 in one block) while M' survives, and at both widths rounding overshoots the bound slightly in the first
+    steps. With per-coordinate masses the bound still uses the global t: it grows with t, so it is looser than the
+    coordinate's own but never cuts an exact Adam update.
     """
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
@@ -111,11 +133,19 @@ def adam_direction_(state: dict[str, Tensor], grad_lowrank: Tensor, *, step: int
     grad = grad_lowrank.float()
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    bias1 = 1.0 - beta1 ** step
-    bias2 = 1.0 - beta2 ** step
-    # Same order of operations as torch.optim.AdamW (step size folded after the division) so that the full-rank,
-    # 32-bit case reproduces it to float rounding.
-    denom = (exp_avg_sq.sqrt() / (bias2 ** 0.5)).add_(eps)
+    if "bias1" in state:
+        # Per-coordinate masses since the last reset/rotation: advance them like the moments they describe.
+        state["bias1"].mul_(beta1).add_(1.0 - beta1)
+        state["bias2"].mul_(beta2).add_(1.0 - beta2)
+        bias1 = _coordinate_view(state["bias1"], exp_avg.dim(), coord_dim)
+        bias2 = _coordinate_view(state["bias2"], exp_avg.dim(), coord_dim)
+        denom = (exp_avg_sq.sqrt() / bias2.sqrt()).add_(eps)
+    else:
+        bias1 = 1.0 - beta1 ** step
+        bias2 = 1.0 - beta2 ** step
+        # Same order of operations as torch.optim.AdamW (step size folded after the division) so that the
+        # full-rank, 32-bit case reproduces it to float rounding.
+        denom = (exp_avg_sq.sqrt() / (bias2 ** 0.5)).add_(eps)
     direction = (exp_avg / bias1) / denom
     if bits != 32:  # rounded moments can overshoot what exact Adam can reach; 32-bit stays torch's AdamW exactly
         bound = adam_direction_bound(step, beta1, beta2)
@@ -125,31 +155,55 @@ def adam_direction_(state: dict[str, Tensor], grad_lowrank: Tensor, *, step: int
 
 
 def transfer_moments_(state: dict[str, Tensor], proj_old: Tensor, proj_new: Tensor, *, side: str, mode: str,
-                      bits: int, block_size: int = 256) -> None:
+                      bits: int, steps_done: int, betas: tuple[float, float], block_size: int = 256) -> None:
     """Carry the moments into the new projector's coordinates after a refresh (DESIGN §3.3).
 
     proj_old, proj_new: fp32 (d, r) with orthonormal columns (d = n for a right projection, m for a left one).
-    mode "keep": leave them (GaLore); "reset": zero them; "rotate": with C = P_newᵀ P_old (r, r),
-    M ← C M (left) / M Cᵀ (right) and V ← (C∘C) V / V (C∘C)ᵀ clamped at 0: the coordinates of the old moment in the
-    new basis, and the second moment mapped as if the coordinates were independent.
+    steps_done: Adam updates the moments have seen so far (the state's "step"); betas: (β1, β2). Together they give
+    the moments' current mass 1 - βᵗ when no per-coordinate mass is stored yet.
+    mode "keep": leave them (GaLore, global bias correction continues); "reset": zero them and restart the bias
+    correction of every coordinate (mass 0); "rotate": with C = P_newᵀ P_old (r, r), the bias-corrected moments
+    are carried into the new coordinates, m̂ ← C m̂ (left) / m̂ Cᵀ (right) and v̂ ← (C∘C) v̂ (the second moment as if
+    the coordinates were independent), and the masses b ← (C∘C) b: row i of C∘C sums to the fraction of new
+    direction i that the old subspace held, so a direction the old subspace held keeps its moments and history, a
+    new one starts afresh (mass 0), one in between is a blend. The stored moments are m̂·b1 and v̂·b2 (no division
+    by a tiny mass). v̂ dropping the cross terms can make it smaller than m̂² in the new coordinates (a normalised
+    update above 1 under a constant gradient); v̂ is raised to at least m̂² (a variance cannot be negative).
     """
     if mode == "keep":
         return
+    if isinstance(steps_done, bool) or not isinstance(steps_done, int) or steps_done < 0:
+        raise ValueError(f"steps_done must be an int >= 0, got {steps_done!r}")
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if mode not in ("rotate", "reset"):
+        raise ValueError(f"moment_transfer must be 'keep', 'rotate' or 'reset', got {mode!r}")
+    rank = proj_new.shape[1]
     exp_avg, exp_avg_sq = load_moments(state, bits=bits, block_size=block_size)
+    coord_dim = 1 if side == "right" else 0
+    if "bias1" in state:
+        mass1, mass2 = state["bias1"], state["bias2"]
+    else:
+        mass1 = torch.full((rank,), 1.0 - betas[0] ** steps_done, dtype=torch.float32, device=exp_avg.device)
+        mass2 = torch.full((rank,), 1.0 - betas[1] ** steps_done, dtype=torch.float32, device=exp_avg.device)
     if mode == "reset":
         exp_avg.zero_()
         exp_avg_sq.zero_()
-    elif mode == "rotate":
+        mass1, mass2 = torch.zeros_like(mass1), torch.zeros_like(mass2)
+    else:
         coupling = proj_new.float().T @ proj_old.float()
         coupling_sq = coupling * coupling
+        old1 = _coordinate_view(mass1, exp_avg.dim(), coord_dim)
+        old2 = _coordinate_view(mass2, exp_avg.dim(), coord_dim)
+        m_hat = torch.where(old1 > 0, exp_avg / old1.clamp(min=1e-30), 0.0)
+        v_hat = torch.where(old2 > 0, exp_avg_sq / old2.clamp(min=1e-30), 0.0)
         if side == "left":
-            exp_avg = coupling @ exp_avg
-            exp_avg_sq = (coupling_sq @ exp_avg_sq).clamp_(min=0.0)
-        elif side == "right":
-            exp_avg = exp_avg @ coupling.T
-            exp_avg_sq = (exp_avg_sq @ coupling_sq.T).clamp_(min=0.0)
+            m_hat, v_hat = coupling @ m_hat, coupling_sq @ v_hat
         else:
-            raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-    else:
-        raise ValueError(f"moment_transfer must be 'keep', 'rotate' or 'reset', got {mode!r}")
+            m_hat, v_hat = m_hat @ coupling.T, v_hat @ coupling_sq.T
+        v_hat = torch.maximum(v_hat.clamp_(min=0.0), m_hat.square())
+        mass1, mass2 = coupling_sq @ mass1, coupling_sq @ mass2
+        exp_avg = m_hat * _coordinate_view(mass1, exp_avg.dim(), coord_dim)
+        exp_avg_sq = v_hat * _coordinate_view(mass2, exp_avg.dim(), coord_dim)
+    state["bias1"], state["bias2"] = mass1.contiguous(), mass2.contiguous()
     store_moments_(state, exp_avg, exp_avg_sq, bits=bits, block_size=block_size)

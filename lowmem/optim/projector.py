@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lowmem.optim.linop import CHUNK_ELEMENTS, GradOperator
-from lowmem.optim.rsvd import SubspaceResult, exact_right_subspace, randomized_right_subspace
+from lowmem.optim.rsvd import SubspaceResult, exact_left_subspace, exact_right_subspace, randomized_right_subspace
 
 SIDES = ("right", "left")
 METHODS = ("randomized", "svd")
@@ -80,12 +80,13 @@ def _head_rows(heads: Tensor, head_dim: int, device: torch.device) -> Tensor:
 def compute_projector(op: GradOperator, rank: int, *, side: str, method: str = "randomized",
                       oversampling: int = 8, power_iters: int = 2, warm_start: Tensor | None = None,
                       generator: torch.Generator | None = None, tol: float | None = None,
-                      cross_head: CrossHead | None = None) -> SubspaceResult:
+                      cross_head: CrossHead | None = None, heads: Tensor | None = None) -> SubspaceResult:
     """Projector P for op (m, n): basis fp32 (n, r) for side 'right', (m, r) for 'left'.
 
     method 'randomized' (lowmem.optim.rsvd.randomized_right_subspace with oversampling, power_iters, warm_start, tol)
     or 'svd' (exact, forms G). cross_head: right side only; the top-r right singular vectors of the stacked row
-    slices of ⌈r/d⌉ random heads (chosen first with `generator`, which then also draws the sketch).
+    slices of ⌈r/d⌉ random heads (chosen first with `generator`, which then also draws the sketch), or of the given
+    `heads` (int64 (k,), sorted; then nothing is drawn for them).
     """
     if not isinstance(op, GradOperator):
         raise TypeError(f"op must be a GradOperator, got {type(op).__name__}")
@@ -105,12 +106,15 @@ def compute_projector(op: GradOperator, rank: int, *, side: str, method: str = "
         if m != cross_head.head_dim * cross_head.num_heads:
             raise ValueError(f"cross-head projection needs m == head_dim * num_heads, got m={m} and "
                              f"{cross_head.head_dim} * {cross_head.num_heads}")
-        heads = select_heads(cross_head, rank, generator)
+        if heads is None:
+            heads = select_heads(cross_head, rank, generator)
         target = op if heads is None else op.take_rows(_head_rows(heads, cross_head.head_dim, op.device))
     else:
         target = op if side == "right" else op.t()
 
     if method == "svd":
+        if side == "left":   # GaLore's left projector: U of svd(G) (its column signs, not those of svd(Gᵀ))
+            return exact_left_subspace(op, rank)
         return exact_right_subspace(target, rank)
     return randomized_right_subspace(target, rank, oversampling=oversampling, power_iters=power_iters,
                                      warm_start=warm_start, generator=generator, tol=tol)

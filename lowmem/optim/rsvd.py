@@ -102,6 +102,22 @@ def _numerical_rank(singular_values: Tensor) -> int:
     return int((singular_values > top * RANK_RTOL).sum())
 
 
+def exact_left_subspace(op: GradOperator, rank: int) -> SubspaceResult:
+    """Top-r LEFT singular vectors of op (basis fp32 (m, r)) from torch.linalg.svd of G itself, as GaLore computes
+    its left projector: the same subspace as exact_right_subspace(op.t()), but with the column signs of
+    torch.linalg.svd(G) (those of Gᵀ's right vectors can differ)."""
+    _check_rank(op, rank)
+    G = op.dense()
+    G = torch.where(torch.isfinite(G), G, torch.zeros((), dtype=G.dtype, device=G.device))
+    try:
+        U, S, _ = torch.linalg.svd(G, full_matrices=False)
+    except RuntimeError:  # LinAlgError (no convergence on a badly scaled input): retry once in fp64
+        U, S, _ = torch.linalg.svd(G.double(), full_matrices=False)
+        U, S = U.float(), S.float()
+    return SubspaceResult(basis=U[:, :rank].contiguous(), singular_values=S[:rank].contiguous(), iterations=0,
+                          fell_back=False)
+
+
 def _orthonormal(Y: Tensor) -> Tensor:
     return torch.linalg.qr(Y, mode="reduced").Q
 

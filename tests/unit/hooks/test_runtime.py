@@ -96,28 +96,56 @@ def test_hooks_on_equals_hooks_off_bit_for_bit(name):
         assert torch.equal(a[key], b[key]), (name, key)
 
 
+def _compare_int8_and_float(fused, plain):
+    """Per Int8Linear: (fraction of differing codes, largest |ΔW| in quantisation steps of its block); and the
+    largest relative norm difference of a float parameter."""
+    worst_fraction, worst_steps = 0.0, 0.0
+    for (_, mod_a), (_, mod_b) in zip(fused.named_modules(), plain.named_modules()):
+        if isinstance(mod_a, Int8Linear):
+            worst_fraction = max(worst_fraction, float((mod_a.weight_q != mod_b.weight_q).float().mean()))
+            wa, wb = mod_a.dequantized_weight(torch.float32), mod_b.dequantized_weight(torch.float32)
+            step = mod_a.weight_scales.repeat_interleave(mod_a.block_size, dim=1)[:, : wa.shape[1]]
+            worst_steps = max(worst_steps, float(((wa - wb).abs() / step).max()))
+    worst_float = max(float((a - b).detach().norm() / b.detach().norm())
+                      for a, b in zip(fused.parameters(), plain.parameters()))
+    return worst_fraction, worst_steps, worst_float
+
+
+@pytest.mark.parametrize("name", ["galore_plus", "lowmem"])
+def test_factored_gradients_match_dense_path_one_step(name):
+    """One step from identical weights: the fused path projects G = AᵀX without forming it, the reference forms G;
+    they differ only by float rounding (~1e-7 relative) in R. That can flip a stochastic-rounding decision only
+    where the value sits within that rounding of the noise threshold (probability ~1e-6 per entry), and a flip
+    moves one quantisation step: at most 0.1% of codes, each by <= 1 step (+1e-3 for a block scale that moved with
+    it); float parameters to 1e-5 (measured: identical)."""
+    cfg = small(name)
+    batches = token_batches(1)
+    fused, plain = tiny_llama(), tiny_llama()
+    run_fused(fused, cfg, batches)
+    run_plain(plain, cfg, batches)
+    fraction, steps, float_rel = _compare_int8_and_float(fused, plain)
+    assert fraction <= 1e-3 and steps <= 1.001 and float_rel <= 1e-5, (fraction, steps, float_rel)
+
+
 @pytest.mark.parametrize("name", ["galore_plus", "lowmem"])
 def test_factored_gradients_match_dense_path(name):
-    """The fused path projects G = AᵀX without forming it; the reference forms G. Only float rounding differs:
-    INT8 weights differ in at most 1% of entries (measured <= 0.15%), by about one quantisation step (a stochastic
-    rounding decision flipped by a last-bit difference); float parameters, whose gradients see those INT8
-    differences, agree to 1e-3 in relative norm (measured ~1e-4)."""
+    """Five steps (refreshes, residual selection): the same computation as the one-step test, but a last-bit
+    difference is amplified by discontinuous decisions — a stochastic-rounding floor that lands one step apart, a
+    block absmax (and so every code of its block) that moves with it, the next forward seeing those weights, the
+    top-k residual selection and the projector of a refresh. The bound is what that amplification produces on the
+    DENSE path alone: perturbing its own gradients by one rounding unit (G·(1 + 2⁻²³·z), z ~ N(0, 1), 6-8 seeds)
+    moved up to 2.2% of INT8 codes by up to 2.94 quantisation steps, and float parameters by up to 2.7e-4 relative
+    (the factored path on the audit's fresh install, transformers 5.24.0: 2.2%, 2.94 steps — the same magnitudes;
+    the earlier 1%/1.5-step bound held only for the rounding of one library version and thread count). Bounds: 5%
+    of codes, 4 steps, 1e-3. A real error of the factored path (a wrong transpose, a dropped micro-batch) changes most codes
+    by many steps."""
     cfg = small(name)
     batches = token_batches(5)
     fused, plain = tiny_llama(), tiny_llama()
     run_fused(fused, cfg, batches)
     run_plain(plain, cfg, batches)
-    for (name_a, mod_a), (_, mod_b) in zip(fused.named_modules(), plain.named_modules()):
-        if isinstance(mod_a, Int8Linear):
-            qa, qb = mod_a.weight_q.int(), mod_b.weight_q.int()
-            differs = (qa != qb)
-            assert differs.float().mean() <= 0.01, name_a
-            # Where bytes differ, the dequantised weights differ by about one step of that block.
-            wa, wb = mod_a.dequantized_weight(torch.float32), mod_b.dequantized_weight(torch.float32)
-            step = mod_a.weight_scales.repeat_interleave(mod_a.block_size, dim=1)[:, : wa.shape[1]]
-            assert ((wa - wb).abs() <= 1.5 * step + 1e-6).all(), name_a
-    for (key, a), b in zip(fused.named_parameters(), plain.parameters()):
-        assert float((a - b).detach().norm() / b.detach().norm()) < 1e-3, key
+    fraction, steps, float_rel = _compare_int8_and_float(fused, plain)
+    assert fraction <= 0.05 and steps <= 4.0 and float_rel <= 1e-3, (fraction, steps, float_rel)
 
 
 def test_gradient_accumulation_full_rank_equals_big_batch():
@@ -290,11 +318,71 @@ def test_nonfinite_loss_skips_backward():
     assert all(torch.equal(before[k], v) for k, v in weights(model).items())
 
 
-def test_two_pass_clips_globally():
-    """two_pass commits with one coefficient: the reported norm is the exact global norm of what was consumed."""
+@pytest.mark.parametrize("clip_mode", ["per_tensor", "two_pass", "none"])
+def test_hooks_on_equals_hooks_off_in_every_clip_mode(clip_mode):
+    """galore preset (float weights: both paths see the same dense gradients), rank 8, grad_clip 0.05 (far below
+    the gradient norm ~2, so clipping is active), 4 steps with a refresh at step 3: identical weights and identical
+    reported norms. two_pass clips the global norm of what the updates consume (Σ ||R||² + Σ ||g||²) on both paths."""
+    cfg = small("galore", clip_mode=clip_mode, grad_clip=0.05)
+    batches = token_batches(4)
+    fused, plain = tiny_llama(), tiny_llama()
+    _, fused_stats = run_fused(fused, cfg, batches)
+    opt = LowMemOptimizer(plain, cfg)
+    plain_norms = []
+    for ids in batches:
+        plain(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        plain_norms.append(opt.last_stats["grad_norm"])
+    assert [s["grad_norm"] for s in fused_stats] == plain_norms
+    assert min(plain_norms) > 10 * 0.05
+    a, b = weights(fused), weights(plain)
+    for key in a:
+        assert torch.equal(a[key], b[key]), (clip_mode, key)
+
+
+@pytest.mark.parametrize("path", ["fused", "plain"])
+def test_two_pass_clips_globally(path):
+    """two_pass commits every tensor with one coefficient c = grad_clip / (||g|| + 1e-6), ||g||² = Σ ||G P||² over
+    low-rank weights + Σ ||g||² over float ones, computed here independently: a plain autograd backward on a copy of
+    the model and the projectors the step stored. After one step every first moment is (1 - β1)·c·(its gradient).
+    Both paths: the fused runtime and LowMemOptimizer."""
+    grad_clip = 1e-3
+    cfg = small("galore", clip_mode="two_pass", grad_clip=grad_clip)
     model = tiny_llama()
-    runtime, stats = run_fused(model, small("lowmem", clip_mode="two_pass", grad_clip=1e-3), token_batches(2))
-    assert stats[-1]["grad_norm"] > 1e-3 and not stats[-1]["skipped"]
+    reference = copy.deepcopy(model)
+    ids = token_batches(1)[0]
+    reference(input_ids=ids, labels=ids).loss.backward()
+    ref_grads = dict(reference.named_parameters())
+    if path == "fused":
+        runtime, stats = run_fused(model, cfg, [ids])
+        trainables, states = runtime.trainables, runtime.states
+    else:
+        opt = LowMemOptimizer(model, cfg)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        stats = [opt.last_stats]
+        trainables = opt.trainables
+        states = {item.index: opt.state[item.tensor] for item in trainables}
+    from lowmem.optim.lowrank import projection_side_for, stored_projector
+
+    consumed = {}
+    for item in trainables:
+        grad = ref_grads[item.name].grad
+        if item.kind == "float":
+            consumed[item.index] = grad
+            continue
+        proj = stored_projector(item.spec, item.config, states[item.index])
+        side = projection_side_for(item.spec, item.config)
+        consumed[item.index] = grad @ proj if side == "right" else proj.T @ grad
+    norm = sum(float(g.double().pow(2).sum()) for g in consumed.values()) ** 0.5
+    coef = grad_clip / (norm + 1e-6)
+    assert not stats[0]["skipped"] and coef < 1e-2
+    assert stats[0]["grad_norm"] == pytest.approx(norm, rel=1e-5)
+    beta1 = cfg.betas[0]
+    for item in trainables:
+        torch.testing.assert_close(states[item.index]["exp_avg"], (1 - beta1) * coef * consumed[item.index],
+                                   rtol=1e-4, atol=1e-12, msg=item.name)
 
 
 def test_state_dict_round_trip_resumes_identically():

@@ -115,26 +115,67 @@ def test_every_preset_trains(name):
 
 
 def test_int4_projector_close_to_fp32_projector():
-    """Tolerance: final loss (mean of last 10 steps) within 10% of the fp32-projector run's."""
-    finals = {}
-    for bits in (4, 32):
+    """INT4 projectors (symmetric, 7 levels a side, one fp32 scale s = absmax/7 per group of 32) against fp32 ones.
+
+    (1) Every projector P (d, r) the fp32 run computes, encoded to INT4 and decoded (P̃): each entry within half a
+    step s/2 of P's (round to nearest), so ||P̃ - P||_2 <= ||P̃ - P||_F <= ε := ½·sqrt(Σ_groups n_g·s_g²); and the
+    subspace of P̃ is close to P's: with P̃ = P + E, the sines of the principal angles are <= ||E||_2 / σ_min(P̃) <=
+    ε / (1 - ε), so ||Pᵀ Q̃||²_F / r >= 1 - (ε / (1 - ε))² for Q̃ an orthonormal basis of P̃.
+    (2) Training: the INT4 run's loss follows the fp32 run's at every step after the first refresh interval, within
+    5% of the loss the fp32 run has shed so far (measured <= 0.5%; the old bound was 10% of the final loss)."""
+    from lowmem.optim.lowrank import stored_projector
+    from lowmem.optim.projector import decode_projector, encode_projector
+    from lowmem.optim.rsvd import subspace_similarity
+
+    losses, checked = {}, 0
+    for bits in (32, 4):
         cfg = preset("galore", rank=4, lr=2e-2, refresh_interval_steps=10, exclude_modules=("head",),
                      projector_bits=bits, projector_group_size=32)
         model = TinyNet()
-        losses = train(model, LowMemOptimizer(model, cfg), 80)
-        finals[bits] = sum(losses[-10:]) / 10
-    assert abs(finals[4] - finals[32]) <= 0.10 * finals[32], finals
+        opt = LowMemOptimizer(model, cfg)
+        losses[bits] = []
+        for x, y in batches(80, seed=1):
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[bits].append(float(loss.detach()))
+            if bits != 32 or not opt.last_stats["refreshed"]:
+                continue
+            for item in opt.trainables:
+                if item.name not in opt.last_stats["refreshed"]:
+                    continue
+                proj = stored_projector(item.spec, item.config, opt.state[item.tensor])
+                stored = encode_projector(proj, 4, group_size=32)
+                decoded = decode_projector(stored, 4, tuple(proj.shape), group_size=32)
+                half_step = (stored["scales"] / 2).repeat_interleave(32)[: proj.numel()].view_as(proj)
+                assert ((decoded - proj).abs() <= half_step * (1 + 1e-5) + 1e-12).all(), item.name
+                eps = 0.5 * float((stored["scales"].pow(2) * 32).sum().sqrt())
+                assert eps < 0.5, (item.name, eps)
+                basis = torch.linalg.qr(decoded)[0]
+                similarity = subspace_similarity(proj, basis)
+                assert similarity >= 1 - (eps / (1 - eps)) ** 2, (item.name, similarity, eps)
+                checked += 1
+    assert checked >= 8   # 2 weights x 8 refreshes
+    l32, l4 = losses[32], losses[4]
+    for t in range(10, len(l32)):
+        assert abs(l4[t] - l32[t]) <= 0.05 * (l32[0] - l32[t]), (t, l4[t], l32[t])
 
 
-def test_state_dict_round_trip_and_bit_identical_resume():
+@pytest.mark.parametrize("transfer", ["keep", "rotate", "reset"])
+def test_state_dict_round_trip_and_bit_identical_resume(transfer):
+    """Every moment_transfer mode: after refreshes rotate/reset carry per-coordinate bias masses in the state."""
     cfg = preset("lowmem", rank=4, lr=1e-2, refresh_interval_steps=5, residual_warmup_steps=3, weight_block_size=16,
-                 moment_block_size=64, projector_group_size=64, exclude_modules=("head",), residual_modules=("up",))
+                 moment_block_size=64, projector_group_size=64, exclude_modules=("head",), residual_modules=("up",),
+                 moment_transfer=transfer)
     model = to_int8(TinyNet())
     opt = LowMemOptimizer(model, cfg)
     train(model, opt, 12, seed=3)
     snapshot_model = copy.deepcopy(model.state_dict())
     snapshot_opt = opt.state_dict()
     assert all(isinstance(v, torch.Tensor) for s in snapshot_opt["state"].values() for v in s.values())
+    has_masses = any("bias1" in s for s in snapshot_opt["state"].values())
+    assert has_masses == (transfer != "keep")
     train(model, opt, 10, seed=4)
     uninterrupted = copy.deepcopy(model.state_dict())
 

@@ -141,19 +141,141 @@ def test_rotate_expresses_first_moment_in_new_basis(side):
     for t, g in enumerate(grads, start=1):
         adam_direction_(old, proj(g, p_old), step=t, beta1=0.9, beta2=0.999, eps=1e-8, bits=32)
         adam_direction_(new, proj(g, p_new), step=t, beta1=0.9, beta2=0.999, eps=1e-8, bits=32)
-    transfer_moments_(old, p_old, p_new, side=side, mode="rotate", bits=32)
+    transfer_moments_(old, p_old, p_new, side=side, mode="rotate", bits=32, steps_done=4, betas=(0.9, 0.999))
     torch.testing.assert_close(old["exp_avg"], new["exp_avg"], rtol=1e-5, atol=1e-6)
     assert (old["exp_avg_sq"] >= 0).all()
 
 
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+
+
+def _project(g, p, side):
+    return g @ p if side == "right" else p.T @ g
+
+
+def _adam(state, r, t, side):
+    return adam_direction_(state, r, step=t, beta1=BETAS[0], beta2=BETAS[1], eps=EPS, bits=32,
+                           coord_dim=1 if side == "right" else 0)[0]
+
+
+def _torch_adamw_directions(grads):
+    """Independent reference: torch.optim.AdamW (lr 1, no decay) on a zero parameter; its steps are -N."""
+    param = torch.zeros_like(grads[0], requires_grad=True)
+    opt = torch.optim.AdamW([param], lr=1.0, betas=BETAS, eps=EPS, weight_decay=0.0)
+    out = []
+    for g in grads:
+        before = param.detach().clone()
+        param.grad = g.clone()
+        opt.step()
+        out.append(before - param.detach())
+    return out
+
+
+def _new_projector(p_old, kind, seed):
+    """What a refresh may return: 'signs' (same basis, flipped columns: a refresh on an unchanged gradient before
+    sign alignment), 'rotated' (same subspace, another basis), 'half_new' (half the columns replaced by directions
+    orthogonal to the old subspace: what `rotate` brings in fresh)."""
+    d, r = p_old.shape
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "signs":
+        return p_old * torch.tensor([(-1.0) ** k for k in range(r)])
+    if kind == "rotated":
+        return p_old @ torch.linalg.qr(torch.randn(r, r, generator=gen))[0]
+    fresh = torch.randn(d, r, generator=gen)
+    fresh = torch.linalg.qr(fresh - p_old @ (p_old.T @ fresh))[0]
+    return torch.cat([p_old[:, : r // 2], fresh[:, : r - r // 2]], dim=1)
+
+
+# keep: GaLore's rule keeps the moments in the old coordinates, which is only meaningful when the refresh returns
+# the same coordinates (a constant gradient's subspace, up to column signs); rotate/reset must hold for any basis.
+_TRANSFER_CASES = [("keep", "signs"), ("rotate", "signs"), ("rotate", "rotated"), ("rotate", "half_new"),
+                   ("reset", "signs"), ("reset", "rotated"), ("reset", "half_new")]
+
+
+@pytest.mark.parametrize("mode, kind", _TRANSFER_CASES)
+@pytest.mark.parametrize("refresh_step", [200, 2000])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_normalised_update_stays_bounded_after_refresh(mode, kind, refresh_step, side):
+    """Under a constant gradient Adam's normalised update |m̂|/(√v̂+ε) is exactly 1 per coordinate; after a refresh
+    at step 200 / 2000 it must stay <= 1 for the next 50 steps whatever the transfer (tolerance 1e-4: fp32 rounding
+    of the moment updates, ~1e-6, far below the 1.35-6.1 that a stale bias correction produces)."""
+    d, r, other = 12, 4, 9
+    gen = torch.Generator().manual_seed(7)
+    g = torch.randn(other, d, generator=gen) if side == "right" else torch.randn(d, other, generator=gen)
+    p_old = _orthonormal(d, r, 0)
+    p_new = _new_projector(p_old, kind, 1)
+    state = init_moments((other, r) if side == "right" else (r, other), bits=32)
+    for t in range(1, refresh_step + 1):
+        _adam(state, _project(g, p_old, side), t, side)
+    transfer_moments_(state, p_old, p_new, side=side, mode=mode, bits=32, steps_done=refresh_step, betas=BETAS)
+    worst = 0.0
+    for t in range(refresh_step + 1, refresh_step + 51):
+        worst = max(worst, float(_adam(state, _project(g, p_new, side), t, side).abs().max()))
+    assert worst <= 1.0 + 1e-4, worst
+
+
+@pytest.mark.parametrize("refresh_step", [200, 2000])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_update_after_reset_equals_fresh_adamw(refresh_step, side):
+    """After `reset` the next updates are those of torch.optim.AdamW started at the refresh on the new projected
+    gradients (varying gradients, so the bias correction of every step is exercised)."""
+    d, r, other = 12, 4, 9
+    gen = torch.Generator().manual_seed(3)
+    shape = (other, d) if side == "right" else (d, other)
+    p_old, p_new = _orthonormal(d, r, 0), _orthonormal(d, r, 1)
+    state = init_moments((other, r) if side == "right" else (r, other), bits=32)
+    for t in range(1, refresh_step + 1):
+        _adam(state, _project(torch.randn(shape, generator=gen), p_old, side), t, side)
+    transfer_moments_(state, p_old, p_new, side=side, mode="reset", bits=32, steps_done=refresh_step, betas=BETAS)
+    grads = [_project(torch.randn(shape, generator=gen), p_new, side) for _ in range(12)]
+    want = _torch_adamw_directions(grads)
+    for k, (grad, expected) in enumerate(zip(grads, want)):
+        got = _adam(state, grad, refresh_step + 1 + k, side)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=f"update {k + 1} after the reset")
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_rotate_starts_new_directions_fresh_and_keeps_old_ones(side):
+    """`rotate` onto a basis whose first half is the old first half and whose second half is new: the kept
+    coordinates continue the old Adam (a never-refreshed AdamW), the new ones equal a fresh AdamW from the refresh."""
+    d, r, other, refresh_step = 12, 4, 9, 200
+    gen = torch.Generator().manual_seed(4)
+    shape = (other, d) if side == "right" else (d, other)
+    p_old = _orthonormal(d, r, 0)
+    p_new = _new_projector(p_old, "half_new", 1)
+    before = [torch.randn(shape, generator=gen) for _ in range(refresh_step)]
+    after = [torch.randn(shape, generator=gen) for _ in range(10)]
+    state = init_moments((other, r) if side == "right" else (r, other), bits=32)
+    for t, g in enumerate(before, start=1):
+        _adam(state, _project(g, p_old, side), t, side)
+    transfer_moments_(state, p_old, p_new, side=side, mode="rotate", bits=32, steps_done=refresh_step, betas=BETAS)
+    got = [_adam(state, _project(g, p_new, side), refresh_step + 1 + k, side) for k, g in enumerate(after)]
+    half = r // 2
+    pick = (lambda x, sl: x[:, sl]) if side == "right" else (lambda x, sl: x[sl])
+    kept = _torch_adamw_directions([pick(_project(g, p_old, side), slice(0, half)) for g in before + after])
+    fresh = _torch_adamw_directions([pick(_project(g, p_new, side), slice(half, r)) for g in after])
+    for k in range(len(after)):
+        torch.testing.assert_close(pick(got[k], slice(0, half)), kept[refresh_step + k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(pick(got[k], slice(half, r)), fresh[k], rtol=1e-5, atol=1e-6)
+
+
 def test_keep_and_reset():
-    state = init_moments((5, 3), bits=32)
-    adam_direction_(state, torch.ones(5, 3), step=1, beta1=0.9, beta2=0.999, eps=1e-8, bits=32)
-    before = state["exp_avg"].clone()
+    """keep changes nothing (the next update is the one without a refresh); reset zeroes the moments and the next
+    update is a first Adam step: N = g/(|g|+ε) = ±1, not the stale-bias value g·(1-β1)/(1-β1ᵗ)/... ."""
+    g = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
     p_old, p_new = _orthonormal(6, 3, 0), _orthonormal(6, 3, 1)
-    transfer_moments_(state, p_old, p_new, side="right", mode="keep", bits=32)
+    state, twin = init_moments((5, 3), bits=32), init_moments((5, 3), bits=32)
+    for t in range(1, 6):
+        _adam(state, g, t, "right")
+        _adam(twin, g, t, "right")
+    before = state["exp_avg"].clone()
+    transfer_moments_(state, p_old, p_new, side="right", mode="keep", bits=32, steps_done=5, betas=BETAS)
     assert torch.equal(state["exp_avg"], before)
-    transfer_moments_(state, p_old, p_new, side="right", mode="reset", bits=32)
+    torch.testing.assert_close(_adam(state, 2 * g, 6, "right"), _adam(twin, 2 * g, 6, "right"), rtol=0, atol=0)
+    transfer_moments_(state, p_old, p_new, side="right", mode="reset", bits=32, steps_done=6, betas=BETAS)
     assert state["exp_avg"].abs().max() == 0 and state["exp_avg_sq"].abs().max() == 0
+    torch.testing.assert_close(_adam(state, 3 * g, 7, "right"), _torch_adamw_directions([3 * g])[0],
+                               rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="moment_transfer"):
-        transfer_moments_(state, p_old, p_new, side="right", mode="spin", bits=32)
+        transfer_moments_(state, p_old, p_new, side="right", mode="spin", bits=32, steps_done=7, betas=BETAS)
