@@ -115,7 +115,7 @@ def exact_left_subspace(op: GradOperator, rank: int) -> SubspaceResult:
         U, S, _ = torch.linalg.svd(G.double(), full_matrices=False)
         U, S = U.float(), S.float()
     return SubspaceResult(basis=U[:, :rank].contiguous(), singular_values=S[:rank].contiguous(), iterations=0,
-                          fell_back=False)
+                          fell_back=False, numerical_rank=_numerical_rank(S[:rank]))
 
 
 def _orthonormal(Y: Tensor) -> Tensor:
