@@ -104,8 +104,17 @@ class StopFlag:
 
 # ---- training --------------------------------------------------------------------------------------------------
 
+def model_loss(model, ids: torch.Tensor, labels: torch.Tensor, fused: bool) -> torch.Tensor:
+    """The causal-LM loss of one batch: lowmem's fused linear + cross-entropy (no (tokens, vocab) fp32 logits) or
+    the model's own loss."""
+    if fused:
+        from lowmem.model.fused_loss import causal_lm_loss
+        return causal_lm_loss(model, ids, labels)
+    return model(input_ids=ids, labels=labels).loss
+
+
 def evaluate(model, eval_ids: torch.Tensor, eval_labels: torch.Tensor, batch_size: int,
-             device: torch.device, par=None) -> float:
+             device: torch.device, par=None, fused: bool = False) -> float:
     """Token-weighted mean loss over the held-out sequences. Several processes: each rank evaluates every
     world_size-th batch (all ranks run the same number of forwards, which ZeRO 3's weight gathers need) and the
     sums are added over the ranks."""
@@ -125,7 +134,7 @@ def evaluate(model, eval_ids: torch.Tensor, eval_labels: torch.Tensor, batch_siz
             tokens = int((labels[:, 1:] != -100).sum())
             if tokens == 0 and world == 1:
                 continue
-            loss = float(model(input_ids=ids, labels=labels).loss) if tokens else 0.0
+            loss = float(model_loss(model, ids, labels, fused)) if tokens else 0.0
             if slot < len(starts) and tokens:
                 total_loss += loss * tokens
                 total_tokens += tokens
@@ -243,7 +252,7 @@ def _train(par, progress: dict) -> dict:
 
     def run_eval(step_count: int) -> float:
         loss = evaluate(model, data.eval, data.eval_labels, cfg.micro_batch_size, device,
-                        par if par.distributed else None)
+                        par if par.distributed else None, fused=cfg.fused_loss)
         if main:
             log.write({"kind": "eval", "step": step_count, "eval_loss": loss, "perplexity": math.exp(min(loss, 50))})
         return loss
@@ -265,7 +274,7 @@ def _train(par, progress: dict) -> dict:
                 index = par.my_rows(sampler.next_batch())
                 ids, labels = data.train[index].to(device), data.train_labels[index].to(device)
                 with runtime.micro_batch():
-                    runtime.backward(model(input_ids=ids, labels=labels).loss / cfg.grad_accum_steps)
+                    runtime.backward(model_loss(model, ids, labels, cfg.fused_loss) / cfg.grad_accum_steps)
             stats = runtime.step()
             seconds = time.perf_counter() - started
             loss = stats["loss"] * cfg.grad_accum_steps if stats["loss"] is not None else float("nan")
