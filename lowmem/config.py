@@ -263,8 +263,11 @@ class LowMemConfig:
                                          "nearest; True or False.", _bool)
     target_modules: tuple[str, ...] = _f(("*",), "fnmatch patterns of nn.Linear module names that get the low-rank "
                                          "treatment.", _patterns)
-    exclude_modules: tuple[str, ...] = _f(("*lm_head", "*embed*"), "fnmatch patterns of module names excluded from "
-                                          "target_modules (trained by full-rank AdamW instead).", _patterns)
+    exclude_modules: tuple[str, ...] = _f(("*embed*",), "fnmatch patterns of module names excluded from "
+                                          "target_modules (trained by full-rank AdamW instead). An untied lm_head "
+                                          "is a low-rank INT8 linear unless excluded ('*lm_head'); a linear whose "
+                                          "weight is shared (a head tied to the input embedding) never is.",
+                                          _patterns)
     # everything else
     float_optim_bits: int = _f(8, "Moment bits of the full-rank AdamW for embeddings, lm_head, norms and biases: "
                                   "8 or 32.", _choice(8, 32))

@@ -24,8 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lowmem.model.head_grad import (LOGITS_BLOCK_ELEMENTS, HeadRows, SoftmaxCEGrad, block_rows_for,
-                                    logits_gradient)
+from lowmem.model.head_grad import LOGITS_BLOCK_ELEMENTS, HeadRows, SoftmaxCEGrad, block_rows_for, logits_gradient
 from lowmem.model.int8_linear import Int8Linear
 from lowmem.optim.linop import DenseGrad
 
@@ -53,10 +52,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, V, step):
             e = min(V, s + step)
             z = (hidden @ head.rows(s, e, hidden.dtype).T).float()
-            lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
             in_block = (safe >= s) & (safe < e)
             picked = z.gather(1, (safe - s).clamp(0, e - s - 1)[:, None]).squeeze(1)
             target += torch.where(in_block, picked, torch.zeros_like(picked))
+            # log-sum-exp of the block in place (torch.logsumexp would allocate two more blocks)
+            top = z.amax(dim=1)
+            block_lse = z.sub_(top[:, None]).exp_().sum(dim=1).log_().add_(top)
+            lse = torch.logaddexp(lse, block_lse)
             del z
         n_valid = valid.sum()
         loss = torch.where(valid, lse - target, torch.zeros_like(lse)).sum() / n_valid
@@ -69,7 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         hidden, weight, lse, safe, valid = ctx.saved_tensors
         module = ctx.module
-        head = HeadRows(weight) if module is None else HeadRows(module=module)
+        head = HeadRows(weight) if module is None else HeadRows(module=module, phase="backward")
         T, V = hidden.shape[0], head.shape[0]
         token_weight = valid.float() * (grad_loss.float() / valid.sum())
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) \
@@ -80,12 +82,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for s in range(0, V, step):
                 e = min(V, s + step)
                 w = head.rows(s, e, hidden.dtype)
-                ids = torch.arange(s, e, device=hidden.device)
-                a = logits_gradient(hidden, w, ids, lse, safe, token_weight).to(hidden.dtype)
+                a = logits_gradient(hidden, w, lse, safe, token_weight, row_start=s)
                 if grad_hidden is not None:
-                    grad_hidden += (a @ w).float()
+                    if a.dtype == torch.float32:
+                        grad_hidden.addmm_(a, w)
+                    else:
+                        grad_hidden += (a @ w).float()
                 if grad_weight is not None:
-                    grad_weight[s:e] = a.T @ hidden
+                    if grad_weight.dtype == a.dtype:
+                        torch.mm(a.T, hidden, out=grad_weight[s:e])
+                    else:
+                        grad_weight[s:e] = a.T @ hidden
                 del a, w
         if module is not None and module.grad_sink is not None:
             op = SoftmaxCEGrad(hidden, lse, safe, token_weight, head, block_elements=ctx.block_elements)

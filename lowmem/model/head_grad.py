@@ -41,52 +41,60 @@ def block_rows_for(tokens: int, vocab: int, block_elements: int = LOGITS_BLOCK_E
 class HeadRows:
     """Row blocks of the head weight W (V, h) in a compute dtype: a float tensor, or an Int8Linear's codes."""
 
-    def __init__(self, weight: Tensor | None = None, *, module=None):
+    def __init__(self, weight: Tensor | None = None, *, module=None, phase: str = "forward"):
         if (weight is None) == (module is None):
             raise ValueError("HeadRows needs exactly one of a float weight or an Int8Linear module")
-        self.weight = weight
+        self.weight = None if weight is None else weight.detach()
         self.module = module
-        src = weight if weight is not None else module.weight_q
+        # ZeRO-3 gathers the codes for this use (module.codes); otherwise these are the module's own buffers
+        self._codes = None if module is None else module.codes(phase)
+        src = self.weight if module is None else self._codes[0]
         self.shape = (int(src.shape[0]), int(src.shape[1]))
         self.device = src.device
-        self._version = None if module is None else module.weight_q._version
+        self._version = None if module is None else self._codes[0]._version
 
     def check_unchanged(self) -> None:
-        if self.module is not None and self.module.weight_q._version != self._version:
+        if self._codes is not None and self._codes[0]._version != self._version:
             raise RuntimeError("the INT8 head weight was rewritten after the forward that this gradient belongs to; "
                                "ask for every product of the gradient before writing the weight")
 
     def rows(self, start: int, end: int, dtype: torch.dtype) -> Tensor:
         """W[start:end] (end - start, h) in `dtype` (a view of a float weight when the dtype already matches)."""
         if self.weight is not None:
-            return self.weight.detach()[start:end].to(dtype)
+            return self.weight[start:end].to(dtype)
         self.check_unchanged()
-        m = self.module
-        return dequantize_int8(m.weight_q[start:end], m.weight_scales[start:end], block_size=m.block_size,
-                               dtype=dtype, check_values=False)
+        q, scales = self._codes
+        return dequantize_int8(q[start:end], scales[start:end], block_size=self.module.block_size, dtype=dtype,
+                               check_values=False)
 
     def take(self, index: Tensor, dtype: torch.dtype) -> Tensor:
         """W[index] (k, h) in `dtype` for an int64 (k,) index."""
         if self.weight is not None:
-            return self.weight.detach().index_select(0, index).to(dtype)
+            return self.weight.index_select(0, index).to(dtype)
         self.check_unchanged()
-        m = self.module
-        return dequantize_int8(m.weight_q.index_select(0, index), m.weight_scales.index_select(0, index),
-                               block_size=m.block_size, dtype=dtype, check_values=False)
+        q, scales = self._codes
+        return dequantize_int8(q.index_select(0, index), scales.index_select(0, index),
+                               block_size=self.module.block_size, dtype=dtype, check_values=False)
 
 
-def logits_gradient(hidden: Tensor, w_rows: Tensor, row_ids: Tensor, lse: Tensor, labels: Tensor,
-                    token_weight: Tensor) -> Tensor:
-    """A[:, rows] (T, k) fp32, rounded through hidden's dtype: c_t (exp(z - lse_t) - [row = y_t]).
+def logits_gradient(hidden: Tensor, w_rows: Tensor, lse: Tensor, labels: Tensor, token_weight: Tensor, *,
+                    row_start: int | None = None, row_ids: Tensor | None = None) -> Tensor:
+    """A[:, rows] (T, k) in hidden's dtype: c_t (exp(z - lse_t) - [row = y_t]), computed in fp32.
 
-    hidden (T, h) compute dtype; w_rows (k, h) same dtype; row_ids (k,) int64 vocabulary ids of w_rows; lse (T,)
-    fp32; labels (T,) int64 (any value where token_weight is 0); token_weight (T,) fp32.
+    hidden (T, h) compute dtype; w_rows (k, h) same dtype: W's rows row_start .. row_start + k, or W[row_ids] for an
+    int64 (k,) index; lse (T,) fp32; labels (T,) int64 (any value where token_weight is 0); token_weight (T,) fp32.
+    Transients: one (T, k) fp32 block (plus the compute-dtype matmul output when that is not fp32).
     """
-    z = (hidden @ w_rows.T).float()
-    a = z.sub_(lse[:, None]).exp_()
-    a.sub_((labels[:, None] == row_ids[None, :]).to(a.dtype))
+    a = (hidden @ w_rows.T).float()
+    a.sub_(lse[:, None]).exp_()
+    if row_ids is None:
+        pos = labels - row_start
+        hit = ((pos >= 0) & (pos < a.shape[1])).nonzero().squeeze(1)
+        a.index_put_((hit, pos[hit]), torch.tensor(-1.0, device=a.device), accumulate=True)
+    else:
+        a.sub_((labels[:, None] == row_ids[None, :]).to(a.dtype))
     a.mul_(token_weight[:, None])
-    return a.to(hidden.dtype).float()
+    return a.to(hidden.dtype)
 
 
 class SoftmaxCEGrad(GradOperator):
@@ -130,12 +138,13 @@ class SoftmaxCEGrad(GradOperator):
             e = min(self.shape[0], s + step)
             if self._ids is None:
                 lo = self._range[0]
-                w = self._head.rows(lo + s, lo + e, dtype)
-                ids = torch.arange(lo + s, lo + e, device=self.device)
+                a = logits_gradient(self._hidden, self._head.rows(lo + s, lo + e, dtype), self._lse, self._labels,
+                                    self._weight, row_start=lo + s)
             else:
                 ids = self._ids[s:e]
-                w = self._head.take(ids, dtype)
-            yield s, e, logits_gradient(self._hidden, w, ids, self._lse, self._labels, self._weight)
+                a = logits_gradient(self._hidden, self._head.take(ids, dtype), self._lse, self._labels,
+                                    self._weight, row_ids=ids)
+            yield s, e, a.float()
 
     def matmul(self, M: Tensor) -> Tensor:
         M = _check_operand(M, self.shape[1], "matmul", self.device)

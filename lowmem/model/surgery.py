@@ -10,7 +10,7 @@ from torch import nn
 
 from lowmem.config import LowMemConfig
 from lowmem.model.int8_linear import Int8Linear
-from lowmem.model.trainables import is_lowrank_target
+from lowmem.model.trainables import is_lowrank_target, shared_weight_ids
 
 
 def split_fused_projections(model: nn.Module) -> None:
@@ -26,8 +26,9 @@ def split_fused_projections(model: nn.Module) -> None:
 def convert_linears_to_int8(model: nn.Module, cfg: LowMemConfig) -> list[str]:
     """Replace every target nn.Linear (cfg.target_modules minus exclude_modules, trainable, not frozen) by an
     Int8Linear holding the round-to-nearest quantised weight. Returns the converted module names."""
+    shared = shared_weight_ids(model)
     targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and is_lowrank_target(name, module, cfg)]
+               if isinstance(module, nn.Linear) and is_lowrank_target(name, module, cfg, shared)]
     converted = []
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")

