@@ -173,6 +173,9 @@ class LowMemConfig:
                         "(plain Adam on the full gradient); int >= 1.", _int(1))
     scale: float = _f(0.25, "GaLore alpha: factor on the back-projected low-rank update (1.0 with full rank equals "
                             "AdamW); number > 0.", _float(0.0, lo_open=True))
+    vocab_scale: float = _f(1.0, "GaLore alpha of the vocabulary tables (input embedding, lm_head) when they are "
+                                 "low-rank weights: 1.0 keeps the step size of the float AdamW they replace; "
+                                 "per-module overrides of scale still win; number > 0.", _float(0.0, lo_open=True))
     # Adam and schedule
     lr: float = _f(1e-5, "Peak learning rate (per step, before the schedule); number >= 0.", _float(0.0))
     betas: tuple[float, float] = _f((0.9, 0.999), "Adam (beta1, beta2) moment decay rates; each in [0, 1).", _betas)
@@ -261,12 +264,12 @@ class LowMemConfig:
                                 _int(1))
     stochastic_rounding: bool = _f(True, "Round INT8 weight updates stochastically (unbiased) instead of to "
                                          "nearest; True or False.", _bool)
-    target_modules: tuple[str, ...] = _f(("*",), "fnmatch patterns of nn.Linear module names that get the low-rank "
-                                         "treatment.", _patterns)
-    exclude_modules: tuple[str, ...] = _f(("*embed*",), "fnmatch patterns of module names excluded from "
-                                          "target_modules (trained by full-rank AdamW instead). An untied lm_head "
-                                          "is a low-rank INT8 linear unless excluded ('*lm_head'); a linear whose "
-                                          "weight is shared (a head tied to the input embedding) never is.",
+    target_modules: tuple[str, ...] = _f(("*",), "fnmatch patterns of nn.Linear / nn.Embedding module names that "
+                                         "get the low-rank treatment.", _patterns)
+    exclude_modules: tuple[str, ...] = _f((), "fnmatch patterns of module names excluded from target_modules "
+                                          "(trained by full-rank AdamW instead). Untied input embeddings and "
+                                          "lm_head are low-rank INT8 weights unless excluded ('*embed*', "
+                                          "'*lm_head'); a weight shared by two modules (tied embeddings) never is.",
                                           _patterns)
     # everything else
     float_optim_bits: int = _f(8, "Moment bits of the full-rank AdamW for embeddings, lm_head, norms and biases: "

@@ -27,6 +27,7 @@ from torch import Tensor
 from quant.int8 import dequantize_int8
 
 from lowmem.optim.linop import CHUNK_ELEMENTS, GradOperator, _check_operand, _split_flat_index
+from lowmem.optim.rowgrad import TransposedGrad
 
 # Elements of one (T, block_rows) fp32 logits block of the fused loss and of this operator: 16 MiB, as linop's
 # transients. The memory planner (lowmem.memory.cost_model) charges the same number.
@@ -136,15 +137,16 @@ class SoftmaxCEGrad(GradOperator):
         dtype = self._hidden.dtype
         for s in range(0, self.shape[0], step):
             e = min(self.shape[0], s + step)
+            # no local keeps a block: the consumer drops it (del) before asking for the next one, so one block is
+            # alive at a time
             if self._ids is None:
                 lo = self._range[0]
-                a = logits_gradient(self._hidden, self._head.rows(lo + s, lo + e, dtype), self._lse, self._labels,
-                                    self._weight, row_start=lo + s)
+                yield s, e, logits_gradient(self._hidden, self._head.rows(lo + s, lo + e, dtype), self._lse,
+                                            self._labels, self._weight, row_start=lo + s).float()
             else:
                 ids = self._ids[s:e]
-                a = logits_gradient(self._hidden, self._head.take(ids, dtype), self._lse, self._labels,
-                                    self._weight, row_ids=ids)
-            yield s, e, a.float()
+                yield s, e, logits_gradient(self._hidden, self._head.take(ids, dtype), self._lse, self._labels,
+                                            self._weight, row_ids=ids).float()
 
     def matmul(self, M: Tensor) -> Tensor:
         M = _check_operand(M, self.shape[1], "matmul", self.device)
@@ -152,6 +154,7 @@ class SoftmaxCEGrad(GradOperator):
         out = torch.empty(self.shape[0], M.shape[1], dtype=torch.float32, device=self.device)
         for s, e, a in self._blocks():
             torch.mm(a.T, xm, out=out[s:e])
+            del a
         return out
 
     def rmatmul(self, M: Tensor) -> Tensor:
@@ -159,6 +162,7 @@ class SoftmaxCEGrad(GradOperator):
         am = torch.zeros(self._x.shape[0], M.shape[1], dtype=torch.float32, device=self.device)
         for s, e, a in self._blocks():
             am.addmm_(a, M[s:e])
+            del a
         return self._x.T @ am
 
     def gather(self, flat_idx: Tensor) -> Tensor:
@@ -170,6 +174,7 @@ class SoftmaxCEGrad(GradOperator):
             for c in range(0, hit.numel(), chunk):
                 sel = hit[c:c + chunk]
                 out[sel] = (a.index_select(1, i[sel] - s) * self._x.index_select(1, j[sel])).sum(0)
+            del a
         return out
 
     def rows(self, row_start: int, row_end: int) -> "SoftmaxCEGrad":
@@ -188,46 +193,12 @@ class SoftmaxCEGrad(GradOperator):
         """G[:, index] for an int64 (k,) column index (the transpose's rows)."""
         return self._derive(x=self._x.index_select(1, index.to(self.device)))
 
-    def t(self) -> "GradOperator":
-        return _Transposed(self)
+    def t(self) -> GradOperator:
+        return TransposedGrad(self)
 
     def dense(self) -> Tensor:
         out = torch.empty(self.shape, dtype=torch.float32, device=self.device)
         for s, e, a in self._blocks():
             torch.mm(a.T, self._x, out=out[s:e])
+            del a
         return out
-
-
-class _Transposed(GradOperator):
-    """Gᵀ of a SoftmaxCEGrad: products swapped, rows of Gᵀ = columns of G."""
-
-    def __init__(self, op: SoftmaxCEGrad):
-        self._op = op
-        self.shape = (op.shape[1], op.shape[0])
-
-    @property
-    def device(self) -> torch.device:
-        return self._op.device
-
-    def matmul(self, M: Tensor) -> Tensor:
-        return self._op.rmatmul(M)
-
-    def rmatmul(self, M: Tensor) -> Tensor:
-        return self._op.matmul(M)
-
-    def gather(self, flat_idx: Tensor) -> Tensor:
-        i, j = _split_flat_index(flat_idx, self.shape, self.device)
-        return self._op.gather(j * self._op.shape[1] + i)
-
-    def rows(self, row_start: int, row_end: int) -> "_Transposed":
-        self._check_rows(row_start, row_end)
-        return _Transposed(self._op.columns(torch.arange(row_start, row_end, device=self.device)))
-
-    def take_rows(self, row_index: Tensor) -> "_Transposed":
-        return _Transposed(self._op.columns(self._check_row_index(row_index)))
-
-    def t(self) -> SoftmaxCEGrad:
-        return self._op
-
-    def dense(self) -> Tensor:
-        return self._op.dense().T.contiguous()

@@ -3,8 +3,9 @@
 Every trained tensor gets a stable `param_index` (its noise stream for stochastic rounding and its projector
 randomness), so a plain `optimizer.step()` and the fused backward produce the same bits. Kinds:
 
-- "lowrank_int8": the INT8 weight of an `Int8Linear` (updated through stochastic rounding);
-- "lowrank_float": the float weight of an `nn.Linear` selected by `target_modules` (GaLore on float weights);
+- "lowrank_int8": the INT8 weight of an `Int8Linear` or `Int8Embedding` (updated through stochastic rounding);
+- "lowrank_float": the float weight of an `nn.Linear` or `nn.Embedding` selected by `target_modules` (GaLore on
+  float weights);
 - "float": every other trainable float parameter (embeddings, a tied or excluded lm_head, norms, biases): full-rank
   AdamW. An untied lm_head is a low-rank linear by default (its gradient reaches the runtime as an operator from
   lowmem.model.fused_loss, or as any linear's factors on the plain path).
@@ -14,6 +15,7 @@ Low-rank weights are ordered as they appear in the model; the stagger of first r
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -57,13 +59,26 @@ def shared_weight_ids(model: nn.Module) -> set[int]:
 
 def is_lowrank_target(module_name: str, module: nn.Module, cfg: LowMemConfig,
                       shared: set[int] = frozenset()) -> bool:
-    """A linear selected by target_modules, not excluded, whose weight is not shared with another module (`shared`:
-    from shared_weight_ids; a tied head keeps the embedding's float weight and full-rank AdamW)."""
-    if not isinstance(module, (nn.Linear, Int8Linear)):
+    """A linear or embedding selected by target_modules, not excluded, whose weight is not shared with another module
+    (`shared`: from shared_weight_ids; tied input and output embeddings keep one float weight and full-rank AdamW)."""
+    if not isinstance(module, (nn.Linear, nn.Embedding, Int8Linear)):
         return False
-    if isinstance(module, nn.Linear) and id(module.weight) in shared:
+    if isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) in shared:
         return False
     return matches(module_name, cfg.target_modules) and not matches(module_name, cfg.exclude_modules)
+
+
+def _vocabulary_tables(model: nn.Module) -> set[int]:
+    """ids of the input embedding and output head modules (get_input_embeddings / get_output_embeddings), if any."""
+    found = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError, TypeError):
+            continue
+        if module is not None:
+            found.add(id(module))
+    return found
 
 
 def collect_trainables(model: nn.Module, cfg: LowMemConfig) -> list[Trainable]:
@@ -77,8 +92,10 @@ def collect_trainables(model: nn.Module, cfg: LowMemConfig) -> list[Trainable]:
 
     table: list[Trainable] = []
     lowrank_weight_ids = set()
+    tables = _vocabulary_tables(model)
     for module_name, module in lowrank_modules.items():
-        module_cfg = cfg.for_module(module_name)
+        base = dataclasses.replace(cfg, scale=cfg.vocab_scale) if id(module) in tables else cfg
+        module_cfg = base.for_module(module_name)
         if matches(f"{module_name}.weight", cfg.freeze):
             continue
         if isinstance(module, Int8Linear):
