@@ -163,6 +163,22 @@ def train(cfg: TrainConfig) -> dict:
     return result
 
 
+def fit_automatically(cfg, model_config, device: torch.device, par):
+    """fit: auto -> (the config with the planner's cheapest fitting settings applied, the line saying what it
+    chose); the config unchanged and a line saying so when nothing tried fits."""
+    import dataclasses
+
+    from launch.config import OptimSection
+    from lowmem.memory import auto_fit
+    plan = auto_fit(cfg, model_config, device, zero_stage=par.zero_stage, world_size=par.world_size)
+    if plan is None:
+        return cfg, "fit: auto found no setting that fits (checkpointing, micro-batch, rank down to 32)"
+    changes = {k: v for k, v in plan.changes.items() if not k.startswith("optim.")}
+    if "optim.rank" in plan.changes:
+        changes["optim"] = OptimSection({**cfg.optim.to_dict(), "rank": plan.changes["optim.rank"]})
+    return dataclasses.replace(cfg, **changes), plan.detail
+
+
 def _train(par, progress: dict) -> dict:
     from tqdm.auto import tqdm
 
@@ -192,6 +208,11 @@ def _train(par, progress: dict) -> dict:
     check_seq_len(cfg, model_config)
     verdict = preflight(cfg, model_config, device, zero_stage=par.zero_stage, world_size=par.world_size)
     say(verdict.detail, flush=True)
+    fit_line = None
+    if verdict.fits is False and cfg.fit == "auto":
+        cfg, fit_line = fit_automatically(cfg, model_config, device, par)
+        say(fit_line, flush=True)
+        verdict = preflight(cfg, model_config, device, zero_stage=par.zero_stage, world_size=par.world_size)
     if verdict.fits is False and not cfg.force:
         raise UsageError(f"{verdict.detail}. Apply the fix as an override, or run anyway with force=true.")
     loaded = load_model(cfg.model, dtype=dtype, tokenizer=cfg.tokenizer, seed=cfg.seed)
@@ -327,6 +348,7 @@ def _train(par, progress: dict) -> dict:
                "skipped steps": runtime.skipped_steps, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                "processes": f"{par.world_size} (ZeRO stage {par.zero_stage})" if par.distributed else "1",
                "checkpoint": str(final_ckpt), "exported model": str(export_dir) if export_dir else "not exported",
+               "memory plan": fit_line or verdict.detail,
                "data": f"{data.stats.get('files', '?')} files, {data.train.shape[0]} train / "
                        f"{data.eval.shape[0]} eval sequences of {cfg.seq_len} tokens"}
     report = write_report(out, config_yaml=config_yaml, records=read_log(out / "train_log.jsonl"), summary=summary)
