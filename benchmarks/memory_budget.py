@@ -81,8 +81,9 @@ def lever_columns(model_config, seq_len: int, micro_batch: int, rank: int, card:
     """lowmem before and after the memory levers, side by side: (label, breakdown or None, note) per column.
 
     today: float embedding and lm_head (bf16 + full-rank 8-bit AdamW), the model's own logits + cross-entropy;
-    new: the shipped defaults (fused linear + cross-entropy, INT8 low-rank head and embedding); fit: auto: the new
-    defaults with what the planner picks for this card (lowmem.memory.auto_fit)."""
+    new: the defaults (fused linear + cross-entropy, INT8 low-rank embedding, float head); + INT8 head: the head as a
+    low-rank INT8 weight too (opt-in: it learned slower in a short comparison); fit: auto: what the planner picks
+    for this card (lowmem.memory.auto_fit) on the defaults, or with the INT8 head when nothing else fits."""
     from types import SimpleNamespace
 
     from lowmem.memory import auto_fit
@@ -93,19 +94,23 @@ def lever_columns(model_config, seq_len: int, micro_batch: int, rank: int, card:
                      lowmem_config=preset("lowmem", rank=rank, exclude_modules=("*lm_head", "*embed*")), **common)
     new = estimate(model_config, gradient_checkpointing=checkpointing, fused_loss=True,
                    lowmem_config=preset("lowmem", rank=rank), **common)
-    run = SimpleNamespace(seq_len=seq_len, micro_batch_size=micro_batch, gradient_checkpointing=checkpointing,
-                          fused_loss=True, grad_accum_steps=1, dtype="bf16",
-                          lowmem_config=lambda: preset("lowmem", rank=rank))
-    plan = auto_fit(run, model_config, torch.device("cuda"), device_bytes=card)
+    int8_head = estimate(model_config, gradient_checkpointing=checkpointing, fused_loss=True,
+                         lowmem_config=preset("lowmem", rank=rank, exclude_modules=()), **common)
     fitted, chosen = None, "nothing tried fits"
-    if plan is not None:
-        chosen = ", ".join(f"{k}={v}" for k, v in plan.changes.items()) or "as configured"
-        fitted = estimate(model_config, fused_loss=True,
-                          gradient_checkpointing=plan.changes.get("gradient_checkpointing", checkpointing),
-                          lowmem_config=preset("lowmem", rank=plan.changes.get("optim.rank", rank)),
-                          **{**common, "micro_batch_size": plan.changes.get("micro_batch_size", micro_batch)})
-    return [("today", today, "float tables, plain loss"), ("new", new, "shipped defaults"),
-            ("fit: auto", fitted, chosen)]
+    for extra, label in (({}, ""), ({"exclude_modules": ()}, "INT8 head, ")):
+        run = SimpleNamespace(seq_len=seq_len, micro_batch_size=micro_batch, gradient_checkpointing=checkpointing,
+                              fused_loss=True, grad_accum_steps=1, dtype="bf16",
+                              lowmem_config=lambda extra=extra: preset("lowmem", rank=rank, **extra))
+        plan = auto_fit(run, model_config, torch.device("cuda"), device_bytes=card)
+        if plan is not None:
+            chosen = label + (", ".join(f"{k}={v}" for k, v in plan.changes.items()) or "as configured")
+            fitted = estimate(model_config, fused_loss=True,
+                              gradient_checkpointing=plan.changes.get("gradient_checkpointing", checkpointing),
+                              lowmem_config=preset("lowmem", rank=plan.changes.get("optim.rank", rank), **extra),
+                              **{**common, "micro_batch_size": plan.changes.get("micro_batch_size", micro_batch)})
+            break
+    return [("today", today, "float tables, plain loss"), ("new", new, "defaults: fused loss, INT8 embedding"),
+            ("+ INT8 head", int8_head, "exclude_modules=[]"), ("fit: auto", fitted, chosen)]
 
 
 def lever_table(model_config, seq_len: int, micro_batch: int, rank: int, card: int) -> list[str]:

@@ -266,11 +266,12 @@ class LowMemConfig:
                                          "nearest; True or False.", _bool)
     target_modules: tuple[str, ...] = _f(("*",), "fnmatch patterns of nn.Linear / nn.Embedding module names that "
                                          "get the low-rank treatment.", _patterns)
-    exclude_modules: tuple[str, ...] = _f((), "fnmatch patterns of module names excluded from target_modules "
-                                          "(trained by full-rank AdamW instead). Untied input embeddings and "
-                                          "lm_head are low-rank INT8 weights unless excluded ('*embed*', "
-                                          "'*lm_head'); a weight shared by two modules (tied embeddings) never is.",
-                                          _patterns)
+    exclude_modules: tuple[str, ...] = _f(("*lm_head",), "fnmatch patterns of module names excluded from "
+                                          "target_modules (trained by full-rank AdamW instead). An untied input "
+                                          "embedding is a low-rank INT8 weight unless excluded ('*embed*'); "
+                                          "removing '*lm_head' makes an untied head one too (saves memory, learns "
+                                          "slower: see benchmarks/results/memory-budget-*); a weight shared by two "
+                                          "modules (tied embeddings) never is.", _patterns)
     # everything else
     float_optim_bits: int = _f(8, "Moment bits of the full-rank AdamW for embeddings, lm_head, norms and biases: "
                                   "8 or 32.", _choice(8, 32))

@@ -39,8 +39,9 @@ def _train(tied, fused, steps=3, **changes):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_head_kind_and_fused_training_follows_the_plain_path(tied):
-    plain_model, plain_rt, plain_losses = _train(tied, fused=False)
-    model, runtime, losses = _train(tied, fused=True)
+    # exclude_modules=(): the untied head is an INT8 low-rank weight too (the default keeps it float)
+    plain_model, plain_rt, plain_losses = _train(tied, fused=False, exclude_modules=())
+    model, runtime, losses = _train(tied, fused=True, exclude_modules=())
     kinds = {item.name: item.kind for item in runtime.trainables}
     if tied:
         assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -62,6 +63,14 @@ def test_head_kind_and_fused_training_follows_the_plain_path(tied):
             assert same >= 0.95, (name, float(same))
 
 
+def test_default_keeps_the_head_float_and_makes_the_embedding_int8():
+    model, runtime, losses = _train(False, fused=True, steps=2)
+    kinds = {item.name: item.kind for item in runtime.trainables}
+    assert kinds["lm_head.weight"] == "float" and not isinstance(model.lm_head, Int8Linear)
+    assert kinds["model.embed_tokens.weight"] == "lowrank_int8"
+    assert losses[-1] < losses[0]
+
+
 def test_excluding_the_head_and_embedding_keeps_them_float():
     model, runtime, losses = _train(False, fused=True, steps=2, exclude_modules=("*lm_head", "*embed*"))
     assert not isinstance(model.lm_head, Int8Linear)
@@ -74,7 +83,8 @@ def test_excluding_the_head_and_embedding_keeps_them_float():
 def test_two_pass_clipping_and_accumulation_with_an_int8_head():
     """Deferred commit: the operator's products all happen in the backward (accumulate), before any write."""
     model = _model(False)
-    runtime = prepare(model, preset("lowmem", rank=16, lr=1e-3, clip_mode="two_pass", grad_accum_steps=2))
+    runtime = prepare(model, preset("lowmem", rank=16, lr=1e-3, clip_mode="two_pass", grad_accum_steps=2,
+                                    exclude_modules=()))
     g = torch.Generator().manual_seed(1)
     before = model.lm_head.weight_q.clone()
     for _ in range(2):

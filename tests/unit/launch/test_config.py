@@ -76,6 +76,8 @@ def test_sft_configs(name, model, gpu):
     assert cfg.seq_len == (1024 if "13b" in name else 2048) and cfg.micro_batch_size == 1
     assert cfg.gradient_checkpointing is True and cfg.fit == "auto" and cfg.fused_loss is True
     assert cfg.optim.preset == "lowmem" and cfg.lowmem_config().rank == 256
+    # 8B on 12 GB and 13B on 16 GB need the INT8 low-rank head; 7B fits 12 GB with the default float head
+    assert cfg.lowmem_config().exclude_modules == (("*lm_head",) if "7b" in name else ())
     assert gpu in (CONFIG_DIR / name).read_text().splitlines()[1]
 
 

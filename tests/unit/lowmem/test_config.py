@@ -21,7 +21,7 @@ BRIEF_DEFAULTS = {
     "residual_ratio": 0.01, "residual_warmup_steps": 100, "residual_modules": ("*q_proj", "*k_proj"),
     "residual_dtype": "fp32", "residual_mode": "exact", "error_feedback": "off", "error_feedback_weight": 0.1,
     "int8_weights": True, "weight_block_size": 256, "stochastic_rounding": True,
-    "target_modules": ("*",), "exclude_modules": (),
+    "target_modules": ("*",), "exclude_modules": ("*lm_head",),
     "float_optim_bits": 8, "float_optim_min_numel": 4096, "freeze": (), "seed": 0,
 }
 

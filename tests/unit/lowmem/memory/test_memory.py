@@ -31,7 +31,7 @@ def llama3_ratio_config(tied=False):
                        num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=tied, max_position_embeddings=256)
 
 
-def measured_peak(config, method, batch, seq, rank, fused_loss=False):
+def measured_peak(config, method, batch, seq, rank, fused_loss=False, changes=None):
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).float()
     ids = torch.randint(0, config.vocab_size, (batch, seq))
@@ -46,7 +46,7 @@ def measured_peak(config, method, batch, seq, rank, fused_loss=False):
     else:
         # refresh_interval_steps large: step 1 is a steady-state step (no refresh), as most steps are
         runtime = prepare(model, preset(method, rank=rank, refresh_interval_steps=1000,
-                                             max_refresh_interval_steps=1000))
+                                        max_refresh_interval_steps=1000, **(changes or {})))
 
         def step():
             with runtime.micro_batch():
@@ -59,12 +59,12 @@ def measured_peak(config, method, batch, seq, rank, fused_loss=False):
     return measure(step, device=torch.device("cpu"), baseline_tensors=tensors())
 
 
-def check(config, method, batch, seq, rank, fused_loss=False):
-    cfg = None if method == "adamw_fp32" else preset(method, rank=rank)
+def check(config, method, batch, seq, rank, fused_loss=False, changes=None):
+    cfg = None if method == "adamw_fp32" else preset(method, rank=rank, **(changes or {}))
     predicted = estimate(config, method="adamw_fp32" if cfg is None else "lowmem", lowmem_config=cfg, seq_len=seq,
                          micro_batch_size=batch, gradient_checkpointing=False, dtype=torch.float32,
                          device_type="cpu", fused_loss=fused_loss)
-    measured = measured_peak(config, method, batch, seq, rank, fused_loss)
+    measured = measured_peak(config, method, batch, seq, rank, fused_loss, changes)
     err = predicted.peak_bytes / measured - 1
     print(f"\n{method} b{batch} s{seq}: predicted {predicted.peak_bytes / 2**20:.2f} MiB, measured "
           f"{measured / 2**20:.2f} MiB, error {err:+.2%}\n{format_breakdown(predicted)}")
@@ -78,10 +78,12 @@ def test_tiny_llama_prediction_within_5_percent(method):
 
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("method", ["lowmem", "q_galore"])
-def test_fused_loss_prediction_within_5_percent_at_llama3_vocab_ratio(method, tied):
-    """The new paths: fused linear + cross-entropy over vocabulary blocks (two blocks here), the INT8 low-rank head
-    and embedding (lowmem, untied), float heads tied or not (q_galore keeps them float)."""
-    check(llama3_ratio_config(tied), method, batch=2, seq=128, rank=32, fused_loss=True)
+@pytest.mark.parametrize("int8_head", [False, True])
+def test_fused_loss_prediction_within_5_percent_at_llama3_vocab_ratio(method, tied, int8_head):
+    """The new paths: fused linear + cross-entropy over vocabulary blocks (two blocks here), the INT8 low-rank
+    embedding (lowmem, untied) and head (when not excluded), float heads tied or not (q_galore keeps them float)."""
+    check(llama3_ratio_config(tied), method, batch=2, seq=128, rank=32, fused_loss=True,
+          changes=dict(exclude_modules=()) if int8_head else {})
 
 
 def test_fused_loss_saves_the_logits_and_the_vocab_tables_save_state():
@@ -93,7 +95,7 @@ def test_fused_loss_saves_the_logits_and_the_vocab_tables_save_state():
     float_tables = preset("lowmem", rank=32, exclude_modules=("*lm_head", "*embed*"))
     plain = estimate(config, lowmem_config=float_tables, **kw)
     fused = estimate(config, lowmem_config=float_tables, fused_loss=True, **kw)
-    tables = estimate(config, lowmem_config=preset("lowmem", rank=32), fused_loss=True, **kw)
+    tables = estimate(config, lowmem_config=preset("lowmem", rank=32, exclude_modules=()), fused_loss=True, **kw)
     assert fused.peak_bytes < plain.peak_bytes
     assert fused.components["logits_and_loss"] < plain.components["logits_and_loss"]
     resident = ("weights_int8", "weight_scales", "float_params", "optimizer_moments", "projectors")
@@ -122,11 +124,11 @@ def test_int8_weight_bytes_match_a_direct_count():
     h, i, kv = 128, 352, 2 * 32
     vocab = 512
     per_layer = 2 * h * h + 2 * kv * h + 3 * i * h   # reference twin: seven linears per layer
-    # + the untied embedding and lm_head, (vocab, h) INT8 tables by default
-    assert b.components["weights_int8"] == 2 * per_layer + 2 * vocab * h
+    # + the untied embedding, a (vocab, h) INT8 table by default (the head stays float unless not excluded)
+    assert b.components["weights_int8"] == 2 * per_layer + vocab * h
     scales = 2 * 4 * (h + kv + kv + h + i + i + h) * 1   # one fp32 scale per 256 inputs: every in-dim <= 352
     scales += 2 * 4 * h * (2 - 1)                          # down_proj has in = 352 -> 2 blocks per row
-    scales += 2 * 4 * vocab                                # the two tables: h = 128 -> one block per row
+    scales += 4 * vocab                                    # the table: h = 128 -> one block per row
     assert b.components["weight_scales"] == scales
     floats = estimate(cfg, method="lowmem", seq_len=8, micro_batch_size=1, gradient_checkpointing=False,
                       lowmem_config=preset("lowmem", exclude_modules=("*lm_head", "*embed*")))
@@ -233,7 +235,8 @@ def test_per_rank_components_partition_or_replicate(stage, world):
 def test_stage_one_partition_total_matches_a_count_from_the_shapes():
     """Twin of the optimizer state from DESIGN §3.4-3.6: 8-bit moments (1 byte per element + an fp32 absmax per
     256-block, for each of the two moments), q/k residuals of 1% (int32 index + fp32 dM and dV), bf16 error
-    feedback, low-rank 8-bit moments for the untied embedding and lm_head, fp32 AdamW (8 bytes) for the norms."""
+    feedback, low-rank 8-bit moments for the untied embedding, 8-bit AdamW for lm_head, fp32 AdamW (8 bytes) for the
+    norms."""
     r, layers, h, vocab = 32, 2, 128, 512
 
     def moments8(numel):
@@ -245,9 +248,10 @@ def test_stage_one_partition_total_matches_a_count_from_the_shapes():
         moments += layers * moments8(m * r if right else r * n)
         residuals += layers * (math.ceil(0.01 * m * n) * (4 + 4 + 4) if name in ("q", "k") else 0)
         feedback += layers * 2 * m * n
-    # the untied embedding and lm_head are low-rank tables (vocab >= h: right projection) with error feedback
-    moments += 2 * moments8(vocab * r) + (2 * layers + 1) * 8 * h
-    feedback += 2 * 2 * vocab * h
+    # the untied embedding is a low-rank table (vocab >= h: right projection) with error feedback; the head keeps
+    # 8-bit AdamW
+    moments += moments8(vocab * r) + moments8(vocab * h) + (2 * layers + 1) * 8 * h
+    feedback += 2 * vocab * h
     single = per_rank(0, 1).components
     assert (single["optimizer_moments"], single["residuals"], single["error_feedback"]) == (moments, residuals,
                                                                                            feedback)
