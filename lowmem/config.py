@@ -270,8 +270,8 @@ class LowMemConfig:
                                           "target_modules (trained by full-rank AdamW instead). An untied input "
                                           "embedding is a low-rank INT8 weight unless excluded ('*embed*'); "
                                           "removing '*lm_head' makes an untied head one too (saves memory, learns "
-                                          "slower: see benchmarks/results/memory-budget-*); a weight shared by two "
-                                          "modules (tied embeddings) never is.", _patterns)
+                                          "slower: benchmarks/results/memory-levers-loss-cpu.md); a weight shared "
+                                          "by two modules (tied embeddings) never is.", _patterns)
     # everything else
     float_optim_bits: int = _f(8, "Moment bits of the full-rank AdamW for embeddings, lm_head, norms and biases: "
                                   "8 or 32.", _choice(8, 32))

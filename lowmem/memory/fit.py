@@ -17,7 +17,8 @@ from lowmem.memory.cost_model import COMPONENTS, GIB, METHODS, MemoryBreakdown, 
 
 __all__ = ["GPUS", "FitPlan", "Preflight", "auto_fit", "format_breakdown", "preflight"]
 
-GPUS: dict[str, int] = {"3060-12gb": 12 * GIB, "4060ti-16gb": 16 * GIB, "4090": 24 * GIB, "3090": 24 * GIB, "a100-40gb": 40 * GIB,
+GPUS: dict[str, int] = {"3060-12gb": 12 * GIB, "4060ti-16gb": 16 * GIB, "4090": 24 * GIB, "3090": 24 * GIB,
+                        "a100-40gb": 40 * GIB,
                         "a100-80gb": 80 * GIB, "h100-80gb": 80 * GIB}
 FIT_FRACTION = 0.95
 
