@@ -163,22 +163,6 @@ def train(cfg: TrainConfig) -> dict:
     return result
 
 
-def fit_automatically(cfg, model_config, device: torch.device, par):
-    """fit: auto -> (the config with the planner's cheapest fitting settings applied, the line saying what it
-    chose); the config unchanged and a line saying so when nothing tried fits."""
-    import dataclasses
-
-    from launch.config import OptimSection
-    from lowmem.memory import auto_fit
-    plan = auto_fit(cfg, model_config, device, zero_stage=par.zero_stage, world_size=par.world_size)
-    if plan is None:
-        return cfg, "fit: auto found no setting that fits (checkpointing, micro-batch, rank down to 32)"
-    changes = {k: v for k, v in plan.changes.items() if not k.startswith("optim.")}
-    if "optim.rank" in plan.changes:
-        changes["optim"] = OptimSection({**cfg.optim.to_dict(), "rank": plan.changes["optim.rank"]})
-    return dataclasses.replace(cfg, **changes), plan.detail
-
-
 def _train(par, progress: dict) -> dict:
     from tqdm.auto import tqdm
 
@@ -186,6 +170,7 @@ def _train(par, progress: dict) -> dict:
     from launch.data import BatchSampler, build_data
     from launch.models import cache_root, load_model, load_model_config
     from launch.preflight import check as preflight
+    from launch.preflight import fit_automatically
     from launch.report import StepLog, read_log, write_report
     from lowmem.checkpoint.store import python_random_state, resolve_resume, save_checkpoint, set_python_random_state
     from lowmem.checkpoint.distributed import load_any_checkpoint, save_distributed_checkpoint
@@ -210,7 +195,8 @@ def _train(par, progress: dict) -> dict:
     say(verdict.detail, flush=True)
     fit_line = None
     if verdict.fits is False and cfg.fit == "auto":
-        cfg, fit_line = fit_automatically(cfg, model_config, device, par)
+        cfg, fit_line = fit_automatically(cfg, model_config, device, zero_stage=par.zero_stage,
+                                          world_size=par.world_size)
         say(fit_line, flush=True)
         verdict = preflight(cfg, model_config, device, zero_stage=par.zero_stage, world_size=par.world_size)
     if verdict.fits is False and not cfg.force:

@@ -1,5 +1,9 @@
 """Predict the peak memory of one training step from a Hugging Face config alone (no weights): DESIGN §5.
 
+(Longer than 450 lines: one estimate composes every component of every method at each moment of a step; the
+vocabulary-table and fused-loss moments share its resident-state terms, so splitting them out would scatter one
+formula across modules.)
+
 Shapes (LLaMA-like): h = hidden_size, i = intermediate_size, L = layers, nh / nkv heads, d = h / nh head dim,
 V = vocab, tok = micro_batch_size * seq_len. Per layer seven linears, (out, in): q (nh·d, h), k and v (nkv·d, h),
 o (h, nh·d), gate and up (i, h), down (h, i).
