@@ -151,3 +151,25 @@ def test_causal_lm_loss_equals_hf_loss_and_gradients(tied):
     _close(loss.detach(), ref.detach())
     for name, p in model.named_parameters():
         _close(p.grad, ref_grads[name], rtol=1e-4)   # through the layers' backward: more terms reordered
+
+
+def test_bf16_float_head_matches_the_plain_bf16_path():
+    """bf16: both paths round each logit to bf16 (one ulp = 2^-8 relative, the only difference a GEMM blocking can
+    make per element) and upcast; the loss can differ by at most about one ulp of the largest logit. Gradients: the
+    plain path rounds grad_hidden once from one GEMM over V; the fused one sums B = 9 bf16-rounded block products in
+    fp32 and rounds once more: B + 1 roundings of 2^-8 relative each, bound (B + 1) * 2^-8 of the largest entry."""
+    hidden, labels = _data(T=64, h=32, V=301)
+    head = nn.Linear(32, 301, bias=False).to(torch.bfloat16)
+    h_ref = hidden.to(torch.bfloat16).requires_grad_(True)
+    logits = h_ref @ head.weight.T
+    ref = F.cross_entropy(logits.float(), labels, ignore_index=-100)
+    ref.backward()
+    ref_wgrad = head.weight.grad.clone()
+    head.weight.grad = None
+    h = hidden.to(torch.bfloat16).requires_grad_(True)
+    loss = linear_cross_entropy(h, head, labels, block_elements=64 * 34)   # 34 rows per block: 9 blocks
+    loss.backward()
+    ulp = 2.0 ** -8
+    assert abs(float(loss) - float(ref)) <= ulp * float(logits.detach().float().abs().max())
+    _close(h.grad.float(), h_ref.grad.float(), rtol=10 * ulp)
+    _close(head.weight.grad.float(), ref_wgrad.float(), rtol=2 * ulp)   # one GEMM per block row, as the plain path
