@@ -1,6 +1,6 @@
 """Does it fit my card? Predicted peak memory of full-parameter training per method, per component.
 
-    python -m benchmarks.memory_budget --model llama2-7b --gpu 4060ti-16gb --seq-len 256 2048
+    python -m benchmarks.memory_budget --model llama3-8b --gpu 3060-12gb --seq-len 256 2048
     python -m benchmarks.memory_budget --model path/to/config.json --gpu 4090 --seq-len 1024
     python -m benchmarks.memory_budget --model llama2-7b --gpu 4090 --measure     # + measured vs predicted on a
                                                                                 # scaled-down copy on this machine
@@ -8,7 +8,9 @@
 
 Predictions come from `lowmem.memory.estimate` (model config only, no weights). Sequences of 1024 tokens or more are
 planned with activation checkpointing (the memory-saving setting a user would pick there); shorter ones without.
-Writes benchmarks/results/memory-budget-<model>-<gpu>.md with a table per sequence length and a PNG of stacked bars.
+Writes benchmarks/results/memory-budget-<model>-<gpu>.md with a table per sequence length and a PNG of stacked bars,
+and lowmem's breakdown before and after the memory levers side by side (float tables + plain loss; the shipped
+defaults; what fit: auto picks for the card).
 With --world-size N (and --zero-stage K, default 2) it prints lowmem's per-rank breakdown at (N, K) instead and writes
 benchmarks/results/memory-budget-<model>-per-rank.md: ZeRO stages 0/1/2/3 at 2/4/8 ranks (and N) against one GPU,
 and lowmem's per-rank state against the ZeRO paper's model-state formula for mixed-precision AdamW.
@@ -68,10 +70,66 @@ def breakdowns(model_config, seq_len: int, micro_batch: int, rank: int):
             name = method.split(":")[1] if ":" in method else "lowmem"
             kwargs["lowmem_config"] = preset(name, rank=rank)
             method = "lowmem"
+            kwargs["fused_loss"] = True     # launch.finetune's default loss (lowmem.model.fused_loss)
         rows.append((label, estimate(model_config, method=method, seq_len=seq_len, micro_batch_size=micro_batch,
                                      gradient_checkpointing=checkpointing, dtype=torch.bfloat16,
                                      device_type="cuda", **kwargs)))
     return checkpointing, rows
+
+
+def lever_columns(model_config, seq_len: int, micro_batch: int, rank: int, card: int):
+    """lowmem before and after the memory levers, side by side: (label, breakdown or None, note) per column.
+
+    today: float embedding and lm_head (bf16 + full-rank 8-bit AdamW), the model's own logits + cross-entropy;
+    new: the defaults (fused linear + cross-entropy, INT8 low-rank embedding, float head); + INT8 head: the head as a
+    low-rank INT8 weight too (opt-in: it learned slower in a short comparison); fit: auto: what the planner picks
+    for this card (lowmem.memory.auto_fit) on the defaults, or with the INT8 head when nothing else fits."""
+    from types import SimpleNamespace
+
+    from lowmem.memory import auto_fit
+    checkpointing = seq_len >= 1024
+    common = dict(method="lowmem", seq_len=seq_len, micro_batch_size=micro_batch, dtype=torch.bfloat16,
+                  device_type="cuda")
+    today = estimate(model_config, gradient_checkpointing=checkpointing, fused_loss=False,
+                     lowmem_config=preset("lowmem", rank=rank, exclude_modules=("*lm_head", "*embed*")), **common)
+    new = estimate(model_config, gradient_checkpointing=checkpointing, fused_loss=True,
+                   lowmem_config=preset("lowmem", rank=rank), **common)
+    int8_head = estimate(model_config, gradient_checkpointing=checkpointing, fused_loss=True,
+                         lowmem_config=preset("lowmem", rank=rank, exclude_modules=()), **common)
+    fitted, chosen = None, "nothing tried fits"
+    for extra, label in (({}, ""), ({"exclude_modules": ()}, "INT8 head, ")):
+        run = SimpleNamespace(seq_len=seq_len, micro_batch_size=micro_batch, gradient_checkpointing=checkpointing,
+                              fused_loss=True, grad_accum_steps=1, dtype="bf16",
+                              lowmem_config=lambda extra=extra: preset("lowmem", rank=rank, **extra))
+        plan = auto_fit(run, model_config, torch.device("cuda"), device_bytes=card)
+        if plan is not None:
+            chosen = label + (", ".join(f"{k}={v}" for k, v in plan.changes.items()) or "as configured")
+            fitted = estimate(model_config, fused_loss=True,
+                              gradient_checkpointing=plan.changes.get("gradient_checkpointing", checkpointing),
+                              lowmem_config=preset("lowmem", rank=plan.changes.get("optim.rank", rank), **extra),
+                              **{**common, "micro_batch_size": plan.changes.get("micro_batch_size", micro_batch)})
+            break
+    return [("today", today, "float tables, plain loss"), ("new", new, "defaults: fused loss, INT8 embedding"),
+            ("+ INT8 head", int8_head, "exclude_modules=[]"), ("fit: auto", fitted, chosen)]
+
+
+def lever_table(model_config, seq_len: int, micro_batch: int, rank: int, card: int) -> list[str]:
+    cols = lever_columns(model_config, seq_len, micro_batch, rank, card)
+    today, new = cols[0][1], cols[1][1]
+    lines = [f"### lowmem today vs new, per component (seq {seq_len})", "",
+             "| component | " + " | ".join(f"{label} ({note})" for label, _, note in cols) + " | saved (today - new) |",
+             "| --- | " + " | ".join("---" for _ in cols) + " | --- |"]
+    for c in COMPONENTS:
+        values = [b.components.get(c, 0) if b is not None else None for _, b, _ in cols]
+        if not any(values):
+            continue
+        cells = " | ".join("-" if v is None else f"{v / GIB:.2f}" for v in values)
+        lines.append(f"| {c} | {cells} | {(today.components.get(c, 0) - new.components.get(c, 0)) / GIB:+.2f} |")
+    peaks = " | ".join("-" if b is None else f"**{b.peak_bytes / GIB:.2f}**" for _, b, _ in cols)
+    lines.append(f"| peak | {peaks} | {(today.peak_bytes - new.peak_bytes) / GIB:+.2f} |")
+    fits = " | ".join("-" if b is None else ("yes" if b.peak_bytes <= 0.95 * card else "no") for _, b, _ in cols)
+    lines += [f"| fits (95%) | {fits} | |", ""]
+    return lines
 
 
 def plot(path: Path, title: str, rows, card_bytes: int) -> None:
@@ -117,6 +175,7 @@ def report(model_name: str, model_config, gpu: str, seq_lens, micro_batch: int, 
         png = out_dir / f"memory-budget-{model_name}-{gpu}-seq{seq_len}.png"
         plot(png, f"{model_name}, seq {seq_len}, {gpu}", rows, card)
         lines += ["", f"![stacked components]({png.name})", ""]
+        lines += lever_table(model_config, seq_len, micro_batch, rank, card)
         lowmem_peak = rows[0][1]
         if model_name == "llama2-7b" and seq_len in TARGETS_7B:
             target = TARGETS_7B[seq_len]

@@ -308,6 +308,13 @@ class TrainConfig:
                     _choice("auto", "bf16", "fp32"))
     gradient_checkpointing: bool = _f(False, "Recompute activations during backward (non-reentrant) to save "
                                              "activation memory; true or false.", _bool)
+    fused_loss: bool = _f(True, "Compute the loss with lowmem's fused linear + cross-entropy (vocabulary blocks, no "
+                                "(tokens, vocab) fp32 logits; lowmem.model.fused_loss) instead of the model's own "
+                                "loss; true or false.", _bool)
+    fit: str = _f("off", "'auto': when the run does not fit the device, let the memory planner pick the cheapest "
+                         "settings that do (gradient checkpointing, optim.rank, micro_batch_size with more "
+                         "accumulation: the global batch is kept) and print them; 'off': refuse and name a fix.",
+                  _choice("off", "auto"))
     export: bool = _f(True, "Export a bf16 Hugging Face model into output_dir at the end; true or false.", _bool)
     force: bool = _f(False, "Run even when the memory preflight predicts the run will not fit; true or false.",
                      _bool)

@@ -32,7 +32,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from launch.config import CONFIG_DIR, ConfigError, TrainConfig
 from lowmem.config import closest_key

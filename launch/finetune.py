@@ -108,8 +108,17 @@ class StopFlag:
 
 # ---- training --------------------------------------------------------------------------------------------------
 
+def model_loss(model, ids: torch.Tensor, labels: torch.Tensor, fused: bool) -> torch.Tensor:
+    """The causal-LM loss of one batch: lowmem's fused linear + cross-entropy (no (tokens, vocab) fp32 logits) or
+    the model's own loss."""
+    if fused:
+        from lowmem.model.fused_loss import causal_lm_loss
+        return causal_lm_loss(model, ids, labels)
+    return model(input_ids=ids, labels=labels).loss
+
+
 def evaluate(model, eval_ids: torch.Tensor, eval_labels: torch.Tensor, batch_size: int,
-             device: torch.device, par=None) -> float:
+             device: torch.device, par=None, fused: bool = False) -> float:
     """Token-weighted mean loss over the held-out sequences. Several processes: each rank evaluates every
     world_size-th batch (all ranks run the same number of forwards, which ZeRO 3's weight gathers need) and the
     sums are added over the ranks."""
@@ -129,7 +138,7 @@ def evaluate(model, eval_ids: torch.Tensor, eval_labels: torch.Tensor, batch_siz
             tokens = int((labels[:, 1:] != -100).sum())
             if tokens == 0 and world == 1:
                 continue
-            loss = float(model(input_ids=ids, labels=labels).loss) if tokens else 0.0
+            loss = float(model_loss(model, ids, labels, fused)) if tokens else 0.0
             if slot < len(starts) and tokens:
                 total_loss += loss * tokens
                 total_tokens += tokens
@@ -172,6 +181,7 @@ def _train(par, progress: dict) -> dict:
     from launch.models import cache_root, load_model, load_model_config
     from launch.preflight import check as preflight
     from launch.loggers import RunLogger
+    from launch.preflight import fit_automatically
     from launch.report import read_log, write_report
     from launch.run_dir import SkipStreak, check_compatible, choose_checkpoint, load_resumed_state, truncate_log
     from lowmem.checkpoint.store import python_random_state, save_checkpoint, set_python_random_state
@@ -194,6 +204,12 @@ def _train(par, progress: dict) -> dict:
     check_seq_len(cfg, model_config)
     verdict = preflight(cfg, model_config, device, zero_stage=par.zero_stage, world_size=par.world_size)
     say(verdict.detail, flush=True)
+    fit_line = None
+    if verdict.fits is False and cfg.fit == "auto":
+        cfg, fit_line = fit_automatically(cfg, model_config, device, zero_stage=par.zero_stage,
+                                          world_size=par.world_size)
+        say(fit_line, flush=True)
+        verdict = preflight(cfg, model_config, device, zero_stage=par.zero_stage, world_size=par.world_size)
     if verdict.fits is False and not cfg.force:
         raise UsageError(f"{verdict.detail}. Apply the fix as an override, or run anyway with force=true.")
     loaded = load_model(cfg.model, dtype=dtype, tokenizer=cfg.tokenizer, seed=cfg.seed)
@@ -255,7 +271,7 @@ def _train(par, progress: dict) -> dict:
 
     def run_eval(step_count: int) -> float:
         loss = evaluate(model, data.eval, data.eval_labels, cfg.micro_batch_size, device,
-                        par if par.distributed else None)
+                        par if par.distributed else None, fused=cfg.fused_loss)
         if main:
             log.write({"kind": "eval", "step": step_count, "eval_loss": loss, "perplexity": math.exp(min(loss, 50))})
         return loss
@@ -278,7 +294,7 @@ def _train(par, progress: dict) -> dict:
                 index = par.my_rows(sampler.next_batch())
                 ids, labels = data.train[index].to(device), data.train_labels[index].to(device)
                 with runtime.micro_batch():
-                    runtime.backward(model(input_ids=ids, labels=labels).loss / cfg.grad_accum_steps)
+                    runtime.backward(model_loss(model, ids, labels, cfg.fused_loss) / cfg.grad_accum_steps)
             stats = runtime.step()
             seconds = time.perf_counter() - started
             loss = stats["loss"] * cfg.grad_accum_steps if stats["loss"] is not None else float("nan")
@@ -343,6 +359,7 @@ def _train(par, progress: dict) -> dict:
                "skipped steps": runtime.skipped_steps, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                "processes": f"{par.world_size} (ZeRO stage {par.zero_stage})" if par.distributed else "1",
                "checkpoint": str(final_ckpt), "exported model": str(export_dir) if export_dir else "not exported",
+               "memory plan": fit_line or verdict.detail,
                "data": f"{data.stats.get('files', '?')} files, {data.train.shape[0]} train / "
                        f"{data.eval.shape[0]} eval sequences of {cfg.seq_len} tokens"}
     report = write_report(out, config_yaml=config_yaml, records=read_log(out / "train_log.jsonl"), summary=summary)

@@ -173,6 +173,9 @@ class LowMemConfig:
                         "(plain Adam on the full gradient); int >= 1.", _int(1))
     scale: float = _f(0.25, "GaLore alpha: factor on the back-projected low-rank update (1.0 with full rank equals "
                             "AdamW); number > 0.", _float(0.0, lo_open=True))
+    vocab_scale: float = _f(1.0, "GaLore alpha of the vocabulary tables (input embedding, lm_head) when they are "
+                                 "low-rank weights: 1.0 keeps the step size of the float AdamW they replace; "
+                                 "per-module overrides of scale still win; number > 0.", _float(0.0, lo_open=True))
     # Adam and schedule
     lr: float = _f(1e-5, "Peak learning rate (per step, before the schedule); number >= 0.", _float(0.0))
     betas: tuple[float, float] = _f((0.9, 0.999), "Adam (beta1, beta2) moment decay rates; each in [0, 1).", _betas)
@@ -268,10 +271,14 @@ class LowMemConfig:
     stochastic_rounding: bool = _f(True, "Round weight updates stochastically (unbiased) instead of to nearest: "
                                          "INT8 weights, and bf16 float weights (norms, embeddings, lm_head, float "
                                          "linears); True or False.", _bool)
-    target_modules: tuple[str, ...] = _f(("*",), "fnmatch patterns of nn.Linear module names that get the low-rank "
-                                         "treatment.", _patterns)
-    exclude_modules: tuple[str, ...] = _f(("*lm_head", "*embed*"), "fnmatch patterns of module names excluded from "
-                                          "target_modules (trained by full-rank AdamW instead).", _patterns)
+    target_modules: tuple[str, ...] = _f(("*",), "fnmatch patterns of nn.Linear / nn.Embedding module names that "
+                                         "get the low-rank treatment.", _patterns)
+    exclude_modules: tuple[str, ...] = _f(("*lm_head",), "fnmatch patterns of module names excluded from "
+                                          "target_modules (trained by full-rank AdamW instead). An untied input "
+                                          "embedding is a low-rank INT8 weight unless excluded ('*embed*'); "
+                                          "removing '*lm_head' makes an untied head one too (saves memory, learns "
+                                          "slower: benchmarks/results/memory-levers-loss-cpu.md); a weight shared "
+                                          "by two modules (tied embeddings) never is.", _patterns)
     # everything else
     float_optim_bits: int = _f(8, "Moment bits of the full-rank AdamW for embeddings, lm_head, norms and biases: "
                                   "8 or 32.", _choice(8, 32))

@@ -6,7 +6,8 @@ layer on the same step (`step % T0 == 0`); staggering is lowmem's own addition.
 
 Full rank: a weight with rank >= min(m, n) skips projection entirely (the low-rank moments are the full moments),
 so `adamw_twin` uses rank = 2**30 to mean "full rank" on any model; with scale 1, fp32 everything, no clipping and
-a constant schedule its update equals torch.optim.AdamW (DESIGN §3.4).
+a constant schedule its update equals torch.optim.AdamW (DESIGN §3.4). The paper presets keep the LM head float
+(exclude_modules '*lm_head'), as the papers do; `lowmem` trains an untied head as a low-rank INT8 linear.
 
 Usage:
     cfg = preset("q_galore", lr=1e-4, rank=128)        # overrides are validated like any config key
@@ -34,6 +35,7 @@ _GALORE: dict[str, Any] = {
     "float_optim_bits": 32,
     "error_feedback": "off",
     "moment_transfer": "keep",
+    "exclude_modules": ("*lm_head", "*embed*"),   # the papers train the head with AdamW
 }
 
 # GaLore-dynamics: from step 200 the interval grows by 1.5x after each refresh, capped at 2500 steps.
@@ -57,6 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "float_optim_bits": 8,
         "error_feedback": "off",
         "moment_transfer": "keep",
+        "exclude_modules": ("*lm_head", "*embed*"),
     },
     "galore_plus": {
         "cross_head": True,
@@ -72,6 +75,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim_bits": 32,
         "float_optim_bits": 32,
         "error_feedback": "off",
+        "exclude_modules": ("*lm_head", "*embed*"),
     },
     "galore_ef": {**_GALORE, "error_feedback": "bf16", "error_feedback_weight": 0.1},
     "galore_dynamics": {**_GALORE, **_DYNAMICS},
@@ -93,6 +97,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "clip_mode": "none",
         "lr_schedule": "constant",
         "warmup_steps": 0,
+        "exclude_modules": ("*lm_head", "*embed*"),
     },
 }
 

@@ -9,8 +9,8 @@ Modules: `cost_model` (estimate: bytes per component from the model's shapes), `
 allocator's peak, or on CPU a live-tensor-bytes counter), `fit` (format_breakdown, preflight, the GPU table).
 """
 from lowmem.memory.cost_model import COMPONENTS, GIB, METHODS, MemoryBreakdown, ModelShape, estimate
-from lowmem.memory.fit import GPUS, Preflight, format_breakdown, preflight
+from lowmem.memory.fit import GPUS, FitPlan, Preflight, auto_fit, format_breakdown, preflight
 from lowmem.memory.live_bytes import measure
 
-__all__ = ["COMPONENTS", "GIB", "GPUS", "METHODS", "MemoryBreakdown", "ModelShape", "Preflight", "estimate",
-           "format_breakdown", "measure", "preflight"]
+__all__ = ["COMPONENTS", "GIB", "GPUS", "METHODS", "FitPlan", "MemoryBreakdown", "ModelShape", "Preflight",
+           "auto_fit", "estimate", "format_breakdown", "measure", "preflight"]

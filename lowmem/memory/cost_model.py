@@ -1,5 +1,9 @@
 """Predict the peak memory of one training step from a Hugging Face config alone (no weights): DESIGN §5.
 
+(Longer than 450 lines: one estimate composes every component of every method at each moment of a step; the
+vocabulary-table and fused-loss moments share its resident-state terms, so splitting them out would scatter one
+formula across modules.)
+
 Shapes (LLaMA-like): h = hidden_size, i = intermediate_size, L = layers, nh / nkv heads, d = h / nh head dim,
 V = vocab, tok = micro_batch_size * seq_len. Per layer seven linears, (out, in): q (nh·d, h), k and v (nkv·d, h),
 o (h, nh·d), gate and up (i, h), down (h, i).
@@ -54,6 +58,9 @@ DISTRIBUTED_METHODS = ("lowmem", "q_galore")
 ADAPTER_RANK = 16
 CUDA_CONTEXT_BYTES = 500 * (1 << 20)   # CUDA context + cuBLAS workspace, typical of torch 2.x on one GPU
 ALLOCATOR_SLACK = 0.05                 # caching-allocator fragmentation, fraction of the allocated peak
+# fp32 buffers of one row chunk of an INT8 update with stochastic rounding (the delta, w, w/s, noise, floor, frac,
+# masks): measured with LiveTensorBytes around quant.int8.sr_update_int8_, 6.5-6.9 chunk-sized fp32 buffers
+UPDATE_FP32_BUFFERS = 7
 
 
 @dataclass
@@ -132,38 +139,63 @@ def _float_update_bytes(numel: int, param_bytes: int, bits: int) -> int:
     return 2 * 4 * numel + (4 * numel if param_bytes != 4 else 0)
 
 
+def _unit_state(module: str, short: str, m: int, n: int, cfg) -> tuple[dict[str, int], int]:
+    """({moments, projectors, residuals, error feedback} bytes, numel of the projected gradient R) of one low-rank
+    linear (m, n) named `module` (`short`: its last name component) under LowMemConfig `cfg`."""
+    from fnmatch import fnmatchcase
+    out = dict.fromkeys(("optimizer_moments", "projectors", "residuals", "error_feedback"), 0)
+    full = cfg.rank >= min(m, n)
+    r = min(cfg.rank, m, n)
+    cross = cfg.cross_head and short in ("q_proj", "k_proj") and any(
+        fnmatchcase(module, p) for p in cfg.cross_head_modules)
+    right = cross or m >= n
+    numel = m * n if full else (m * r if right else r * n)
+    out["optimizer_moments"] = {8: _moments8(numel, cfg.moment_block_size), 16: 4 * numel,
+                                32: 8 * numel}[cfg.optim_bits]
+    if full:
+        return out, numel
+    d = n if right else m
+    pn = d * r
+    g = cfg.projector_group_size
+    out["projectors"] = {4: _cdiv(pn, 2) + 4 * _cdiv(pn, g), 8: pn + 4 * d * _cdiv(r, g),
+                         16: 2 * pn, 32: 4 * pn}[cfg.projector_bits]
+    if cfg.residual_ratio > 0 and any(fnmatchcase(module, p) for p in cfg.residual_modules):
+        k = max(1, math.ceil(cfg.residual_ratio * m * n - 1e-9))
+        out["residuals"] = k * ((4 if m * n < 2 ** 31 else 8) + 2 * (4 if cfg.residual_dtype == "fp32" else 2))
+    if cfg.error_feedback == "bf16":
+        out["error_feedback"] = 2 * m * n
+    elif cfg.error_feedback == "int8":
+        out["error_feedback"] = m * n + 4 * m * _cdiv(n, cfg.weight_block_size)
+    return out, numel
+
+
 def _lowrank_units(s: ModelShape, cfg) -> list[tuple[str, dict[str, int], int]]:
     """Per linear of ONE layer: (name, {moments, projectors, residuals, error feedback} bytes, numel of its projected
     gradient R) under LowMemConfig `cfg`."""
-    from fnmatch import fnmatchcase
     units = []
     for name, m, n in s.linears():
-        out = dict.fromkeys(("optimizer_moments", "projectors", "residuals", "error_feedback"), 0)
-        full = cfg.rank >= min(m, n)
-        r = min(cfg.rank, m, n)
-        cross = cfg.cross_head and name in ("q_proj", "k_proj") and any(
-            fnmatchcase(f"model.layers.0.self_attn.{name}", p) for p in cfg.cross_head_modules)
-        right = cross or m >= n
-        numel = m * n if full else (m * r if right else r * n)
-        units.append((name, out, numel))
-        out["optimizer_moments"] = {8: _moments8(numel, cfg.moment_block_size), 16: 4 * numel,
-                                    32: 8 * numel}[cfg.optim_bits]
-        if full:
-            continue
-        d = n if right else m
-        pn = d * r
-        g = cfg.projector_group_size
-        out["projectors"] = {4: _cdiv(pn, 2) + 4 * _cdiv(pn, g), 8: pn + 4 * d * _cdiv(r, g),
-                             16: 2 * pn, 32: 4 * pn}[cfg.projector_bits]
         module = f"model.layers.0.{'self_attn' if name[0] in 'qkvo' else 'mlp'}.{name}"
-        if cfg.residual_ratio > 0 and any(fnmatchcase(module, p) for p in cfg.residual_modules):
-            k = max(1, math.ceil(cfg.residual_ratio * m * n - 1e-9))
-            out["residuals"] = k * ((4 if m * n < 2 ** 31 else 8) + 2 * (4 if cfg.residual_dtype == "fp32" else 2))
-        if cfg.error_feedback == "bf16":
-            out["error_feedback"] = 2 * m * n
-        elif cfg.error_feedback == "int8":
-            out["error_feedback"] = m * n + 4 * m * _cdiv(n, cfg.weight_block_size)
+        out, numel = _unit_state(module, name, m, n, cfg)
+        units.append((name, out, numel))
     return units
+
+
+def _selected(module: str, cfg) -> bool:
+    from fnmatch import fnmatchcase
+    return (any(fnmatchcase(module, p) for p in cfg.target_modules)
+            and not any(fnmatchcase(module, p) for p in cfg.exclude_modules))
+
+
+def head_is_lowrank(s: ModelShape, cfg) -> bool:
+    """An untied lm_head selected by target_modules and not excluded: a low-rank linear (INT8 with int8_weights);
+    a tied head shares the embedding's float weight and never is (lowmem.model.trainables)."""
+    return not s.tied and _selected("lm_head", cfg)
+
+
+def embedding_is_lowrank(s: ModelShape, cfg) -> bool:
+    """An untied input embedding (model.embed_tokens) selected and not excluded: a low-rank INT8 weight
+    (lowmem.model.int8_embedding) whose gradient is its batch rows."""
+    return not s.tied and _selected("model.embed_tokens", cfg)
 
 
 def _lowrank_state(s: ModelShape, cfg) -> dict[str, int]:
@@ -210,6 +242,26 @@ def _per_rank(s: ModelShape, cfg, c: dict[str, int], zero_stage: int, world: int
     return notes
 
 
+def _update_rows(m: int, n: int) -> int:
+    """Rows of one update chunk (lowmem.optim.weights.rows_per_chunk): the update is written chunk by chunk."""
+    from lowmem.optim.weights import DEFAULT_CHUNK_ELEMENTS
+    return max(1, min(m, DEFAULT_CHUNK_ELEMENTS // max(n, 1)))
+
+
+def _head_sink_transient(s: ModelShape, cfg, tok: int, db: int, a_block: int) -> int:
+    """The low-rank head's update inside the backward: products with its gradient (R = G P (V, r) fp32, X P, one
+    block of the logits' gradient `a_block` bytes), then the commit (R and its two decoded moments, fp32, or one
+    update chunk of five fp32 buffers)."""
+    V, h = s.vocab, s.hidden
+    r = min(cfg.rank, V, h)
+    full = cfg.rank >= min(V, h)
+    products = 4 * (V * h if full else V * r) + 4 * tok * r + a_block
+    # the commit's Adam on R: R and both decoded moments (as for a layer's linear), or one update chunk
+    commit = max(4 * (V * h if full else 3 * V * r),
+                 (UPDATE_FP32_BUFFERS if cfg.int8_weights else 2) * 4 * _update_rows(V, h) * h)
+    return max(products, commit)
+
+
 def _lowrank_layer_transient(s: ModelShape, cfg, tok: int, dtype_bytes: int) -> int:
     """Largest one-linear transient of the fused backward: dequantised weight (compute dtype) for grad_input, the
     fp32 update chunk with its noise, the projected gradient and decoded projector (fp32), grad_input itself."""
@@ -218,19 +270,46 @@ def _lowrank_layer_transient(s: ModelShape, cfg, tok: int, dtype_bytes: int) -> 
         r = min(cfg.rank, m, n)
         full = cfg.rank >= min(m, n)
         dense = m * n * dtype_bytes if cfg.int8_weights else 0
-        # fp32 update chunk on the commit: INT8+SR holds the dequantised w, the back-projected delta, w' = w + delta,
-        # the noise u and w'/s' + u (five fp32 buffers); a float weight holds its fp32 copy and the delta
-        update = 5 * 4 * m * n if cfg.int8_weights else 2 * 4 * m * n
+        # fp32 update of one row chunk on the commit (the update is written chunk by chunk): INT8+SR holds the
+        # delta, w' = w + delta, w'/s', the noise and the floor's temporaries; a float weight its fp32 copy and delta
+        update = (UPDATE_FP32_BUFFERS if cfg.int8_weights else 2) * 4 * _update_rows(m, n) * n
         projected = 4 * (m * n if full else 3 * max(m, n) * r)
         worst = max(worst, dense + tok * n * dtype_bytes + max(update, projected))
     return worst
 
 
+def _fused_loss_moments(s: ModelShape, cfg, tok: int, db: int, acts: int, head_lr: bool, head_grad: int,
+                        head_update: int) -> dict[str, dict[str, int]]:
+    """The loss's moments with lowmem.model.fused_loss: one (tok, block_rows) fp32 logits block at a time (plus
+    its compute-dtype twin when that is not fp32), the input's gradient in fp32; a float head's weight gradient
+    (tied or not) is written block by block into one tensor, a low-rank head's update runs in the backward."""
+    from lowmem.model.head_grad import block_rows_for
+    vb = block_rows_for(tok, s.vocab)
+    twin = db if db < 4 else 0
+    block = tok * vb * (4 + twin)
+    deq = vb * s.hidden * db if head_lr and cfg.int8_weights else 0      # one dequantised row block of an INT8 head
+    th = tok * s.hidden
+    grad_hidden = 4 * th + twin * th                                     # fp32 sum + one block's product
+    out = {"loss": {"activations": acts, "logits_and_loss": block + 3 * 4 * tok, "layer_transients": deq},
+           "head": {"activations": acts, "logits_and_loss": block, "layer_transients": head_grad + grad_hidden + deq}}
+    if head_lr:
+        x32 = 4 * th if db < 4 else 0     # the operator's fp32 copy of X
+        out["head_update"] = {"activations": acts, "logits_and_loss": 0,
+                              "layer_transients": 4 * th + x32 + deq
+                              + _head_sink_transient(s, cfg, tok, db, tok * vb * (4 + twin))}
+    else:
+        out["head_update"] = {"activations": acts, "logits_and_loss": 0,
+                              "layer_transients": head_grad + th * db + head_update}
+    return out
+
+
 def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, gradient_checkpointing: bool,
              lowmem_config=None, dtype: torch.dtype = torch.bfloat16, device_type: str = "cuda",
-             zero_stage: int = 0, world_size: int = 1) -> MemoryBreakdown:
+             zero_stage: int = 0, world_size: int = 1, fused_loss: bool = False) -> MemoryBreakdown:
     """Predicted peak bytes of one training step of `method` (see METHODS) on ONE of `world_size` ranks under
-    lowmem's ZeRO `zero_stage` (0..3); the defaults are the single-process estimate. See the module docstring."""
+    lowmem's ZeRO `zero_stage` (0..3); the defaults are the single-process estimate. `fused_loss`: the loss is
+    lowmem.model.fused_loss (vocabulary blocks) instead of the model's own logits + cross-entropy (methods 'lowmem'
+    and 'q_galore'). See the module docstring."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if isinstance(zero_stage, bool) or zero_stage not in (0, 1, 2, 3):
@@ -256,19 +335,29 @@ def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, 
     float_numels = s.float_numels()
     emb = s.embed_numel()
     fused = method in ("lowmem", "q_galore")
+    if fused_loss and not fused:
+        raise ValueError(f"fused_loss is modelled for lowmem's runtime (methods 'lowmem', 'q_galore'), not {method!r}")
     cfg = None
+    head_lr = emb_lr = False
     if fused:
         from lowmem.config import LowMemConfig
         from lowmem.presets import preset
         cfg = lowmem_config if method == "lowmem" and lowmem_config is not None else (
             preset("q_galore") if method == "q_galore" else LowMemConfig())
+        head_lr, emb_lr = head_is_lowrank(s, cfg), embedding_is_lowrank(s, cfg)
+        vocab_tables = int(head_lr) + int(emb_lr)     # (V, h) tables that are low-rank weights, not float params
+        float_numels = [emb] * ((1 if s.tied else 2) - vocab_tables) + [s.hidden] * (2 * s.layers + 1)
         if cfg.int8_weights:
-            c["weights_int8"] = lin_numel
-            c["weight_scales"] = 4 * s.layers * sum(m * _cdiv(n, cfg.weight_block_size) for _, m, n in s.linears())
+            c["weights_int8"] = lin_numel + vocab_tables * emb
+            c["weight_scales"] = 4 * (s.layers * sum(m * _cdiv(n, cfg.weight_block_size) for _, m, n in s.linears())
+                                      + vocab_tables * s.vocab * _cdiv(s.hidden, cfg.weight_block_size))
         else:
-            c["float_params"] += db * lin_numel
+            c["float_params"] += db * (lin_numel + vocab_tables * emb)
         c["float_params"] += db * sum(float_numels)
         c.update({k: c[k] + v for k, v in _lowrank_state(s, cfg).items()})
+        for name in (["lm_head"] if head_lr else []) + (["model.embed_tokens"] if emb_lr else []):
+            table_state, _ = _unit_state(name, name.split(".")[-1], s.vocab, s.hidden, cfg)
+            c.update({k: c[k] + v for k, v in table_state.items()})
         for numel in float_numels:
             c["optimizer_moments"] += _float_moment_bytes(numel, cfg)
         if world_size > 1 and zero_stage > 0:
@@ -325,14 +414,36 @@ def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, 
     head_grad = emb * emb_param_bytes if head_trained else 0
     moments = {"loss": {"activations": acts, "logits_and_loss": logits_fwd, "layer_transients": 0}}
     if fused:
-        head_update = 0 if s.tied else _float_update_bytes(emb, emb_param_bytes, emb_bits)
-        # CE backward: log-softmax, its gradient and the logits' gradient; then lm_head's node holds the logits'
-        # gradient, grad_hidden and the weight gradient; its AdamW update runs after the logits' gradient is freed
-        moments["head"] = {"activations": acts, "logits_and_loss": logits_bwd, "layer_transients": 0}
-        moments["head_mm"] = {"activations": acts, "logits_and_loss": 4 * btv,
-                              "layer_transients": head_grad + tok * s.hidden * db}
-        moments["head_update"] = {"activations": acts, "logits_and_loss": 0,
-                                  "layer_transients": head_grad + tok * s.hidden * db + head_update}
+        # a low-rank head's gradient reaches the runtime as an operator, never as a tensor (head_grad stays the
+        # size of the embedding's gradient, used at 'end')
+        head_w_grad = 0 if head_lr else head_grad
+        head_update = 0 if s.tied or head_lr else _float_update_bytes(emb, emb_param_bytes, emb_bits)
+        if head_update or not (s.tied or head_lr):
+            # per-tensor clipping scales a copy of the gradient (grad * coef) before the AdamW update
+            head_update += head_w_grad if cfg.grad_clip is not None and cfg.clip_mode == "per_tensor" else 0
+        th = tok * s.hidden
+        if fused_loss:
+            moments.update(_fused_loss_moments(s, cfg, tok, db, acts, head_lr, head_w_grad, head_update))
+        elif head_lr:
+            # the model's own loss with an Int8Linear head: its forward dequantises the whole head, its backward
+            # again for grad_input, then hands the logits' gradient (and an fp32 copy) with X to the runtime
+            a32 = 4 * btv if db < 4 else 0
+            moments["head_fwd"] = {"activations": acts, "logits_and_loss": btv * db,
+                                   "layer_transients": emb * db}
+            moments["head"] = {"activations": acts, "logits_and_loss": logits_bwd, "layer_transients": 0}
+            moments["head_mm"] = {"activations": acts, "logits_and_loss": 4 * btv + btv * db,
+                                  "layer_transients": emb * db + th * db}
+            moments["head_update"] = {"activations": acts, "logits_and_loss": btv * db + a32,
+                                      "layer_transients": th * db + (4 * th if db < 4 else 0)
+                                      + _head_sink_transient(s, cfg, tok, db, 0)}
+        else:
+            # CE backward: log-softmax, its gradient and the logits' gradient; then lm_head's node holds the logits'
+            # gradient, grad_hidden and the weight gradient; its AdamW update runs after the logits' gradient is freed
+            moments["head"] = {"activations": acts, "logits_and_loss": logits_bwd, "layer_transients": 0}
+            moments["head_mm"] = {"activations": acts, "logits_and_loss": 4 * btv,
+                                  "layer_transients": head_w_grad + th * db}
+            moments["head_update"] = {"activations": acts, "logits_and_loss": 0,
+                                      "layer_transients": head_w_grad + th * db + head_update}
         held = head_grad if s.tied else 0     # tied: lm_head's gradient waits for the embedding's
         moments["layer"] = {"activations": acts, "logits_and_loss": 0, "layer_transients": held + layer_transient}
         grad_sum = 3 * head_grad if s.tied else head_grad
@@ -340,6 +451,10 @@ def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, 
         clipped = head_grad if cfg.grad_clip is not None and cfg.clip_mode == "per_tensor" else 0  # grad * coef
         update = max(grad_sum, head_grad + max(4 * emb, clipped + _float_update_bytes(emb, emb_param_bytes,
                                                                                       emb_bits)))
+        if emb_lr:
+            # Int8Embedding's backward: the output gradient, its rows summed per distinct id (fp32, ids int64),
+            # then the same low-rank products and commit as a (V, h) head
+            update = tok * s.hidden * (db + 4) + 2 * 8 * tok + _head_sink_transient(s, cfg, tok, db, 0)
         moments["end"] = {"activations": 0, "logits_and_loss": 0, "layer_transients": update}
     else:
         moments["head"] = {"activations": acts, "logits_and_loss": logits_bwd, "layer_transients": 0}

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from lowmem.memory.cost_model import COMPONENTS, GIB, METHODS, MemoryBreakdown, ModelShape, estimate
+from lowmem.memory.cost_model import COMPONENTS, GIB, MemoryBreakdown, estimate
 
-__all__ = ["GPUS", "Preflight", "format_breakdown", "preflight"]
+__all__ = ["GPUS", "FitPlan", "Preflight", "auto_fit", "format_breakdown", "preflight"]
 
-GPUS: dict[str, int] = {"4060ti-16gb": 16 * GIB, "4090": 24 * GIB, "3090": 24 * GIB, "a100-40gb": 40 * GIB,
+GPUS: dict[str, int] = {"3060-12gb": 12 * GIB, "4060ti-16gb": 16 * GIB, "4090": 24 * GIB, "3090": 24 * GIB,
+                        "a100-40gb": 40 * GIB,
                         "a100-80gb": 80 * GIB, "h100-80gb": 80 * GIB}
 FIT_FRACTION = 0.95
 
@@ -61,7 +62,8 @@ def _lowmem_config(cfg):
 
 def _settings(cfg) -> dict:
     return {"seq_len": int(cfg.seq_len), "micro_batch_size": int(cfg.micro_batch_size),
-            "gradient_checkpointing": bool(getattr(cfg, "gradient_checkpointing", False))}
+            "gradient_checkpointing": bool(getattr(cfg, "gradient_checkpointing", False)),
+            "fused_loss": bool(getattr(cfg, "fused_loss", False))}
 
 
 def _dtype(cfg, device: torch.device) -> torch.dtype:
@@ -137,3 +139,67 @@ def preflight(cfg, model_config, device: torch.device, *, zero_stage: int = 0,
               + (f"cheapest fix: {fix}" if fix else "no single cheap change fits; use a larger device or a "
                                                  "smaller model"))
     return Preflight(False, predicted, total, fix, detail)
+
+
+@dataclass
+class FitPlan:
+    """What `auto_fit` chose: the changed settings (launch TrainConfig keys; "optim.rank" for the rank), the
+    predicted peak with them, and one line for the console and the run report."""
+    changes: dict
+    predicted_peak_bytes: int
+    device_bytes: int
+    detail: str
+
+
+MIN_AUTO_RANK = 32
+
+
+def auto_fit(cfg, model_config, device: torch.device, *, zero_stage: int = 0, world_size: int | None = None,
+             device_bytes: int | None = None) -> FitPlan | None:
+    """The cheapest settings that fit `device` (95% of its memory), or None when nothing tried fits.
+
+    Tried in order of cost, first fit wins: the run as configured; gradient checkpointing (recompute, ~1/3 more
+    forward compute); smaller micro-batches with more accumulation (micro_batch_size halved, grad_accum_steps
+    doubled: the global batch and the update are kept, the step takes more passes); only then a lower optim.rank
+    (halved down to 32, which changes the optimizer), each rank with the cheapest of the compute-only settings.
+    `device_bytes` replaces the device's memory (planning for a card that is not in this machine)."""
+    device = torch.device(device)
+    world = _world_size(world_size)
+    total = int(device_bytes) if device_bytes is not None else _device_bytes(device)
+    limit = int(FIT_FRACTION * total)
+    optim = _lowmem_config(cfg)
+    base = _settings(cfg)
+    dtype = _dtype(cfg, device)
+    accum = int(getattr(cfg, "grad_accum_steps", optim.grad_accum_steps))
+    ranks = [optim.rank]
+    while ranks[-1] // 2 >= MIN_AUTO_RANK:
+        ranks.append(ranks[-1] // 2)
+    micro = [base["micro_batch_size"]]
+    while micro[-1] % 2 == 0:
+        micro.append(micro[-1] // 2)
+    compute_only = [(ckpt, mb) for mb in micro for ckpt in (base["gradient_checkpointing"], True)]
+    seen = set()
+    for rank in ranks:
+        opt = dataclasses.replace(optim, rank=rank)
+        for ckpt, mb in compute_only:
+            if (rank, ckpt, mb) in seen:
+                continue
+            seen.add((rank, ckpt, mb))
+            st = {**base, "gradient_checkpointing": ckpt, "micro_batch_size": mb}
+            peak = estimate(model_config, method="lowmem", lowmem_config=opt, dtype=dtype, device_type=device.type,
+                            zero_stage=zero_stage, world_size=world, **st).peak_bytes
+            if peak > limit:
+                continue
+            changes = {}
+            if ckpt != base["gradient_checkpointing"]:
+                changes["gradient_checkpointing"] = ckpt
+            if mb != base["micro_batch_size"]:
+                changes["micro_batch_size"] = mb
+                changes["grad_accum_steps"] = accum * (base["micro_batch_size"] // mb)
+            if rank != optim.rank:
+                changes["optim.rank"] = rank
+            chosen = ", ".join(f"{k}={v}" for k, v in changes.items()) or "the settings as configured"
+            return FitPlan(changes, peak, total, f"fit: auto chose {chosen}; predicted peak {peak / GIB:.2f} GiB of "
+                                                 f"{total / GIB:.2f} GiB ({FIT_FRACTION:.0%} limit "
+                                                 f"{limit / GIB:.2f} GiB)")
+    return None

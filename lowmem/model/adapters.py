@@ -20,6 +20,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from lowmem.model.int8_embedding import Int8Embedding
 from lowmem.model.int8_linear import Int8Linear
 
 ROLES = ("q", "k", "v", "o", "mlp", "other")
@@ -109,7 +110,8 @@ class ModelAdapter:
         skip = _output_embedding_ids(model)
         specs = []
         for name, module in model.named_modules():
-            if not isinstance(module, (nn.Linear, Int8Linear)) or id(module) in skip:
+            if not isinstance(module, (nn.Linear, Int8Linear)) or isinstance(module, Int8Embedding) \
+                    or id(module) in skip:
                 continue
             role = self._roles.get(name.split(".")[-1], "other")
             heads = {"q": num_heads, "k": num_kv_heads}.get(role)

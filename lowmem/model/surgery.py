@@ -1,4 +1,5 @@
-"""Model surgery: turn the target nn.Linear layers of a model into Int8Linear, one layer at a time.
+"""Model surgery: turn the target nn.Linear layers of a model into Int8Linear (and target nn.Embedding layers into
+Int8Embedding), one layer at a time.
 
 Each layer is quantised and its float weight released before the next one is touched, so the peak is the model plus
 one layer, never two copies of the model. GPT-2-style fused projections are split first (lowmem.model.adapters) so q and k
@@ -9,8 +10,9 @@ from __future__ import annotations
 from torch import nn
 
 from lowmem.config import LowMemConfig
+from lowmem.model.int8_embedding import Int8Embedding
 from lowmem.model.int8_linear import Int8Linear
-from lowmem.model.trainables import is_lowrank_target
+from lowmem.model.trainables import is_lowrank_target, shared_weight_ids
 
 
 def split_fused_projections(model: nn.Module) -> None:
@@ -26,14 +28,18 @@ def split_fused_projections(model: nn.Module) -> None:
 def convert_linears_to_int8(model: nn.Module, cfg: LowMemConfig) -> list[str]:
     """Replace every target nn.Linear (cfg.target_modules minus exclude_modules, trainable, not frozen) by an
     Int8Linear holding the round-to-nearest quantised weight. Returns the converted module names."""
+    shared = shared_weight_ids(model)
     targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and is_lowrank_target(name, module, cfg)]
+               if isinstance(module, (nn.Linear, nn.Embedding)) and is_lowrank_target(name, module, cfg, shared)]
     converted = []
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        quantised = Int8Linear.from_linear(linear, block_size=cfg.weight_block_size,
-                                           compute_dtype=linear.weight.dtype)
+        if isinstance(linear, nn.Embedding):
+            quantised = Int8Embedding.from_embedding(linear, block_size=cfg.weight_block_size)
+        else:
+            quantised = Int8Linear.from_linear(linear, block_size=cfg.weight_block_size,
+                                               compute_dtype=linear.weight.dtype)
         setattr(parent, child, quantised)
         # Release the float weight now (the module may still be referenced elsewhere, e.g. by a hook list).
         linear.weight = None
@@ -49,6 +55,12 @@ def convert_int8_to_linears(model: nn.Module) -> list[str]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         weight = quantised.dequantized_weight(quantised.compute_dtype)
+        if isinstance(quantised, Int8Embedding):
+            embedding = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=quantised.padding_idx,
+                                     device=weight.device, dtype=weight.dtype)
+            embedding.weight = nn.Parameter(weight, requires_grad=True)
+            setattr(parent, child, embedding)
+            continue
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=quantised.bias is not None,
                            device=weight.device, dtype=weight.dtype)
         linear.weight = nn.Parameter(weight, requires_grad=True)

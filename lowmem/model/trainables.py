@@ -3,15 +3,19 @@
 Every trained tensor gets a stable `param_index` (its noise stream for stochastic rounding and its projector
 randomness), so a plain `optimizer.step()` and the fused backward produce the same bits. Kinds:
 
-- "lowrank_int8": the INT8 weight of an `Int8Linear` (updated through stochastic rounding);
-- "lowrank_float": the float weight of an `nn.Linear` selected by `target_modules` (GaLore on float weights);
-- "float": every other trainable float parameter (embeddings, lm_head, norms, biases): full-rank AdamW.
+- "lowrank_int8": the INT8 weight of an `Int8Linear` or `Int8Embedding` (updated through stochastic rounding);
+- "lowrank_float": the float weight of an `nn.Linear` or `nn.Embedding` selected by `target_modules` (GaLore on
+  float weights);
+- "float": every other trainable float parameter (embeddings, a tied or excluded lm_head, norms, biases): full-rank
+  AdamW. An untied lm_head is a low-rank linear by default (its gradient reaches the runtime as an operator from
+  lowmem.model.fused_loss, or as any linear's factors on the plain path).
 
 Low-rank weights are ordered as they appear in the model; the stagger of first refreshes spreads over all of them
 (L = number of low-rank weights), so a steady-state step refreshes at most ⌈L/T0⌉+1 weights.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -45,24 +49,53 @@ def _head_layouts(model: nn.Module) -> dict[str, tuple[str, int | None, int | No
     return {s.name: (s.role, s.head_dim, s.num_heads, s.layer_index) for s in adapter.linear_specs(model)}
 
 
-def is_lowrank_target(module_name: str, module: nn.Module, cfg: LowMemConfig) -> bool:
-    if not isinstance(module, (nn.Linear, Int8Linear)):
+def shared_weight_ids(model: nn.Module) -> set[int]:
+    """ids of parameters registered under more than one name (a head tied to the input embedding)."""
+    seen: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        seen[id(param)] = seen.get(id(param), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
+
+
+def is_lowrank_target(module_name: str, module: nn.Module, cfg: LowMemConfig,
+                      shared: set[int] = frozenset()) -> bool:
+    """A linear or embedding selected by target_modules, not excluded, whose weight is not shared with another module
+    (`shared`: from shared_weight_ids; tied input and output embeddings keep one float weight and full-rank AdamW)."""
+    if not isinstance(module, (nn.Linear, nn.Embedding, Int8Linear)):
+        return False
+    if isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) in shared:
         return False
     return matches(module_name, cfg.target_modules) and not matches(module_name, cfg.exclude_modules)
+
+
+def _vocabulary_tables(model: nn.Module) -> set[int]:
+    """ids of the input embedding and output head modules (get_input_embeddings / get_output_embeddings), if any."""
+    found = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError, TypeError):
+            continue
+        if module is not None:
+            found.add(id(module))
+    return found
 
 
 def collect_trainables(model: nn.Module, cfg: LowMemConfig) -> list[Trainable]:
     """The ordered table of trained tensors. Frozen (requires_grad False or cfg.freeze) tensors are left out."""
     layouts = _head_layouts(model)
     lowrank_modules: dict[str, nn.Module] = {}
+    shared = shared_weight_ids(model)
     for module_name, module in model.named_modules():
-        if is_lowrank_target(module_name, module, cfg):
+        if is_lowrank_target(module_name, module, cfg, shared):
             lowrank_modules[module_name] = module
 
     table: list[Trainable] = []
     lowrank_weight_ids = set()
+    tables = _vocabulary_tables(model)
     for module_name, module in lowrank_modules.items():
-        module_cfg = cfg.for_module(module_name)
+        base = dataclasses.replace(cfg, scale=cfg.vocab_scale) if id(module) in tables else cfg
+        module_cfg = base.for_module(module_name)
         if matches(f"{module_name}.weight", cfg.freeze):
             continue
         if isinstance(module, Int8Linear):

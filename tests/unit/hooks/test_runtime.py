@@ -138,8 +138,13 @@ def test_factored_gradients_match_dense_path(name):
     (the factored path on the audit's fresh install, transformers 5.24.0: 2.2%, 2.94 steps — the same magnitudes;
     the earlier 1%/1.5-step bound held only for the rounding of one library version and thread count). Bounds: 5%
     of codes, 4 steps, 1e-3. A real error of the factored path (a wrong transpose, a dropped micro-batch) changes most codes
-    by many steps."""
-    cfg = small(name)
+    by many steps.
+
+    The head stays float here (as before INT8 heads): on this 96-token vocabulary the INT8 head's randomized refresh
+    at step 3 picks a visibly different rank-8 subspace from the factored and the dense gradient (15% of its codes
+    differ; with projection='svd' none do), which then spreads to every layer. The INT8 head's own agreement is
+    tested in tests/unit/hooks/test_int8_head.py."""
+    cfg = small(name, exclude_modules=("*lm_head", "*embed*"))
     batches = token_batches(5)
     fused, plain = tiny_llama(), tiny_llama()
     run_fused(fused, cfg, batches)
@@ -284,7 +289,8 @@ def test_foreign_optimizer_cannot_double_update():
 @pytest.mark.parametrize("mode", ["per_tensor", "two_pass"])
 def test_nonfinite_gradient_writes_nothing_nonfinite(mode):
     model = tiny_llama()
-    runtime = prepare(model, small("lowmem", clip_mode=mode))
+    # the embedding stays float here: its gradient (reached last in backward) is the one poisoned below
+    runtime = prepare(model, small("lowmem", clip_mode=mode, exclude_modules=("*embed*",)))
     ids = token_batches(1)[0]
     with runtime.micro_batch():
         runtime.backward(model(input_ids=ids, labels=ids).loss)

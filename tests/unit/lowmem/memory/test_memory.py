@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hooks.runtime import prepare
 from lowmem.memory import GPUS, MemoryBreakdown, estimate, format_breakdown, measure, preflight
+from lowmem.model.fused_loss import causal_lm_loss
 from lowmem.presets import PRESETS, preset
 
 TOLERANCE = 0.05
@@ -24,7 +25,13 @@ def smol_config():
                        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=128)
 
 
-def measured_peak(config, method, batch, seq, rank):
+def llama3_ratio_config(tied=False):
+    """Scaled down with Llama-3's vocabulary / hidden ratio (128256 / 4096 ~ 31): vocab 32000, hidden 256."""
+    return LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=tied, max_position_embeddings=256)
+
+
+def measured_peak(config, method, batch, seq, rank, fused_loss=False, changes=None):
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).float()
     ids = torch.randint(0, config.vocab_size, (batch, seq))
@@ -39,11 +46,12 @@ def measured_peak(config, method, batch, seq, rank):
     else:
         # refresh_interval_steps large: step 1 is a steady-state step (no refresh), as most steps are
         runtime = prepare(model, preset(method, rank=rank, refresh_interval_steps=1000,
-                                             max_refresh_interval_steps=1000))
+                                        max_refresh_interval_steps=1000, **(changes or {})))
 
         def step():
             with runtime.micro_batch():
-                runtime.backward(model(input_ids=ids, labels=ids).loss)
+                runtime.backward(causal_lm_loss(model, ids, ids) if fused_loss else
+                                 model(input_ids=ids, labels=ids).loss)
             runtime.step()
         states = lambda: (v for s in runtime.states.values() for v in s.values())  # noqa: E731
     step()   # step 0 creates projectors and moments
@@ -51,12 +59,12 @@ def measured_peak(config, method, batch, seq, rank):
     return measure(step, device=torch.device("cpu"), baseline_tensors=tensors())
 
 
-def check(config, method, batch, seq, rank):
-    cfg = None if method == "adamw_fp32" else preset(method, rank=rank)
+def check(config, method, batch, seq, rank, fused_loss=False, changes=None):
+    cfg = None if method == "adamw_fp32" else preset(method, rank=rank, **(changes or {}))
     predicted = estimate(config, method="adamw_fp32" if cfg is None else "lowmem", lowmem_config=cfg, seq_len=seq,
                          micro_batch_size=batch, gradient_checkpointing=False, dtype=torch.float32,
-                         device_type="cpu")
-    measured = measured_peak(config, method, batch, seq, rank)
+                         device_type="cpu", fused_loss=fused_loss)
+    measured = measured_peak(config, method, batch, seq, rank, fused_loss, changes)
     err = predicted.peak_bytes / measured - 1
     print(f"\n{method} b{batch} s{seq}: predicted {predicted.peak_bytes / 2**20:.2f} MiB, measured "
           f"{measured / 2**20:.2f} MiB, error {err:+.2%}\n{format_breakdown(predicted)}")
@@ -66,6 +74,33 @@ def check(config, method, batch, seq, rank):
 @pytest.mark.parametrize("method", sorted(PRESETS) + ["adamw_fp32"])
 def test_tiny_llama_prediction_within_5_percent(method):
     check(tiny_config(), method, batch=2, seq=64, rank=32)   # rank below every dim, as in real use
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("method", ["lowmem", "q_galore"])
+@pytest.mark.parametrize("int8_head", [False, True])
+def test_fused_loss_prediction_within_5_percent_at_llama3_vocab_ratio(method, tied, int8_head):
+    """The new paths: fused linear + cross-entropy over vocabulary blocks (two blocks here), the INT8 low-rank
+    embedding (lowmem, untied) and head (when not excluded), float heads tied or not (q_galore keeps them float)."""
+    check(llama3_ratio_config(tied), method, batch=2, seq=128, rank=32, fused_loss=True,
+          changes=dict(exclude_modules=()) if int8_head else {})
+
+
+def test_fused_loss_saves_the_logits_and_the_vocab_tables_save_state():
+    """Levers on the planner at the Llama-3 ratio: the fused loss lowers the peak; INT8 low-rank tables lower the
+    resident state (float params and moments)."""
+    config = llama3_ratio_config()
+    kw = dict(method="lowmem", seq_len=512, micro_batch_size=2, gradient_checkpointing=False, dtype=torch.float32,
+              device_type="cpu")
+    float_tables = preset("lowmem", rank=32, exclude_modules=("*lm_head", "*embed*"))
+    plain = estimate(config, lowmem_config=float_tables, **kw)
+    fused = estimate(config, lowmem_config=float_tables, fused_loss=True, **kw)
+    tables = estimate(config, lowmem_config=preset("lowmem", rank=32, exclude_modules=()), fused_loss=True, **kw)
+    assert fused.peak_bytes < plain.peak_bytes
+    assert fused.components["logits_and_loss"] < plain.components["logits_and_loss"]
+    resident = ("weights_int8", "weight_scales", "float_params", "optimizer_moments", "projectors")
+    assert sum(tables.components[k] for k in resident) < sum(fused.components[k] for k in resident)
+    assert tables.peak_bytes < fused.peak_bytes
 
 
 @pytest.mark.slow
@@ -87,11 +122,17 @@ def test_int8_weight_bytes_match_a_direct_count():
     cfg = tiny_config()
     b = estimate(cfg, method="lowmem", seq_len=8, micro_batch_size=1, gradient_checkpointing=False)
     h, i, kv = 128, 352, 2 * 32
+    vocab = 512
     per_layer = 2 * h * h + 2 * kv * h + 3 * i * h   # reference twin: seven linears per layer
-    assert b.components["weights_int8"] == 2 * per_layer
+    # + the untied embedding, a (vocab, h) INT8 table by default (the head stays float unless not excluded)
+    assert b.components["weights_int8"] == 2 * per_layer + vocab * h
     scales = 2 * 4 * (h + kv + kv + h + i + i + h) * 1   # one fp32 scale per 256 inputs: every in-dim <= 352
     scales += 2 * 4 * h * (2 - 1)                          # down_proj has in = 352 -> 2 blocks per row
+    scales += 4 * vocab                                    # the table: h = 128 -> one block per row
     assert b.components["weight_scales"] == scales
+    floats = estimate(cfg, method="lowmem", seq_len=8, micro_batch_size=1, gradient_checkpointing=False,
+                      lowmem_config=preset("lowmem", exclude_modules=("*lm_head", "*embed*")))
+    assert floats.components["weights_int8"] == 2 * per_layer
 
 
 def test_checkpointing_lowers_activations_and_baselines_order():
@@ -194,7 +235,8 @@ def test_per_rank_components_partition_or_replicate(stage, world):
 def test_stage_one_partition_total_matches_a_count_from_the_shapes():
     """Twin of the optimizer state from DESIGN §3.4-3.6: 8-bit moments (1 byte per element + an fp32 absmax per
     256-block, for each of the two moments), q/k residuals of 1% (int32 index + fp32 dM and dV), bf16 error
-    feedback, 8-bit AdamW for the embedding and lm_head (>= 4096 elements), fp32 AdamW (8 bytes) for the norms."""
+    feedback, low-rank 8-bit moments for the untied embedding, 8-bit AdamW for lm_head, fp32 AdamW (8 bytes) for the
+    norms."""
     r, layers, h, vocab = 32, 2, 128, 512
 
     def moments8(numel):
@@ -206,7 +248,10 @@ def test_stage_one_partition_total_matches_a_count_from_the_shapes():
         moments += layers * moments8(m * r if right else r * n)
         residuals += layers * (math.ceil(0.01 * m * n) * (4 + 4 + 4) if name in ("q", "k") else 0)
         feedback += layers * 2 * m * n
-    moments += 2 * moments8(vocab * h) + (2 * layers + 1) * 8 * h
+    # the untied embedding is a low-rank table (vocab >= h: right projection) with error feedback; the head keeps
+    # 8-bit AdamW
+    moments += moments8(vocab * r) + moments8(vocab * h) + (2 * layers + 1) * 8 * h
+    feedback += 2 * vocab * h
     single = per_rank(0, 1).components
     assert (single["optimizer_moments"], single["residuals"], single["error_feedback"]) == (moments, residuals,
                                                                                            feedback)

@@ -1,0 +1,105 @@
+"""Int8Embedding: an input embedding stored as blockwise INT8 rows, trained like a low-rank INT8 linear.
+
+Storage is Int8Linear's, with (out, in) = (num_embeddings, embedding_dim): `weight_q` int8 (V, h), `weight_scales`
+fp32 (V, ceil(h / block)), one scale per block of a row. The class derives from Int8Linear so the runtime's table of
+trainables (lowmem.model.trainables), the INT8 update with stochastic rounding (lowmem.optim.weights.Int8Weight),
+checkpoints and the export treat it as one more INT8 weight.
+
+Forward dequantises only the looked-up rows (T, h) in `compute_dtype`. Backward hands the gradient to `grad_sink`
+as `RowScatterGrad` (lowmem.optim.rowgrad): the batch's distinct ids and their summed output-gradient rows, never a
+(V, h) tensor; repeated ids sum and `padding_idx` rows get no gradient, as in nn.Embedding.
+
+Why low-rank state pays here: the projected gradient R = G P is (V, r), so Adam's moments are per token row and per
+direction of an r-dim subspace of the hidden space: a rare token's row keeps its own second moment (its update is
+normalised by its own history, not the frequent tokens'), and stochastic rounding keeps its small updates unbiased
+in INT8 (round-to-nearest would drop every update below half a quantisation step).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from quant.int8 import dequantize_int8, quantize_int8
+
+from lowmem.model.int8_linear import Int8Linear
+from lowmem.optim.linop import DenseGrad
+from lowmem.optim.rowgrad import RowScatterGrad
+
+
+class _Int8EmbeddingFunction(torch.autograd.Function):
+    """out = W[ids] with W = dequant(q, scales); backward hands RowScatterGrad to the module's sink.
+
+    Inputs: ids (...) int64; anchor: an empty tensor requiring grad (ids never do, yet the sink must fire);
+    weight_q / weight_scales: the module's buffers (saved as references: an in-place rewrite between forward and
+    backward is caught by autograd's version check); module: the Int8Embedding.
+    """
+
+    @staticmethod
+    def forward(ctx, ids, anchor, weight_q, weight_scales, module):
+        q, scales = module.codes("forward")
+        flat = ids.reshape(-1)
+        rows = dequantize_int8(q.index_select(0, flat), scales.index_select(0, flat), block_size=module.block_size,
+                               dtype=module.compute_dtype, check_values=False)
+        ctx.save_for_backward(ids, weight_q, weight_scales)
+        ctx.module = module
+        return rows.reshape(*ids.shape, module.in_features)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ids, _, _ = ctx.saved_tensors
+        module = ctx.module
+        if module.grad_sink is not None:
+            op = RowScatterGrad.from_lookup(ids, grad_out, module.out_features, module.padding_idx)
+            module.grad_sink(module, DenseGrad(op.dense()) if module.dense_grad else op)
+            del op
+        return None, None, None, None, None
+
+
+class Int8Embedding(Int8Linear):
+    """nn.Embedding(num_embeddings, embedding_dim) with INT8 rows (module docstring). No bias; `padding_idx` as in
+    nn.Embedding (its row gets no gradient). Build it with `from_embedding`."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, padding_idx: int | None = None,
+                 block_size: int = 256, compute_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__(embedding_dim, num_embeddings, bias=False, block_size=block_size,
+                         compute_dtype=compute_dtype, device=device)
+        self.padding_idx = padding_idx
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.out_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.in_features
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, *, block_size: int = 256) -> "Int8Embedding":
+        """Quantise an nn.Embedding (round to nearest); compute dtype = its weight's dtype."""
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"from_embedding expects an nn.Embedding, got {type(embedding).__name__}")
+        if embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
+            raise ValueError("Int8Embedding supports plain embeddings (no max_norm, scale_grad_by_freq or sparse)")
+        weight = embedding.weight
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, padding_idx=embedding.padding_idx,
+                     block_size=block_size, compute_dtype=weight.dtype, device="meta")
+        with torch.no_grad():
+            module.weight_q, module.weight_scales = quantize_int8(weight.detach().float(), block_size=block_size)
+        return module
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """ids (...) int64 -> (..., embedding_dim) in compute_dtype."""
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"Int8Embedding expects integer ids, got {ids.dtype}")
+        if not torch.is_grad_enabled() or self.grad_sink is None:
+            q, scales = self.codes("forward")
+            flat = ids.reshape(-1)
+            rows = dequantize_int8(q.index_select(0, flat), scales.index_select(0, flat), block_size=self.block_size,
+                                   dtype=self.compute_dtype, check_values=False)
+            return rows.reshape(*ids.shape, self.in_features)
+        anchor = torch.empty(0, device=ids.device, requires_grad=True)
+        return _Int8EmbeddingFunction.apply(ids, anchor, self.weight_q, self.weight_scales, self)
+
+    def extra_repr(self) -> str:
+        return (f"num_embeddings={self.out_features}, embedding_dim={self.in_features}, "
+                f"padding_idx={self.padding_idx}, block_size={self.block_size}, compute_dtype={self.compute_dtype}")

@@ -1,0 +1,31 @@
+"""fit: auto (launch.preflight.fit_automatically, called by launch.finetune): the planner's choice is applied to the TrainConfig (global batch kept) and said."""
+import torch
+from transformers import LlamaConfig
+
+import lowmem.memory.fit as fit
+from launch.config import CONFIG_DIR
+from launch.config_loader import load_train_config
+from launch.preflight import fit_automatically
+from lowmem.memory import GIB
+
+LLAMA2_13B = dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                  num_key_value_heads=40, vocab_size=32000)
+
+
+def test_fit_auto_applies_checkpointing_and_rank_and_keeps_the_rest(monkeypatch):
+    monkeypatch.setattr(fit, "_device_bytes", lambda device: 16 * GIB)
+    cfg = load_train_config(CONFIG_DIR / "llama2-13b-sft-16gb.yaml", ["dtype=bf16", "gradient_checkpointing=false"])
+    fitted, line = fit_automatically(cfg, LlamaConfig(**LLAMA2_13B), torch.device("cuda"))
+    assert fitted.gradient_checkpointing is True and fitted.lowmem_config().rank == 64
+    assert fitted.lowmem_config().exclude_modules == cfg.lowmem_config().exclude_modules   # other optim keys kept
+    assert fitted.micro_batch_size * fitted.grad_accum_steps == cfg.micro_batch_size * cfg.grad_accum_steps
+    assert "gradient_checkpointing=True" in line and "optim.rank=64" in line and "GiB" in line
+    verdict = fit.preflight(fitted, LlamaConfig(**LLAMA2_13B), torch.device("cuda"))
+    assert verdict.fits is True
+
+
+def test_fit_auto_says_when_nothing_fits(monkeypatch):
+    monkeypatch.setattr(fit, "_device_bytes", lambda device: 8 * GIB)
+    cfg = load_train_config(CONFIG_DIR / "llama2-13b-sft-16gb.yaml", ["dtype=bf16"])
+    fitted, line = fit_automatically(cfg, LlamaConfig(**LLAMA2_13B), torch.device("cuda"))
+    assert fitted == cfg and "no setting" in line
