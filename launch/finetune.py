@@ -388,7 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.args)
         if overrides and "=" not in overrides[0]:
             config_path = overrides.pop(0)
-        cfg = load_train_config(config_path, overrides)
+        notes: list[str] = []
+        cfg = load_train_config(config_path, overrides, notes=notes)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
         if args.print_config:
             print(config_to_yaml(cfg), end="")
             return 0
