@@ -130,6 +130,9 @@ class DataConfig:
                                      "number; true or false.", _bool)
     pack: bool = _f(True, "Concatenate documents (EOS-separated) into full seq_len sequences instead of one padded "
                           "document per sequence; true or false.", _bool)
+    follow_symlinks: bool = _f(False, "Read symbolic links in a data.path directory that lead outside it (they are "
+                                      "skipped, and named, otherwise); links inside it are always read; true or "
+                                      "false.", _bool)
     cache_dir: str | None = _f(None, "Tokenized-data cache directory; null uses <output_dir>/../.cache/tokenized, or "
                                      "~/.cache/lowmem/tokenized when that is not writable.", _text(optional=True))
 
