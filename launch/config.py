@@ -278,7 +278,8 @@ class TrainConfig:
                                      "process, accumulation, clipping, bf16 under `deepspeed`/`torchrun`; null: "
                                      "ZeRO 0 with this file's values.", _text(optional=True))
     dist_timeout_s: float = _f(600.0, "Several processes: seconds a collective may wait for the other ranks before "
-                                      "the run stops with an error; number > 0.", _float(0.0, lo_open=True))
+                                      "the run stops with an error; number in (0, 604800] (a week: a "
+                                      "timedelta of 1e308 s overflows).", _float(0.0, 604800.0, lo_open=True))
     dist_debug: bool = _f(False, "Several processes: check after every projector refresh that all ranks hold the "
                                  "same projector (one extra broadcast per refresh); true or false.", _bool)
     resume: str = _f("auto", "'auto' (the latest checkpoint in output_dir, if any), 'none' (start fresh) or a "

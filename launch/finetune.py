@@ -280,7 +280,7 @@ def _train(par, progress: dict) -> dict:
         if main:
             bar.write(f"step 0: eval loss {first_eval:.4f} (perplexity {math.exp(min(first_eval, 50)):.2f})")
     setup_seconds = time.perf_counter() - run_started
-    if main and start_step < cfg.max_steps:
+    if main and start_step == 0 < cfg.max_steps:   # a resumed run has its projectors from the checkpoint
         bar.write("[setup] first step: it also computes the first projectors (a randomized SVD per weight "
                   "matrix), so it takes longer than the rest")
     with StopFlag() as stop:
@@ -313,7 +313,7 @@ def _train(par, progress: dict) -> dict:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{stats['lr']:.2e}",
                             gnorm=f"{stats['grad_norm']:.2f}",
                             **{memory_key: f"{stats['peak_memory_bytes'] / GIB:.2f}G"})
-            if step == start_step and main:
+            if step == start_step == 0 and main:
                 bar.write(f"[setup] first step: {format_seconds(seconds)}")
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 last_eval = run_eval(step + 1)

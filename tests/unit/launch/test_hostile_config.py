@@ -116,6 +116,11 @@ def test_absurd_integers_are_refused_with_the_allowed_range(key, value, allowed)
     assert f"{key} must be {allowed}, got {value}" in str(err.value)
 
 
+def test_a_huge_timeout_is_refused_with_its_range():
+    with pytest.raises(ConfigError, match=re.escape("dist_timeout_s must be a number in (0, 604800], got 1e+308")):
+        load_train_config(None, ["dist_timeout_s=1e308"])
+
+
 def test_the_python_api_bounds_its_integers_too():
     with pytest.raises(ConfigError, match=re.escape("grad_accum_steps must be an int in [1, 2147483647]")):
         LowMemConfig(grad_accum_steps=10**21)
