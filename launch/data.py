@@ -170,16 +170,22 @@ def text_ids(tokenizer: Any, text: str, *, piece_chars: int | None = None, info:
     piece_chars = LONG_TEXT_CHARS if piece_chars is None else piece_chars
     if len(text) <= piece_chars:
         return list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
+    from tqdm.auto import tqdm
+
     prefix, suffix = _special_wrap(tokenizer)
     ids, start = list(prefix), 0
-    while start < len(text):
-        end, clean = len(text), True
-        if len(text) - start > piece_chars:
-            end, clean = _cut_near(tokenizer, text, start + piece_chars, start + piece_chars // 2)
-        if not clean and info is not None:
-            info["hard_cuts"] = info.get("hard_cuts", 0) + 1
-        ids += _plain_ids(tokenizer, text[start:end])
-        start = end
+    # Minutes for tens of MB: a bar on a terminal (none in a log file or for a few pieces).
+    with tqdm(total=len(text), unit="char", unit_scale=True, desc="tokenising a long document", leave=False,
+              disable=None if len(text) > 20 * piece_chars else True) as bar:
+        while start < len(text):
+            end, clean = len(text), True
+            if len(text) - start > piece_chars:
+                end, clean = _cut_near(tokenizer, text, start + piece_chars, start + piece_chars // 2)
+            if not clean and info is not None:
+                info["hard_cuts"] = info.get("hard_cuts", 0) + 1
+            ids += _plain_ids(tokenizer, text[start:end])
+            bar.update(end - start)
+            start = end
     return ids + suffix
 
 
