@@ -3,7 +3,8 @@
 Documents (`load_documents`, `DataError`, the embedded default set) come from `launch.documents` and are
 re-exported here, so `launch.data` is the one name for the whole pipeline.
 
-Tokens (`tokenize_and_pack`): ids and labels (-100 where there is no loss) of shape (sequences, seq_len), either
+Tokens (`tokenize_and_pack`; a text longer than LONG_TEXT_CHARS goes through `launch.long_text.text_ids`, in
+bounded pieces with the same ids): ids and labels (-100 where there is no loss) of shape (sequences, seq_len), either
 packed (documents joined by EOS and cut into full windows) or one padded/truncated document per row.
 `build_data` adds an on-disk cache keyed by everything that changes the tokens, and a seeded held-out split;
 `BatchSampler` hands out resumable, seeded batches of row indices.
@@ -25,9 +26,10 @@ from torch import Tensor
 
 from launch.documents import (DEFAULT_DOC_FOLDERS, PYTHON_DOCS_GLOB, DataError, Document, data_files,
                               default_text_files, listed_files, load_documents)
+from launch.long_text import LONG_TEXT_CHARS, text_ids
 
-__all__ = ["BatchSampler", "DEFAULT_DOC_FOLDERS", "DataError", "Document", "PYTHON_DOCS_GLOB", "TokenizedData",
-           "build_data", "default_text_files", "load_documents", "tokenize_and_pack"]
+__all__ = ["BatchSampler", "DEFAULT_DOC_FOLDERS", "DataError", "Document", "LONG_TEXT_CHARS", "PYTHON_DOCS_GLOB",
+           "TokenizedData", "build_data", "default_text_files", "load_documents", "text_ids", "tokenize_and_pack"]
 
 IGNORE_INDEX = -100
 _CACHE_VERSION = 2   # 2: JSONL split on "\n" only; long texts tokenised in pieces
@@ -117,78 +119,6 @@ def _chat_ids(tokenizer: Any, doc: Document) -> tuple[list[int], list[bool]]:
     return _ids_with_mask(tokenizer, text, spans, add_special_tokens=False)  # the template wrote its own BOS
 
 
-# ---- long texts: tokenised in bounded pieces -------------------------------------------------------------------
-
-LONG_TEXT_CHARS = 100_000   # a text document longer than this is tokenised piece by piece
-_SEAM_CHARS = 48            # context on either side of a cut that must tokenise the same cut or whole
-_SEAM_TRIES = 64            # candidate cuts tried per piece before cutting hard
-
-
-def _plain_ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-
-
-def _special_wrap(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The ids the tokenizer adds before and after a text (BOS, EOS, ...), found by tokenising a probe with and
-    without special tokens."""
-    bare = _plain_ids(tokenizer, "probe")
-    full = list(tokenizer("probe", add_special_tokens=True, verbose=False)["input_ids"])
-    for start in range(len(full) - len(bare) + 1):
-        if full[start:start + len(bare)] == bare:
-            return full[:start], full[start + len(bare):]
-    return [], []
-
-
-def _seam_holds(tokenizer: Any, text: str, cut: int) -> bool:
-    """True when the text around `cut` tokenises to the same ids in two pieces as in one: then cutting there
-    changes no token (tokenizers look only a few characters across a word boundary)."""
-    left, right = text[max(0, cut - _SEAM_CHARS):cut], text[cut:cut + _SEAM_CHARS]
-    return _plain_ids(tokenizer, left + right) == _plain_ids(tokenizer, left) + _plain_ids(tokenizer, right)
-
-
-def _cut_near(tokenizer: Any, text: str, target: int, floor: int) -> tuple[int, bool]:
-    """A cut position in (floor, target], preferring the start of a whitespace run after a non-space character
-    (a word boundary) whose seam holds; (target, False) when none is found."""
-    pos, tries = target, 0
-    while pos > floor and tries < _SEAM_TRIES:
-        pos = max(text.rfind(" ", floor + 1, pos), text.rfind("\n", floor + 1, pos))
-        if pos <= floor:
-            break
-        if not text[pos - 1].isspace():
-            tries += 1
-            if _seam_holds(tokenizer, text, pos):
-                return pos, True
-    return target, False
-
-
-def text_ids(tokenizer: Any, text: str, *, piece_chars: int | None = None, info: dict | None = None) -> list[int]:
-    """Token ids of `text` with the tokenizer's special tokens, as `tokenizer(text)` gives them, computed in pieces of
-    at most piece_chars characters so the tokenizer's working memory stays bounded (a 50 MB line needed 9.8 GB
-    whole). Pieces are cut at word boundaries whose seam tokenises the same either way, so the ids equal the whole
-    text's; where no such boundary exists within a piece (one 100,000-character word) the cut is made anyway and
-    counted in info["hard_cuts"]. piece_chars defaults to LONG_TEXT_CHARS."""
-    piece_chars = LONG_TEXT_CHARS if piece_chars is None else piece_chars
-    if len(text) <= piece_chars:
-        return list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
-    from tqdm.auto import tqdm
-
-    prefix, suffix = _special_wrap(tokenizer)
-    ids, start = list(prefix), 0
-    # Minutes for tens of MB: a bar on a terminal (none in a log file or for a few pieces).
-    with tqdm(total=len(text), unit="char", unit_scale=True, desc="tokenising a long document", leave=False,
-              disable=None if len(text) > 20 * piece_chars else True) as bar:
-        while start < len(text):
-            end, clean = len(text), True
-            if len(text) - start > piece_chars:
-                end, clean = _cut_near(tokenizer, text, start + piece_chars, start + piece_chars // 2)
-            if not clean and info is not None:
-                info["hard_cuts"] = info.get("hard_cuts", 0) + 1
-            ids += _plain_ids(tokenizer, text[start:end])
-            bar.update(end - start)
-            start = end
-    return ids + suffix
-
-
 def _tokenize_documents(documents: list[Document], tokenizer: Any,
                         info: dict | None = None) -> list[tuple[list[int], list[int]]]:
     """(ids, labels) per document; labels are the ids where there is loss, else -100."""
@@ -198,7 +128,7 @@ def _tokenize_documents(documents: list[Document], tokenizer: Any,
     for doc in documents:
         if doc.kind == "text":
             ids = (list(next(text_ids_)) if len(doc.text) <= LONG_TEXT_CHARS
-                   else text_ids(tokenizer, doc.text, info=info))
+                   else text_ids(tokenizer, doc.text, piece_chars=LONG_TEXT_CHARS, info=info))
             out.append((ids, list(ids)))
             continue
         if doc.kind == "chat":
