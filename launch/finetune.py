@@ -109,7 +109,7 @@ class StopFlag:
 # ---- training --------------------------------------------------------------------------------------------------
 
 def evaluate(model, eval_ids: torch.Tensor, eval_labels: torch.Tensor, batch_size: int,
-             device: torch.device, par=None) -> float:
+             device: torch.device, par=None, progress: bool = False) -> float:
     """Token-weighted mean loss over the held-out sequences. Several processes: each rank evaluates every
     world_size-th batch (all ranks run the same number of forwards, which ZeRO 3's weight gathers need) and the
     sums are added over the ranks."""
@@ -120,8 +120,10 @@ def evaluate(model, eval_ids: torch.Tensor, eval_labels: torch.Tensor, batch_siz
     rounds = math.ceil(len(starts) / world)
     model.eval()
     total_loss, total_tokens = 0.0, 0
-    with torch.no_grad():
-        for round_index in range(rounds):
+    from tqdm.auto import tqdm
+    with torch.no_grad():   # progress: a bar on a terminal (the first evaluation can take minutes on a busy CPU)
+        for round_index in tqdm(range(rounds), desc="evaluating", unit="batch", leave=False,
+                                disable=None if progress and rank == 0 else True):
             slot = round_index * world + rank
             start = starts[slot] if slot < len(starts) else starts[0]   # a spare forward keeps the ranks in step
             ids = eval_ids[start:start + batch_size].to(device)
@@ -263,7 +265,7 @@ def _train(par, progress: dict) -> dict:
 
     def run_eval(step_count: int) -> float:
         loss = evaluate(model, data.eval, data.eval_labels, cfg.micro_batch_size, device,
-                        par if par.distributed else None)
+                        par if par.distributed else None, progress=step_count == 0)
         if main:
             log.write({"kind": "eval", "step": step_count, "eval_loss": loss, "perplexity": math.exp(min(loss, 50))})
         return loss
