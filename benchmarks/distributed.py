@@ -396,8 +396,8 @@ def _time_verdict(single: list[float], pair: list[float], bytes_ratio: float, ta
                 "round every layer, (b) lets each owner write only its own layers, and broadcasting the extra bytes "
                 f"here is cheaper than the duplicated writes{contention}. Where bandwidth is scarcer than compute "
                 f"(GPUs with fast write kernels, a real interconnect) the {bytes_ratio:.1f}x byte volume should "
-                "dominate instead; that is expected, not measured here. lowmem uses (a), the choice DESIGN §4 makes "
-                "by bytes moved.")
+                "dominate instead; that is expected, not measured here. lowmem uses (a), chosen for its fewer "
+                "bytes moved.")
     return (f"The time only partly follows the bytes {where}: moving the extra bytes costs little here, and with "
             "balanced owners (b) saves the duplicated writes of (a).")
 

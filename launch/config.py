@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-from lowmem.config import ConfigError, LowMemConfig, closest_key
+from lowmem.config import ConfigError, LowMemConfig, brief, closest_key
 from lowmem.presets import PRESETS, preset
 
 __all__ = ["CONFIG_DIR", "ConfigError", "DEMO_CONFIG_PATH", "DataConfig", "LOG_SINKS", "OptimSection", "TrainConfig"]
@@ -35,17 +35,24 @@ _LOWMEM_FIELDS = {f.name: f for f in fields(LowMemConfig)}
 _OPTIM_KEYS = ["preset"] + [name for name in _LOWMEM_FIELDS if name not in RUN_WIDE]
 _SECTIONS = ("data", "optim")
 _NONE_WORDS = ("none", "null", "~")
+# Upper bounds of the integer keys (where they are used: a product of sizes, a step counter).
+MAX_STEPS = 10**9
+MAX_SEQ_LEN = 2**20
+MAX_BATCH = 2**16
+MAX_SEQUENCES = 10**6
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
 # ---- value checks: (dotted key, value) -> value, or ConfigError saying what is allowed --------------------------
 
 def _fail(name: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+    return ConfigError(f"{name} must be {allowed}, got {brief(value)} ({type(value).__name__})")
 
 
-def _int(lo: int, hi: int | None = None) -> Callable[[str, Any], int]:
-    allowed = f"an int >= {lo}" if hi is None else f"an int in [{lo}, {hi}]"
+def _int(lo: int, hi: int) -> Callable[[str, Any], int]:
+    """Every integer has an upper bound too, where it is used: sizes the step multiplies together
+    (micro_batch_size x grad_accum_steps x seq_len tokens) and step counts the schedule and the logs hold."""
+    allowed = f"an int in [{lo}, {hi}]"
 
     def check(name: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
@@ -135,11 +142,15 @@ class DataConfig:
     text_field: str = _f("text", "Field of each jsonl record that holds its text; non-empty string.", _text())
     eval_fraction: float = _f(0.05, "Fraction of the data held out for evaluation; in (0, 1).",
                               _float(0.0, 1.0, lo_open=True, hi_open=True))
-    eval_max_sequences: int = _f(32, "Most held-out sequences scored per evaluation; int >= 1.", _int(1))
+    eval_max_sequences: int = _f(32, "Most held-out sequences scored per evaluation; int in [1, 10**6].",
+                                 _int(1, MAX_SEQUENCES))
     skip_bad_lines: bool = _f(False, "Skip (and count) malformed jsonl lines instead of stopping with the line "
                                      "number; true or false.", _bool)
     pack: bool = _f(True, "Concatenate documents (EOS-separated) into full seq_len sequences instead of one padded "
                           "document per sequence; true or false.", _bool)
+    follow_symlinks: bool = _f(False, "Read symbolic links in a data.path directory that lead outside it (they are "
+                                      "skipped, and named, otherwise); links inside it are always read; true or "
+                                      "false.", _bool)
     cache_dir: str | None = _f(None, "Tokenized-data cache directory; null uses <output_dir>/../.cache/tokenized, or "
                                      "~/.cache/lowmem/tokenized when that is not writable.", _text(optional=True))
 
@@ -153,12 +164,12 @@ def _unknown(prefix: str, key: Any, candidates: Sequence[str]) -> ConfigError:
     full = f"{prefix}{key}"
     best = closest_key(str(key), candidates)
     if best is not None:
-        return ConfigError(f"unknown key {full!r}; did you mean {prefix + best!r}?")
+        return ConfigError(f"unknown key {brief(full)}; did you mean {prefix + best!r}?")
     elsewhere = [k for k in _all_keys() if k != full and k.rsplit(".", 1)[-1] == str(key)]
     if elsewhere:
-        return ConfigError(f"unknown key {full!r}; did you mean {elsewhere[0]!r}?")
+        return ConfigError(f"unknown key {brief(full)}; did you mean {elsewhere[0]!r}?")
     listed = ", ".join(prefix + c for c in candidates)
-    return ConfigError(f"unknown key {full!r}; valid keys: {listed}")
+    return ConfigError(f"unknown key {brief(full)}; valid keys: {listed}")
 
 
 class OptimSection(Mapping):
@@ -175,9 +186,9 @@ class OptimSection(Mapping):
         merged.update(more)
         name = merged.pop("preset", "lowmem")
         if not isinstance(name, str) or name not in PRESETS:
-            best = closest_key(str(name), PRESETS)
+            best = closest_key(str(name)[:100], PRESETS)
             hint = f"did you mean {best!r}?" if best else f"valid presets: {', '.join(PRESETS)}"
-            raise ConfigError(f"unknown preset optim.preset={name!r}; {hint}")
+            raise ConfigError(f"unknown preset optim.preset={brief(name)}; {hint}")
         checked: dict[str, Any] = {}
         for key, value in merged.items():
             if key in RUN_WIDE:
@@ -263,12 +274,16 @@ class TrainConfig:
                           _section(DataConfig, "data"))
     output_dir: str = _f("outputs/finetune", "Directory for checkpoints, logs, the run report and the exported "
                                              "model.", _text())
-    max_steps: int = _f(30, "Optimizer steps to train (the schedule's total_steps); int >= 1.", _int(1))
-    seq_len: int = _f(128, "Tokens per training sequence; int >= 2.", _int(2))
-    micro_batch_size: int = _f(4, "Sequences per forward/backward pass (per process); int >= 1.", _int(1))
-    grad_accum_steps: int = _f(1, "Micro-batches per optimizer step; int >= 1.", _int(1))
+    max_steps: int = _f(30, "Optimizer steps to train (the schedule's total_steps); int in [1, 10**9].",
+                        _int(1, MAX_STEPS))
+    seq_len: int = _f(128, "Tokens per training sequence; int in [2, 2**20] (and at most the model's context).",
+                      _int(2, MAX_SEQ_LEN))
+    micro_batch_size: int = _f(4, "Sequences per forward/backward pass (per process); int in [1, 2**16].",
+                               _int(1, MAX_BATCH))
+    grad_accum_steps: int = _f(1, "Micro-batches per optimizer step; int in [1, 2**16].", _int(1, MAX_BATCH))
     lr: float = _f(1e-4, "Peak learning rate after warm-up; number >= 0.", _float(0.0))
-    warmup_steps: int = _f(3, "Optimizer steps of linear warm-up from 0 to lr; int in [0, max_steps].", _int(0))
+    warmup_steps: int = _f(3, "Optimizer steps of linear warm-up from 0 to lr; int in [0, max_steps] (a longer "
+                                 "warm-up is cut to max_steps, with a note).", _int(0, MAX_STEPS))
     lr_schedule: str = _f("cosine", "Learning-rate shape after warm-up, over max_steps: 'cosine', 'constant' or "
                                     "'linear' (down to optim.min_lr_ratio * lr).",
                           _choice("cosine", "constant", "linear"))
@@ -281,17 +296,19 @@ class TrainConfig:
                                      "process, accumulation, clipping, bf16 under `deepspeed`/`torchrun`; null: "
                                      "ZeRO 0 with this file's values.", _text(optional=True))
     dist_timeout_s: float = _f(600.0, "Several processes: seconds a collective may wait for the other ranks before "
-                                      "the run stops with an error; number > 0.", _float(0.0, lo_open=True))
+                                      "the run stops with an error; number in (0, 604800] (a week: a "
+                                      "timedelta of 1e308 s overflows).", _float(0.0, 604800.0, lo_open=True))
     dist_debug: bool = _f(False, "Several processes: check after every projector refresh that all ranks hold the "
                                  "same projector (one extra broadcast per refresh); true or false.", _bool)
     resume: str = _f("auto", "'auto' (the latest checkpoint in output_dir, if any), 'none' (start fresh) or a "
                              "checkpoint directory.", _text())
     save_every: int = _f(0, "Save a checkpoint every this many optimizer steps; 0 saves only at the end and on "
-                            "SIGINT/SIGTERM; int >= 0.", _int(0))
-    keep_last: int = _f(3, "Checkpoints kept in output_dir (older ones are deleted); int >= 1.", _int(1))
+                            "SIGINT/SIGTERM; int in [0, 10**9].", _int(0, MAX_STEPS))
+    keep_last: int = _f(3, "Checkpoints kept in output_dir (older ones are deleted); int in [1, 10**6].",
+                        _int(1, 10**6))
     eval_every: int = _f(10, "Held-out evaluation every this many optimizer steps; 0 evaluates only at the end; "
-                             "int >= 0.", _int(0))
-    log_every: int = _f(1, "Log metrics every this many optimizer steps; int >= 1.", _int(1))
+                             "int in [0, 10**9].", _int(0, MAX_STEPS))
+    log_every: int = _f(1, "Log metrics every this many optimizer steps; int in [1, 10**9].", _int(1, MAX_STEPS))
     log_to: tuple[str, ...] = _f(("jsonl",), "Where metrics go (launch.loggers), a list of: 'jsonl' "
                                  "(output_dir/train_log.jsonl, always written), 'tensorboard' (event files in "
                                  "output_dir/tensorboard; needs the tensorboard package, pip install "
@@ -301,7 +318,7 @@ class TrainConfig:
     max_skipped_steps: int = _f(5, "Stop with an error (exit 2) after this many consecutive skipped steps (loss or "
                                    "gradients not finite: the run diverged, usually lr too high); the checkpoints "
                                    "holding the diverged state are set aside so resume=auto picks the last good "
-                                   "one; int >= 1.", _int(1))
+                                   "one; int in [1, 10**9].", _int(1, MAX_STEPS))
     device: str = _f("auto", "'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'.",
                      _choice("auto", "cpu", "cuda"))
     dtype: str = _f("auto", "Compute dtype: 'auto' (bf16 on CUDA with bf16 support, else fp32), 'bf16' or 'fp32'.",

@@ -20,7 +20,7 @@ import yaml
 
 from launch.config import (CONFIG_DIR, DEFAULT_OPTIM, RUN_WIDE, _BOOL_WORDS, _DATA_FIELDS, _LOWMEM_FIELDS, _NONE_WORDS,
                            _OPTIM_KEYS, _SECTIONS, _TRAIN_FIELDS, DataConfig, OptimSection, TrainConfig, _unknown)
-from lowmem.config import ConfigError, closest_key
+from lowmem.config import ConfigError, brief, closest_key
 from lowmem.presets import PRESETS
 
 __all__ = ["config_help", "config_to_yaml", "load_train_config"]
@@ -96,7 +96,7 @@ class _Loader:
             if value is not None and not isinstance(value, Mapping):
                 hint = "data.path=FILE" if top == "data" else "optim.rank=128"
                 raise ConfigError(f"{top} is a section: give it a mapping of keys, or set one key ({hint}); "
-                                  f"got {value!r}")
+                                  f"got {brief(value)}")
             if replace_section:
                 self.values[top] = {}
             for sub_key, sub_value in (value or {}).items():
@@ -146,7 +146,7 @@ class _Loader:
             value = {} if value is None else value
             if not isinstance(value, Mapping):
                 raise ConfigError(f"optim.overrides must be a mapping {{module pattern: {{field: value}}}}, "
-                                  f"got {value!r}")
+                                  f"got {brief(value)}")
             value = {pattern: ({k: _coerce(v, _LOWMEM_FIELDS[k].type) if k in _LOWMEM_FIELDS else v
                                 for k, v in body.items()} if isinstance(body, Mapping) else body)
                      for pattern, body in value.items()}
@@ -155,8 +155,17 @@ class _Loader:
             return
         section[rest] = f.metadata["check"](f"optim.{rest}", _coerce(value, f.type, raw_text))
 
-    def build(self) -> TrainConfig:
+    def build(self, notes: list[str] | None = None) -> TrainConfig:
         values = dict(self.values)
+        max_steps = values.get("max_steps", TrainConfig.max_steps)
+        warmup = values.get("warmup_steps", TrainConfig.warmup_steps)
+        if warmup > max_steps:
+            # A short trial of a long recipe (max_steps=1 on a 1000-step config) is the first thing people run:
+            # warm up over the whole run instead of refusing it.
+            values["warmup_steps"] = max_steps
+            if notes is not None:
+                notes.append(f"warmup_steps={warmup} is longer than the run (max_steps={max_steps}): the warm-up "
+                             f"is cut to {max_steps} step(s), the whole run (set warmup_steps to choose)")
         if "data" in values:
             values["data"] = DataConfig(**values["data"])
         if "optim" in values:
@@ -183,19 +192,98 @@ def _yaml_line(text: str, keys: Sequence[str]) -> int | None:
     return line
 
 
+MAX_YAML_NODES = 100_000   # nodes of a document after alias expansion; a config holds a few hundred
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _StrictSafeLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses duplicate keys (plain safe_load keeps the last one silently)."""
+    """yaml.SafeLoader that refuses duplicate keys (plain safe_load keeps the last one silently); merge keys
+    (`<<: *base`) work as in YAML 1.1, and the document's own keys override the merged ones."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue   # flattened by SafeConstructor.construct_mapping below
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             if isinstance(key, Hashable) and key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first at line {seen[key]})", key_node.start_mark)
+                    None, None, f"duplicate key {brief(key)} (first at line {seen[key]})", key_node.start_mark)
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+class YamlSizeError(ConfigError):
+    """A YAML document that expands (through aliases) beyond MAX_YAML_NODES, or refers to itself."""
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def expanded_node_count(root: yaml.Node, limit: int = MAX_YAML_NODES) -> int:
+    """Nodes of the composed document `root` once every alias is expanded, capped at limit + 1; cost linear in the
+    text. The composer hands back the anchored node itself for an alias (a DAG), so a node's expanded size is
+    1 + its children's, memoised per node: a 9-level "billion laughs" is counted in a few dozen additions instead
+    of being built. Raises YamlSizeError for an alias inside its own anchor (a document that refers to itself)."""
+    memo: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:   # iterative post-order: deep documents need no recursion here
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            open_nodes.discard(key)
+            memo[key] = min(limit + 1, 1 + sum(memo[id(child)] for child in _children(node)))
+            continue
+        if key in memo:
+            continue
+        if key in open_nodes:
+            raise YamlSizeError(f"line {node.start_mark.line + 1}: an alias refers to the node that contains it "
+                                "(a recursive document); write the value out instead")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in memo)
+    return memo[id(root)]
+
+
+def safe_load_bounded(text: str, what: str) -> Any:
+    """yaml.safe_load with duplicate keys refused, merge keys supported and the document's size after alias
+    expansion checked on the composed node graph BEFORE anything is built (an alias bomb is refused in
+    milliseconds, whatever it would expand to). Raises yaml.YAMLError, or ConfigError naming `what`."""
+    loader = _StrictSafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"{what}: the YAML is nested too deeply to read (more than a few hundred levels); "
+                              "a config nests at most a few levels") from None
+        if node is None:
+            return None
+        try:
+            count = expanded_node_count(node)
+        except YamlSizeError as err:
+            raise YamlSizeError(f"{what}: {err}") from None
+        if count > MAX_YAML_NODES:
+            raise YamlSizeError(f"{what}: the YAML expands to more than {MAX_YAML_NODES:,} values through its aliases "
+                                f"(*name); a config holds a few hundred. Refused before expanding it; write the "
+                                "values out or use fewer nested aliases")
+        try:
+            return loader.construct_document(node)
+        except (ValueError, RecursionError) as err:   # e.g. an int of more than 4300 digits
+            if isinstance(err, yaml.YAMLError):
+                raise
+            problem = ("an integer has more than 4300 digits" if "integer string conversion" in str(err)
+                       else brief(str(err)))
+            raise ConfigError(f"{what}: a value cannot be read ({problem}); expected config values (numbers, "
+                              "strings, lists, mappings) of ordinary size") from None
+    finally:
+        loader.dispose()
 
 
 def _read_yaml(path: Path) -> tuple[str, Any]:
@@ -209,7 +297,7 @@ def _read_yaml(path: Path) -> tuple[str, Any]:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read config file {str(path)!r}: {err}") from None
     try:
-        return text, yaml.load(text, Loader=_StrictSafeLoader)
+        return text, safe_load_bounded(text, str(path))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         problem = getattr(err, "problem", None) or str(err)
@@ -226,7 +314,7 @@ def _parse_override(item: str) -> tuple[str, Any, str]:
         raise ConfigError(f"override {item!r} is not of the form key=value (for example max_steps=5, "
                           f"data.path=train.jsonl or optim.rank=128)")
     try:
-        value = yaml.safe_load(text)
+        value = safe_load_bounded(text, f"override {brief(item)}")
     except yaml.YAMLError:
         value = text  # e.g. `optim.target_modules=*proj`, which YAML reads as an alias
     return key, value, text
@@ -243,7 +331,8 @@ def _load_yaml_file(loader: _Loader, path: Path) -> None:
 
     for key, value in (data or {}).items():
         if not isinstance(key, str) or "." in key:
-            raise ConfigError(f"{where(str(key))}: YAML keys are plain names (nest sections instead), got {key!r}")
+            raise ConfigError(f"{where(str(key))}: YAML keys are plain names (nest sections instead), "
+                              f"got {brief(key)}")
         if key in _SECTIONS and isinstance(value, Mapping):
             loader.set(key, None, lambda key=key: where(key), replace_section=True)
             for sub_key, sub_value in value.items():
@@ -252,9 +341,11 @@ def _load_yaml_file(loader: _Loader, path: Path) -> None:
             loader.set(key, value, lambda key=key: where(key), replace_section=True)
 
 
-def load_train_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> TrainConfig:
+def load_train_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), *,
+                      notes: list[str] | None = None) -> TrainConfig:
     """TrainConfig from a YAML file (None: the defaults, i.e. the demo) with dotted `key=value` overrides applied
-    in order. Raises ConfigError naming the file and line, or the override, for every kind of bad input."""
+    in order. Raises ConfigError naming the file and line, or the override, for every kind of bad input. A warm-up
+    longer than max_steps is cut to max_steps; `notes`, when given, receives one line saying so."""
     if isinstance(overrides, str):
         overrides = (overrides,)
     loader = _Loader()
@@ -263,10 +354,10 @@ def load_train_config(path: str | os.PathLike | None, overrides: Sequence[str] =
         _load_yaml_file(loader, path)
     for item in overrides:
         key, value, raw_text = _parse_override(item)
-        loader.set(key, value, lambda item=item: f"override {item!r}", raw_text)
+        loader.set(key, value, lambda item=item: f"override {brief(item)}", raw_text)
     origin = f"{path}" if path is not None else "defaults"
     try:
-        return loader.build()
+        return loader.build(notes)
     except ConfigError as err:
         raise ConfigError(f"{origin}{' + overrides' if overrides else ''}: {err}") from None
 

@@ -3,7 +3,8 @@
 Documents (`load_documents`, `DataError`, the embedded default set) come from `launch.documents` and are
 re-exported here, so `launch.data` is the one name for the whole pipeline.
 
-Tokens (`tokenize_and_pack`): ids and labels (-100 where there is no loss) of shape (sequences, seq_len), either
+Tokens (`tokenize_and_pack`; a text longer than LONG_TEXT_CHARS goes through `launch.long_text.text_ids`, in
+bounded pieces with the same ids): ids and labels (-100 where there is no loss) of shape (sequences, seq_len), either
 packed (documents joined by EOS and cut into full windows) or one padded/truncated document per row.
 `build_data` adds an on-disk cache keyed by everything that changes the tokens, and a seeded held-out split;
 `BatchSampler` hands out resumable, seeded batches of row indices.
@@ -23,14 +24,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from launch.documents import (DEFAULT_DOC_FOLDERS, PYTHON_DOCS_GLOB, DataError, Document, data_files,
-                              default_text_files, load_documents)
+from launch.documents import (DEFAULT_DOC_FOLDERS, PYTHON_DOCS_GLOB, DataError, Document,
+                              default_text_files, listed_files, load_documents)
+from launch.long_text import LONG_TEXT_CHARS, text_ids
 
-__all__ = ["BatchSampler", "DEFAULT_DOC_FOLDERS", "DataError", "Document", "PYTHON_DOCS_GLOB", "TokenizedData",
-           "build_data", "default_text_files", "load_documents", "tokenize_and_pack"]
+__all__ = ["BatchSampler", "DEFAULT_DOC_FOLDERS", "DataError", "Document", "LONG_TEXT_CHARS", "PYTHON_DOCS_GLOB",
+           "TokenizedData", "build_data", "default_text_files", "load_documents", "text_ids", "tokenize_and_pack"]
 
 IGNORE_INDEX = -100
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2   # 2: JSONL split on "\n" only; long texts tokenised in pieces
 
 
 @dataclass
@@ -117,14 +119,16 @@ def _chat_ids(tokenizer: Any, doc: Document) -> tuple[list[int], list[bool]]:
     return _ids_with_mask(tokenizer, text, spans, add_special_tokens=False)  # the template wrote its own BOS
 
 
-def _tokenize_documents(documents: list[Document], tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+def _tokenize_documents(documents: list[Document], tokenizer: Any,
+                        info: dict | None = None) -> list[tuple[list[int], list[int]]]:
     """(ids, labels) per document; labels are the ids where there is loss, else -100."""
-    texts = [d.text for d in documents if d.kind == "text"]
-    text_ids = iter(tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"] if texts else [])
+    texts = [d.text for d in documents if d.kind == "text" and len(d.text) <= LONG_TEXT_CHARS]
+    text_ids_ = iter(tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"] if texts else [])
     out = []
     for doc in documents:
         if doc.kind == "text":
-            ids = list(next(text_ids))
+            ids = (list(next(text_ids_)) if len(doc.text) <= LONG_TEXT_CHARS
+                   else text_ids(tokenizer, doc.text, piece_chars=LONG_TEXT_CHARS, info=info))
             out.append((ids, list(ids)))
             continue
         if doc.kind == "chat":
@@ -150,7 +154,7 @@ def _tokens(documents: list[Document], tokenizer: Any, seq_len: int, pack: bool,
     pad_id = next((t for t in (tokenizer.pad_token_id, eos_id) if t is not None), 0)
     rows_ids, rows_labels, flat_ids, flat_labels = [], [], [], []
     info = {"tokens": 0, "truncated_documents": 0, "dropped_tail_tokens": 0}
-    for doc, (ids, labels) in zip(documents, _tokenize_documents(documents, tokenizer)):
+    for doc, (ids, labels) in zip(documents, _tokenize_documents(documents, tokenizer, info)):
         if eos and (not ids or ids[-1] != eos_id):
             # The model learns to stop after text and completions; a chat template already ends each turn itself,
             # so there the EOS only separates documents.
@@ -250,7 +254,7 @@ def build_data(cfg: Any, tokenizer: Any, *, seq_len: int, seed: int,
     and hold out min(eval_max_sequences, max(1, floor(eval_fraction * N))) sequences (none when N < 2) chosen by
     torch.Generator(seed); both parts keep the file order."""
     path, pack = getattr(cfg, "path", None), bool(getattr(cfg, "pack", True))
-    files = data_files(path, getattr(cfg, "format", "auto"))
+    files = listed_files(path, cfg)
     cache_file = None
     if cache_dir is not None:
         cache_file = Path(cache_dir).expanduser() / f"{_cache_key(tokenizer, files, cfg, seq_len, pack)}.safetensors"
@@ -259,7 +263,7 @@ def build_data(cfg: Any, tokenizer: Any, *, seq_len: int, seed: int,
         ids, labels, stats = cached
     else:
         stats = {}
-        documents = load_documents(path, cfg, stats=stats)
+        documents = load_documents(path, cfg, stats=stats, files=files)
         ids, labels, info = _tokens(documents, tokenizer, seq_len, pack, eos=True)
         has_loss = (labels != IGNORE_INDEX).any(dim=1)
         ids, labels = ids[has_loss], labels[has_loss]

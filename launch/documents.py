@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 from launch.hf_datasets import hf_disk_files, iter_rows, table_kind
 
 __all__ = ["DEFAULT_DOC_FOLDERS", "DataError", "Document", "PYTHON_DOCS_GLOB", "data_files", "default_text_files",
-           "load_documents"]
+           "listed_files", "load_documents"]
 
 PYTHON_DOCS_GLOB = "/usr/share/doc/python3*/html/_sources"
 DEFAULT_DOC_FOLDERS = ("tutorial", "howto", "faq", "whatsnew")
@@ -71,8 +72,45 @@ def default_text_files(docs_glob: str = PYTHON_DOCS_GLOB) -> list[Path]:
     return files
 
 
-def data_files(path: str | os.PathLike | None, fmt: str) -> list[tuple[Path, str]]:
-    """(file, "jsonl" | "text") for every file the source names; fmt "auto" decides by extension."""
+def _walk(root: Path, follow_symlinks: bool, skipped: list[Path]) -> list[Path]:
+    """Data files under the directory `root` (suffixes _DIR_SUFFIXES, no hidden parts), sorted. A symbolic link
+    (file or directory) whose target lies outside `root` is followed only with follow_symlinks, else listed in
+    `skipped`; links inside `root` are read as what they point to."""
+    inside = root.resolve()
+    files, seen_dirs = [], set()
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        here = Path(folder)
+        real = here.resolve()
+        if real in seen_dirs:   # a link loop, or a folder reached twice through links
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
+        kept = []
+        for name in sorted(dirs):
+            sub = here / name
+            if name.startswith("."):
+                continue
+            if sub.is_symlink() and not follow_symlinks and not sub.resolve().is_relative_to(inside):
+                skipped.append(sub)
+                continue
+            kept.append(name)
+        dirs[:] = kept
+        for name in names:
+            file = here / name
+            if name.startswith(".") or not name.lower().endswith(_DIR_SUFFIXES) or not file.is_file():
+                continue
+            if file.is_symlink() and not follow_symlinks and not file.resolve().is_relative_to(inside):
+                skipped.append(file)
+                continue
+            files.append(file)
+    return sorted(files)
+
+
+def data_files(path: str | os.PathLike | None, fmt: str, *, follow_symlinks: bool = False,
+               skipped: list[Path] | None = None) -> list[tuple[Path, str]]:
+    """(file, "jsonl" | "text") for every file the source names; fmt "auto" decides by extension. In a directory,
+    symbolic links that lead outside it are skipped (appended to `skipped`) unless follow_symlinks; a path named
+    directly is always read."""
     if path is None:
         return [(f, "text") for f in default_text_files()]
     root = Path(path).expanduser()
@@ -83,14 +121,17 @@ def data_files(path: str | os.PathLike | None, fmt: str) -> list[tuple[Path, str
     if saved is not None:
         return [(f, "arrow") for f in saved]
     if root.is_dir():
-        files = sorted(f for f in root.rglob("*") if f.is_file() and f.name.lower().endswith(_DIR_SUFFIXES)
-                       and not any(part.startswith(".") for part in f.relative_to(root).parts))
+        files = _walk(root, follow_symlinks, skipped if skipped is not None else [])
     else:
         files = [root]
     if fmt not in ("auto", "jsonl", "text"):
         raise DataError(f"data.format must be 'auto', 'jsonl' or 'text', got {fmt!r}")
     return [(f, fmt if fmt != "auto" else table_kind(f) or ("jsonl" if f.name.lower().endswith(_JSONL_SUFFIXES)
                                                               else "text")) for f in files]
+
+
+def follow_symlinks(cfg: Any) -> bool:
+    return bool(getattr(cfg, "follow_symlinks", False))
 
 
 def _read_text(file: Path) -> str:
@@ -142,15 +183,33 @@ def _parse_record(obj: Any, text_field: str) -> tuple[str, dict] | str:
     return f"no known field (keys: {sorted(obj)[:8]}); {expected}"
 
 
+def _json_line(line: str, text_field: str) -> tuple[str, dict] | str:
+    """_parse_record of one JSONL line, or the problem; never raises on any input."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return f"invalid JSON ({e.msg} at column {e.colno}); expected one JSON object per line"
+    except RecursionError:
+        return ("JSON nested deeper than the reader allows (about a thousand levels); expected one flat JSON "
+                "object per line")
+    except ValueError as e:   # int("9" * 5000): Python refuses to convert integers of more than 4300 digits
+        if "integer string conversion" in str(e):
+            return "a number has more than 4300 digits; expected one JSON object per line of ordinary values"
+        return f"invalid JSON ({str(e)[:200]}); expected one JSON object per line"
+    try:
+        return _parse_record(obj, text_field)
+    except RecursionError:
+        return "a value is nested too deeply to read; expected one flat JSON object per line"
+
+
 def _load_jsonl(file: Path, text_field: str, skip_bad: bool, stats: dict) -> list[Document]:
     docs = []
-    for number, line in enumerate(_read_text(file).splitlines(), start=1):
+    # JSON Lines are separated by "\n" alone: str.splitlines() would also split inside a JSON string at U+2028,
+    # U+2029 or U+0085, which JSON allows raw in a string (a "\r\n" ending leaves "\r", which JSON reads as space).
+    for number, line in enumerate(_read_text(file).split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            parsed = _parse_record(json.loads(line), text_field)
-        except json.JSONDecodeError as e:
-            parsed = f"invalid JSON ({e.msg} at column {e.colno}); expected one JSON object per line"
+        parsed = _json_line(line, text_field)
         if isinstance(parsed, str):
             if not skip_bad:
                 raise DataError(f"{file}:{number}: {parsed}; {_SKIP_HINT}.")
@@ -175,14 +234,29 @@ def _load_table(file: Path, kind: str, text_field: str, skip_bad: bool, stats: d
     return docs
 
 
-def load_documents(path: str | os.PathLike | None, cfg: Any, *, stats: dict | None = None) -> list[Document]:
-    """Documents of `path` (None: the embedded default set) read with cfg.format / text_field / skip_bad_lines.
+def listed_files(path: str | os.PathLike | None, cfg: Any) -> list[tuple[Path, str]]:
+    """data_files with cfg's format and follow_symlinks; skipped links are named on stderr in one line."""
+    skipped: list[Path] = []
+    files = data_files(path, getattr(cfg, "format", "auto"), follow_symlinks=follow_symlinks(cfg), skipped=skipped)
+    if skipped:
+        shown = ", ".join(str(p) for p in skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10
+                                                             else "")
+        print(f"note: skipped {len(skipped)} symbolic link(s) in {path} that lead outside it: {shown} (set "
+              "data.follow_symlinks=true to read them)", file=sys.stderr, flush=True)
+    return files
+
+
+def load_documents(path: str | os.PathLike | None, cfg: Any, *, stats: dict | None = None,
+                   files: list[tuple[Path, str]] | None = None) -> list[Document]:
+    """Documents of `path` (None: the embedded default set) read with cfg.format / text_field / skip_bad_lines /
+    follow_symlinks; `files`, when given, is `listed_files(path, cfg)` already computed.
 
     `stats`, when given, receives files, documents, bad_lines_skipped, empty_files_skipped and per-kind counts."""
     counts = {"files": 0, "documents": 0, "bad_lines_skipped": 0, "empty_files_skipped": 0}
     skip_bad = bool(getattr(cfg, "skip_bad_lines", False))
     docs: list[Document] = []
-    files = data_files(path, getattr(cfg, "format", "auto"))
+    if files is None:
+        files = listed_files(path, cfg)
     for file, fmt in files:
         counts["files"] += 1
         bad_before = counts["bad_lines_skipped"]
@@ -194,9 +268,14 @@ def load_documents(path: str | os.PathLike | None, cfg: Any, *, stats: dict | No
             text = _read_text(file)
             found = [Document(kind="text", source=str(file), text=text)] if text.strip() else []
         if not found and counts["bad_lines_skipped"] == bad_before:
+            what = {"jsonl": "JSON lines", "parquet": "rows", "arrow": "rows"}.get(fmt, "text")
+            if len(files) == 1:
+                raise DataError(f"{file}: the file is empty (no {what}), and it is the only data file; put training "
+                                "data in it, or point data.path at another file or directory (data.path=null uses "
+                                "the embedded default data set).")
             if not skip_bad:
-                raise DataError(f"{file}:1: the file is empty (no {'JSON lines' if fmt == 'jsonl' else 'text'}); "
-                                f"expected training data; remove it, or set data.skip_bad_lines=true to skip it.")
+                raise DataError(f"{file}:1: the file is empty (no {what}); expected training data; remove it from "
+                                f"{path}, or set data.skip_bad_lines=true to skip it.")
             counts["empty_files_skipped"] += 1
         docs.extend(found)
     if not docs:

@@ -19,7 +19,12 @@ train_log.jsonl back to its step; train with a progress bar, a JSONL log line pe
 log_to: launch.loggers), held-out evaluation every eval_every steps and checkpoints every save_every steps (and on
 Ctrl-C / SIGTERM; none while steps are being skipped for NaN/Inf, and max_skipped_steps skipped in a row stop the
 run as diverged); at the end save, export a bf16 Hugging Face model with its model card (README.md) and write
-report.md with loss and memory curves.
+report.md with loss and memory curves. Until the first step each set-up phase prints a line with its duration
+(launch.report.Phases).
+
+(Over 450 lines on purpose: the run's set-up and loop read top to bottom in one function, which is what a user
+debugging a run follows; the pieces that stand alone live in launch.report, launch.run_dir, launch.loggers and
+launch.parallel.)
 """
 from __future__ import annotations
 
@@ -118,7 +123,7 @@ def model_loss(model, ids: torch.Tensor, labels: torch.Tensor, fused: bool) -> t
 
 
 def evaluate(model, eval_ids: torch.Tensor, eval_labels: torch.Tensor, batch_size: int,
-             device: torch.device, par=None, fused: bool = False) -> float:
+             device: torch.device, par=None, fused: bool = False, progress: bool = False) -> float:
     """Token-weighted mean loss over the held-out sequences. Several processes: each rank evaluates every
     world_size-th batch (all ranks run the same number of forwards, which ZeRO 3's weight gathers need) and the
     sums are added over the ranks."""
@@ -129,8 +134,10 @@ def evaluate(model, eval_ids: torch.Tensor, eval_labels: torch.Tensor, batch_siz
     rounds = math.ceil(len(starts) / world)
     model.eval()
     total_loss, total_tokens = 0.0, 0
-    with torch.no_grad():
-        for round_index in range(rounds):
+    from tqdm.auto import tqdm
+    with torch.no_grad():   # progress: a bar on a terminal (the first evaluation can take minutes on a busy CPU)
+        for round_index in tqdm(range(rounds), desc="evaluating", unit="batch", leave=False,
+                                disable=None if progress and rank == 0 else True):
             slot = round_index * world + rank
             start = starts[slot] if slot < len(starts) else starts[0]   # a spare forward keeps the ranks in step
             ids = eval_ids[start:start + batch_size].to(device)
@@ -151,7 +158,8 @@ def evaluate(model, eval_ids: torch.Tensor, eval_labels: torch.Tensor, batch_siz
 def train(cfg: TrainConfig) -> dict:
     """Set up the process layout, run, and tear down (explicitly, also after a failure of another rank)."""
     from launch.parallel import describe_failure, is_comm_failure, setup
-    from launch.run_dir import claim_output_dir
+    from launch.run_dir import claim_output_dir, missing_dirs, remove_unused_dirs
+    created = missing_dirs(Path(cfg.output_dir))
     par = setup(cfg, resolve_device)
     progress = {"step": None, "checkpoint": None}
     lock = None
@@ -159,6 +167,8 @@ def train(cfg: TrainConfig) -> dict:
         lock = claim_output_dir(par, check_output_dir)
         result = _train(par, progress)
     except Exception as err:
+        if par.is_main:
+            remove_unused_dirs(created)
         if par.distributed and is_comm_failure(err):
             print(f"error: {describe_failure(par, err, step=progress['step'], checkpoint=progress['checkpoint'])}",
                   file=sys.stderr, flush=True)
@@ -182,7 +192,7 @@ def _train(par, progress: dict) -> dict:
     from launch.preflight import check as preflight
     from launch.loggers import RunLogger
     from launch.preflight import fit_automatically
-    from launch.report import read_log, write_report
+    from launch.report import GIB, Phases, format_gib, format_seconds, memory_label, read_log, write_report
     from launch.run_dir import SkipStreak, check_compatible, choose_checkpoint, load_resumed_state, truncate_log
     from lowmem.checkpoint.store import python_random_state, save_checkpoint, set_python_random_state
     from lowmem.checkpoint.distributed import load_any_checkpoint, save_distributed_checkpoint
@@ -190,6 +200,8 @@ def _train(par, progress: dict) -> dict:
     cfg = par.cfg
     main = par.is_main
     say = print if main else (lambda *a, **k: None)
+    run_started = time.perf_counter()
+    phase = Phases(say)
     out = Path(cfg.output_dir)    # writable and locked by this run (claim_output_dir)
     ckpt_root = out / "checkpoints"
     resume_from = choose_checkpoint(par, ckpt_root)
@@ -200,10 +212,14 @@ def _train(par, progress: dict) -> dict:
     torch.manual_seed(cfg.seed)
 
     # Preflight from the config alone: a run that will not fit is refused before any weight is loaded.
-    model_config = load_model_config(cfg.model)
+    with phase(f"reading the model config of {cfg.model}", short="model config"):
+        model_config = load_model_config(cfg.model)   # converts a GGUF once (cached): minutes on a slow machine
     check_seq_len(cfg, model_config)
     verdict = preflight(cfg, model_config, device, zero_stage=par.zero_stage, world_size=par.world_size)
-    say(verdict.detail, flush=True)
+    mem_kind = memory_label(device.type)
+    say(verdict.detail + ("; the prediction counts the tensors the run keeps live, while the per-step figure on CPU "
+                          "is the process's peak resident memory (RSS: also Python, torch and library code), so "
+                          "expect that one higher" if device.type == "cpu" else ""), flush=True)
     fit_line = None
     if verdict.fits is False and cfg.fit == "auto":
         cfg, fit_line = fit_automatically(cfg, model_config, device, zero_stage=par.zero_stage,
@@ -212,7 +228,8 @@ def _train(par, progress: dict) -> dict:
         verdict = preflight(cfg, model_config, device, zero_stage=par.zero_stage, world_size=par.world_size)
     if verdict.fits is False and not cfg.force:
         raise UsageError(f"{verdict.detail}. Apply the fix as an override, or run anyway with force=true.")
-    loaded = load_model(cfg.model, dtype=dtype, tokenizer=cfg.tokenizer, seed=cfg.seed)
+    with phase("loading the model and tokenizer", short="model"):
+        loaded = load_model(cfg.model, dtype=dtype, tokenizer=cfg.tokenizer, seed=cfg.seed)
     model, tokenizer = loaded.model, loaded.tokenizer
     model.to(device)
     if cfg.gradient_checkpointing:
@@ -223,20 +240,25 @@ def _train(par, progress: dict) -> dict:
         return build_data(cfg.data, tokenizer, seq_len=cfg.seq_len, seed=cfg.seed,
                           cache_dir=cfg.data.cache_dir or cache_root() / "tokenized")
     # Rank 0 tokenises (and fills the cache) first; the others then read the cache instead of racing to write it.
-    data = load_data() if main else None
-    par.barrier()
-    if not main:
-        data = load_data()
+    with phase("tokenising the data", lambda: "from the cache" if data.stats.get("cache_hit") else
+               f"{data.stats.get('tokens', 0):,} tokens, cached for the next run", short="data"):
+        data = load_data() if main else None
+        par.barrier()
+        if not main:
+            data = load_data()
     global_rows = cfg.micro_batch_size * par.world_size
     if data.train.shape[0] < global_rows:
         raise UsageError(f"the data gives {data.train.shape[0]} training sequences of {cfg.seq_len} tokens, fewer "
                          f"than micro_batch_size x processes = {global_rows}; add data, lower seq_len or "
                          "micro_batch_size")
-    runtime = prepare(model, cfg.lowmem_config(), data_parallel=par.data_parallel)
+    with phase("preparing the lowmem runtime (INT8 weights, optimizer state, backward hooks)", short="runtime"):
+        runtime = prepare(model, cfg.lowmem_config(), data_parallel=par.data_parallel)
     sampler = BatchSampler(data.train.shape[0], global_rows, cfg.seed)
     if resume_from is not None:
-        model_state, runtime_state, meta = load_any_checkpoint(resume_from, rank=par.rank, verify=False)  # verified
-        load_resumed_state(runtime, model_state, runtime_state, resume_from)
+        with phase(f"loading checkpoint {resume_from}", short="checkpoint"):
+            model_state, runtime_state, meta = load_any_checkpoint(resume_from, rank=par.rank,
+                                                                   verify=False)   # verified by choose_checkpoint
+            load_resumed_state(runtime, model_state, runtime_state, resume_from)
         sampler.load_state_dict(meta["meta"]["data"])
         set_python_random_state(meta["meta"]["python_random"])
         progress["checkpoint"] = str(resume_from)
@@ -271,7 +293,7 @@ def _train(par, progress: dict) -> dict:
 
     def run_eval(step_count: int) -> float:
         loss = evaluate(model, data.eval, data.eval_labels, cfg.micro_batch_size, device,
-                        par if par.distributed else None, fused=cfg.fused_loss)
+                        par if par.distributed else None, fused=cfg.fused_loss, progress=step_count == 0)
         if main:
             log.write({"kind": "eval", "step": step_count, "eval_loss": loss, "perplexity": math.exp(min(loss, 50))})
         return loss
@@ -283,9 +305,15 @@ def _train(par, progress: dict) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True,
                disable=None if main else True)
     if cfg.eval_every and start_step == 0:
-        first_eval = run_eval(0)
+        with phase(f"evaluating the held-out loss before training ({data.eval.shape[0]} sequences)",
+                   short="first evaluation"):
+            first_eval = run_eval(0)
         if main:
             bar.write(f"step 0: eval loss {first_eval:.4f} (perplexity {math.exp(min(first_eval, 50)):.2f})")
+    setup_seconds = time.perf_counter() - run_started
+    if main and start_step == 0 < cfg.max_steps:   # a resumed run has its projectors from the checkpoint
+        bar.write("[setup] first step: it also computes the first projectors (a randomized SVD per weight "
+                  "matrix), so it takes longer than the rest")
     with StopFlag() as stop:
         for step in range(start_step, cfg.max_steps):
             progress["step"] = step
@@ -313,9 +341,13 @@ def _train(par, progress: dict) -> dict:
                 # No terminal (a log file, CI): one line per logged step instead of a bar.
                 print(f"step {step + 1}/{cfg.max_steps} loss {loss:.4f} lr {stats['lr']:.2e} "
                       f"grad_norm {stats['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s "
-                      f"peak {stats['peak_memory_bytes'] / 2**30:.2f} GiB", flush=True)
+                      f"{mem_kind} {stats['peak_memory_bytes'] / GIB:.2f} GiB", flush=True)
+            memory_key = "rss" if device.type == "cpu" else "cuda_peak"
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{stats['lr']:.2e}",
-                            gnorm=f"{stats['grad_norm']:.2f}", mem=f"{stats['peak_memory_bytes'] / 2**30:.2f}G")
+                            gnorm=f"{stats['grad_norm']:.2f}",
+                            **{memory_key: f"{stats['peak_memory_bytes'] / GIB:.2f}G"})
+            if step == start_step == 0 and main:
+                bar.write(f"[setup] first step: {format_seconds(seconds)}")
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 last_eval = run_eval(step + 1)
                 if main:
@@ -354,7 +386,16 @@ def _train(par, progress: dict) -> dict:
         return {"export": None, "checkpoint": str(final_ckpt), "eval_loss": last_eval, "step": steps_done,
                 "report": None, "main": False}
     log.close()
+    records = read_log(out / "train_log.jsonl")
+    measured_peak = max((r.get("peak_memory_bytes") or 0 for r in records if r.get("kind") == "train"), default=0)
+    total_seconds = time.perf_counter() - run_started
+    predicted = verdict.predicted_peak_bytes
     summary = {"model": loaded.source, "steps": steps_done, "tokens per step": tokens_per_step,
+               "run time": f"{format_seconds(total_seconds)} (set-up {format_seconds(setup_seconds)}: "
+                           + ", ".join(f"{name} {format_seconds(sec)}" for name, sec in phase.durations) + ")",
+               "peak memory": f"{format_gib(measured_peak)} {mem_kind} (measured)"
+                              + (f"; predicted peak {format_gib(predicted)} of live tensors (memory preflight)"
+                                 if predicted else ""),
                "final eval loss": f"{last_eval:.4f}", "final perplexity": f"{math.exp(min(last_eval, 50)):.2f}",
                "skipped steps": runtime.skipped_steps, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                "processes": f"{par.world_size} (ZeRO stage {par.zero_stage})" if par.distributed else "1",
@@ -362,7 +403,8 @@ def _train(par, progress: dict) -> dict:
                "memory plan": fit_line or verdict.detail,
                "data": f"{data.stats.get('files', '?')} files, {data.train.shape[0]} train / "
                        f"{data.eval.shape[0]} eval sequences of {cfg.seq_len} tokens"}
-    report = write_report(out, config_yaml=config_yaml, records=read_log(out / "train_log.jsonl"), summary=summary)
+    report = write_report(out, config_yaml=config_yaml, records=records, summary=summary,
+                          predicted_peak_bytes=predicted, memory_kind=mem_kind)
     return {"report": str(report), "export": str(export_dir) if export_dir else None, "checkpoint": str(final_ckpt),
             "eval_loss": last_eval, "step": steps_done}
 
@@ -443,7 +485,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.args)
         if overrides and "=" not in overrides[0]:
             config_path = overrides.pop(0)
-        cfg = load_train_config(config_path, overrides)
+        notes: list[str] = []
+        cfg = load_train_config(config_path, overrides, notes=notes)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
         if args.print_config:
             print(config_to_yaml(cfg), end="")
             return 0

@@ -73,6 +73,8 @@ def converted_gguf_dir(gguf: Path) -> Path:
     from lowmem.checkpoint.export import export_hf
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[setup] converting {gguf.name} to a Hugging Face model, once (dequantising takes minutes on a busy "
+          f"machine); cached in {target}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers marks a GGUF-loaded model as quantised and refuses save_pretrained; the weights are plain fp32
@@ -133,12 +135,32 @@ def resolve_model_dir(spec: str) -> Path:
         try:
             from huggingface_hub import snapshot_download
             return Path(snapshot_download(spec, local_files_only=True))
-        except Exception as err:  # noqa: BLE001 - any hub failure means "not in the local cache"
-            tried.append(f"Hugging Face cache entry {spec!r} ({type(err).__name__}: not downloaded)")
+        except Exception as err:  # noqa: BLE001 - any hub failure means "not usable from the local cache"
+            tried.append(f"the local Hugging Face cache ({_hub_problem(spec, err)})")
     raise ModelNotFoundError(
         f"model {spec!r} not found. Tried: {'; '.join(tried)}. Give a Hugging Face model directory, a .gguf file, a "
         f"config.json (train from scratch), a Hub id already in the local cache (download it first with "
-        f"`huggingface-cli download {spec}` on a machine with network), or '{EMBEDDED_MODEL}' for the shipped model.")
+        f"`{download_command(spec)}` on a machine with network), or '{EMBEDDED_MODEL}' for the shipped model.")
+
+
+def download_command(spec: str) -> str:
+    """The download command of the installed huggingface_hub: `hf download` (huggingface_hub >= 0.34 ships the `hf`
+    CLI; `huggingface-cli` was removed in 1.0), else `huggingface-cli download` for older installs."""
+    try:
+        from importlib.metadata import version
+        major, minor = (int(part) for part in version("huggingface_hub").split(".")[:2])
+    except Exception:  # noqa: BLE001 - not installed or an odd version string: name the current command
+        major, minor = 1, 0
+    return f"{'hf' if (major, minor) >= (0, 34) else 'huggingface-cli'} download {spec}"
+
+
+def _hub_problem(spec: str, err: Exception) -> str:
+    name = type(err).__name__
+    if name == "HFValidationError":
+        return "not a valid Hub id: expected 'name' or 'organisation/name'"
+    if name in ("LocalEntryNotFoundError", "RepositoryNotFoundError", "EntryNotFoundError"):
+        return f"{spec!r} has not been downloaded on this machine"
+    return f"{spec!r} could not be read from it: {str(err)[:200]}"
 
 
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, tokenizer: str | None = None,

@@ -1,14 +1,57 @@
-"""The run's log and final report: a JSONL line per step, then report.md with loss and memory curves (PNG)."""
+"""What a run shows: a line per set-up phase with its duration (`Phases`), a JSONL line per step (`StepLog`), and
+the final report.md with run time, peak memory and loss and memory curves (PNG)."""
 from __future__ import annotations
 
 import json
 import math
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+GIB = 2**30
+
+
+def memory_label(device_type: str) -> str:
+    """What the per-step memory figure is: the process's peak resident set on CPU (Python, torch and library code
+    included), the CUDA allocator's peak on GPU."""
+    return "peak RSS" if device_type == "cpu" else "peak CUDA allocated"
+
+
+def format_gib(n_bytes: float) -> str:
+    return f"{n_bytes / GIB:.3g} GiB"
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+class Phases:
+    """Says what the run is doing between start and the first step (model conversion, tokenising, preparing the
+    optimizer, the first evaluation): a line when a phase starts, one with its duration when it ends. `durations`
+    keeps (name, seconds) for the report."""
+
+    def __init__(self, say: Callable[..., None]):
+        self.say = say
+        self.durations: list[tuple[str, float]] = []
+
+    @contextmanager
+    def __call__(self, what: str, done: Callable[[], str] | None = None, *, short: str | None = None
+                 ) -> Iterator[None]:
+        """`what` is printed; `short` (default `what`) names the phase in the report; `done()` adds a detail."""
+        self.say(f"[setup] {what} ...", flush=True)
+        started = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - started
+        self.durations.append((short or what, seconds))
+        extra = f" ({done()})" if done is not None else ""
+        self.say(f"[setup] {what}: {format_seconds(seconds)}{extra}", flush=True)
 
 
 class StepLog:
@@ -46,7 +89,8 @@ def read_log(path: Path) -> list[dict]:
     return records
 
 
-def _plot(records: list[dict], out: Path) -> tuple[Path, Path]:
+def _plot(records: list[dict], out: Path, *, predicted_peak_bytes: int | None = None,
+          memory_kind: str = "peak memory") -> tuple[Path, Path]:
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval"]
     mem = [(r["step"], r["peak_memory_bytes"] / 2**30) for r in records if r.get("kind") == "train"]
@@ -63,11 +107,18 @@ def _plot(records: list[dict], out: Path) -> tuple[Path, Path]:
     fig.tight_layout()
     fig.savefig(loss_png, dpi=100)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
     if mem:
-        ax.plot(*zip(*mem))
+        ax.plot(*zip(*mem), label=f"{memory_kind} (measured per step)")
+    if predicted_peak_bytes:
+        ax.axhline(predicted_peak_bytes / GIB, color="tab:orange", linestyle="--",
+                   label="predicted peak (live tensors, memory preflight)")
+    ax.set_ylim(bottom=0)   # from zero: a 7% rise must not look like a doubling
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("peak memory (GiB)")
+    ax.set_ylabel("GiB")
+    ax.set_title(f"memory: {memory_kind} vs the preflight's prediction" if predicted_peak_bytes else memory_kind)
+    if mem or predicted_peak_bytes:
+        ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(mem_png, dpi=100)
@@ -75,9 +126,11 @@ def _plot(records: list[dict], out: Path) -> tuple[Path, Path]:
     return loss_png, mem_png
 
 
-def write_report(out_dir: Path, *, config_yaml: str, records: list[dict], summary: dict) -> Path:
-    """report.md (+ loss.png, memory.png) in out_dir; returns the markdown path."""
-    loss_png, mem_png = _plot(records, out_dir)
+def write_report(out_dir: Path, *, config_yaml: str, records: list[dict], summary: dict,
+                 predicted_peak_bytes: int | None = None, memory_kind: str = "peak memory") -> Path:
+    """report.md (+ loss.png, memory.png) in out_dir; returns the markdown path. The memory plot shows the logged
+    per-step figure (`memory_kind` says which: memory_label()) from 0 GiB and the predicted peak as a line."""
+    loss_png, mem_png = _plot(records, out_dir, predicted_peak_bytes=predicted_peak_bytes, memory_kind=memory_kind)
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     lines = ["# lowmem fine-tuning run", ""]

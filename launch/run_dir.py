@@ -16,6 +16,9 @@ what a diverged run leaves behind. launch.finetune calls these in this order.
 - `SkipStreak`: max_skipped_steps consecutive skipped steps stop the run; the checkpoints that hold the state which
   produced them are renamed `diverged-step-N` (`set_aside_diverged`: kept for inspection, never picked by
   resume=auto), so the newest `step-N` is the last good one.
+- `missing_dirs` / `remove_unused_dirs`: the directories a run creates, removed again (with only its own hidden files
+  in them: the write probe, the lock) when the run fails before writing anything, so a typo in the model name
+  leaves no empty outputs/... behind.
 Every failure here is a `RunDirError`: one paragraph for the user, exit 2.
 """
 from __future__ import annotations
@@ -323,3 +326,29 @@ class SkipStreak:
         good = list_checkpoints(ckpt_root)
         raise RunDirError(_divergence_message(self.limit, self.lr, self.first_step, self.last_step, self.nonfinite,
                                               good[-1] if good else None, aside))
+
+
+# ---- the directories a run creates, removed again when it fails before writing anything -------------------------
+
+def missing_dirs(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first (what this run would create)."""
+    missing, current = [], path.absolute()
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    return missing
+
+
+def remove_unused_dirs(created: list[Path]) -> None:
+    """After a run that failed before writing anything: remove the directories it created (deepest first) that hold
+    nothing but its own hidden files (the write probe, a lock), so a typo leaves no empty outputs/... behind."""
+    for folder in created:
+        try:
+            entries = list(folder.iterdir()) if folder.is_dir() else None
+            if entries is None or any(not e.name.startswith(".") or not e.is_file() for e in entries):
+                return
+            for entry in entries:
+                entry.unlink()
+            folder.rmdir()
+        except OSError:
+            return

@@ -16,13 +16,14 @@ import dataclasses
 import difflib
 import json
 import math
+import reprlib
 import textwrap
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from fnmatch import fnmatchcase
 from typing import Any, Callable
 
-__all__ = ["ConfigError", "LowMemConfig", "RUN_WIDE_FIELDS", "closest_key", "matches", "unknown_key_error"]
+__all__ = ["ConfigError", "LowMemConfig", "RUN_WIDE_FIELDS", "brief", "closest_key", "matches", "unknown_key_error"]
 
 OverrideItems = tuple  # ((pattern, ((field, value), ...)), ...) — see the module docstring
 
@@ -33,6 +34,34 @@ RUN_WIDE_FIELDS = ("lr", "lr_schedule", "warmup_steps", "total_steps", "min_lr_r
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message says which, and what is allowed."""
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxstring = _BRIEF.maxother = 60
+_BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = _BRIEF.maxset = 6
+_BRIEF.maxlevel = 3
+BRIEF_CHARS = 160   # the most characters of a value an error message echoes
+
+
+def brief(value: Any) -> str:
+    """repr(value) for an error message, bounded: long strings, big containers (a YAML alias expansion), deep
+    nesting and huge ints are cut with an ellipsis and their size, and the cost is bounded too (reprlib looks at a
+    few items per level, never the whole value)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"<an int of {value.bit_length() * 0.30103:.0f} digits>"   # repr() may refuse > 4300 digits
+    try:
+        text = _BRIEF.repr(value)
+    except (ValueError, RecursionError):
+        text = f"<{type(value).__name__}>"
+    size = ""
+    if isinstance(value, (str, bytes)) and len(value) > _BRIEF.maxstring:
+        size = f" ({len(value)} chars)"
+    elif isinstance(value, (list, tuple, dict, set, frozenset)) and len(value) > _BRIEF.maxlist:
+        size = f" ({len(value)} items)"
+    if len(text) > BRIEF_CHARS:
+        text = text[:BRIEF_CHARS - 1] + "\N{HORIZONTAL ELLIPSIS}"
+        size = size or " (cut)"
+    return text + size
 
 
 def closest_key(name: str, candidates: Iterable[str]) -> str | None:
@@ -52,8 +81,8 @@ def unknown_key_error(name: Any, candidates: Iterable[str], *, what: str = "key"
     candidates = list(candidates)
     best = closest_key(str(name), candidates)
     if best is not None:
-        return ConfigError(f"unknown {what} {name!r}; did you mean {best!r}?")
-    return ConfigError(f"unknown {what} {name!r}; valid {what}s: {', '.join(candidates)}")
+        return ConfigError(f"unknown {what} {brief(name)}; did you mean {best!r}?")
+    return ConfigError(f"unknown {what} {brief(name)}; valid {what}s: {', '.join(candidates)}")
 
 
 def matches(name: str, patterns: Iterable[str] | str) -> bool:
@@ -66,7 +95,7 @@ def matches(name: str, patterns: Iterable[str] | str) -> bool:
 # ---- per-field checks: (field name, value) -> normalized value, or ConfigError ------------------------------------
 
 def _fail(name: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{name} must be {allowed}, got {value!r}")
+    return ConfigError(f"{name} must be {allowed}, got {brief(value)}")
 
 
 def _with_allowed(check: Callable[[str, Any], Any], allowed: str) -> Callable[[str, Any], Any]:
@@ -74,8 +103,12 @@ def _with_allowed(check: Callable[[str, Any], Any], allowed: str) -> Callable[[s
     return check
 
 
-def _int(lo: int, hi: int | None = None) -> Callable[[str, Any], int]:
-    allowed = f"an int >= {lo}" if hi is None else f"an int in [{lo}, {hi}]"
+INT_CAP = 2**31 - 1   # the largest count a field accepts unless it says otherwise: step counters, sizes and
+#                      their products must stay far inside int64 (a 10**21 accumulation overflowed in backward)
+
+
+def _int(lo: int, hi: int = INT_CAP) -> Callable[[str, Any], int]:
+    allowed = f"an int in [{lo}, {hi}]"
 
     def check(name: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
@@ -415,8 +448,9 @@ def _normalize_overrides(value: Any) -> OverrideItems:
     out = []
     for pattern, body in pairs:
         if not isinstance(pattern, str) or not pattern:
-            raise ConfigError(f"overrides keys must be non-empty fnmatch pattern strings, got {pattern!r}")
-        where = f"overrides[{pattern!r}]"
+            raise ConfigError(f"overrides keys must be non-empty fnmatch pattern strings, got "
+                              f"{brief(pattern)}")
+        where = f"overrides[{brief(pattern)}]"
         if isinstance(body, Mapping):
             items = list(body.items())
         elif isinstance(body, (tuple, list)) and all(isinstance(i, (tuple, list)) and len(i) == 2 for i in body):
@@ -430,7 +464,7 @@ def _normalize_overrides(value: Any) -> OverrideItems:
             if key not in _FIELDS:
                 raise ConfigError(f"{where}: {unknown_key_error(key, _FIELDS)}")
             if key in RUN_WIDE_FIELDS:
-                raise ConfigError(f"{where}: {key!r} is a run-wide setting and cannot be overridden per module "
+                raise ConfigError(f"{where}: {brief(key)} is a run-wide setting and cannot be overridden per module "
                                   f"(run-wide: {', '.join(RUN_WIDE_FIELDS)})")
             checked.append((key, _FIELDS[key].metadata["check"](f"{where}.{key}", item)))
         out.append((pattern, tuple(checked)))

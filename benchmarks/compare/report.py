@@ -130,7 +130,7 @@ def reading(results: list[MethodResult]) -> list[Claim]:
                             f"mean step {ref.mean_step_seconds:.3f} s (galore-torch) vs {low.mean_step_seconds:.3f} s "
                             f"(lowmem): {speedup:.2f}x"))
 
-    name = "lowmem: step time >= 0.9x of bf16 AdamW's speed (DESIGN §8)"
+    name = "lowmem: step time >= 0.9x of bf16 AdamW's speed (the project's goal)"
     (low, bf16), why = _need(results, "lowmem", BASELINE_BF16)
     if why:
         claims.append(_missing(name, why))

@@ -23,7 +23,8 @@ def main() -> None:
     out = Path(sys.argv[1])
     from hooks.runtime import prepare
     from lowmem.distributed import DataParallel, init_distributed, shutdown
-    comm = init_distributed(device=torch.device("cpu"), timeout_s=120)
+    # A collective waits this long for the other rank (which may still be importing torch on a busy machine).
+    comm = init_distributed(device=torch.device("cpu"), timeout_s=600)
     rank, world = comm.rank, comm.world_size
     rows = GLOBAL_BATCH // world
     # "0".."3": ZeRO stages with lowmem_config(); the names in tiny_run.SCENARIOS: that change of it ("bytes" at

@@ -14,7 +14,11 @@ import pytest
 
 from lowmem.checkpoint.store import list_checkpoints
 
-pytestmark = [pytest.mark.multi_gpu, pytest.mark.slow]
+# A 2-process run of the tiny model takes about a minute on an idle 2-core machine (start-up of torch and deepspeed
+# in each process dominates); the limits are 20x that, for a busy machine, and only catch a hang.
+RUN_TIMEOUT_S = 1200
+SURVIVOR_TIMEOUT_S = 600
+pytestmark = [pytest.mark.multi_gpu, pytest.mark.slow, pytest.mark.timeout(3 * RUN_TIMEOUT_S)]
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -38,7 +42,7 @@ def test_deepspeed_launcher_zero2_then_resume_on_one_process(args, tmp_path):
     argv = [a for a in args if not a.startswith("output_dir=")] + [f"output_dir={run}"]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            "--module", "launch.finetune", *argv, "deepspeed=launch/configs/ds_zero2.json"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dist_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=dist_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "data parallel: 2 processes, ZeRO stage 2" in proc.stdout
     assert proc.stdout.count("done: 8 steps") == 1                      # rank 0 reports, once
@@ -57,7 +61,7 @@ def test_deepspeed_launcher_zero2_then_resume_on_one_process(args, tmp_path):
 
     # The same command on one process with more steps continues from the 2-process checkpoint.
     one = subprocess.run([sys.executable, "-m", "launch.finetune", *argv, "max_steps=10"], cwd=REPO,
-                         env=dist_env(), capture_output=True, text=True, timeout=300)
+                         env=dist_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "resumed from" in one.stdout and "written by 2 process(es)" in one.stdout
     assert [r["step"] for r in read_log(run) if r["kind"] == "train"][-2:] == [9, 10]
@@ -77,21 +81,26 @@ def test_killed_rank_stops_the_other_with_a_clear_error_then_resume(args, tmp_pa
         "deepspeed=launch/configs/ds_zero3.json", "dist_timeout_s=60"]
     port = free_port()
     ranks = [spawn_rank(r, port, argv) for r in (0, 1)]
-    deadline = time.time() + 240
+    deadline = time.time() + RUN_TIMEOUT_S
     while time.time() < deadline and not list_checkpoints(run / "checkpoints"):
         assert all(p.poll() is None for p in ranks), [p.communicate()[1][-2000:] for p in ranks]
         time.sleep(0.2)
-    assert list_checkpoints(run / "checkpoints"), "no checkpoint within 240 s"
+    assert list_checkpoints(run / "checkpoints"), f"waited {RUN_TIMEOUT_S} s for the 2-rank run's first checkpoint"
     time.sleep(1.0)
     ranks[1].send_signal(signal.SIGKILL)
     started = time.time()
-    _, err = ranks[0].communicate(timeout=120)           # no hang: well within dist_timeout_s + margin
+    # No hang: the survivor gives up after dist_timeout_s (60 s) plus its own teardown; the limits below are that
+    # plus headroom for a busy machine, and say what they waited for.
+    try:
+        _, err = ranks[0].communicate(timeout=SURVIVOR_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"waited {SURVIVOR_TIMEOUT_S} s for rank 0 to stop after rank 1 was killed (dist_timeout_s=60)")
     waited = time.time() - started
-    ranks[1].wait(timeout=30)
+    ranks[1].wait(timeout=120)
     assert ranks[0].returncode == 2, err[-2000:]
     assert "rank 0 of 2 lost contact with the other processes" in err
     assert "run the same command again to resume" in err
-    assert waited < 90
+    assert waited < SURVIVOR_TIMEOUT_S
     last = list_checkpoints(run / "checkpoints")[-1]
     done_before = int(last.name.split("-")[1])
     assert 0 < done_before < 30
@@ -99,7 +108,7 @@ def test_killed_rank_stops_the_other_with_a_clear_error_then_resume(args, tmp_pa
     port = free_port()
     argv = [a for a in argv if not a.startswith("max_steps=")] + [f"max_steps={done_before + 4}"]
     ranks = [spawn_rank(r, port, argv) for r in (0, 1)]
-    outs = [p.communicate(timeout=300) for p in ranks]
+    outs = [p.communicate(timeout=RUN_TIMEOUT_S) for p in ranks]
     assert [p.returncode for p in ranks] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert f"resumed from {last}" in outs[0][0]
     steps = [r["step"] for r in read_log(run) if r["kind"] == "train"]

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.multi_gpu, pytest.mark.slow]
+# The quick benchmark takes a few minutes on an idle 2-core machine; the limit is a hang guard for a busy one.
+QUICK_RUN_TIMEOUT_S = 2400
+pytestmark = [pytest.mark.multi_gpu, pytest.mark.slow, pytest.mark.timeout(QUICK_RUN_TIMEOUT_S + 600)]
 
 REPO = Path(__file__).resolve().parents[3]
 NUMBER = re.compile(r"^-?\d+(\.\d+)?(e[-+]?\d+)?$")
@@ -33,7 +35,8 @@ def quick_run(tmp_path_factory):
     report, data = out / "report.md", out / "numbers.json"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.distributed", "--quick", "--report", str(report),
-                           "--json", str(data)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                           "--json", str(data)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=QUICK_RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return report.read_text(), json.loads(data.read_text())
 

@@ -159,10 +159,22 @@ def test_bad_line_names_file_line_and_problem(tmp_path, line, problem):
 
 
 @pytest.mark.parametrize("name", ["empty.jsonl", "empty.txt"])
-def test_empty_file(tmp_path, name):
+@pytest.mark.parametrize("skip_bad_lines", [False, True])
+def test_empty_file(tmp_path, name, skip_bad_lines):
+    """The only data file empty: skipping it cannot help, so the message says to fill it or point elsewhere; one
+    empty file among others: remove it or skip it."""
     (tmp_path / name).write_text("\n  \n")
-    with pytest.raises(D.DataError, match=f"{name}:1: the file is empty"):
-        D.load_documents(str(tmp_path / name), Cfg())
+    with pytest.raises(D.DataError, match=f"{name}: the file is empty .*, and it is the only data file; put "
+                                          "training data in it, or point data.path at another") as e:
+        D.load_documents(str(tmp_path / name), Cfg(skip_bad_lines=skip_bad_lines))
+    assert "skip_bad_lines" not in str(e.value)
+    (tmp_path / "other.txt").write_text("some text")
+    if skip_bad_lines:
+        assert [d.text for d in D.load_documents(str(tmp_path), Cfg(skip_bad_lines=True))] == ["some text"]
+    else:
+        with pytest.raises(D.DataError, match=f"{name}:1: the file is empty .* remove it from .*, or set "
+                                              "data.skip_bad_lines=true"):
+            D.load_documents(str(tmp_path), Cfg())
 
 
 def test_not_utf8(tmp_path):
