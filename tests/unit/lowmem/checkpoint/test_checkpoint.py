@@ -21,7 +21,7 @@ from lowmem.checkpoint.store import (SCHEMA_VERSION, CheckpointError, latest_che
                                resolve_resume, save_checkpoint)
 from lowmem.model.int8_linear import Int8Linear
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[4]
 
 
 def tiny_llama(seed: int = 0) -> nn.Module:
