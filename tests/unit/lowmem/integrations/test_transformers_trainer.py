@@ -188,9 +188,10 @@ def test_refuses_what_cannot_work(tmp_path):
     with pytest.raises(ValueError, match="fp16=True: lowmem has no loss scaling"):
         check_trainer_args(SimpleNamespace(deepspeed=None, optim=args(tmp_path).optim, torch_compile=False,
                                            fp16=True, fsdp=None, load_best_model_at_end=False, world_size=1, n_gpu=1))
-    # Parameters swapped after prepare (here: embeddings resized) would leave the runtime training a stale copy.
+    # Parameters swapped after prepare would leave the runtime training a stale copy (here: the float head replaced by
+    # a new Parameter, as resizing it would; the input embedding is an INT8 weight by default and has no `.weight`).
     trainer = LowMemTrainer(model=tiny_llama(), args=args(tmp_path), train_dataset=data)
-    trainer.model.resize_token_embeddings(VOCAB + 8)
+    trainer.model.lm_head.weight = torch.nn.Parameter(trainer.model.lm_head.weight.detach().clone())
     with pytest.raises(RuntimeError, match="(lm_head|embed_tokens).weight.* replaced after lowmem prepared"):
         trainer.train()
     # An epoch of 5 batches cannot be split into steps of 2 micro-batches.
