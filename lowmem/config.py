@@ -9,6 +9,9 @@ Per-module overrides `{"*.q_proj": {"rank": 64}}` are stored as a tuple of (patt
 config stays hashable; `for_module(name)` applies every matching override in insertion order. Run-wide fields
 (learning-rate schedule, accumulation, clipping mode, seed, module selection) cannot be overridden per module,
 because the runtime reads them once from the top-level config and a per-module value would be silently ignored.
+
+Length: one dataclass of ~50 fields, each with its help sentence and check, plus the small validators they share;
+splitting the fields across modules would scatter the one place a user reads to learn every knob.
 """
 from __future__ import annotations
 
