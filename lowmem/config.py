@@ -261,6 +261,11 @@ class LowMemConfig:
                                 _int(1))
     stochastic_rounding: bool = _f(True, "Round INT8 weight updates stochastically (unbiased) instead of to "
                                          "nearest; True or False.", _bool)
+    compile: bool = _f(True, "Run the INT8 hot kernels (SR weight update, dequantisation, noise) compiled with "
+                             "torch.compile (C++ on CPU, Triton on CUDA; bit-identical to eager; compiled once per "
+                             "process, cached on disk in TORCHINDUCTOR_CACHE_DIR). Falls back to eager with one "
+                             "warning where no compiler works; the environment variable LOWMEM_COMPILE=0 forces "
+                             "eager. True or False.", _bool)
     target_modules: tuple[str, ...] = _f(("*",), "fnmatch patterns of nn.Linear module names that get the low-rank "
                                          "treatment.", _patterns)
     exclude_modules: tuple[str, ...] = _f(("*lm_head", "*embed*"), "fnmatch patterns of module names excluded from "

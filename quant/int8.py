@@ -22,8 +22,8 @@ from typing import Callable, Union
 
 import torch
 
-from quant import _checks
-from quant.noise import counter_uniform
+from quant import _checks, compiled
+from quant.noise import _mix64, counter_uniform, stream_key
 
 BLOCK_SIZE = 256
 _QMAX = 127
@@ -179,7 +179,14 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, *, block_size: int = 
         raise ValueError(f"need 0 <= row_start <= row_end <= {m}, got row_start={row_start}, row_end={row_end}")
     if check_values:
         _checks.finite(scales[row_start:row_end], "scales")
-    out = _dequantize_rows(q[row_start:row_end], scales[row_start:row_end], block_size)
+    if compiled.enabled():
+        return compiled.dequantize(q[row_start:row_end], scales[row_start:row_end], block_size=block_size,
+                                   dtype=dtype, eager=_dequantize_eager)
+    return _dequantize_eager(q[row_start:row_end], scales[row_start:row_end], block_size, dtype)
+
+
+def _dequantize_eager(q: torch.Tensor, scales: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    out = _dequantize_rows(q, scales, block_size)
     return out if dtype == torch.float32 else out.to(dtype)
 
 
@@ -225,10 +232,14 @@ def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Te
             _checks.finite(delta, "delta")
     if m == 0 or n == 0:
         return
+    use_compiled = compiled.enabled()
+    key = stream_key(seed, stream, step) if use_compiled else 0
     for r0 in range(0, m, rows_per_chunk):
         r1 = min(m, r0 + rows_per_chunk)
-        w = _dequantize_rows(q[r0:r1], scales[r0:r1], block_size)
         if from_callable:
+            w = (compiled.dequantize(q[r0:r1], scales[r0:r1], block_size=block_size, dtype=torch.float32,
+                                     eager=_dequantize_eager) if use_compiled
+                 else _dequantize_rows(q[r0:r1], scales[r0:r1], block_size))
             d = delta(r0, r1, w)
             name = f"delta_rows({r0}, {r1})"
             _check_delta(d, q, name, (r1 - r0, n))
@@ -238,9 +249,26 @@ def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Te
                 _checks.finite(d, name, where=f" (rows {r0}..{r1 - 1}; rows before {r0} are already updated)")
         else:
             d = delta[r0:r1]
-        w.add_(d)
-        _quantize_rows_(w, q[r0:r1], scales[r0:r1], block_size=block_size, stochastic=stochastic, seed=seed,
-                        stream=stream, step=step, row_start=r0)
+        if use_compiled:
+            # One fused kernel for the chunk; its eager fallback is exactly the path below.
+            def eager(q_rows, s_rows, d_rows, r0=r0):
+                _sr_rows_eager_(q_rows, s_rows, d_rows, block_size=block_size, stochastic=stochastic, seed=seed,
+                                stream=stream, step=step, row_start=r0)
+            compiled.sr_chunk_(q[r0:r1], scales[r0:r1], d, key=key, counter_start=r0 * n, block_size=block_size,
+                               stochastic=stochastic, mix64=_mix64, eager=eager)
+        else:
+            _sr_rows_eager_(q[r0:r1], scales[r0:r1], d, block_size=block_size, stochastic=stochastic, seed=seed,
+                            stream=stream, step=step, row_start=r0, w=w if from_callable else None)
+
+
+def _sr_rows_eager_(q: torch.Tensor, scales: torch.Tensor, d: torch.Tensor, *, block_size: int, stochastic: bool,
+                    seed: int, stream: int, step: int, row_start: int, w: torch.Tensor | None = None) -> None:
+    """The reference twin of one chunk: q (r, n) int8 and scales (r, nb) fp32 <- requantize(q * s + d).
+    w: the chunk already dequantized (fp32, overwritten), if the caller has it."""
+    w = _dequantize_rows(q, scales, block_size) if w is None else w
+    w.add_(d)
+    _quantize_rows_(w, q, scales, block_size=block_size, stochastic=stochastic, seed=seed, stream=stream,
+                    step=step, row_start=row_start)
 
 
 def _check_delta(d, q: torch.Tensor, name: str, shape: tuple[int, int]) -> None:
