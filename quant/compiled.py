@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,14 @@ def enabled() -> bool:
     return _configured and _failed is None and not env_disabled() and not torch.compiler.is_compiling()
 
 
+def wanted() -> bool:
+    """Whether callers should route through `call`: enabled(), or being traced by the caller's own torch.compile
+    with compilation not switched off (then `call` inlines the plain kernel ops into that graph)."""
+    if torch.compiler.is_compiling():
+        return _configured and not env_disabled()
+    return enabled()
+
+
 def failure() -> str | None:
     """The one-line reason compilation was given up in this process, or None."""
     return _failed
@@ -123,7 +132,9 @@ def call(name: str, fn: Callable, eager: Callable, *args, **static):
     global _failed, _compile_s
     if torch.compiler.is_compiling() and _configured and not env_disabled():
         return fn(*args, **static)  # inside the caller's torch.compile: the kernel's plain ops join its graph
-    if not enabled():
+    if not enabled() or _get_current_dispatch_mode() is not None:
+        # A TorchDispatchMode (lowmem.memory's live-bytes meter, a profiler mode) sees each aten op: the eager twin
+        # gives it the ops it expects, and dynamo does not trace under such modes.
         return eager(*args, **static)
     cache_key = (name, *sorted(static.items(), key=lambda item: item[0]))
     kernel = _kernels.get(cache_key)

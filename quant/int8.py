@@ -179,7 +179,7 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, *, block_size: int = 
         raise ValueError(f"need 0 <= row_start <= row_end <= {m}, got row_start={row_start}, row_end={row_end}")
     if check_values:
         _checks.finite(scales[row_start:row_end], "scales")
-    if compiled.enabled():
+    if compiled.wanted():
         return compiled.dequantize(q[row_start:row_end], scales[row_start:row_end], block_size=block_size,
                                    dtype=dtype, eager=_dequantize_eager)
     return _dequantize_eager(q[row_start:row_end], scales[row_start:row_end], block_size, dtype)
@@ -232,7 +232,7 @@ def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Te
             _checks.finite(delta, "delta")
     if m == 0 or n == 0:
         return
-    use_compiled = compiled.enabled()
+    use_compiled = compiled.wanted()
     key = stream_key(seed, stream, step) if use_compiled else 0
     for r0 in range(0, m, rows_per_chunk):
         r1 = min(m, r0 + rows_per_chunk)

@@ -97,7 +97,7 @@ def counter_uniform(numel: int, *, seed: int, stream: int, step: int, offset: in
     out = torch.empty(numel, dtype=torch.float32, device=device)
     if numel == 0:
         return out
-    if compiled.enabled():
+    if compiled.wanted():
         for pos in range(0, numel, _COMPILED_PIECE):  # a piece spans at most two 2**32 counter segments
             piece = out[pos:pos + _COMPILED_PIECE]
             compiled.uniform_(piece, key=key, offset=offset + pos, mix64=_mix64,

@@ -257,3 +257,45 @@ def test_cuda_bit_identical(shape):
     assert torch.equal(q_c, q_e) and torch.equal(s_c, s_e) and torch.equal(u_c, u_e)
     q_cpu, s_cpu, u_cpu = run("cpu")
     assert torch.equal(q_c, q_cpu) and torch.equal(s_c, s_cpu) and torch.equal(u_c, u_cpu)
+
+
+def test_dequantize_traces_into_callers_graph():
+    """Inside a caller's torch.compile (Int8Linear's forward or grad_input compiled with the model), dequantisation
+    is plain traceable ops: no graph break, and the compiled layer agrees with eager (to fp32 matmul rounding: the
+    compiled matmul may sum in another order)."""
+    q, s = quantize_int8(torch.randn(5, 300, generator=torch.Generator().manual_seed(3)))
+
+    def layer(x, q, s):
+        return x @ dequantize_int8(q, s, dtype=torch.float32, check_values=False).T
+
+    x = torch.randn(2, 300)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(layer)(x, q, s)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled.set_enabled(False)
+    expected = layer(x, q, s)
+    compiled.set_enabled(True)
+    torch.testing.assert_close(torch.compile(layer)(x, q, s), expected)  # fp32 defaults: rtol 1.3e-6, atol 1e-5
+
+
+def test_under_dispatch_mode_runs_eager_twin():
+    """Under a TorchDispatchMode (lowmem.memory's live-bytes meter) the eager twin runs: same bytes, no error."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountOps.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    w, delta = weights(4, 300)
+    q, s = quantize_int8(w)
+    q_ref, s_ref = q.clone(), s.clone()
+    compiled.set_enabled(False)
+    sr_update_int8_(q_ref, s_ref, delta, **KEY)
+    compiled.set_enabled(True)
+    with CountOps():
+        sr_update_int8_(q, s, delta, **KEY)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    assert CountOps.ops > 10 and compiled.failure() is None  # the eager ops were seen one by one
