@@ -29,6 +29,7 @@ BLOCK_SIZE = 256
 _QMAX = 127
 _CHUNK_ELEMS = 1 << 15  # per row chunk on CPU: in cache, and at torch's grain size ops run on one thread (as moments8)
 _CHUNK_ELEMS_GPU = 1 << 22  # on GPUs: 16 MiB buffers, few enough chunks that kernel launches do not dominate
+_CHUNK_ELEMS_COMPILED = 1 << 20  # compiled SR update: a dynamo call costs ~0.1 ms, a 2**20-element chunk ~1 ms
 
 DeltaRows = Callable[[int, int, torch.Tensor], torch.Tensor]
 
@@ -37,7 +38,9 @@ def _num_blocks(n: int, block_size: int) -> int:
     return -(-n // block_size)
 
 
-def _default_rows(n: int, device: torch.device) -> int:
+def _default_rows(n: int, device: torch.device, fused: bool = False) -> int:
+    if fused:  # one compiled kernel per chunk, no chunk-sized temporaries: large chunks amortise the call overhead
+        return max(1, _CHUNK_ELEMS_COMPILED // max(n, 1))
     return max(1, (_CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS_GPU) // max(n, 1))
 
 
@@ -223,7 +226,7 @@ def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Te
     for name, value in (("seed", seed), ("stream", stream), ("step", step)):
         _checks.key(value, name)
     m, n = q.shape
-    rows_per_chunk = _default_rows(n, q.device) if rows_per_chunk is None else _checks.integer(
+    rows_per_chunk = _default_rows(n, q.device, compiled.wanted()) if rows_per_chunk is None else _checks.integer(
         rows_per_chunk, "rows_per_chunk", minimum=1)
     from_callable = callable(delta) and not isinstance(delta, torch.Tensor)
     if not from_callable:
