@@ -8,8 +8,9 @@ What is compiled (torch.compile, inductor: C++ on CPU, Triton on CUDA, from the 
   - `dequantize`: quant.int8.dequantize_int8's q * s.
 The eager functions in quant.int8 / quant.noise are the reference twins; every compiled kernel gives the same bits
 (tests/unit/quant/test_compiled.py). Two things make that hold under inductor:
-  - divisions by a constant are rewritten by inductor into a multiplication by the reciprocal (not correctly
-    rounded), so 127 enters the kernels as a 0-dim tensor and the division stays a division;
+  - 127 enters the kernels as a 0-dim tensor, so the scale division stays a true division whatever a backend does
+    with division by a literal (a multiplication by a rounded reciprocal would change bits). On CPU (torch 2.13) a
+    literal divisor was checked to give the same bits too; on CUDA this is covered by the `gpu` test only;
   - every float op is a single correctly rounded IEEE op (mul, add, div, abs, floor, compare, max), which C++ and
     Triton evaluate like eager torch; the stochastic floor is the exact no-rounding form of quant.int8.
 
