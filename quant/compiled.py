@@ -14,15 +14,18 @@ The eager functions in quant.int8 / quant.noise are the reference twins; every c
   - every float op is a single correctly rounded IEEE op (mul, add, div, abs, floor, compare, max), which C++ and
     Triton evaluate like eager torch; the stochastic floor is the exact no-rounding form of quant.int8.
 
-Shapes are dynamic (dynamic=True): one graph serves every matrix shape and chunk size, so a 7B model compiles each
-kernel once, not once per weight shape. The inductor FX-graph cache is on by default and lives in
+Shapes are dynamic (every tensor dimension marked dynamic, sizes 0/1 not specialised, no duck shaping; see
+`_shape_policy`): per kernel and static setting (block size, rounding mode, dtype) a couple of graphs (rows a whole
+number of blocks or not) serve every matrix shape and chunk size, so a 7B model does not compile once per weight
+shape (tests/unit/quant/test_compiled.py::test_recompiles_bounded_across_shapes). The inductor FX-graph cache is on by default and lives in
 TORCHINDUCTOR_CACHE_DIR (default /tmp/torchinductor_<user>): a second run, or a second test process, loads the
 compiled kernels from disk instead of compiling again.
 
 Policy (`enabled()`): on by default where torch.compile works; off when LOWMEM_COMPILE=0 (environment, wins over
 everything), when set_enabled(False) was called (LowMemConfig.compile=False), or after a compilation failed (no C++
 compiler, inductor error): then one warning line is logged and every kernel runs its eager twin for the rest of
-the process. `compile_seconds()` is the wall time spent in calls that compiled a new graph (the first-use cost).
+the process. Under a TorchDispatchMode (lowmem.memory's live-bytes meter) the eager twin runs, as dynamo does not
+trace under such modes. `compile_seconds()` is the wall time spent in calls that compiled a new graph (the first-use cost).
 """
 from __future__ import annotations
 
