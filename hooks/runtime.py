@@ -51,6 +51,8 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from quant import compiled
+
 from lowmem.config import LowMemConfig
 from lowmem.distributed import DataParallel
 from lowmem.optim.float_adamw import float_adamw_update_, init_float_adamw_state
@@ -85,6 +87,8 @@ class Runtime(RuntimeState):
             raise ValueError("prepare(): the model has no trainable tensors (all frozen?)")
         self.model = model
         self.config = config
+        compiled.set_enabled(config.compile)
+        self._compile_s_seen = compiled.compile_seconds()
         self.trainables = trainables
         self.global_step = 0
         self.skipped_steps = 0
@@ -247,7 +251,9 @@ class Runtime(RuntimeState):
             "refreshed": list(self._refreshed),
             "peak_memory_bytes": peak_bytes,
             "comm_bytes": comm_bytes,
+            "compile_s": compiled.compile_seconds() - self._compile_s_seen,  # kernels compiled in this step
         }
+        self._compile_s_seen += stats["compile_s"]
         self.global_step += 1
         self._reset_step()
         return stats

@@ -304,6 +304,11 @@ class LowMemConfig:
     stochastic_rounding: bool = _f(True, "Round weight updates stochastically (unbiased) instead of to nearest: "
                                          "INT8 weights, and bf16 float weights (norms, embeddings, lm_head, float "
                                          "linears); True or False.", _bool)
+    compile: bool = _f(True, "Run the INT8 hot kernels (SR weight update, dequantisation, noise) compiled with "
+                             "torch.compile (C++ on CPU, Triton on CUDA; bit-identical to eager; compiled once per "
+                             "process, cached on disk in TORCHINDUCTOR_CACHE_DIR). Falls back to eager with one "
+                             "warning where no compiler works; the environment variable LOWMEM_COMPILE=0 forces "
+                             "eager. True or False.", _bool)
     target_modules: tuple[str, ...] = _f(("*",), "fnmatch patterns of nn.Linear / nn.Embedding module names that "
                                          "get the low-rank treatment.", _patterns)
     exclude_modules: tuple[str, ...] = _f(("*lm_head",), "fnmatch patterns of module names excluded from "

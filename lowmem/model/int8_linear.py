@@ -20,17 +20,16 @@ inplace operation" error rather than producing a wrong gradient.
 Activation checkpointing (torch.utils.checkpoint, use_reentrant=False) recomputes the forward during backward; the
 recomputed graph is never backpropagated, so the sink still fires exactly once per backward.
 
-torch.compile (torch 2.13, CPU, inductor; tests/unit/lowmem/test_int8_linear.py::test_torch_compile): a compiled
+torch.compile (torch 2.13, CPU, inductor; tests/unit/lowmem/model/test_int8_linear.py::test_torch_compile): a compiled
 model containing Int8Linear gives the same outputs and gradients as eager and the sink fires once per backward, but
 Int8Linear.forward is excluded from graphs (torch.compiler.disable): one graph break per Int8Linear, the layer runs
-eagerly, the code between layers compiles. Tracing it was tried and breaks as follows:
-  - quant.int8.dequantize_int8 graph-breaks (with check_values=True a finiteness check of the scales; `out=` into a
-    non-contiguous block view), and with two layers of different shapes the recompiled, dynamic-shape remainder
-    crashes inductor (LoweringException: IndexError "pop from empty list" lowering aten.reshape of the block view).
-  - the sink call in backward is an arbitrary Python side effect (list appends, in-place optimizer state): Dynamo
-    rejects it ("HOP: Unsafe side effect") and would otherwise replay it at trace time only; it stays eager too.
-A traceable dequantization (a plain q * scales broadcast) would let the forward and grad_input compile; the sink would
-still need to run outside the graph.
+eagerly (its dequantisation through quant.compiled's compiled kernel), the code between layers compiles.
+  - quant.int8.dequantize_int8 itself is traceable: inside a caller's torch.compile it is plain q * scales ops
+    that join the graph (tests/unit/quant/test_compiled.py::test_dequantize_traces_into_callers_graph).
+  - What still breaks: the sink call in backward is an arbitrary Python side effect (list appends, in-place
+    optimizer state), so `_deliver` is torch.compiler.disable'd; tracing forward without the decorator was tried:
+    Dynamo then breaks the graph around the autograd.Function (the disabled call inside its backward), 4 breaks for
+    two layers instead of 2, so the decorator stays until the sink is moved out of the Function's backward.
 """
 from __future__ import annotations
 
