@@ -163,11 +163,13 @@ def backproject_rows(R: Tensor, P: Tensor, side: str, row_start: int, row_end: i
     return left[row_start:row_end] @ right.T
 
 
-def backproject_gather(R: Tensor, P: Tensor, side: str, flat_idx: Tensor, n_cols: int) -> Tensor:
+def backproject_gather(R: Tensor, P: Tensor, side: str, flat_idx: Tensor, n_cols: int, *,
+                       check: bool = True) -> Tensor:
     """Back-projection at row-major flat indices (L,) int32/int64 of an (m, n_cols) matrix -> (L,) fp32.
 
     Entry (i, j) is the dot product of row i of the left factor and row j of the right factor: O(L·r) work,
-    computed in chunks so the (chunk, r) gathers stay under CHUNK_ELEMENTS; no (m, n) buffer.
+    computed in chunks so the (chunk, r) gathers stay under CHUNK_ELEMENTS; no (m, n) buffer. check=False skips
+    the range check of flat_idx (a host synchronisation on CUDA) for indices validated when they were chosen.
     """
     left, right = _factors(R, P, side)
     m, n = left.shape[0], right.shape[0]
@@ -176,7 +178,7 @@ def backproject_gather(R: Tensor, P: Tensor, side: str, flat_idx: Tensor, n_cols
     if not isinstance(flat_idx, Tensor) or flat_idx.dtype not in (torch.int32, torch.int64) or flat_idx.dim() != 1:
         raise TypeError("flat_idx must be a 1-D int32 or int64 tensor")
     idx = flat_idx.to(device=left.device, dtype=torch.int64)
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= m * n):
+    if check and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= m * n):
         raise ValueError(f"flat_idx entries must lie in [0, {m * n}) for shape ({m}, {n})")
     rows, cols = idx // n, idx % n
     out = torch.empty(idx.numel(), dtype=torch.float32, device=left.device)

@@ -95,14 +95,15 @@ def _check_hyper(first: Tensor, second: Tensor, step: int, beta1: float, beta2: 
 
 
 def residual_step(delta_m: Tensor, delta_v: Tensor, grad_at_idx: Tensor, ghat_at_idx: Tensor,
-                  vback_at_idx: Tensor, *, step: int, beta1: float, beta2: float, eps: float) -> tuple[Tensor, int]:
-    """One residual update at the |L| stored positions; returns (δ fp32 (L,), number of clamped radicands).
+                  vback_at_idx: Tensor, *, step: int, beta1: float, beta2: float, eps: float) -> tuple[Tensor, Tensor]:
+    """One residual update at the |L| stored positions; returns (δ fp32 (L,), number of clamped radicands as a 0-dim
+    int64 tensor on the moments' device).
 
     delta_m, delta_v: (L,) fp32 or bf16, the stored residual moments, updated IN PLACE (math in fp32, one rounding
     on store). grad_at_idx = G[L], ghat_at_idx = backproject(R)[L], vback_at_idx = backproject(V')[L] with V' the
     low-rank second moment already updated this step and not bias-corrected; all (L,) float. step: t >= 1.
     δ is computed from the fp32 moments before they are rounded for storage.
-    The clamp count is a Python int, so on CUDA this call synchronises once.
+    The clamp count stays a tensor, so the call never synchronises with the device.
     """
     _check_vector("delta_m", delta_m, None)
     length = delta_m.numel()
@@ -125,7 +126,7 @@ def residual_step(delta_m: Tensor, delta_v: Tensor, grad_at_idx: Tensor, ghat_at
     bias2 = 1.0 - beta2 ** step
     radicand = (vback + v).div_(bias2)
     negative = radicand < 0
-    clamped = int(negative.sum().item())
+    clamped = negative.sum()
     denom = radicand.clamp_(min=0.0).sqrt_().add_(eps)
     delta = (m / bias1).div_(denom)
 

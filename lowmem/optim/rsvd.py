@@ -53,7 +53,14 @@ def subspace_similarity(P_old: Tensor, P_new: Tensor) -> float:
     """s = ||P_oldᵀ P_new||_F² / r for orthonormal P_old (n, r_old), P_new (n, r_new); r = max(r_old, r_new).
 
     Invariant to signs and rotations within either subspace; 1 for the same subspace, 0 for orthogonal ones.
+    A Python float (one host synchronisation); `subspace_similarity_t` keeps it on the device.
     """
+    return float(subspace_similarity_t(P_old, P_new))
+
+
+def subspace_similarity_t(P_old: Tensor, P_new: Tensor) -> Tensor:
+    """`subspace_similarity` as a 0-dim fp64 tensor on P_old's device (clamped to [0, 1]; the same value as a
+    Python float: the fp32 sum is widened before the division, as float() did)."""
     for name, P in (("P_old", P_old), ("P_new", P_new)):
         if not isinstance(P, Tensor) or P.dim() != 2:
             raise ValueError(f"{name} must be a 2-D tensor (n, r)")
@@ -63,7 +70,7 @@ def subspace_similarity(P_old: Tensor, P_new: Tensor) -> float:
     if r == 0:
         raise ValueError("projectors with zero columns have no subspace to compare")
     overlap = P_old.float().T @ P_new.to(device=P_old.device, dtype=torch.float32)
-    return min(1.0, max(0.0, float(overlap.pow(2).sum()) / r))
+    return (overlap.pow(2).sum().double() / r).clamp(0.0, 1.0)
 
 
 def exact_right_subspace(op: GradOperator, rank: int) -> SubspaceResult:
