@@ -86,7 +86,7 @@ class GradOperator(abc.ABC):
         """G[row_start:row_end, :] as an operator (a view where the storage allows)."""
 
     @abc.abstractmethod
-    def take_rows(self, row_index: Tensor) -> "GradOperator":
+    def take_rows(self, row_index: Tensor, *, check: bool = True) -> "GradOperator":
         """G[row_index, :] for an int64 (k,) index: stacks arbitrary rows (cross-head projection)."""
 
     @abc.abstractmethod
@@ -112,13 +112,14 @@ class GradOperator(abc.ABC):
         if not (0 <= row_start <= row_end <= m):
             raise ValueError(f"rows({row_start}, {row_end}) out of range for {m} rows: need 0 <= start <= end <= {m}")
 
-    def _check_row_index(self, row_index: Tensor) -> Tensor:
+    def _check_row_index(self, row_index: Tensor, check: bool = True) -> Tensor:
+        """dtype and shape always; the range (a host synchronisation on CUDA) unless check=False."""
         if not isinstance(row_index, Tensor) or row_index.dtype not in (torch.int32, torch.int64):
             raise TypeError("row_index must be an int32/int64 tensor")
         if row_index.dim() != 1:
             raise ValueError(f"row_index must be 1-D, got shape {tuple(row_index.shape)}")
         m = self.shape[0]
-        if row_index.numel() and (int(row_index.min()) < 0 or int(row_index.max()) >= m):
+        if check and row_index.numel() and (int(row_index.min()) < 0 or int(row_index.max()) >= m):
             raise ValueError(f"row_index entries must lie in [0, {m})")
         return row_index.to(device=self.device, dtype=torch.int64)
 
@@ -152,8 +153,8 @@ class DenseGrad(GradOperator):
         self._check_rows(row_start, row_end)
         return DenseGrad(self._G[row_start:row_end])
 
-    def take_rows(self, row_index: Tensor) -> "DenseGrad":
-        return DenseGrad(self._G.index_select(0, self._check_row_index(row_index)))
+    def take_rows(self, row_index: Tensor, *, check: bool = True) -> "DenseGrad":
+        return DenseGrad(self._G.index_select(0, self._check_row_index(row_index, check)))
 
     def t(self) -> "DenseGrad":
         return DenseGrad(self._G.T)
@@ -219,8 +220,8 @@ class FactoredGrad(GradOperator):
         self._check_rows(row_start, row_end)
         return FactoredGrad(self._A[:, row_start:row_end], self._X)
 
-    def take_rows(self, row_index: Tensor) -> "FactoredGrad":
-        return FactoredGrad(self._A.index_select(1, self._check_row_index(row_index)), self._X)
+    def take_rows(self, row_index: Tensor, *, check: bool = True) -> "FactoredGrad":
+        return FactoredGrad(self._A.index_select(1, self._check_row_index(row_index, check)), self._X)
 
     def t(self) -> "FactoredGrad":
         return FactoredGrad(self._X, self._A)
@@ -293,8 +294,8 @@ class SumGrad(GradOperator):
         self._check_rows(row_start, row_end)
         return SumGrad([(w, op.rows(row_start, row_end)) for w, op in self._terms])
 
-    def take_rows(self, row_index: Tensor) -> "SumGrad":
-        return SumGrad([(w, op.take_rows(row_index)) for w, op in self._terms])
+    def take_rows(self, row_index: Tensor, *, check: bool = True) -> "SumGrad":
+        return SumGrad([(w, op.take_rows(row_index, check=check)) for w, op in self._terms])
 
     def t(self) -> "SumGrad":
         return SumGrad([(w, op.t()) for w, op in self._terms])
@@ -349,8 +350,8 @@ class ReducedGrad(GradOperator):
     def rows(self, row_start: int, row_end: int) -> "ReducedGrad":
         return ReducedGrad(self.local.rows(row_start, row_end), self._reduce_mean_)
 
-    def take_rows(self, row_index: Tensor) -> "ReducedGrad":
-        return ReducedGrad(self.local.take_rows(row_index), self._reduce_mean_)
+    def take_rows(self, row_index: Tensor, *, check: bool = True) -> "ReducedGrad":
+        return ReducedGrad(self.local.take_rows(row_index, check=check), self._reduce_mean_)
 
     def t(self) -> "ReducedGrad":
         return ReducedGrad(self.local.t(), self._reduce_mean_)

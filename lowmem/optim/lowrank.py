@@ -144,8 +144,9 @@ def stored_projector(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tens
     side = projection_side_for(spec, cfg)
     d = spec.shape[1] if side == "right" else spec.shape[0]
     stored = {"data": state["proj_data"], "scales": state["proj_scales"]}
+    # Read every step: the value checks (host synchronisations) ran when the projector was encoded.
     return decode_projector(stored, cfg.projector_bits, (d, effective_rank(spec, cfg)),
-                            group_size=cfg.projector_group_size)
+                            group_size=cfg.projector_group_size, check_values=False)
 
 
 def _load_error_feedback(state: dict[str, Tensor], cfg: LowMemConfig) -> Tensor:
@@ -312,7 +313,8 @@ def _record_refresh(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tenso
             transfer_moments_(state, proj_old, proj, side=projection_side_for(spec, cfg), mode=cfg.moment_transfer,
                               bits=cfg.optim_bits, block_size=cfg.moment_block_size)
     _policy(cfg).record(state, global_step, similarity)
-    stored = encode_projector(proj, cfg.projector_bits, group_size=cfg.projector_group_size)
+    # The range finder only returns finite bases (non-finite sketches fall back to the NaN-cleaned exact SVD).
+    stored = encode_projector(proj, cfg.projector_bits, group_size=cfg.projector_group_size, check_values=False)
     state["proj_data"], state["proj_scales"] = stored["data"], stored["scales"]
     if accum.get("fell_back"):
         state["fallback_count"] += 1
@@ -538,14 +540,16 @@ def _sparse_residual(spec, cfg, state, grad_lowrank, grad_at_idx, proj, directio
         if step >= cfg.residual_warmup_steps:
             exp_avg, _ = load_moments(state, bits=cfg.optim_bits, block_size=cfg.moment_block_size)
             # One-time (m, n) transient at the end of warm-up: the top-ρ entries of |backproject(M')|.
-            idx = select_residual_indices(backproject(exp_avg, proj, side), cfg.residual_ratio)
+            # Moments are finite by construction (only finite or zeroed gradients reach them).
+            idx = select_residual_indices(backproject(exp_avg, proj, side), cfg.residual_ratio, check_finite=False)
             idx = idx.to(residual_index_dtype(spec.shape[0] * spec.shape[1]))
             value_dtype = torch.bfloat16 if cfg.residual_dtype == "bf16" else torch.float32
             if cfg.residual_mode == "exact":
                 # Start the full-rank moments at L from the low-rank ones; (P∘P) keeps V non-negative and
                 # independent of the projector's column signs.
-                res_m, res_v = init_exact_residual(backproject_gather(exp_avg, proj, side, idx, n),
-                                                   backproject_gather(exp_avg_sq, proj * proj, side, idx, n),
+                res_m, res_v = init_exact_residual(backproject_gather(exp_avg, proj, side, idx, n, check=False),
+                                                   backproject_gather(exp_avg_sq, proj * proj, side, idx, n,
+                                                                      check=False),
                                                    value_dtype)
             else:
                 res_m = torch.zeros(idx.numel(), dtype=value_dtype, device=idx.device)
@@ -556,12 +560,12 @@ def _sparse_residual(spec, cfg, state, grad_lowrank, grad_at_idx, proj, directio
         return None
     idx = state["res_idx"]
     if cfg.residual_mode == "exact":
-        lowrank_at_idx = backproject_gather(direction, proj, side, idx, n)
+        lowrank_at_idx = backproject_gather(direction, proj, side, idx, n, check=False)
         delta = exact_residual_step(state["res_m"], state["res_v"], grad_at_idx, lowrank_at_idx, step=step,
                                     beta1=cfg.betas[0], beta2=cfg.betas[1], eps=cfg.eps, scale=1.0)
         return delta.mul_(cfg.scale)
-    ghat = backproject_gather(grad_lowrank, proj, side, idx, n)
-    vback = backproject_gather(exp_avg_sq, proj, side, idx, n)
+    ghat = backproject_gather(grad_lowrank, proj, side, idx, n, check=False)
+    vback = backproject_gather(exp_avg_sq, proj, side, idx, n, check=False)
     delta, clamped = residual_step(state["res_m"], state["res_v"], grad_at_idx, ghat, vback, step=step,
                                    beta1=cfg.betas[0], beta2=cfg.betas[1], eps=cfg.eps)
     state["res_clamp_count"] += clamped

@@ -106,7 +106,9 @@ def compute_projector(op: GradOperator, rank: int, *, side: str, method: str = "
             raise ValueError(f"cross-head projection needs m == head_dim * num_heads, got m={m} and "
                              f"{cross_head.head_dim} * {cross_head.num_heads}")
         heads = select_heads(cross_head, rank, generator)
-        target = op if heads is None else op.take_rows(_head_rows(heads, cross_head.head_dim, op.device))
+        # The head rows are built from the layout checked above: in range by construction.
+        target = op if heads is None else op.take_rows(_head_rows(heads, cross_head.head_dim, op.device),
+                                                        check=False)
     else:
         target = op if side == "right" else op.t()
 
@@ -194,8 +196,9 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"projector bits must be one of {PROJECTOR_BITS}, got {bits!r}")
 
 
-def encode_projector(P: Tensor, bits: int, group_size: int = 256) -> dict[str, Tensor]:
-    """Storage form of P (dim, r) float: {'data', 'scales'} tensors (checkpointable as they are).
+def encode_projector(P: Tensor, bits: int, group_size: int = 256, *, check_values: bool = True) -> dict[str, Tensor]:
+    """Storage form of P (dim, r) float: {'data', 'scales'} tensors (checkpointable as they are). check_values=False
+    skips the INT4 packer's finiteness check (a host synchronisation on CUDA) for a P finite by construction.
 
     4: packed INT4, two values per byte, symmetric per group of group_size elements (quant.int4);
     8: INT8 with one scale per block of group_size along the r columns (quant.int8);
@@ -207,7 +210,7 @@ def encode_projector(P: Tensor, bits: int, group_size: int = 256) -> dict[str, T
     if bits == 4:
         from quant.int4 import pack_int4
 
-        data, scales = pack_int4(P.float(), group_size=group_size)
+        data, scales = pack_int4(P.float(), group_size=group_size, check_values=check_values)
     elif bits == 8:
         from quant.int8 import quantize_int8
 
@@ -219,8 +222,10 @@ def encode_projector(P: Tensor, bits: int, group_size: int = 256) -> dict[str, T
     return {"data": data, "scales": scales}
 
 
-def decode_projector(stored: dict[str, Tensor], bits: int, shape: tuple[int, int], group_size: int = 256) -> Tensor:
-    """Inverse of encode_projector: a fresh fp32 tensor of `shape` (a transient buffer, not kept)."""
+def decode_projector(stored: dict[str, Tensor], bits: int, shape: tuple[int, int], group_size: int = 256, *,
+                     check_values: bool = True) -> Tensor:
+    """Inverse of encode_projector: a fresh fp32 tensor of `shape` (a transient buffer, not kept). check_values=False
+    skips the decoders' value checks (host synchronisations on CUDA) for a projector this process stored."""
     _check_bits(bits)
     shape = _check_shape(tuple(shape))
     if not isinstance(stored, dict) or not {"data", "scales"} <= set(stored):
@@ -229,11 +234,11 @@ def decode_projector(stored: dict[str, Tensor], bits: int, shape: tuple[int, int
     if bits == 4:
         from quant.int4 import unpack_int4
 
-        P = unpack_int4(data, scales, shape, group_size=group_size, dtype=torch.float32)
+        P = unpack_int4(data, scales, shape, group_size=group_size, dtype=torch.float32, check_values=check_values)
     elif bits == 8:
         from quant.int8 import dequantize_int8
 
-        P = dequantize_int8(data, scales, block_size=group_size, dtype=torch.float32)
+        P = dequantize_int8(data, scales, block_size=group_size, dtype=torch.float32, check_values=check_values)
     else:
         P = data.to(dtype=torch.float32, copy=True)
     if tuple(P.shape) != shape:

@@ -47,11 +47,12 @@ def _num_selected(ratio: float, numel: int) -> int:
     return min(numel, max(1, math.ceil(ratio * numel - 1e-9)))
 
 
-def select_residual_indices(first_moment_back: Tensor, ratio: float) -> Tensor:
+def select_residual_indices(first_moment_back: Tensor, ratio: float, *, check_finite: bool = True) -> Tensor:
     """Sorted flat indices of the top ceil(ratio·m·n) entries of |first_moment_back|.
 
     first_moment_back: float (m, n), backproject(M') at the end of warm-up. ratio in (0, 1].
     Returns a 1-D tensor of residual_index_dtype(m·n) on the input's device, ascending (ties broken by torch.topk).
+    check_finite=False skips the finiteness check (a host synchronisation on CUDA) for input finite by construction.
     """
     if not isinstance(first_moment_back, Tensor) or first_moment_back.dim() != 2:
         raise ValueError("first_moment_back must be a 2-D tensor (m, n)")
@@ -65,7 +66,7 @@ def select_residual_indices(first_moment_back: Tensor, ratio: float) -> Tensor:
     if numel == 0:
         raise ValueError("first_moment_back is empty: no entries to select")
     magnitude = first_moment_back.detach().reshape(-1).float().abs()
-    if not bool(torch.isfinite(magnitude).all()):
+    if check_finite and not bool(torch.isfinite(magnitude).all()):   # a host synchronisation on CUDA
         raise ValueError("first_moment_back has NaN/Inf entries; cannot rank them")
     k = _num_selected(float(ratio), numel)
     flat = torch.topk(magnitude, k, sorted=False).indices
