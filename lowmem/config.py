@@ -261,6 +261,10 @@ class LowMemConfig:
                                 _int(1))
     stochastic_rounding: bool = _f(True, "Round INT8 weight updates stochastically (unbiased) instead of to "
                                          "nearest; True or False.", _bool)
+    int8_matmul: bool = _f(False, "Run INT8 linears' forward and input gradient as INT8 x INT8 matmuls "
+                                  "(torch._int_mm, per-token activation quantisation; approximate, the weight "
+                                  "update path is unchanged; lowmem.model.int8_matmul); no effect without "
+                                  "int8_weights; True or False.", _bool)
     target_modules: tuple[str, ...] = _f(("*",), "fnmatch patterns of nn.Linear module names that get the low-rank "
                                          "treatment.", _patterns)
     exclude_modules: tuple[str, ...] = _f(("*lm_head", "*embed*"), "fnmatch patterns of module names excluded from "
