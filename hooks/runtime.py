@@ -35,8 +35,8 @@ written on any rank; the step is reported skipped everywhere).
 Non-finite gradients: no NaN/Inf is ever written into a weight or a moment. With `two_pass` the whole step is skipped
 (nothing is written: measure-then-commit). With `per_tensor`/`none` layers are committed during backward, so the
 detection is per layer: the first layer whose gradient is non-finite and every layer after it in that backward are
-skipped and the step is reported skipped, listing how many layers had already been written with finite gradients.
-`runtime.backward(loss)` also refuses a non-finite loss before any backward runs (nothing written).
+skipped and the step is reported skipped, with how many layers were written ("layers_written": those before it).
+A non-finite loss writes nothing (`runtime.backward(loss)`; with data parallelism its backward does not even run).
 
 No host synchronisation inside backward (one process): norms, clipping coefficients and non-finite flags stay
 0-dim device tensors. A running device flag ("poisoned") holds whether the loss or any layer so far in this step
@@ -45,10 +45,11 @@ weight bytes and state by torch.where (lowmem.optim.lowrank.commit_, skip=...), 
 without the host knowing. A non-finite loss therefore still runs its backward (with every layer discarded on the
 device) instead of returning early. `step()` reads everything once (one synchronisation: losses, squared norms,
 flags; two_pass reads its global norm in the same one) and then puts back the host-side update counters of the
-skipped layers. Refresh steps read the flag once per refreshed weight (the refresh policy and the stored
-projector are host bookkeeping), besides the range finder's own checks (lowmem.optim.rsvd); so does the one step
-per weight that selects its residual indices. Data parallel keeps the host-side decisions (and their
-synchronisations), since the ranks must agree on them.
+skipped layers. A refresh step reads the device twice per refreshed weight: the range finder's fallback decision
+(lowmem.optim.rsvd: early stopping is decided on the device) and, with per_tensor/none, the commit's skip flag
+(the refresh policy and the stored projector are host bookkeeping); the one step per weight that selects its
+residual indices reads the flag once too. Data parallel keeps the host-side decisions (and their
+synchronisations), since the ranks must agree on them. Tested in tests/unit/hooks/test_no_sync.py.
 """
 from __future__ import annotations
 
