@@ -6,11 +6,10 @@ from benchmarks import gpu_suite
 
 
 def test_gpu_suite_quick_cpu_end_to_end(tmp_path):
-    # The pytest stage is skipped here (this test already runs under pytest; the stage's command is exercised by
-    # the script's own --quick runs); everything else runs as it would on a GPU, on the tiny model.
-    assert gpu_suite.main(["--device", "cpu", "--quick", "--skip-tests", "--out", str(tmp_path)]) == 0
+    # Exactly the CI form (the pytest stage reports itself not run on a CPU device); the tiny model, few steps.
+    assert gpu_suite.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "gpu-cpu.md").read_text(encoding="utf-8")
-    assert "not GPU figures" in report
+    assert "not GPU figures" in report and "not run: no CUDA device" in report
     rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
     for method in ("lowmem", "adamw_bf16"):
         cells = [c.strip() for c in rows[method].split("|")[1:-1]]
@@ -26,5 +25,5 @@ def test_gpu_suite_quick_cpu_end_to_end(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the refusal cannot happen")
 def test_gpu_suite_refuses_cuda_without_a_device(capsys):
-    assert gpu_suite.main(["--device", "cuda", "--quick"]) == 2
+    assert gpu_suite.main(["--device", "cuda", "--quick", "--out", "/nonexistent"]) == 2
     assert "--device cpu --quick" in capsys.readouterr().err
