@@ -49,7 +49,9 @@ skipped layers. A refresh step reads the device twice per refreshed weight: the 
 (lowmem.optim.rsvd: early stopping is decided on the device) and, with per_tensor/none, the commit's skip flag
 (the refresh policy and the stored projector are host bookkeeping); the one step per weight that selects its
 residual indices reads the flag once too. Data parallel keeps the host-side decisions (and their
-synchronisations), since the ranks must agree on them. Tested in tests/unit/hooks/test_no_sync.py.
+synchronisations), since the ranks must agree on them. Tested in tests/unit/hooks/test_no_sync.py (Python-side
+reads counted on CPU; the CUDA variant runs ordinary steps under torch.cuda.set_sync_debug_mode("error")). On CUDA
+a refresh step may also wait inside torch.linalg (QR/SVD error checks of the range finder), not counted here.
 """
 from __future__ import annotations
 

@@ -61,19 +61,20 @@ class CrossHead:
 
 
 def select_heads(cross_head: CrossHead, rank: int, generator: torch.Generator | None = None) -> Tensor | None:
-    """⌈rank / head_dim⌉ distinct heads drawn with torch.randperm(generator), sorted, int64 (k,) on CPU — or None
-    when that many heads is all of them (use the whole matrix; the generator is then not advanced)."""
+    """⌈rank / head_dim⌉ distinct heads drawn with torch.randperm(generator), sorted, int64 (k,) on the generator's
+    device (not copied to the CPU: that would be a host synchronisation on every refresh) — or None when that many
+    heads is all of them (use the whole matrix; the generator is then not advanced)."""
     count = math.ceil(rank / cross_head.head_dim)
     if count >= cross_head.num_heads:
         return None
     gen_device = generator.device if generator is not None else "cpu"
     order = torch.randperm(cross_head.num_heads, generator=generator, device=gen_device)
-    return order[:count].sort().values.cpu()
+    return order[:count].sort().values
 
 
 def _head_rows(heads: Tensor, head_dim: int, device: torch.device) -> Tensor:
     """Row indices (k·head_dim,) int64 of the given heads' slices G[h·d:(h+1)·d, :], stacked in head order."""
-    offsets = torch.arange(head_dim, dtype=torch.int64)
+    offsets = torch.arange(head_dim, dtype=torch.int64, device=heads.device)
     return (heads[:, None] * head_dim + offsets[None, :]).reshape(-1).to(device)
 
 
