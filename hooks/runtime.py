@@ -52,6 +52,9 @@ residual indices reads the flag once too. Data parallel keeps the host-side deci
 synchronisations), since the ranks must agree on them. Tested in tests/unit/hooks/test_no_sync.py (Python-side
 reads counted on CPU; the CUDA variant runs ordinary steps under torch.cuda.set_sync_debug_mode("error")). On CUDA
 a refresh step may also wait inside torch.linalg (QR/SVD error checks of the range finder), not counted here.
+
+Length: one class, the step's state machine (micro-batches, arrival of gradients, commits, the device-side flags and
+the step's single read) over the same per-step fields; split apart, each piece would need all of them passed in.
 """
 from __future__ import annotations
 
