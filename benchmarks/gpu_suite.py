@@ -103,7 +103,8 @@ def _dtype(method: str, device: torch.device) -> torch.dtype:
 
 
 def _optimizer_step(method: str, model, device: torch.device):
-    """(step(ids), lowmem config or None) for one method; raises ImportError when its library is absent."""
+    """(step(ids), lowmem config or None, state_tensors()) for one method; raises ImportError when its library is
+    absent."""
     if method == "lowmem":
         from hooks.runtime import prepare
         from lowmem.presets import preset
@@ -114,7 +115,7 @@ def _optimizer_step(method: str, model, device: torch.device):
             with runtime.micro_batch():
                 runtime.backward(model(input_ids=ids, labels=ids).loss)
             runtime.step()
-        return step, cfg
+        return step, cfg, lambda: [t for s in runtime.states.values() for t in s.values()]
     if method == "adamw_bf16":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     elif method == "bnb_adamw8bit":
@@ -130,7 +131,7 @@ def _optimizer_step(method: str, model, device: torch.device):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return step, None
+    return step, None, lambda: [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
 
 
 def measure_method(method: str, work: Workload, device: torch.device, steps: int) -> dict:
@@ -141,7 +142,7 @@ def measure_method(method: str, work: Workload, device: torch.device, steps: int
     dtype = _dtype(method, device)
     model = LlamaForCausalLM(work.config).to(device=device, dtype=dtype)
     try:
-        step, cfg = _optimizer_step(method, model, device)
+        step, cfg, state_tensors = _optimizer_step(method, model, device)
     except ImportError as err:
         return {"method": method, "status": f"not installed ({err.name or err})"}
     gen = torch.Generator().manual_seed(1)
@@ -174,25 +175,16 @@ def measure_method(method: str, work: Workload, device: torch.device, steps: int
     if device.type == "cuda":
         peak = int(torch.cuda.max_memory_allocated(device))
     else:
-        peak = resident + counter.peak_bytes   # model + what one step holds at its peak (state included below)
-        peak += _state_bytes(model, method)
+        # model + optimizer state that lived before the counted step + what that step held at its peak
+        peak = resident + baseline_bytes(state_tensors()) + counter.peak_bytes
     step_s = statistics.median(times)
     result = {"method": method, "status": "ok", "step_s": step_s, "first_step_s": first_s,
               "tokens_per_s": work.batch * work.seq_len / step_s, "peak_bytes": peak, "dtype": dtype}
     result["estimate_bytes"] = _estimate(method, work, cfg, dtype, device)
-    del model, step
+    del model, step, state_tensors
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
-
-
-def _state_bytes(model, method: str) -> int:
-    """CPU: the optimizer state that lived before the counted step (the counter sees only what the step makes)."""
-    from lowmem.memory.live_bytes import baseline_bytes
-    runtime = getattr(model, "_lowmem_runtime", None)
-    if runtime is None:
-        return 0
-    return baseline_bytes(t for s in runtime.states.values() for t in s.values())
 
 
 def _estimate(method: str, work: Workload, cfg, dtype: torch.dtype, device: torch.device) -> int | None:

@@ -10,7 +10,8 @@ quantisation, as torchao's INT8 mixed-precision training does:
            S_i / 2 per element (the finer block's resolution is lost: a block with a 10x smaller scale keeps only
            ~13 of its 255 levels). Computed per call from the current codes (nothing cached between forward and
            backward: the weight changes in between).
-  forward  y = x Wᵀ: x (T, n) quantised per token (row absmax / 127, round to nearest): y ≈ s_x,t S_j Σ_k x̂_tk c_jk.
+  forward  y = x Wᵀ: x (T, n) quantised per token (row absmax / 127, round to nearest):
+           y ≈ s_x,t S_j Σ_k x̂_tk c_jk.
            Approximate: activation rounding (relative error ~1/254 of the token's absmax per element) + the above.
   grad_in  dx = g W = Σ_i g_ti S_i c_ij: the row scales S_i lie on the contracted dimension, so they are folded into
            g first (g'_ti = g_ti S_i), then g' is quantised per token and multiplied with the same codes c (m, n).

@@ -64,7 +64,8 @@ INVALID = [
     ("residual_ratio", 1.0), ("residual_ratio", -0.01), ("residual_warmup_steps", -1),
     ("residual_modules", 5), ("residual_dtype", "fp16"), ("residual_mode", "approx"), ("error_feedback", "fp32"),
     ("error_feedback_weight", 2.0), ("int8_weights", None), ("weight_block_size", 0),
-    ("stochastic_rounding", 0), ("int8_matmul", 1), ("target_modules", None), ("exclude_modules", [1]), ("float_optim_bits", 16),
+    ("stochastic_rounding", 0), ("int8_matmul", 1), ("target_modules", None), ("exclude_modules", [1]),
+    ("float_optim_bits", 16),
     ("float_optim_min_numel", -1), ("freeze", {"a": 1}), ("seed", -1), ("seed", 2**63), ("overrides", 5),
 ]
 
