@@ -45,10 +45,10 @@ weight bytes and state by torch.where (lowmem.optim.lowrank.commit_, skip=...), 
 without the host knowing. A non-finite loss therefore still runs its backward (with every layer discarded on the
 device) instead of returning early. `step()` reads everything once (one synchronisation: losses, squared norms,
 flags; two_pass reads its global norm in the same one) and then puts back the host-side update counters of the
-skipped layers. A refresh step reads the device twice per refreshed weight: the range finder's fallback decision
-(lowmem.optim.rsvd: early stopping is decided on the device) and, with per_tensor/none, the commit's skip flag
-(the refresh policy and the stored projector are host bookkeeping); the one step per weight that selects its
-residual indices reads the flag once too. Data parallel keeps the host-side decisions (and their
+skipped layers. A refresh step reads the device once per refreshed weight: the range finder's fallback decision
+(lowmem.optim.rsvd; early stopping is decided on the device). The refresh's host bookkeeping that depends on the
+skip flag (the policy's record, or putting back the projector, counters and a residual selection of a skipped
+weight) waits for step()'s read (commit_'s stats["pending"]). Data parallel keeps the host-side decisions (and their
 synchronisations), since the ranks must agree on them. Tested in tests/unit/hooks/test_no_sync.py (Python-side
 reads counted on CPU; the CUDA variant runs ordinary steps under torch.cuda.set_sync_debug_mode("error")). On CUDA
 a refresh step may also wait inside torch.linalg (QR/SVD error checks of the range finder), not counted here.
@@ -185,7 +185,9 @@ class Runtime(RuntimeState):
         # here, skipped) as 0-dim bool tensors, read once in step().
         self._poisoned: Tensor | None = None
         self._flags: list[tuple[str, Trainable | None, Tensor, Tensor]] = []
-        self._host_skipped: set[int] = set()   # commits that read the flag themselves (refresh): no counter undo
+        # (trainable, its flag's index, finish(skipped, similarity), similarity tensor or None): a commit's host
+        # bookkeeping that waits for the step's read (lowmem.optim.lowrank.commit_)
+        self._pending: list = []
         self._layers_written = 0
 
     @property
@@ -306,8 +308,9 @@ class Runtime(RuntimeState):
         read_losses = [v for v in self._losses if not isinstance(v, Tensor)]
         sq_keys = [k for k, v in self._sq_norms.items() if isinstance(v, Tensor)]
         device = self._poisoned.device if self._poisoned is not None else self.trainables[0].tensor.device
+        similarities = [sim for *_, sim in self._pending if sim is not None]
         tensors = (losses + [self._sq_norms[k] for k in sq_keys]
-                   + [f for _, _, first, after in self._flags for f in (first, after)]
+                   + [f for _, _, first, after in self._flags for f in (first, after)] + similarities
                    + ([] if extra is None else list(extra.reshape(-1))))
         parts = [t.detach().to(device=device, dtype=torch.float64).reshape(1) for t in tensors]
         values = torch.cat(parts).tolist() if parts else []
@@ -322,11 +325,19 @@ class Runtime(RuntimeState):
                 continue
             if not after:
                 self._layers_written += 1
-            elif item.index not in self._host_skipped:
+            else:
                 undo_skipped_commit_(self.states[item.index])
+        n_sim = len(similarities)
+        sim_values = iter(values[n_loss + n_sq + n_flags:n_loss + n_sq + n_flags + n_sim])
+        for item, flag_index, finish, sim in self._pending:
+            skipped = bool(flags[2 * flag_index + 1])
+            finish(skipped, None if sim is None else next(sim_values))
+            if skipped and item.name in self._refreshed:
+                self._refreshed.remove(item.name)
+        self._pending.clear()
         self._flags.clear()
         self._poisoned = None
-        return values[n_loss + n_sq + n_flags:]
+        return values[n_loss + n_sq + n_flags + n_sim:]
 
     def _agree_on_stats(self, loss, grad_sq, skipped, peak_bytes):
         """One small all-reduce so every rank reports the same step: mean loss over ranks, the global squared norm
@@ -439,8 +450,8 @@ class Runtime(RuntimeState):
             self._layers_written += 1
         stats = commit_(item.spec, item.config, self.states[item.index], accum, weight_target(item),
                         global_step=self.global_step, lr=self._lr, clip_coef=clip_coef, skip=skip)
-        if stats["skipped"] is True:     # a refresh step read the flag and wrote nothing (counter not advanced)
-            self._host_skipped.add(item.index)
+        if stats.get("pending") is not None:   # refresh / residual selection: booked or undone at the step's read
+            self._pending.append((item, len(self._flags) - 1, *stats["pending"]))
         if clip_coef is None:
             self._sq_norms[item.index] = stats["grad_sq"]
         if stats["refreshed"]:

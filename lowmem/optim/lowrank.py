@@ -298,21 +298,23 @@ def _clip_coefficient(cfg: LowMemConfig, grad_sq: Tensor, clip_coef: float | Non
 
 
 def _record_refresh(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, proj: Tensor | None,
-                    global_step: int, *, transfer: bool,
-                    similarity: float | None = None) -> tuple[Tensor | None, float | None]:
+                    global_step: int, *, transfer: bool, similarity: float | None = None,
+                    book: bool = True) -> tuple[Tensor | None, float | None]:
     """A refresh step's bookkeeping: moment transfer (owner only), policy record, the projector stored (INT4...).
     Returns the projector as stored (the one this and every later step back-projects with) and the similarity
-    (computed here unless the caller already read it)."""
+    (computed here unless the caller already read it). book=False leaves the policy record (and the similarity) to
+    the caller (commit_'s deferred bookkeeping)."""
     if not accum["refresh"]:
         return proj, None
     proj_old = accum["proj_old"]
     if proj_old is not None:
-        if similarity is None:
+        if similarity is None and book:
             similarity = subspace_similarity(proj_old, proj)
         if transfer:
             transfer_moments_(state, proj_old, proj, side=projection_side_for(spec, cfg), mode=cfg.moment_transfer,
                               bits=cfg.optim_bits, block_size=cfg.moment_block_size)
-    _policy(cfg).record(state, global_step, similarity)
+    if book:
+        _policy(cfg).record(state, global_step, similarity)
     # The range finder only returns finite bases (non-finite sketches fall back to the NaN-cleaned exact SVD).
     stored = encode_projector(proj, cfg.projector_bits, group_size=cfg.projector_group_size, check_values=False)
     state["proj_data"], state["proj_scales"] = stored["data"], stored["scales"]
@@ -376,8 +378,11 @@ def commit_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accu
       `skip | ~isfinite(||R||²)` holds, and the new moments, residual values, error feedback and weight bytes are
       then chosen between old and new on the device (torch.where), so a skipped weight keeps exactly its old state.
       stats["skipped"] and stats["nonfinite"] are 0-dim bool tensors; state["step"] advances as if written and the
-      caller undoes that for skipped weights once it reads the flags (`undo_skipped_commit_`). A refresh step, and
-      the step that selects the residual indices, read the flag once (host bookkeeping depends on it).
+      caller undoes that for skipped weights once it reads the flags (`undo_skipped_commit_`). On a refresh step
+      (and the step that selects the residual indices) the host bookkeeping that depends on the flag is deferred:
+      stats["pending"] = (finish(skipped, similarity), similarity tensor or None); the caller reads the similarity
+      with the flags and calls finish, which books the refresh in the policy, or puts back the projector, refresh
+      counters and residual selection of a skipped weight. stats["refreshed"] is then provisional.
     - skip=False: the caller has verified the gradient finite (two-pass clipping): no check, no synchronisation.
     """
     if exchange is not None and not exchange.owner:
@@ -391,16 +396,6 @@ def commit_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accu
             return _skipped(accum, grad_sq, exchange, shape)
     elif skip is not False:
         skip = skip.to(grad_sq.device) | nonfinite
-        if _needs_host_decision(spec, cfg, state, accum):
-            # Host bookkeeping (refresh policy, projector storage, residual selection) depends on the skip: read
-            # it once, together with the refresh's similarity.
-            sim = (subspace_similarity_t(accum["proj_old"], accum["proj_step"])
-                   if accum["refresh"] and accum.get("proj_old") is not None else torch.zeros((), device=skip.device))
-            skipped_now, sim_value = torch.stack([skip.to(torch.float64), sim.to(skip.device, torch.float64)]).tolist()
-            if skipped_now:
-                return _skipped(accum, grad_sq, exchange, shape, nonfinite=nonfinite)
-            similarity = sim_value if accum["refresh"] and accum.get("proj_old") is not None else None
-            skip = False   # known now: no device-side guards needed
     side = projection_side_for(spec, cfg)
     grad_lowrank, proj = accum["grad_lowrank"], accum["proj_step"]
     grad_at_idx = accum.get("grad_at_idx")
@@ -410,14 +405,17 @@ def commit_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accu
         if grad_at_idx is not None:
             grad_at_idx = grad_at_idx * clip_coef
     guarded = isinstance(skip, Tensor)
+    pending = None
     if guarded:   # a skipped weight's update is computed from zeros (finite) and then discarded
         grad_lowrank = grad_lowrank.masked_fill(skip, 0.0)
         grad_at_idx = None if grad_at_idx is None else grad_at_idx.masked_fill(skip, 0.0)
         old = _guarded_state(state)
+        if accum["refresh"] or (uses_residual(spec, cfg) and "res_idx" not in state):
+            pending = _deferred_bookkeeping(spec, cfg, state, accum, global_step)
 
     refreshed = bool(accum["refresh"])
     proj, similarity = _record_refresh(spec, cfg, state, accum, proj, global_step, transfer=True,
-                                       similarity=similarity)
+                                       similarity=similarity, book=pending is None)
     expects_sparse = _expects_sparse(spec, cfg, state, accum, proj)
     had_indices = "res_idx" in state
     step = int(state["step"]) + 1
@@ -446,7 +444,7 @@ def commit_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accu
     accum.clear()
     return {"grad_sq": grad_sq, "refreshed": refreshed, "similarity": similarity,
             "skipped": skip if guarded else False, "nonfinite": nonfinite if guarded else False,
-            "clip_coef": clip_coef}
+            "clip_coef": clip_coef, "pending": pending}
 
 
 def _skipped(accum: dict, grad_sq: Tensor, exchange: UpdateExchange | None, shape: tuple[int, int], *,
@@ -458,12 +456,32 @@ def _skipped(accum: dict, grad_sq: Tensor, exchange: UpdateExchange | None, shap
             "clip_coef": 0.0}
 
 
-def _needs_host_decision(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict) -> bool:
-    """A refresh step, or the step that chooses the residual indices (both change host-side bookkeeping)."""
-    if accum["refresh"]:
-        return True
-    return (uses_residual(spec, cfg) and "res_idx" not in state and accum.get("proj_step") is not None
-            and int(state["step"]) + 1 >= cfg.residual_warmup_steps)
+_RESIDUAL_KEYS = ("res_idx", "res_m", "res_v")
+
+
+def _deferred_bookkeeping(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict,
+                          global_step: int):
+    """(finish(skipped, similarity), similarity tensor or None) for a device-mode commit whose host bookkeeping
+    depends on the skip flag (see commit_): what it needs to book the refresh later or to undo it."""
+    host_before = {k: state[k].clone() for k in (*REFRESH_STATE_KEYS, "fallback_count") if k in state}
+    kept = {k: state[k] for k in ("proj_data", "proj_scales", *_RESIDUAL_KEYS) if k in state}
+    similarity = None
+    if accum["refresh"] and accum.get("proj_old") is not None:
+        similarity = subspace_similarity_t(accum["proj_old"], accum["proj_step"])
+    refresh = bool(accum["refresh"])
+
+    def finish(skipped: bool, similarity_value: float | None) -> None:
+        if skipped:
+            for key, value in host_before.items():
+                state[key].copy_(value)
+            for key in ("proj_data", "proj_scales", *_RESIDUAL_KEYS):
+                if key in kept:
+                    state[key] = kept[key]
+                else:
+                    state.pop(key, None)
+        elif refresh:
+            _policy(cfg).record(state, global_step, similarity_value)
+    return finish, similarity
 
 
 # State a commit may rewrite (moments, residual values and counts, error feedback); host-side counters ("step",
