@@ -61,7 +61,14 @@ def subspace_similarity(P_old: Tensor, P_new: Tensor) -> float:
     """s = ||P_oldᵀ P_new||_F² / r for orthonormal P_old (n, r_old), P_new (n, r_new); r = max(r_old, r_new).
 
     Invariant to signs and rotations within either subspace; 1 for the same subspace, 0 for orthogonal ones.
+    A Python float (one host synchronisation); `subspace_similarity_t` keeps it on the device.
     """
+    return float(subspace_similarity_t(P_old, P_new))
+
+
+def subspace_similarity_t(P_old: Tensor, P_new: Tensor) -> Tensor:
+    """`subspace_similarity` as a 0-dim fp64 tensor on P_old's device (clamped to [0, 1]; the same value as a
+    Python float: the fp32 sum is widened before the division, as float() did)."""
     for name, P in (("P_old", P_old), ("P_new", P_new)):
         if not isinstance(P, Tensor) or P.dim() != 2:
             raise ValueError(f"{name} must be a 2-D tensor (n, r)")
@@ -71,7 +78,7 @@ def subspace_similarity(P_old: Tensor, P_new: Tensor) -> float:
     if r == 0:
         raise ValueError("projectors with zero columns have no subspace to compare")
     overlap = P_old.float().T @ P_new.to(device=P_old.device, dtype=torch.float32)
-    return min(1.0, max(0.0, float(overlap.pow(2).sum()) / r))
+    return (overlap.pow(2).sum().double() / r).clamp(0.0, 1.0)
 
 
 def exact_right_subspace(op: GradOperator, rank: int) -> SubspaceResult:
@@ -82,9 +89,8 @@ def exact_right_subspace(op: GradOperator, rank: int) -> SubspaceResult:
     """
     _check_rank(op, rank)
     G = op.dense()
-    finite = torch.isfinite(G)
-    if not bool(finite.all()):
-        G = torch.where(finite, G, torch.zeros((), dtype=G.dtype, device=G.device))
+    # Unconditionally (a test of whether any entry is non-finite would be a host synchronisation).
+    G = torch.where(torch.isfinite(G), G, torch.zeros((), dtype=G.dtype, device=G.device))
     try:
         _, S, Vh = torch.linalg.svd(G, full_matrices=False)
     except RuntimeError:  # LinAlgError (no convergence on a badly scaled input): retry once in fp64
@@ -129,13 +135,14 @@ def _top_right(Q_right: Tensor, R_factor: Tensor, rank: int) -> tuple[Tensor, Te
     return Q_right @ U_small[:, :rank], S[:rank]
 
 
-def _is_broken(basis: Tensor, singular_values: Tensor) -> bool:
+def _is_broken(basis: Tensor, singular_values: Tensor) -> Tensor:
     """Non-finite, not orthonormal, or a zero gradient (σ_1 = 0: nothing to find). A rank-deficient but nonzero
-    gradient is not broken: its whole range is in the sketch (module docstring)."""
+    gradient is not broken: its whole range is in the sketch (module docstring). A 0-dim bool tensor (the caller
+    reads it)."""
     finite = torch.isfinite(basis).all() & torch.isfinite(singular_values).all()
     eye = torch.eye(basis.shape[1], dtype=basis.dtype, device=basis.device)
     gram_error = (basis.T @ basis - eye).abs().max()
-    return not bool(finite & (gram_error <= ORTHONORMALITY_TOL) & (singular_values[0] > 0))
+    return ~(finite & (gram_error <= ORTHONORMALITY_TOL) & (singular_values[0] > 0))
 
 
 def _start_block(n: int, width: int, warm_start: Tensor | None, generator: torch.Generator | None,
@@ -187,7 +194,12 @@ def randomized_right_subspace(op: GradOperator, rank: int, *, oversampling: int 
     try:
         basis, singular_values, iterations = _iterate(op, rank, width, power_iters, warm_start, previous, generator,
                                                       tol)
-        broken = _is_broken(basis, singular_values)
+        # The range finder's one host synchronisation: whether to fall back, and how many iterations ran.
+        flags = _is_broken(basis, singular_values).to(torch.int64)
+        if isinstance(iterations, Tensor):
+            broken, iterations = torch.stack([flags, iterations.to(flags.device)]).tolist()
+        else:
+            broken = flags.tolist()
     except torch.linalg.LinAlgError:  # the small SVD refuses non-finite input (a NaN/Inf gradient)
         broken, iterations = True, power_iters
     if broken:
@@ -200,19 +212,32 @@ def randomized_right_subspace(op: GradOperator, rank: int, *, oversampling: int 
 
 def _iterate(op: GradOperator, rank: int, width: int, power_iters: int, warm_start: Tensor | None,
              previous: Tensor | None, generator: torch.Generator | None,
-             tol: float | None) -> tuple[Tensor, Tensor, int]:
-    """The subspace iteration proper: (basis (n, r), singular values (r,), power iterations run)."""
+             tol: float | None) -> tuple[Tensor, Tensor, int | Tensor]:
+    """The subspace iteration proper: (basis (n, r), singular values (r,), power iterations run: an int, or a 0-dim
+    int64 tensor with a tol).
+
+    The early stop is decided on the device: once two successive iterates agree to 1 - tol, the iterate is frozen
+    (torch.where) and the remaining iterations' results are discarded, so the basis is bit for bit the one an
+    early `break` gives, without a host synchronisation per iteration. The price: with a tol, a refresh always
+    computes power_iters + 1 passes over the gradient (the skipped ones are computed and thrown away)."""
     Q_right = _start_block(op.shape[1], width, warm_start, generator, op.device)
-    iterations = 0
+    iterations: int | Tensor = 0
+    done: Tensor | None = None
     for it in range(power_iters + 1):
         Q_left = _orthonormal(op.matmul(Q_right))                                 # (m, width)
-        Q_right, R_factor = torch.linalg.qr(op.rmatmul(Q_left), mode="reduced")  # (n, width), (width, width)
-        iterations = it
+        Q_next, R_next = torch.linalg.qr(op.rmatmul(Q_left), mode="reduced")     # (n, width), (width, width)
+        if done is None:
+            Q_right, R_factor, iterations = Q_next, R_next, it
+        else:
+            Q_right = torch.where(done, Q_right, Q_next)
+            R_factor = torch.where(done, R_factor, R_next)
+            iterations = torch.where(done, iterations, it)
         if tol is None or it == power_iters:
             continue
         current, _ = _top_right(Q_right, R_factor, rank)
-        if previous is not None and subspace_similarity(previous, current) > 1.0 - tol:
-            break
+        if previous is not None:
+            stop = subspace_similarity_t(previous, current) > 1.0 - tol
+            done = stop if done is None else done | stop
         previous = current
     basis, singular_values = _top_right(Q_right, R_factor, rank)
     return basis, singular_values, iterations
