@@ -160,13 +160,15 @@ def _copy_nearest_(target: Tensor, value: Tensor) -> None:
 
 
 def _update_any_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, bits: int, use_bnb: bool,
-                 block_size: int, hyper: dict, write) -> None:
+                 block_size: int, hyper: dict, write, checked: bool = True) -> None:
+    """checked=False: the caller guarantees a finite grad (the guarded path), so the 8-bit twin skips the moment
+    codec's value checks (a device synchronisation each)."""
     if bits == 32:
         _update_32bit_(param, grad, state, write=write, **hyper)
     elif use_bnb:
         _update_8bit_bnb_(param, grad, state, block_size=block_size, write=write, **hyper)
     else:
-        _update_8bit_twin_(param, grad, state, block_size=block_size, write=write, **hyper)
+        _update_8bit_twin_(param, grad, state, block_size=block_size, write=write, checked=checked, **hyper)
 
 
 GUARD_CHUNK_ELEMENTS = 1 << 20
@@ -180,7 +182,7 @@ def _update_guarded_(param: Tensor, grad: Tensor, state: dict[str, Tensor], keep
         before = {k: v.clone() for k, v in state.items() if k != "step"}
         old_param = param.clone()
         _update_any_(param, grad, state, bits=bits, use_bnb=use_bnb, block_size=block_size, hyper=hyper,
-                     write=make_write(0))
+                     write=make_write(0), checked=False)
         param.copy_(torch.where(keep_old, old_param, param))
         for k, v in before.items():
             state[k].copy_(torch.where(keep_old, v, state[k]))
@@ -202,7 +204,7 @@ def _update_guarded_(param: Tensor, grad: Tensor, state: dict[str, Tensor], keep
         before = {k: v.clone() for k, v in sub.items()}
         old_param = p_chunk.clone()
         _update_any_(p_chunk, grad_flat[e0:e1], sub, bits=bits, use_bnb=use_bnb, block_size=block_size, hyper=hyper,
-                     write=make_write(e0))
+                     write=make_write(e0), checked=False)
         p_chunk.copy_(torch.where(keep_old, old_param, p_chunk))
         for k, v in before.items():
             sub[k].copy_(torch.where(keep_old, v, sub[k]))
@@ -239,12 +241,14 @@ def _check_8bit_layout(param: Tensor, state: dict[str, Tensor], block_size: int)
 
 
 def _update_8bit_twin_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta1: float,
-                       beta2: float, eps: float, weight_decay: float, step: int, block_size: int, write) -> None:
+                       beta2: float, eps: float, weight_decay: float, step: int, block_size: int, write,
+                       checked: bool = True) -> None:
     # Order of operations as in bnb's pure-torch reference for "adam" (8-bit blockwise), plus the direction bound.
+    # The stored absmax values were written by quantize_moment8 (finite, >= 0): no value check on the way in.
     exp_avg = dequantize_moment8(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True,
-                                 block_size=block_size, dtype=torch.float32)
+                                 block_size=block_size, dtype=torch.float32, check_values=False)
     exp_avg_sq = dequantize_moment8(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False,
-                                    block_size=block_size, dtype=torch.float32, squared=True)
+                                    block_size=block_size, dtype=torch.float32, squared=True, check_values=False)
     g = grad.to(torch.float32)
     p = param.to(torch.float32, copy=True)
     exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
@@ -264,7 +268,7 @@ def _update_8bit_twin_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *,
     encoded = {}
     for name, value, signed in (("exp_avg", exp_avg, True), ("exp_avg_sq", exp_avg_sq, False)):
         encoded[f"{name}_codes"], encoded[f"{name}_absmax"] = quantize_moment8(
-            value, signed=signed, block_size=block_size, squared=not signed)
+            value, signed=signed, block_size=block_size, squared=not signed, check_values=checked)
     write(param, p)
     for key, value in encoded.items():
         state[key].copy_(value)

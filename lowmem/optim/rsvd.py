@@ -37,13 +37,17 @@ class SubspaceResult:
     """basis fp32 (n, r) orthonormal columns: top-r right singular vectors of G, in decreasing order.
     singular_values fp32 (r,): their estimates. iterations: power iterations actually run (0 = range finder only).
     fell_back: the full-SVD fallback produced this result. numerical_rank: how many singular values exceed
-    RANK_RTOL·σ_1 (r for a full-rank gradient; the columns beyond it span part of G's null space)."""
+    RANK_RTOL·σ_1 (r for a full-rank gradient; the columns beyond it span part of G's null space), read from the
+    device only when asked for (the training path never asks: no host synchronisation)."""
 
     basis: Tensor
     singular_values: Tensor
     iterations: int
     fell_back: bool
-    numerical_rank: int
+
+    @property
+    def numerical_rank(self) -> int:
+        return _numerical_rank(self.singular_values)
 
 
 def _check_rank(op: GradOperator, rank: int) -> None:
@@ -97,7 +101,7 @@ def exact_right_subspace(op: GradOperator, rank: int) -> SubspaceResult:
         _, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
         S, Vh = S.float(), Vh.float()
     return SubspaceResult(basis=Vh[:rank].T.contiguous(), singular_values=S[:rank].contiguous(), iterations=0,
-                          fell_back=False, numerical_rank=_numerical_rank(S[:rank]))
+                          fell_back=False)
 
 
 def _numerical_rank(singular_values: Tensor) -> int:
@@ -121,7 +125,7 @@ def exact_left_subspace(op: GradOperator, rank: int) -> SubspaceResult:
         U, S, _ = torch.linalg.svd(G.double(), full_matrices=False)
         U, S = U.float(), S.float()
     return SubspaceResult(basis=U[:, :rank].contiguous(), singular_values=S[:rank].contiguous(), iterations=0,
-                          fell_back=False, numerical_rank=_numerical_rank(S[:rank]))
+                          fell_back=False)
 
 
 def _orthonormal(Y: Tensor) -> Tensor:
@@ -204,10 +208,8 @@ def randomized_right_subspace(op: GradOperator, rank: int, *, oversampling: int 
         broken, iterations = True, power_iters
     if broken:
         exact = exact_right_subspace(op, rank)
-        return SubspaceResult(exact.basis, exact.singular_values, iterations=iterations, fell_back=True,
-                              numerical_rank=exact.numerical_rank)
-    return SubspaceResult(basis.contiguous(), singular_values.contiguous(), iterations=iterations, fell_back=False,
-                          numerical_rank=_numerical_rank(singular_values))
+        return SubspaceResult(exact.basis, exact.singular_values, iterations=iterations, fell_back=True)
+    return SubspaceResult(basis.contiguous(), singular_values.contiguous(), iterations=iterations, fell_back=False)
 
 
 def _iterate(op: GradOperator, rank: int, width: int, power_iters: int, warm_start: Tensor | None,
