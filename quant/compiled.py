@@ -189,10 +189,11 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def _uniform_at(counter: torch.Tensor, keys: torch.Tensor, hi0: torch.Tensor) -> torch.Tensor:
-    """u for int64 counters that span at most two 2**32 segments: hi0 = the first segment's counter >> 32, keys =
-    int64 (4,) [k1, k2 of segment hi0, k1, k2 of segment hi0 + 1] (quant.noise folds the high bits into the key)."""
-    second = (counter >> 32) != hi0
+def _uniform_at(counter: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """u for int64 counters that span at most two 2**32 segments: keys = int64 (6,) [k1, k2 of segment hi0, k1, k2
+    of segment hi0 + 1, base, hi0] (_noise_words; quant.noise folds the high bits into the key), hi0 = the first
+    segment's counter >> 32."""
+    second = (counter >> 32) != keys[5]
     k1 = torch.where(second, keys[2], keys[0])
     k2 = torch.where(second, keys[3], keys[1])
     x = _hash32((counter & _MASK32) ^ k1)
@@ -200,9 +201,9 @@ def _uniform_at(counter: torch.Tensor, keys: torch.Tensor, hi0: torch.Tensor) ->
     return (x >> 8).to(torch.float32) * _INV_2_24
 
 
-def _uniform_kernel(out: torch.Tensor, base: torch.Tensor, keys: torch.Tensor, hi0: torch.Tensor) -> None:
-    counter = torch.arange(out.shape[0], dtype=torch.int64, device=out.device) + base
-    out.copy_(_uniform_at(counter, keys, hi0))
+def _uniform_kernel(out: torch.Tensor, keys: torch.Tensor) -> None:
+    counter = torch.arange(out.shape[0], dtype=torch.int64, device=out.device) + keys[4]
+    out.copy_(_uniform_at(counter, keys))
 
 
 def _stochastic_floor(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -230,9 +231,9 @@ def _dequantize_kernel(q: torch.Tensor, scales: torch.Tensor, *, block_size: int
 
 
 def _sr_chunk_kernel(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, qmax: torch.Tensor,
-                     base: torch.Tensor, keys: torch.Tensor, hi0: torch.Tensor, *, block_size: int,
-                     stochastic: bool) -> None:
-    """In place on q int8 (r, n), scales fp32 (r, nb): requantize(q * s + delta); base = the counter of q[0, 0]."""
+                     keys: torch.Tensor, *, block_size: int, stochastic: bool) -> None:
+    """In place on q int8 (r, n), scales fp32 (r, nb): requantize(q * s + delta); keys = _noise_words, whose
+    base (keys[4]) is the counter of q[0, 0]."""
     rows, n = q.shape
     num_blocks = scales.shape[1]
     w = _blocks(q, num_blocks, block_size).to(torch.float32) * scales[:, :, None]
@@ -242,8 +243,8 @@ def _sr_chunk_kernel(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor,
     y = torch.where(scale[:, :, None] == 0, 0.0, y)  # all-zero block: 0 / 0
     if stochastic:  # counters of the padding (column >= n) are junk; those elements are never written
         column = torch.arange(num_blocks * block_size, dtype=torch.int64, device=q.device).view(num_blocks, block_size)
-        counter = torch.arange(rows, dtype=torch.int64, device=q.device)[:, None, None] * n + column + base
-        y = _stochastic_floor(y, _uniform_at(counter, keys, hi0))
+        counter = torch.arange(rows, dtype=torch.int64, device=q.device)[:, None, None] * n + column + keys[4]
+        y = _stochastic_floor(y, _uniform_at(counter, keys))
     else:
         y = torch.round(y)
     codes = y.clamp(-_QMAX, _QMAX).to(torch.int8).view(rows, num_blocks * block_size)
@@ -264,16 +265,18 @@ def segment_keys(key: int, counter_start: int, numel: int, mix64: Callable[[int]
     return words, hi0
 
 
-def _int64(values, device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64, device=device)
+def _noise_words(keys: list[int], base: int, hi0: int, device) -> torch.Tensor:
+    """int64 (6,) [segment keys (4), base counter, hi0]: one 1-D tensor, not 0-dim ones. Dynamo, when it traces a
+    new graph, turns a 0-dim int64 CPU argument into a symbol by reading its value (Tensor.item, a host read on
+    every first compile); entries of a 1-D tensor stay tensor data in the graph."""
+    return torch.tensor([*keys, base, hi0], dtype=torch.int64, device=device)
 
 
 def uniform_(out: torch.Tensor, *, key: int, offset: int, mix64: Callable[[int], int], eager: Callable) -> None:
     """out fp32 (numel,) <- counter noise at counters offset .. offset + numel - 1 (numel <= 2**32)."""
     keys, hi0 = segment_keys(key, offset, out.numel(), mix64)
     device = out.device
-    call("uniform", _uniform_kernel, lambda out, *_: eager(out), out, _int64(offset, device), _int64(keys, device),
-         _int64(hi0, device))
+    call("uniform", _uniform_kernel, lambda out, *_: eager(out), out, _noise_words(keys, offset, hi0, device))
 
 
 def sr_chunk_(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, *, key: int, counter_start: int,
@@ -287,8 +290,7 @@ def sr_chunk_(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, *, key
         eager(q, scales, delta)
 
     call("sr_chunk", _sr_chunk_kernel, fallback, q, scales, delta, torch.tensor(float(_QMAX), device=device),
-         _int64(counter_start, device), _int64(keys, device), _int64(hi0, device), block_size=block_size,
-         stochastic=stochastic)
+         _noise_words(keys, counter_start, hi0, device), block_size=block_size, stochastic=stochastic)
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, *, block_size: int, dtype: torch.dtype,

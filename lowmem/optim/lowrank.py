@@ -44,7 +44,7 @@ from lowmem.optim.projector import (CrossHead, backproject, backproject_gather, 
 from lowmem.optim.refresh import REFRESH_STATE_KEYS, init_refresh_state, make_policy
 from lowmem.optim.residual import (exact_residual_step, init_exact_residual, residual_index_dtype, residual_step,
                              select_residual_indices)
-from lowmem.optim.rsvd import subspace_similarity, subspace_similarity_t
+from lowmem.optim.rsvd import resolve_subspaces, subspace_similarity, subspace_similarity_t
 from lowmem.optim.weights import WeightTarget
 from quant.int8 import dequantize_int8, quantize_int8
 
@@ -188,21 +188,25 @@ def _begin(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum
     target = op if reduce_mean_ is None else ReducedGrad(op, reduce_mean_)
     cross_head = spec.cross_head if cfg.cross_head else None
     heads = None if cross_head is None else select_heads(cross_head, rank, generator)
-    result = compute_projector(target, rank, side=side, method=cfg.projection, oversampling=cfg.oversampling,
-                               power_iters=cfg.power_iters, warm_start=proj_old, generator=generator,
-                               tol=cfg.rsvd_tol, cross_head=cross_head, heads=heads)
-    basis = result.basis
-    accum.update(refresh=True, proj_old=proj_old, fell_back=result.fell_back, power_iterations=result.iterations,
-                 heads=heads)
+    pending = [compute_projector(target, rank, side=side, method=cfg.projection, oversampling=cfg.oversampling,
+                                 power_iters=cfg.power_iters, warm_start=proj_old, generator=generator,
+                                 tol=cfg.rsvd_tol, cross_head=cross_head, heads=heads, defer=True)]
     if heads is not None and proj_old is not None and "proj_heads" in state:
         # The refresh policy compares subspaces of the same heads: the old projector came from the old heads' rows,
         # the new one from a fresh draw, so their similarity would measure the draw, not drift. The old heads' rows
         # of this gradient give the like-for-like subspace (warm-started from the old projector: a stationary
-        # gradient converges at once).
-        same_heads = compute_projector(target, rank, side=side, method=cfg.projection, oversampling=cfg.oversampling,
-                                       power_iters=cfg.power_iters, warm_start=proj_old, generator=generator,
-                                       tol=cfg.rsvd_tol, cross_head=cross_head, heads=state["proj_heads"].cpu())
-        accum["similarity_basis"] = same_heads.basis
+        # gradient converges at once). Its heads stay where they are stored (no copy to the host).
+        pending.append(compute_projector(target, rank, side=side, method=cfg.projection,
+                                         oversampling=cfg.oversampling, power_iters=cfg.power_iters,
+                                         warm_start=proj_old, generator=generator, tol=cfg.rsvd_tol,
+                                         cross_head=cross_head, heads=state["proj_heads"], defer=True))
+    # The refresh's one host read: both range finders' fallback decisions together.
+    result, *same_heads = resolve_subspaces(pending)
+    if same_heads:
+        accum["similarity_basis"] = same_heads[0].basis
+    basis = result.basis
+    accum.update(refresh=True, proj_old=proj_old, fell_back=result.fell_back, power_iterations=result.iterations,
+                 heads=heads)
     wide = num_micro_batches > 1 and cfg.refresh_sketch == "rayleigh_ritz"
     if wide:
         extra = torch.randn(basis.shape[0], cfg.oversampling, generator=generator, device=device)
@@ -230,9 +234,12 @@ def _fix_projector(cfg: LowMemConfig, accum: dict, proj: Tensor) -> Tensor:
     projector, then rounded through its storage format (INT4 ...). The encoded form waits in accum["proj_stored"]
     for the commit, so R is projected with exactly the matrix the update is back-projected with."""
     proj = _align_signs(accum.get("proj_old"), proj)
-    stored = encode_projector(proj, cfg.projector_bits, group_size=cfg.projector_group_size)
+    # No value checks (each a host read): the range finder returns only finite bases (a non-finite sketch falls
+    # back to the exact SVD), and the decode reads what was just encoded.
+    stored = encode_projector(proj, cfg.projector_bits, group_size=cfg.projector_group_size, check_values=False)
     accum["proj_stored"] = stored
-    return decode_projector(stored, cfg.projector_bits, tuple(proj.shape), group_size=cfg.projector_group_size)
+    return decode_projector(stored, cfg.projector_bits, tuple(proj.shape), group_size=cfg.projector_group_size,
+                            check_values=False)
 
 
 def accumulate_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, op: GradOperator, *,

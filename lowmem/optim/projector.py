@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from lowmem.optim.linop import CHUNK_ELEMENTS, GradOperator
-from lowmem.optim.rsvd import SubspaceResult, exact_left_subspace, exact_right_subspace, randomized_right_subspace
+from lowmem.optim.rsvd import (PendingSubspace, SubspaceResult, exact_left_subspace, exact_right_subspace,
+                               randomized_right_subspace)
 
 SIDES = ("right", "left")
 METHODS = ("randomized", "svd")
@@ -81,13 +82,15 @@ def _head_rows(heads: Tensor, head_dim: int, device: torch.device) -> Tensor:
 def compute_projector(op: GradOperator, rank: int, *, side: str, method: str = "randomized",
                       oversampling: int = 8, power_iters: int = 2, warm_start: Tensor | None = None,
                       generator: torch.Generator | None = None, tol: float | None = None,
-                      cross_head: CrossHead | None = None, heads: Tensor | None = None) -> SubspaceResult:
+                      cross_head: CrossHead | None = None, heads: Tensor | None = None,
+                      defer: bool = False) -> SubspaceResult | PendingSubspace:
     """Projector P for op (m, n): basis fp32 (n, r) for side 'right', (m, r) for 'left'.
 
     method 'randomized' (lowmem.optim.rsvd.randomized_right_subspace with oversampling, power_iters, warm_start, tol)
     or 'svd' (exact, forms G). cross_head: right side only; the top-r right singular vectors of the stacked row
     slices of ⌈r/d⌉ random heads (chosen first with `generator`, which then also draws the sketch), or of the given
-    `heads` (int64 (k,), sorted; then nothing is drawn for them).
+    `heads` (int64 (k,), sorted; then nothing is drawn for them). defer: the randomized method returns a
+    PendingSubspace (lowmem.optim.rsvd.resolve_subspaces reads several fallback decisions at once).
     """
     if not isinstance(op, GradOperator):
         raise TypeError(f"op must be a GradOperator, got {type(op).__name__}")
@@ -120,7 +123,7 @@ def compute_projector(op: GradOperator, rank: int, *, side: str, method: str = "
             return exact_left_subspace(op, rank)
         return exact_right_subspace(target, rank)
     return randomized_right_subspace(target, rank, oversampling=oversampling, power_iters=power_iters,
-                                     warm_start=warm_start, generator=generator, tol=tol)
+                                     warm_start=warm_start, generator=generator, tol=tol, defer=defer)
 
 
 def _check_projector(P: Tensor, rows: int, side: str, what: str) -> None:

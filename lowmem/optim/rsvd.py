@@ -162,7 +162,7 @@ def _start_block(n: int, width: int, warm_start: Tensor | None, generator: torch
 
 def randomized_right_subspace(op: GradOperator, rank: int, *, oversampling: int = 8, power_iters: int = 2,
                               warm_start: Tensor | None = None, generator: torch.Generator | None = None,
-                              tol: float | None = None) -> SubspaceResult:
+                              tol: float | None = None, defer: bool = False) -> SubspaceResult | PendingSubspace:
     """Top-r right singular subspace of op (m, n) from products only.
 
     oversampling p: extra sketch columns (width min(r + p, m, n)). power_iters q: maximum number of power
@@ -175,6 +175,8 @@ def randomized_right_subspace(op: GradOperator, rank: int, *, oversampling: int 
     still right stops after the range finder (iterations = 0). Falls back to exact_right_subspace (fell_back=True)
     when the result is non-finite, not orthonormal or the gradient is zero (see _is_broken); a rank-deficient
     gradient is handled by the sketch itself (module docstring) and reported in numerical_rank.
+    defer=True: return a PendingSubspace instead, whose fallback decision is still on the device; resolve_subspaces
+    reads the decisions of several range finders at once (one host synchronisation for all of them).
     """
     _check_rank(op, rank)
     if isinstance(oversampling, bool) or not isinstance(oversampling, int) or oversampling < 0:
@@ -198,18 +200,58 @@ def randomized_right_subspace(op: GradOperator, rank: int, *, oversampling: int 
     try:
         basis, singular_values, iterations = _iterate(op, rank, width, power_iters, warm_start, previous, generator,
                                                       tol)
-        # The range finder's one host synchronisation: whether to fall back, and how many iterations ran.
-        flags = _is_broken(basis, singular_values).to(torch.int64)
+        # The range finder's one host synchronisation (made by resolve_subspaces): whether to fall back, and how
+        # many iterations ran.
+        flags = _is_broken(basis, singular_values).to(torch.int64).reshape(1)
         if isinstance(iterations, Tensor):
-            broken, iterations = torch.stack([flags, iterations.to(flags.device)]).tolist()
-        else:
-            broken = flags.tolist()
+            flags = torch.cat([flags, iterations.to(flags.device, torch.int64).reshape(1)])
+            iterations = None
+        pending = PendingSubspace(op, rank, basis, singular_values, flags, iterations)
     except torch.linalg.LinAlgError:  # the small SVD refuses non-finite input (a NaN/Inf gradient)
-        broken, iterations = True, power_iters
-    if broken:
-        exact = exact_right_subspace(op, rank)
-        return SubspaceResult(exact.basis, exact.singular_values, iterations=iterations, fell_back=True)
-    return SubspaceResult(basis.contiguous(), singular_values.contiguous(), iterations=iterations, fell_back=False)
+        pending = PendingSubspace(op, rank, None, None, None, power_iters)
+    return pending if defer else resolve_subspaces([pending])[0]
+
+
+@dataclass
+class PendingSubspace:
+    """A randomized_right_subspace(defer=True) result whose fallback decision is not read yet. flags: int64 (1,)
+    [broken] or (2,) [broken, iterations] on the basis's device (iterations None then); None when the small SVD
+    already refused the input (a fallback, decided without a read)."""
+
+    op: GradOperator
+    rank: int
+    basis: Tensor | None
+    singular_values: Tensor | None
+    flags: Tensor | None
+    iterations: int | None
+
+    def _resolve(self, values: list[int] | None) -> SubspaceResult:
+        broken, iterations = (True, self.iterations) if values is None else (bool(values[0]), self.iterations)
+        if values is not None and len(values) > 1:
+            iterations = int(values[1])
+        if broken:
+            exact = exact_right_subspace(self.op, self.rank)
+            return SubspaceResult(exact.basis, exact.singular_values, iterations=iterations, fell_back=True)
+        return SubspaceResult(self.basis.contiguous(), self.singular_values.contiguous(), iterations=iterations,
+                              fell_back=False)
+
+
+def resolve_subspaces(results: list) -> list[SubspaceResult]:
+    """SubspaceResults for a list of PendingSubspace (or already final SubspaceResult) items, in order: the
+    pending fallback decisions are read from the device in ONE host synchronisation (one per device), then each
+    broken one is replaced by the exact SVD. Results are those of the same calls made without defer."""
+    pending = [r for r in results if isinstance(r, PendingSubspace) and r.flags is not None]
+    values: dict[int, list[int]] = {}
+    by_device: dict[torch.device, list[PendingSubspace]] = {}
+    for r in pending:
+        by_device.setdefault(r.flags.device, []).append(r)
+    for group in by_device.values():
+        flat = torch.cat([r.flags for r in group]).tolist()
+        offset = 0
+        for r in group:
+            values[id(r)] = flat[offset:offset + r.flags.numel()]
+            offset += r.flags.numel()
+    return [r._resolve(values.get(id(r))) if isinstance(r, PendingSubspace) else r for r in results]
 
 
 def _iterate(op: GradOperator, rank: int, width: int, power_iters: int, warm_start: Tensor | None,

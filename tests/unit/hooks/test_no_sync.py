@@ -65,6 +65,23 @@ def test_backward_never_synchronises(clip_mode, grad_accum_steps):
         assert any(not torch.equal(before[k], after[k]) for k in before)   # the step really wrote
 
 
+@pytest.mark.parametrize("grad_accum_steps", [1, 2])
+def test_refresh_with_a_previous_projector_reads_once_per_weight(grad_accum_steps):
+    """A refresh that has a previous projector runs more than one range finder for a cross-head weight (q/k: the
+    new heads' subspace and the old heads' one, for the lazy policy's like-for-like similarity); their fallback
+    decisions are read together, so such a step still reads the device once per refreshed weight."""
+    model = tiny_llama()
+    runtime = prepare(model, config("per_tensor", grad_accum_steps, refresh="fixed", refresh_interval_steps=1))
+    batches = token_batches(2 * grad_accum_steps)
+    run_step(runtime, model, batches[:grad_accum_steps])
+    cross_head = [item for item in runtime.trainables if getattr(item.spec, "cross_head", None) is not None]
+    assert cross_head and all("proj_heads" in runtime.states[item.index] for item in cross_head)
+    counter = SyncCounter(host_state_tensors(runtime))
+    stats = run_step(runtime, model, batches[grad_accum_steps:], counter)
+    assert not stats["skipped"] and {item.name for item in cross_head} <= set(stats["refreshed"])
+    assert len(counter.calls) == len(stats["refreshed"]), counter.calls
+
+
 def poison_layer_input(model, layer_index):
     """NaN into the gradient that leaves decoder layer `layer_index` towards the layers below it... and itself:
     the hook sits on the layer's output, so that layer's own weight gradients are NaN too."""
