@@ -4,7 +4,8 @@ On the CPU every Tensor -> Python conversion is counted (sync_counter: on CUDA e
 the `gpu` variant runs the same steps under torch.cuda.set_sync_debug_mode("error"), which raises on any
 synchronising CUDA call. Ordinary steps must show zero. A refresh step reads the device once per refreshed weight
 (hooks/runtime.py docstring): the range finder's fallback decision; the commit's refresh bookkeeping waits for
-step()'s read.
+step()'s read. Reads inductor makes while compiling a new graph (first use in a process with a cold FX-graph
+cache) are no part of a step and are counted apart (sync_counter.SyncCounter.compile_calls).
 """
 import pytest
 import torch
