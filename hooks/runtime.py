@@ -483,7 +483,7 @@ class Runtime(RuntimeState):
         grad = grad.masked_fill_(skip, 0.0)   # finite input for the discarded update (8-bit moments refuse NaN)
         float_adamw_update_(item.tensor.data, grad, self.states[item.index], lr=self._lr, beta1=cfg.betas[0],
                             beta2=cfg.betas[1], eps=cfg.eps, weight_decay=float_param_weight_decay(item),
-                            keep_old=skip)
+                            sr_key=sr_key(item), keep_old=skip)
 
     def _commit_float(self, item: Trainable, clip_coef: float | None) -> None:
         grad = self._float_grads.pop(item.index)
