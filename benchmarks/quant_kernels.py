@@ -2,9 +2,12 @@
 
     python -m benchmarks.quant_kernels [--device cpu|cuda] [--rows M --cols N] [--repeats R] [--threads T]
 
-Default: a 4096 x 4096 fp32 matrix on CPU (about a minute on 2 cores). Each kernel runs once to warm up, then R
-times; the table gives the median time, the input elements per second, and the ratio of the kernel's time to the
-clone's (the clone reads and writes 4 bytes per element: a memory-bandwidth yardstick on this machine).
+Default: a 4096 x 4096 fp32 matrix on CPU (a few minutes on 2 cores). Each kernel runs once to warm up (for the
+compiled kernels that includes compiling them, or loading them from the inductor cache), then R times; the table gives
+the median time, the input elements per second, and the ratio of the kernel's time to the clone's (the clone reads
+and writes 4 bytes per element: a memory-bandwidth yardstick on this machine). The hot kernels (SR update,
+dequantisation, noise) are timed twice, compiled (quant.compiled, the default) and eager (the reference twin), side by
+side; `--eager-only` skips the compiled rows.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import time
 import torch
 
 from benchmarks.machine import machine_line
+from quant import compiled
 from quant import (counter_uniform, dequantize_int8, dequantize_moment8, pack_int4, quantize_int8,
                    quantize_moment8, sr_update_int8_, unpack_int4)
 
@@ -56,6 +60,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice); 1 is steadier on a shared machine")
+    parser.add_argument("--eager-only", action="store_true", help="time only the eager twins")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -79,25 +84,38 @@ def main(argv=None) -> None:
     def fresh_weights():
         return q.clone(), scales.clone()
 
-    cases = [
-        ("x.clone() (baseline)", lambda t: t.clone(), lambda: (x,)),
+    hot = [
         ("counter_uniform (same numel)", lambda: counter_uniform(numel, **key, device=device), lambda: ()),
-        ("quantize_int8 nearest", lambda t: quantize_int8(t), lambda: (x,)),
-        ("quantize_int8 stochastic", lambda t: quantize_int8(t, stochastic=True, **key), lambda: (x,)),
         ("dequantize_int8", lambda a, b: dequantize_int8(a, b), lambda: (q, scales)),
         ("sr_update_int8_ (tensor delta)", lambda a, b: sr_update_int8_(a, b, delta, **key), fresh_weights),
+        ("quantize_int8 stochastic", lambda t: quantize_int8(t, stochastic=True, **key), lambda: (x,)),
+    ]
+    other = [
+        ("quantize_int8 nearest", lambda t: quantize_int8(t), lambda: (x,)),
         ("pack_int4", lambda t: pack_int4(t), lambda: (x,)),
         ("unpack_int4", lambda a, b: unpack_int4(a, b, (m, n)), lambda: (packed, group_scales)),
         ("quantize_moment8 signed", lambda t: quantize_moment8(t, signed=True), lambda: (x,)),
         ("dequantize_moment8 signed", lambda a, b: dequantize_moment8(a, b, signed=True), lambda: (codes, absmax)),
     ]
-    results = []
-    for name, fn, setup in cases:
+    results = [("x.clone() (baseline)", time_op(lambda t: t.clone(), lambda: (x,), device, args.repeats))]
+    modes = [False] if args.eager_only else [True, False]
+    for name, fn, setup in hot:
+        for use_compiled in modes:
+            compiled.set_enabled(use_compiled)
+            label = f"{name} [{'compiled' if use_compiled else 'eager'}]"
+            results.append((label, time_op(fn, setup, device, args.repeats)))
+    compiled.set_enabled(True)
+    if compiled.failure():
+        print(f"compilation unavailable ({compiled.failure()}): the 'compiled' rows ran eagerly")
+    for name, fn, setup in other:
         results.append((name, time_op(fn, setup, device, args.repeats)))
+    # the clone again at the end: how much the machine's speed drifted during the run
+    results.append(("x.clone() (again, at the end)", time_op(lambda t: t.clone(), lambda: (x,), device, args.repeats)))
     baseline = results[0][1]
-    print(f"{'kernel':<32}{'ms':>10}{'Melem/s':>12}{'x clone':>10}")
+    print(f"{'kernel':<44}{'ms':>10}{'Melem/s':>12}{'x clone':>10}")
     for name, seconds in results:
-        print(f"{name:<32}{seconds * 1e3:>10.1f}{numel / seconds / 1e6:>12.0f}{seconds / baseline:>10.1f}")
+        print(f"{name:<44}{seconds * 1e3:>10.1f}{numel / seconds / 1e6:>12.0f}{seconds / baseline:>10.2f}")
+    print(f"\ncompile time of the hot kernels in this process: {compiled.compile_seconds():.1f} s")
 
 
 if __name__ == "__main__":

@@ -38,8 +38,26 @@ written on any rank; the step is reported skipped everywhere).
 Non-finite gradients: no NaN/Inf is ever written into a weight or a moment. With `two_pass` the whole step is skipped
 (nothing is written: measure-then-commit). With `per_tensor`/`none` layers are committed during backward, so the
 detection is per layer: the first layer whose gradient is non-finite and every layer after it in that backward are
-skipped and the step is reported skipped, listing how many layers had already been written with finite gradients.
-`runtime.backward(loss)` also refuses a non-finite loss before any backward runs (nothing written).
+skipped and the step is reported skipped, with how many layers were written ("layers_written": those before it).
+A non-finite loss writes nothing (`runtime.backward(loss)`; with data parallelism its backward does not even run).
+
+No host synchronisation inside backward (one process): norms, clipping coefficients and non-finite flags stay
+0-dim device tensors. A running device flag ("poisoned") holds whether the loss or any layer so far in this step
+was non-finite; each commit computes its update from a gradient zeroed where the flag holds and keeps its old
+weight bytes and state by torch.where (lowmem.optim.lowrank.commit_, skip=...), so the semantics above hold
+without the host knowing. A non-finite loss therefore still runs its backward (with every layer discarded on the
+device) instead of returning early. `step()` reads everything once (one synchronisation: losses, squared norms,
+flags; two_pass reads its global norm in the same one) and then puts back the host-side update counters of the
+skipped layers. A refresh step reads the device once per refreshed weight: the range finder's fallback decision
+(lowmem.optim.rsvd; early stopping is decided on the device). The refresh's host bookkeeping that depends on the
+skip flag (the policy's record, or putting back the projector, counters and a residual selection of a skipped
+weight) waits for step()'s read (commit_'s stats["pending"]). Data parallel keeps the host-side decisions (and their
+synchronisations), since the ranks must agree on them. Tested in tests/unit/hooks/test_no_sync.py (Python-side
+reads counted on CPU; the CUDA variant runs ordinary steps under torch.cuda.set_sync_debug_mode("error")). On CUDA
+a refresh step may also wait inside torch.linalg (QR/SVD error checks of the range finder), not counted here.
+
+Length: one class, the step's state machine (micro-batches, arrival of gradients, commits, the device-side flags and
+the step's single read) over the same per-step fields; split apart, each piece would need all of them passed in.
 """
 from __future__ import annotations
 
@@ -51,11 +69,14 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from quant import compiled
+
 from lowmem.config import LowMemConfig
 from lowmem.distributed import DataParallel
 from lowmem.optim.float_adamw import float_adamw_update_, init_float_adamw_state
 from lowmem.optim.linop import DenseGrad, squared_norm
-from lowmem.optim.lowrank import accumulate_, commit_, follower_state, init_lowrank_state, settle_
+from lowmem.optim.lowrank import (accumulate_, clip_coefficient, commit_, follower_state, init_lowrank_state, settle_,
+                                  undo_skipped_commit_)
 from lowmem.optimizer import float_param_bits, float_param_weight_decay, global_squared_norm
 from lowmem.schedule import lr_at
 from lowmem.model.surgery import convert_int8_to_linears, convert_linears_to_int8, split_fused_projections
@@ -85,6 +106,8 @@ class Runtime(RuntimeState):
             raise ValueError("prepare(): the model has no trainable tensors (all frozen?)")
         self.model = model
         self.config = config
+        compiled.set_enabled(config.compile)
+        self._compile_s_seen = compiled.compile_seconds()
         self.trainables = trainables
         self.global_step = 0
         self.skipped_steps = 0
@@ -161,10 +184,18 @@ class Runtime(RuntimeState):
         self._inflight: list = []
         self._float_grads: dict[int, Tensor] = {}
         self._committed: set[int] = set()
-        self._sq_norms: dict[int, float] = {}
+        self._sq_norms: dict[int, float | Tensor] = {}
         self._refreshed: list[str] = []
         self._nonfinite: list[str] = []
-        self._losses: list[float] = []
+        self._losses: list[float | Tensor] = []
+        # One process: the device-side skip flag and, per loss / commit, (name, trainable or None, first non-finite
+        # here, skipped) as 0-dim bool tensors, read once in step().
+        self._poisoned: Tensor | None = None
+        self._flags: list[tuple[str, Trainable | None, Tensor, Tensor]] = []
+        # (trainable, its flag's index, finish(skipped, similarity), similarity tensor or None): a commit's host
+        # bookkeeping that waits for the step's read (lowmem.optim.lowrank.commit_)
+        self._pending: list = []
+        self._layers_written = 0
 
     @property
     def grad_accum_steps(self) -> int:
@@ -198,11 +229,20 @@ class Runtime(RuntimeState):
             self._micro_done += 1
 
     def backward(self, loss: Tensor) -> None:
-        """`loss.backward()` with a guard: a non-finite loss skips the backward (nothing is written). Data
-        parallel: the ranks agree first, so all of them skip together (a lone skip would leave the others waiting in
-        the backward's collectives)."""
+        """`loss.backward()` with a guard: after a non-finite loss nothing of this step is written. One process:
+        decided on the device (the backward still runs; every commit discards its update). Data parallel: the ranks
+        agree first and skip the backward together (a lone skip would leave the others waiting in the backward's
+        collectives)."""
         if not self._inside:
             raise RuntimeError("call runtime.backward(loss) inside `with runtime.micro_batch():`")
+        if self.dp is None:
+            # No synchronisation: a non-finite loss poisons the step on the device (every layer then keeps its old
+            # values) and is reported as "loss" by step().
+            detached = loss.detach()
+            self._losses.append(detached)
+            self._flag("loss", None, ~torch.isfinite(detached))
+            loss.backward()
+            return
         value = float(loss.detach())
         self._losses.append(value)
         finite = math.isfinite(value)
@@ -222,6 +262,8 @@ class Runtime(RuntimeState):
         self._finish_inflight()
         if self._deferred:
             self._commit_deferred()
+        if self.dp is None:
+            self._read_device_stats()
         skipped = bool(self._nonfinite)
         grad_sq = global_squared_norm(self._sq_norms)
         loss = sum(self._losses) / len(self._losses) if self._losses else None
@@ -243,14 +285,68 @@ class Runtime(RuntimeState):
             "grad_norm": math.sqrt(grad_sq) if not skipped else float("nan"),
             "skipped": skipped,
             "nonfinite": list(self._nonfinite),
-            "layers_written": len(self._committed),
+            "layers_written": len(self._committed) if self.dp is not None else self._layers_written,
             "refreshed": list(self._refreshed),
             "peak_memory_bytes": peak_bytes,
             "comm_bytes": comm_bytes,
+            "compile_s": compiled.compile_seconds() - self._compile_s_seen,  # kernels compiled in this step
         }
+        self._compile_s_seen += stats["compile_s"]
         self.global_step += 1
         self._reset_step()
         return stats
+
+    # -- device-side flags (one process) ---------------------------------------------------------------------------
+    def _flag(self, name: str, item: Trainable | None, nonfinite: Tensor) -> Tensor:
+        """Record `name`'s non-finite flag; returns the skip flag in force before it (what its commit must obey)."""
+        before = self._poisoned_on(nonfinite.device)
+        self._poisoned = before | nonfinite
+        self._flags.append((name, item, nonfinite & ~before, self._poisoned))
+        return before
+
+    def _poisoned_on(self, device: torch.device) -> Tensor:
+        if self._poisoned is None:
+            self._poisoned = torch.zeros((), dtype=torch.bool, device=device)
+        return self._poisoned.to(device, non_blocking=True)
+
+    def _read_device_stats(self, extra: Tensor | None = None) -> list[float]:
+        """The step's one synchronisation: losses, squared norms, flags (and `extra` values) in one read. Turns
+        them into the host values step() reports, puts back the update counters of skipped layers, and returns
+        the `extra` values. Values already read are not read again; nothing left to read means no read at all."""
+        losses = [v for v in self._losses if isinstance(v, Tensor)]
+        read_losses = [v for v in self._losses if not isinstance(v, Tensor)]
+        sq_keys = [k for k, v in self._sq_norms.items() if isinstance(v, Tensor)]
+        device = self._poisoned.device if self._poisoned is not None else self.trainables[0].tensor.device
+        similarities = [sim for *_, sim in self._pending if sim is not None]
+        tensors = (losses + [self._sq_norms[k] for k in sq_keys]
+                   + [f for _, _, first, after in self._flags for f in (first, after)] + similarities
+                   + ([] if extra is None else list(extra.reshape(-1))))
+        parts = [t.detach().to(device=device, dtype=torch.float64).reshape(1) for t in tensors]
+        values = torch.cat(parts).tolist() if parts else []
+        n_loss, n_sq, n_flags = len(losses), len(sq_keys), 2 * len(self._flags)
+        self._losses = read_losses + values[:n_loss]
+        self._sq_norms.update(zip(sq_keys, values[n_loss:n_loss + n_sq]))
+        flags = values[n_loss + n_sq:n_loss + n_sq + n_flags]
+        for (name, item, _, _), first, after in zip(self._flags, flags[0::2], flags[1::2]):
+            if first:
+                self._nonfinite.append(name)
+            if item is None:
+                continue
+            if not after:
+                self._layers_written += 1
+            else:
+                undo_skipped_commit_(self.states[item.index])
+        n_sim = len(similarities)
+        sim_values = iter(values[n_loss + n_sq + n_flags:n_loss + n_sq + n_flags + n_sim])
+        for item, flag_index, finish, sim in self._pending:
+            skipped = bool(flags[2 * flag_index + 1])
+            finish(skipped, None if sim is None else next(sim_values))
+            if skipped and item.name in self._refreshed:
+                self._refreshed.remove(item.name)
+        self._pending.clear()
+        self._flags.clear()
+        self._poisoned = None
+        return values[n_loss + n_sq + n_flags + n_sim:]
 
     def _agree_on_stats(self, loss, grad_sq, skipped, peak_bytes):
         """One small all-reduce so every rank reports the same step: mean loss over ranks, the global squared norm
@@ -333,8 +429,9 @@ class Runtime(RuntimeState):
     def _commit_lowrank(self, item: Trainable, clip_coef: float | None) -> None:
         accum = self._accum.pop(item.index)
         self._committed.add(item.index)
-        if self._nonfinite and self.dp is None:
-            return  # the step is already poisoned: write nothing more (data-parallel ranks skip per layer)
+        if self.dp is None:
+            self._commit_lowrank_on_device(item, accum, clip_coef)
+            return
         exchange = None if self.dp is None else self.dp.exchange(item.index, item.tensor.device)
         writes = exchange is None or exchange.writes_weight
         stats = commit_(item.spec, item.config, self.states[item.index], accum,
@@ -351,9 +448,49 @@ class Runtime(RuntimeState):
             if self.dp is not None and self.dp.debug:
                 self.dp.check_identical(f"{item.name} projector", self.states[item.index]["proj_data"])
 
+    def _commit_lowrank_on_device(self, item: Trainable, accum: dict, clip_coef: float | None) -> None:
+        """One process: commit with the device-side skip flag (no synchronisation on an ordinary step). With a
+        clip_coef (two_pass) the host has already found every gradient finite: nothing is flagged."""
+        grad_sq = settle_(item.spec, item.config, accum)
+        if clip_coef is None:
+            skip = self._flag(item.name, item, ~torch.isfinite(grad_sq))
+        else:
+            skip = False
+            self._layers_written += 1
+        stats = commit_(item.spec, item.config, self.states[item.index], accum, weight_target(item),
+                        global_step=self.global_step, lr=self._lr, clip_coef=clip_coef, skip=skip)
+        if stats.get("pending") is not None:   # refresh / residual selection: booked or undone at the step's read
+            self._pending.append((item, len(self._flags) - 1, *stats["pending"]))
+        if clip_coef is None:
+            self._sq_norms[item.index] = stats["grad_sq"]
+        if stats["refreshed"]:
+            self._refreshed.append(item.name)
+
+    def _commit_float_on_device(self, item: Trainable, grad: Tensor, clip_coef: float | None) -> None:
+        if clip_coef is None:
+            sq_norm = squared_norm(grad)
+            self._flag(item.name, item, ~torch.isfinite(sq_norm))
+            self._sq_norms[item.index] = sq_norm
+            skip = self._poisoned.to(grad.device)   # this layer's own flag included
+        else:   # two_pass: found finite by the host already
+            skip = torch.zeros((), dtype=torch.bool, device=grad.device)
+            self._layers_written += 1
+        cfg = item.config
+        if clip_coef is None and cfg.clip_mode == "per_tensor" and cfg.grad_clip is not None:
+            clip_coef = clip_coefficient(sq_norm, cfg.grad_clip)
+        if clip_coef is not None and (isinstance(clip_coef, Tensor) or clip_coef != 1.0):
+            grad = grad * clip_coef
+        grad = grad.masked_fill_(skip, 0.0)   # finite input for the discarded update (8-bit moments refuse NaN)
+        float_adamw_update_(item.tensor.data, grad, self.states[item.index], lr=self._lr, beta1=cfg.betas[0],
+                            beta2=cfg.betas[1], eps=cfg.eps, weight_decay=float_param_weight_decay(item),
+                            sr_key=sr_key(item), keep_old=skip)
+
     def _commit_float(self, item: Trainable, clip_coef: float | None) -> None:
         grad = self._float_grads.pop(item.index)
         self._committed.add(item.index)
+        if self.dp is None:
+            self._commit_float_on_device(item, grad, clip_coef)
+            return
         if self.dp is not None and not self.dp.owns(item.index):
             self.dp.broadcast_param_(item.index, item.tensor)   # the owner's new values
             return
@@ -381,21 +518,47 @@ class Runtime(RuntimeState):
     def _commit_deferred(self) -> None:
         """two_pass: measure every settled gradient, then commit all with the exact global coefficient."""
         by_index = {item.index: item for item in self.trainables}
+        if self.dp is None:
+            self._commit_deferred_on_device(by_index)
+            return
+        # The norm both paths clip (LowMemOptimizer too): the exactly rounded sum of this rank's owned squared norms.
         sq_norms: dict[int, float] = {}
         for index, accum in self._accum.items():
             sq = settle_(by_index[index].spec, by_index[index].config, accum)
-            if self.dp is None or self.dp.owns(index):
-                sq_norms[index] = sq
+            if self.dp.owns(index):
+                sq_norms[index] = float(sq)
         for index, grad in self._float_grads.items():
-            if self.dp is None or self.dp.owns(index):
+            if self.dp.owns(index):
                 sq_norms[index] = float(squared_norm(grad))
-        sq_total = global_squared_norm(sq_norms)
-        if self.dp is not None:
-            # A non-finite local sum poisons the global one, so every rank takes the same decision below.
-            sq_total = self.dp.total_over_owners(sq_total)
+        # A non-finite local sum poisons the global one, so every rank takes the same decision below.
+        sq_total = self.dp.total_over_owners(global_squared_norm(sq_norms))
         if not math.isfinite(sq_total) or self._nonfinite:
             self._nonfinite.append("gradient (two_pass: nothing written)")
             return
+        coef = 1.0
+        if self.config.grad_clip is not None:
+            coef = min(1.0, self.config.grad_clip / (math.sqrt(sq_total) + 1e-6))
+        for index in list(self._accum):
+            self._commit_lowrank(by_index[index], clip_coef=coef)
+        for index in list(self._float_grads):
+            self._commit_float(by_index[index], clip_coef=coef)
+
+
+    def _commit_deferred_on_device(self, by_index: dict[int, Trainable]) -> None:
+        """two_pass, one process: every squared norm, the losses and the loss flags in the step's one read."""
+        sq = {index: settle_(by_index[index].spec, by_index[index].config, accum)
+              for index, accum in self._accum.items()}
+        float_sq = {index: squared_norm(grad) for index, grad in self._float_grads.items()}
+        keys = list(sq) + list(float_sq)
+        parts = [sq[k] for k in sq] + [float_sq[k] for k in float_sq]
+        values = self._read_device_stats(None if not parts else
+                                         torch.stack([p.double().to(parts[0].device) for p in parts]))
+        # the exactly rounded sum LowMemOptimizer clips too (global_squared_norm): hooks on == hooks off
+        sq_total = global_squared_norm(dict(zip(keys, values)))
+        if not math.isfinite(sq_total) or self._nonfinite:
+            self._nonfinite.append("gradient (two_pass: nothing written)")
+            return
+        self._sq_norms.update(zip(keys, values))
         coef = 1.0
         if self.config.grad_clip is not None:
             coef = min(1.0, self.config.grad_clip / (math.sqrt(sq_total) + 1e-6))

@@ -332,6 +332,12 @@ def _train(par, progress: dict) -> dict:
                       "refreshed": len(stats["refreshed"])}
             if stats.get("comm_bytes") is not None:
                 record["comm_bytes"] = stats["comm_bytes"]
+            if stats.get("compile_s"):  # first steps: torch.compile of the INT8 kernels (or a load from its cache)
+                record["compile_s"] = stats["compile_s"]
+                if main:
+                    bar.write(f"step {step + 1}: compiled the INT8 kernels in {stats['compile_s']:.1f} s (included "
+                              "in this step's time; cached on disk for later runs; optim.compile=false or "
+                              "LOWMEM_COMPILE=0 skips it)")
             if main and ((step + 1) % cfg.log_every == 0 or stats["skipped"]):
                 log.write(record)
             if main and stats["refreshed"]:

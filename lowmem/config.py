@@ -307,6 +307,15 @@ class LowMemConfig:
     stochastic_rounding: bool = _f(True, "Round weight updates stochastically (unbiased) instead of to nearest: "
                                          "INT8 weights, and bf16 float weights (norms, embeddings, lm_head, float "
                                          "linears); True or False.", _bool)
+    int8_matmul: bool = _f(False, "Run INT8 linears' forward and input gradient as INT8 x INT8 matmuls "
+                                  "(torch._int_mm, per-token activation quantisation; approximate, the weight "
+                                  "update path is unchanged; lowmem.model.int8_matmul); no effect without "
+                                  "int8_weights; True or False.", _bool)
+    compile: bool = _f(True, "Run the INT8 hot kernels (SR weight update, dequantisation, noise) compiled with "
+                             "torch.compile (C++ on CPU, Triton on CUDA; bit-identical to eager; compiled once per "
+                             "process, cached on disk in TORCHINDUCTOR_CACHE_DIR). Falls back to eager with one "
+                             "warning where no compiler works; the environment variable LOWMEM_COMPILE=0 forces "
+                             "eager. True or False.", _bool)
     target_modules: tuple[str, ...] = _f(("*",), "fnmatch patterns of nn.Linear / nn.Embedding module names that "
                                          "get the low-rank treatment.", _patterns)
     exclude_modules: tuple[str, ...] = _f(("*lm_head",), "fnmatch patterns of module names excluded from "

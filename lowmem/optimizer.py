@@ -26,6 +26,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from quant import compiled
+
 from lowmem.config import LowMemConfig
 from lowmem.optim.float_adamw import float_adamw_update_, init_float_adamw_state
 from lowmem.optim.linop import DenseGrad, squared_norm
@@ -61,6 +63,7 @@ def float_param_weight_decay(item: Trainable) -> float:
 class LowMemOptimizer(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, config: LowMemConfig | None = None):
         self.config = config if config is not None else LowMemConfig()
+        compiled.set_enabled(self.config.compile)
         self.trainables = collect_trainables(model, self.config)
         if not self.trainables:
             raise ValueError("LowMemOptimizer: the model has no trainable tensors (all frozen?)")

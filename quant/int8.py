@@ -22,13 +22,14 @@ from typing import Callable, Union
 
 import torch
 
-from quant import _checks
-from quant.noise import counter_uniform
+from quant import _checks, compiled
+from quant.noise import _mix64, counter_uniform, stream_key
 
 BLOCK_SIZE = 256
 _QMAX = 127
 _CHUNK_ELEMS = 1 << 15  # per row chunk on CPU: in cache, and at torch's grain size ops run on one thread (as moments8)
 _CHUNK_ELEMS_GPU = 1 << 22  # on GPUs: 16 MiB buffers, few enough chunks that kernel launches do not dominate
+_CHUNK_ELEMS_COMPILED = 1 << 20  # compiled SR update: a dynamo call costs ~0.1 ms, a 2**20-element chunk ~1 ms
 
 DeltaRows = Callable[[int, int, torch.Tensor], torch.Tensor]
 
@@ -37,7 +38,9 @@ def _num_blocks(n: int, block_size: int) -> int:
     return -(-n // block_size)
 
 
-def _default_rows(n: int, device: torch.device) -> int:
+def _default_rows(n: int, device: torch.device, fused: bool = False) -> int:
+    if fused:  # one compiled kernel per chunk, no chunk-sized temporaries: large chunks amortise the call overhead
+        return max(1, _CHUNK_ELEMS_COMPILED // max(n, 1))
     return max(1, (_CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS_GPU) // max(n, 1))
 
 
@@ -183,8 +186,10 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, *, block_size: int = 
         raise ValueError(f"need 0 <= row_start <= row_end <= {m}, got row_start={row_start}, row_end={row_end}")
     if check_values:
         _checks.finite(scales[row_start:row_end], "scales")
-    out = _dequantize_rows(q[row_start:row_end], scales[row_start:row_end], block_size)
+    rows_q, rows_s = q[row_start:row_end], scales[row_start:row_end]
     if dtype == torch.float16:
+        # fp16 cannot hold every fp32 product (|w| > 65504 -> inf): form fp32, then refuse or saturate, then round.
+        out = _dequantize(rows_q, rows_s, block_size, torch.float32)
         fp16_max = torch.finfo(torch.float16).max
         if check_values and out.numel():
             largest = float(out.abs().max())
@@ -192,7 +197,19 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, *, block_size: int = 
                 raise ValueError(f"dequantized weight has |w| up to {largest:.6g}, beyond float16's largest finite "
                                  f"value {fp16_max:.0f}: dequantize to float32 or bfloat16, or pass "
                                  "check_values=False to saturate at ±65504")
-        out = out.clamp_(-fp16_max, fp16_max)
+        return out.clamp_(-fp16_max, fp16_max).to(torch.float16)
+    return _dequantize(rows_q, rows_s, block_size, dtype)
+
+
+def _dequantize(q: torch.Tensor, scales: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """q * s as `dtype`: the compiled kernel when compilation is on (bit-identical), else the eager twin."""
+    if compiled.wanted():
+        return compiled.dequantize(q, scales, block_size=block_size, dtype=dtype, eager=_dequantize_eager)
+    return _dequantize_eager(q, scales, block_size, dtype)
+
+
+def _dequantize_eager(q: torch.Tensor, scales: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    out = _dequantize_rows(q, scales, block_size)
     return out if dtype == torch.float32 else out.to(dtype)
 
 
@@ -229,7 +246,7 @@ def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Te
     for name, value in (("seed", seed), ("stream", stream), ("step", step)):
         _checks.key(value, name)
     m, n = q.shape
-    rows_per_chunk = _default_rows(n, q.device) if rows_per_chunk is None else _checks.integer(
+    rows_per_chunk = _default_rows(n, q.device, compiled.wanted()) if rows_per_chunk is None else _checks.integer(
         rows_per_chunk, "rows_per_chunk", minimum=1)
     from_callable = callable(delta) and not isinstance(delta, torch.Tensor)
     if not from_callable:
@@ -238,10 +255,14 @@ def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Te
             _checks.finite(delta, "delta")
     if m == 0 or n == 0:
         return
+    use_compiled = compiled.wanted()
+    key = stream_key(seed, stream, step) if use_compiled else 0
     for r0 in range(0, m, rows_per_chunk):
         r1 = min(m, r0 + rows_per_chunk)
-        w = _dequantize_rows(q[r0:r1], scales[r0:r1], block_size)
         if from_callable:
+            w = (compiled.dequantize(q[r0:r1], scales[r0:r1], block_size=block_size, dtype=torch.float32,
+                                     eager=_dequantize_eager) if use_compiled
+                 else _dequantize_rows(q[r0:r1], scales[r0:r1], block_size))
             d = delta(r0, r1, w)
             name = f"delta_rows({r0}, {r1})"
             _check_delta(d, q, name, (r1 - r0, n))
@@ -251,9 +272,26 @@ def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Te
                 _checks.finite(d, name, where=f" (rows {r0}..{r1 - 1}; rows before {r0} are already updated)")
         else:
             d = delta[r0:r1]
-        w.add_(d)
-        _quantize_rows_(w, q[r0:r1], scales[r0:r1], block_size=block_size, stochastic=stochastic, seed=seed,
-                        stream=stream, step=step, row_start=r0)
+        if use_compiled:
+            # One fused kernel for the chunk; its eager fallback is exactly the path below.
+            def eager(q_rows, s_rows, d_rows, r0=r0):
+                _sr_rows_eager_(q_rows, s_rows, d_rows, block_size=block_size, stochastic=stochastic, seed=seed,
+                                stream=stream, step=step, row_start=r0)
+            compiled.sr_chunk_(q[r0:r1], scales[r0:r1], d, key=key, counter_start=r0 * n, block_size=block_size,
+                               stochastic=stochastic, mix64=_mix64, eager=eager)
+        else:
+            _sr_rows_eager_(q[r0:r1], scales[r0:r1], d, block_size=block_size, stochastic=stochastic, seed=seed,
+                            stream=stream, step=step, row_start=r0, w=w if from_callable else None)
+
+
+def _sr_rows_eager_(q: torch.Tensor, scales: torch.Tensor, d: torch.Tensor, *, block_size: int, stochastic: bool,
+                    seed: int, stream: int, step: int, row_start: int, w: torch.Tensor | None = None) -> None:
+    """The reference twin of one chunk: q (r, n) int8 and scales (r, nb) fp32 <- requantize(q * s + d).
+    w: the chunk already dequantized (fp32, overwritten), if the caller has it."""
+    w = _dequantize_rows(q, scales, block_size) if w is None else w
+    w.add_(d)
+    _quantize_rows_(w, q, scales, block_size=block_size, stochastic=stochastic, seed=seed, stream=stream,
+                    step=step, row_start=row_start)
 
 
 def _check_delta(d, q: torch.Tensor, name: str, shape: tuple[int, int]) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from quant import _checks
+from quant import _checks, compiled
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = 0xFFFFFFFFFFFFFFFF
@@ -32,6 +32,7 @@ _INV_2_24 = 2.0**-24
 # ~3x faster than one pass over a 16M-element tensor on 2 cores); on CUDA larger chunks amortise launch overhead.
 _CHUNK_CPU = 1 << 15
 _CHUNK_CUDA = 1 << 24
+_COMPILED_PIECE = 1 << 31  # the compiled kernel's counters must fit in two 2**32 segments
 
 
 def _mix64(z: int) -> int:
@@ -96,6 +97,19 @@ def counter_uniform(numel: int, *, seed: int, stream: int, step: int, offset: in
     out = torch.empty(numel, dtype=torch.float32, device=device)
     if numel == 0:
         return out
+    if compiled.wanted():
+        for pos in range(0, numel, _COMPILED_PIECE):  # a piece spans at most two 2**32 counter segments
+            piece = out[pos:pos + _COMPILED_PIECE]
+            compiled.uniform_(piece, key=key, offset=offset + pos, mix64=_mix64,
+                              eager=lambda out_, at=offset + pos: _uniform_eager_(out_, key, at))
+        return out
+    _uniform_eager_(out, key, offset)
+    return out
+
+
+def _uniform_eager_(out: torch.Tensor, key: int, offset: int) -> None:
+    """The reference twin: out fp32 (numel,) <- noise at counters offset .. offset + numel - 1."""
+    numel, device = out.numel(), out.device
     chunk = _CHUNK_CPU if device.type == "cpu" else _CHUNK_CUDA
     buf = torch.empty(min(chunk, numel), dtype=torch.int64, device=device)
     tmp = torch.empty_like(buf)
@@ -111,4 +125,3 @@ def counter_uniform(numel: int, *, seed: int, stream: int, step: int, offset: in
         _hash32_(x, t)
         torch.bitwise_right_shift(x, 8, out=t)
         out[pos:pos + length].copy_(t).mul_(_INV_2_24)
-    return out

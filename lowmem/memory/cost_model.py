@@ -48,6 +48,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lowmem.optim.float_adamw import GUARD_CHUNK_ELEMENTS
+from lowmem.optim.weights import rows_per_chunk
+
 GIB = 1 << 30
 METHODS = ("lowmem", "adamw_bf16", "adamw_fp32", "adamw_8bit", "galore", "q_galore", "lora", "qlora", "dora")
 COMPONENTS = ("weights_int8", "weight_scales", "float_params", "grad_buffers", "optimizer_moments", "projectors",
@@ -132,11 +135,18 @@ def _activations(s: ModelShape, tok: int, dtype_bytes: int, checkpointing: bool)
 
 
 def _float_update_bytes(numel: int, param_bytes: int, bits: int) -> int:
-    """Workspace of one float parameter's AdamW update beyond its gradient (lowmem.optim.float_adamw)."""
+    """Workspace of one float parameter's AdamW update beyond its gradient (lowmem.optim.float_adamw, as the fused
+    runtime calls it: keep_old, chunks of GUARD_CHUNK_ELEMENTS whose param and moments are copied first so that a
+    non-finite step is undone on the device; then one torch.where result at a time)."""
+    chunk = min(numel, GUARD_CHUNK_ELEMENTS)
+    state_bytes = 8 if bits == 32 else 2        # fp32 m and v, or two uint8 codes (absmax: 1/64 of that, omitted)
+    snapshot = chunk * (param_bytes + state_bytes)
+    select = chunk * max(param_bytes, 4 if bits == 32 else 1)
     if bits == 8:       # bitsandbytes' fused 8-bit kernel works in place
-        return 0 if param_bytes == 4 else 4 * numel
-    # 32-bit path: sqrt and the division allocate one fp32 tensor each; a non-fp32 param gets an fp32 copy
-    return 2 * 4 * numel + (4 * numel if param_bytes != 4 else 0)
+        work = 0 if param_bytes == 4 else 4 * chunk
+    else:               # 32-bit path: sqrt and the division allocate one fp32 tensor each; non-fp32 params a copy
+        work = 2 * 4 * chunk + (4 * chunk if param_bytes != 4 else 0)
+    return snapshot + max(work, select)
 
 
 def _unit_state(module: str, short: str, m: int, n: int, cfg) -> tuple[dict[str, int], int]:
@@ -273,6 +283,13 @@ def _lowrank_layer_transient(s: ModelShape, cfg, tok: int, dtype_bytes: int) -> 
         # fp32 update of one row chunk on the commit (the update is written chunk by chunk): INT8+SR holds the
         # delta, w' = w + delta, w'/s', the noise and the floor's temporaries; a float weight its fp32 copy and delta
         update = (UPDATE_FP32_BUFFERS if cfg.int8_weights else 2) * 4 * _update_rows(m, n) * n
+        # device-side skip (lowmem.optim.weights keep_old): one row chunk's old codes + scales and its torch.where
+        # result (a float weight: the chunk in its dtype, twice), and the moments before the commit, held until the
+        # new ones are chosen
+        chunk = rows_per_chunk((m, n)) * n
+        update += 2 * chunk * ((1 + 4 / cfg.weight_block_size) if cfg.int8_weights else dtype_bytes)
+        moment_numel = m * n if full else max(m, n) * r
+        update += int(2 * moment_numel * (1 if cfg.optim_bits == 8 else cfg.optim_bits / 8))
         projected = 4 * (m * n if full else 3 * max(m, n) * r)
         worst = max(worst, dense + tok * n * dtype_bytes + max(update, projected))
     return worst

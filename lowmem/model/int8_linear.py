@@ -20,17 +20,16 @@ inplace operation" error rather than producing a wrong gradient.
 Activation checkpointing (torch.utils.checkpoint, use_reentrant=False) recomputes the forward during backward; the
 recomputed graph is never backpropagated, so the sink still fires exactly once per backward.
 
-torch.compile (torch 2.13, CPU, inductor; tests/unit/lowmem/test_int8_linear.py::test_torch_compile): a compiled
+torch.compile (torch 2.13, CPU, inductor; tests/unit/lowmem/model/test_int8_linear.py::test_torch_compile): a compiled
 model containing Int8Linear gives the same outputs and gradients as eager and the sink fires once per backward, but
 Int8Linear.forward is excluded from graphs (torch.compiler.disable): one graph break per Int8Linear, the layer runs
-eagerly, the code between layers compiles. Tracing it was tried and breaks as follows:
-  - quant.int8.dequantize_int8 graph-breaks (with check_values=True a finiteness check of the scales; `out=` into a
-    non-contiguous block view), and with two layers of different shapes the recompiled, dynamic-shape remainder
-    crashes inductor (LoweringException: IndexError "pop from empty list" lowering aten.reshape of the block view).
-  - the sink call in backward is an arbitrary Python side effect (list appends, in-place optimizer state): Dynamo
-    rejects it ("HOP: Unsafe side effect") and would otherwise replay it at trace time only; it stays eager too.
-A traceable dequantization (a plain q * scales broadcast) would let the forward and grad_input compile; the sink would
-still need to run outside the graph.
+eagerly (its dequantisation through quant.compiled's compiled kernel), the code between layers compiles.
+  - quant.int8.dequantize_int8 itself is traceable: inside a caller's torch.compile it is plain q * scales ops
+    that join the graph (tests/unit/quant/test_compiled.py::test_dequantize_traces_into_callers_graph).
+  - What still breaks: the sink call in backward is an arbitrary Python side effect (list appends, in-place
+    optimizer state), so `_deliver` is torch.compiler.disable'd; tracing forward without the decorator was tried:
+    Dynamo then breaks the graph around the autograd.Function (the disabled call inside its backward), 4 breaks for
+    two layers instead of 2, so the decorator stays until the sink is moved out of the Function's backward.
 """
 from __future__ import annotations
 
@@ -42,6 +41,7 @@ from torch import Tensor, nn
 
 from quant.int8 import dequantize_int8, quantize_int8
 
+from lowmem.model import int8_matmul
 from lowmem.optim.linop import DenseGrad, FactoredGrad, GradOperator
 
 GradSink = Callable[["Int8Linear", GradOperator], None]
@@ -70,9 +70,14 @@ class _Int8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, anchor, weight_q, weight_scales, module):
         codes = module.codes("forward")
-        weight = dequantize_int8(*codes, block_size=module.block_size, dtype=x.dtype, check_values=False)
+        y = _int8_forward(module, x, codes)
+        if y is None:
+            weight = dequantize_int8(*codes, block_size=module.block_size, dtype=x.dtype, check_values=False)
+            y = nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+            del weight
+        elif bias is not None:
+            y = y + bias.to(x.dtype)
         del codes
-        y = nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
         # Save x and the int8 codes (references, no copy) -- not the float weight: backward dequantizes again.
         ctx.save_for_backward(x, weight_q, weight_scales)
         ctx.module = module
@@ -90,16 +95,39 @@ class _Int8LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if module.weight_gather is not None:
                 weight_q, weight_scales = module.codes("backward")
-            weight = dequantize_int8(weight_q, weight_scales, block_size=module.block_size, dtype=x.dtype,
-                                     check_values=False)
-            grad_x = grad_out @ weight
-            del weight
+            grad_x = _int8_grad_input(module, grad_out, (weight_q, weight_scales))
+            if grad_x is None:
+                weight = dequantize_int8(weight_q, weight_scales, block_size=module.block_size, dtype=x.dtype,
+                                         check_values=False)
+                grad_x = grad_out @ weight
+                del weight
         A = grad_out.reshape(-1, out_features)
         if ctx.needs_input_grad[1]:
             grad_bias = A.sum(0).to(ctx.bias_dtype)
         if module.grad_sink is not None:
             _deliver(module, A, x.reshape(-1, in_features))
         return grad_x, grad_bias, None, None, None, None
+
+
+def _int8_forward(module: "Int8Linear", x: Tensor, codes: tuple[Tensor, Tensor]) -> Tensor | None:
+    """x Wᵀ through torch._int_mm when module.int8_matmul and the shape fits (lowmem.model.int8_matmul), else None."""
+    tokens = x.numel() // module.in_features
+    if not module.int8_matmul or not int8_matmul.fits(tokens, module.in_features, module.out_features, x.device):
+        return None
+    weight_codes, row_scale = int8_matmul.row_codes(*codes, module.block_size)
+    y = int8_matmul.linear_int8(x.reshape(tokens, module.in_features), weight_codes, row_scale)
+    return y.to(x.dtype).reshape(*x.shape[:-1], module.out_features)
+
+
+def _int8_grad_input(module: "Int8Linear", grad_out: Tensor, codes: tuple[Tensor, Tensor]) -> Tensor | None:
+    """grad_out W through torch._int_mm when module.int8_matmul and the shape fits, else None."""
+    tokens = grad_out.numel() // module.out_features
+    if not module.int8_matmul or not int8_matmul.fits(tokens, module.out_features, module.in_features,
+                                                      grad_out.device):
+        return None
+    weight_codes, row_scale = int8_matmul.row_codes(*codes, module.block_size)
+    grad_x = int8_matmul.grad_input_int8(grad_out.reshape(tokens, module.out_features), weight_codes, row_scale)
+    return grad_x.to(grad_out.dtype).reshape(*grad_out.shape[:-1], module.in_features)
 
 
 class Int8Linear(nn.Module):
@@ -111,6 +139,9 @@ class Int8Linear(nn.Module):
     """
 
     dense_grad: bool = False
+    # forward and grad_input through torch._int_mm with per-token activation quantisation (approximate; see
+    # lowmem.model.int8_matmul); the config's int8_matmul sets it
+    int8_matmul: bool = False
 
     def __init__(
         self,
@@ -206,6 +237,9 @@ class Int8Linear(nn.Module):
         wants_grad = x.requires_grad or (bias is not None and bias.requires_grad)
         if not torch.is_grad_enabled() or not (wants_grad or self.grad_sink is not None):
             # Plain path: nothing is saved; the transient weight dies with this call.
+            y = _int8_forward(self, x, self.codes("forward"))
+            if y is not None:
+                return y if bias is None else y + bias.to(self.compute_dtype)
             weight = self.dequantized_weight()
             return nn.functional.linear(x, weight, None if bias is None else bias.to(self.compute_dtype))
         # The anchor makes autograd call backward (so the sink fires) when neither x nor bias requires grad.

@@ -40,6 +40,7 @@ def convert_linears_to_int8(model: nn.Module, cfg: LowMemConfig) -> list[str]:
         else:
             quantised = Int8Linear.from_linear(linear, block_size=cfg.weight_block_size,
                                                compute_dtype=linear.weight.dtype)
+            quantised.int8_matmul = cfg.int8_matmul
         setattr(parent, child, quantised)
         # Release the float weight now (the module may still be referenced elsewhere, e.g. by a hook list).
         linear.weight = None

@@ -67,7 +67,8 @@ def state_bits(state: dict[str, Tensor]) -> int:
 
 def float_adamw_update_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta1: float,
                         beta2: float, eps: float, weight_decay: float, block_size: int = 256,
-                        backend: str = "auto", sr_key: tuple[int, int] | None = None) -> None:
+                        backend: str = "auto", sr_key: tuple[int, int] | None = None,
+                        keep_old: Tensor | None = None) -> None:
     """One AdamW step on `param` in place, with torch.optim.AdamW's semantics.
 
     param: any shape, fp32/bf16/fp16. grad: param's shape, any float dtype (read as fp32). state: from
@@ -110,6 +111,12 @@ def float_adamw_update_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *
       - for NaN/Inf gradient elements the kernel zeroes both moments and leaves the param element untouched; the
         8-bit twin raises ValueError (quant.moments8 refuses non-finite moments) before changing param or state,
         and the 32-bit path propagates the NaN like torch.optim.AdamW does.
+    keep_old: a 0-dim bool tensor on param's device (the fused runtime's device-side skip of a non-finite step).
+    The update then runs over flat chunks of GUARD_CHUNK_ELEMENTS (a multiple of every 8-bit block size that
+    divides it, so the bytes are those of one whole-tensor call, stochastic rounding included: each chunk's noise
+    counter starts at its flat offset), each chunk's param and state copied first and put back with torch.where
+    where keep_old holds: no host synchronisation, one chunk of transient copies. The caller passes a finite grad
+    (zeroed where skipped); "step" advances either way (the caller undoes it on a skip).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -125,26 +132,82 @@ def float_adamw_update_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *
     step = int(state["step"]) + 1  # this update's t; the counter is advanced only once the update went through
     hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
                  weight_decay=float(weight_decay), step=step)
-    write = _copy_nearest_
-    if sr_key is not None and param.dtype == torch.bfloat16:
+
+    def make_write(offset: int):
+        """How updated fp32 values are written into param (or a chunk of it starting at flat index `offset`)."""
+        if sr_key is None or param.dtype != torch.bfloat16:
+            return _copy_nearest_
         seed, stream = sr_key
 
         def write(target: Tensor, value: Tensor) -> None:
-            target.copy_(sr_to_bf16(value, seed=seed, stream=stream, step=step))
+            target.copy_(sr_to_bf16(value, seed=seed, stream=stream, step=step, offset=offset))
+        return write
     with torch.no_grad():
-        if bits == 32:
-            _update_32bit_(param, grad, state, write=write, **hyper)
-        else:
+        if bits == 8:
             _check_8bit_layout(param, state, block_size)
-            if backend == "bnb":
-                _update_8bit_bnb_(param, grad, state, block_size=block_size, write=write, **hyper)
-            else:
-                _update_8bit_twin_(param, grad, state, block_size=block_size, write=write, **hyper)
+        use_bnb = bits == 8 and backend == "bnb"   # "auto" runs the twin: see "Why" above
+        if keep_old is None:
+            _update_any_(param, grad, state, bits=bits, use_bnb=use_bnb, block_size=block_size, hyper=hyper,
+                         write=make_write(0))
+        else:
+            _update_guarded_(param, grad, state, keep_old, bits=bits, use_bnb=use_bnb, block_size=block_size,
+                             hyper=hyper, make_write=make_write)
         state["step"] += 1
 
 
 def _copy_nearest_(target: Tensor, value: Tensor) -> None:
     target.copy_(value)
+
+
+def _update_any_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, bits: int, use_bnb: bool,
+                 block_size: int, hyper: dict, write, checked: bool = True) -> None:
+    """checked=False: the caller guarantees a finite grad (the guarded path), so the 8-bit twin skips the moment
+    codec's value checks (a device synchronisation each)."""
+    if bits == 32:
+        _update_32bit_(param, grad, state, write=write, **hyper)
+    elif use_bnb:
+        _update_8bit_bnb_(param, grad, state, block_size=block_size, write=write, **hyper)
+    else:
+        _update_8bit_twin_(param, grad, state, block_size=block_size, write=write, checked=checked, **hyper)
+
+
+GUARD_CHUNK_ELEMENTS = 1 << 20
+
+
+def _update_guarded_(param: Tensor, grad: Tensor, state: dict[str, Tensor], keep_old: Tensor, *, bits: int,
+                     use_bnb: bool, block_size: int, hyper: dict, make_write) -> None:
+    """The update chunk by chunk over flat views, each chunk restored where keep_old (see float_adamw_update_).
+    make_write(offset) gives the write of a chunk whose first element has flat index `offset`."""
+    if not param.is_contiguous():   # no flat view to chunk: guard the whole tensor
+        before = {k: v.clone() for k, v in state.items() if k != "step"}
+        old_param = param.clone()
+        _update_any_(param, grad, state, bits=bits, use_bnb=use_bnb, block_size=block_size, hyper=hyper,
+                     write=make_write(0), checked=False)
+        param.copy_(torch.where(keep_old, old_param, param))
+        for k, v in before.items():
+            state[k].copy_(torch.where(keep_old, v, state[k]))
+        return
+    param_flat, grad_flat = param.view(-1), grad.reshape(-1)
+    chunk = GUARD_CHUNK_ELEMENTS if bits == 32 else max(block_size, GUARD_CHUNK_ELEMENTS // block_size * block_size)
+    numel = param_flat.numel()
+    for e0 in range(0, numel, chunk):
+        e1 = min(numel, e0 + chunk)
+        if bits == 32:
+            sub = {k: state[k].view(-1)[e0:e1] for k in _KEYS32}
+        else:
+            b0, b1 = e0 // block_size, -(-e1 // block_size)
+            sub = {}
+            for name in ("exp_avg", "exp_avg_sq"):
+                sub[f"{name}_codes"] = state[f"{name}_codes"].view(-1)[e0:e1]
+                sub[f"{name}_absmax"] = state[f"{name}_absmax"][b0:b1]
+        p_chunk = param_flat[e0:e1]
+        before = {k: v.clone() for k, v in sub.items()}
+        old_param = p_chunk.clone()
+        _update_any_(p_chunk, grad_flat[e0:e1], sub, bits=bits, use_bnb=use_bnb, block_size=block_size, hyper=hyper,
+                     write=make_write(e0), checked=False)
+        p_chunk.copy_(torch.where(keep_old, old_param, p_chunk))
+        for k, v in before.items():
+            sub[k].copy_(torch.where(keep_old, v, sub[k]))
 
 
 def _update_32bit_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta1: float,
@@ -178,12 +241,14 @@ def _check_8bit_layout(param: Tensor, state: dict[str, Tensor], block_size: int)
 
 
 def _update_8bit_twin_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta1: float,
-                       beta2: float, eps: float, weight_decay: float, step: int, block_size: int, write) -> None:
+                       beta2: float, eps: float, weight_decay: float, step: int, block_size: int, write,
+                       checked: bool = True) -> None:
     # Order of operations as in bnb's pure-torch reference for "adam" (8-bit blockwise), plus the direction bound.
+    # The stored absmax values were written by quantize_moment8 (finite, >= 0): no value check on the way in.
     exp_avg = dequantize_moment8(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True,
-                                 block_size=block_size, dtype=torch.float32)
+                                 block_size=block_size, dtype=torch.float32, check_values=False)
     exp_avg_sq = dequantize_moment8(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False,
-                                    block_size=block_size, dtype=torch.float32, squared=True)
+                                    block_size=block_size, dtype=torch.float32, squared=True, check_values=False)
     g = grad.to(torch.float32)
     p = param.to(torch.float32, copy=True)
     exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
@@ -203,7 +268,7 @@ def _update_8bit_twin_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *,
     encoded = {}
     for name, value, signed in (("exp_avg", exp_avg, True), ("exp_avg_sq", exp_avg_sq, False)):
         encoded[f"{name}_codes"], encoded[f"{name}_absmax"] = quantize_moment8(
-            value, signed=signed, block_size=block_size, squared=not signed)
+            value, signed=signed, block_size=block_size, squared=not signed, check_values=checked)
     write(param, p)
     for key, value in encoded.items():
         state[key].copy_(value)

@@ -28,8 +28,10 @@ def _check_float_matrix(name: str, t: Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
-def _split_flat_index(flat_idx: Tensor, shape: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Row-major flat indices (L,) int32/int64 -> (row, col) int64 (L,), after checking dtype and range."""
+def _split_flat_index(flat_idx: Tensor, shape: tuple[int, int], device: torch.device,
+                      check: bool = True) -> tuple[Tensor, Tensor]:
+    """Row-major flat indices (L,) int32/int64 -> (row, col) int64 (L,), after checking dtype and range.
+    check=False skips the range check (a host synchronisation on CUDA) for indices already validated."""
     if not isinstance(flat_idx, Tensor) or flat_idx.dtype not in (torch.int32, torch.int64):
         got = flat_idx.dtype if isinstance(flat_idx, Tensor) else type(flat_idx).__name__
         raise TypeError(f"flat_idx must be an int32 or int64 tensor, got {got}")
@@ -37,7 +39,7 @@ def _split_flat_index(flat_idx: Tensor, shape: tuple[int, int], device: torch.de
         raise ValueError(f"flat_idx must be 1-D (L,), got shape {tuple(flat_idx.shape)}")
     m, n = shape
     idx = flat_idx.to(device=device, dtype=torch.int64)
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= m * n):
+    if check and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= m * n):
         raise ValueError(f"flat_idx out of range for shape {shape}: entries must lie in [0, {m * n})")
     return idx // n, idx % n
 
@@ -75,15 +77,16 @@ class GradOperator(abc.ABC):
         """M (m, k) any float -> Gᵀ @ M (n, k) fp32."""
 
     @abc.abstractmethod
-    def gather(self, flat_idx: Tensor) -> Tensor:
-        """Row-major flat indices (L,) int32/int64 -> G.flatten()[flat_idx] (L,) fp32."""
+    def gather(self, flat_idx: Tensor, *, check: bool = True) -> Tensor:
+        """Row-major flat indices (L,) int32/int64 -> G.flatten()[flat_idx] (L,) fp32. check=False skips the range
+        check (one host synchronisation on CUDA) for indices that were validated when they were chosen."""
 
     @abc.abstractmethod
     def rows(self, row_start: int, row_end: int) -> "GradOperator":
         """G[row_start:row_end, :] as an operator (a view where the storage allows)."""
 
     @abc.abstractmethod
-    def take_rows(self, row_index: Tensor) -> "GradOperator":
+    def take_rows(self, row_index: Tensor, *, check: bool = True) -> "GradOperator":
         """G[row_index, :] for an int64 (k,) index: stacks arbitrary rows (cross-head projection)."""
 
     @abc.abstractmethod
@@ -109,13 +112,14 @@ class GradOperator(abc.ABC):
         if not (0 <= row_start <= row_end <= m):
             raise ValueError(f"rows({row_start}, {row_end}) out of range for {m} rows: need 0 <= start <= end <= {m}")
 
-    def _check_row_index(self, row_index: Tensor) -> Tensor:
+    def _check_row_index(self, row_index: Tensor, check: bool = True) -> Tensor:
+        """dtype and shape always; the range (a host synchronisation on CUDA) unless check=False."""
         if not isinstance(row_index, Tensor) or row_index.dtype not in (torch.int32, torch.int64):
             raise TypeError("row_index must be an int32/int64 tensor")
         if row_index.dim() != 1:
             raise ValueError(f"row_index must be 1-D, got shape {tuple(row_index.shape)}")
         m = self.shape[0]
-        if row_index.numel() and (int(row_index.min()) < 0 or int(row_index.max()) >= m):
+        if check and row_index.numel() and (int(row_index.min()) < 0 or int(row_index.max()) >= m):
             raise ValueError(f"row_index entries must lie in [0, {m})")
         return row_index.to(device=self.device, dtype=torch.int64)
 
@@ -141,16 +145,16 @@ class DenseGrad(GradOperator):
     def rmatmul(self, M: Tensor) -> Tensor:
         return self._G.T @ _check_operand(M, self.shape[0], "rmatmul", self.device)
 
-    def gather(self, flat_idx: Tensor) -> Tensor:
-        i, j = _split_flat_index(flat_idx, self.shape, self.device)
+    def gather(self, flat_idx: Tensor, *, check: bool = True) -> Tensor:
+        i, j = _split_flat_index(flat_idx, self.shape, self.device, check)
         return self._G[i, j]  # advanced indexing: no copy of G even when it is a transposed view
 
     def rows(self, row_start: int, row_end: int) -> "DenseGrad":
         self._check_rows(row_start, row_end)
         return DenseGrad(self._G[row_start:row_end])
 
-    def take_rows(self, row_index: Tensor) -> "DenseGrad":
-        return DenseGrad(self._G.index_select(0, self._check_row_index(row_index)))
+    def take_rows(self, row_index: Tensor, *, check: bool = True) -> "DenseGrad":
+        return DenseGrad(self._G.index_select(0, self._check_row_index(row_index, check)))
 
     def t(self) -> "DenseGrad":
         return DenseGrad(self._G.T)
@@ -200,8 +204,8 @@ class FactoredGrad(GradOperator):
         M = _check_operand(M, self.shape[0], "rmatmul", self.device)
         return self._X.T @ (self._A @ M)
 
-    def gather(self, flat_idx: Tensor) -> Tensor:
-        i, j = _split_flat_index(flat_idx, self.shape, self.device)
+    def gather(self, flat_idx: Tensor, *, check: bool = True) -> Tensor:
+        i, j = _split_flat_index(flat_idx, self.shape, self.device, check)
         out = torch.empty(i.numel(), dtype=torch.float32, device=self.device)
         # Two (T, chunk) gathers per chunk: bound them instead of materialising (T, L).
         chunk = max(1, CHUNK_ELEMENTS // max(self.tokens, 1))
@@ -216,8 +220,8 @@ class FactoredGrad(GradOperator):
         self._check_rows(row_start, row_end)
         return FactoredGrad(self._A[:, row_start:row_end], self._X)
 
-    def take_rows(self, row_index: Tensor) -> "FactoredGrad":
-        return FactoredGrad(self._A.index_select(1, self._check_row_index(row_index)), self._X)
+    def take_rows(self, row_index: Tensor, *, check: bool = True) -> "FactoredGrad":
+        return FactoredGrad(self._A.index_select(1, self._check_row_index(row_index, check)), self._X)
 
     def t(self) -> "FactoredGrad":
         return FactoredGrad(self._X, self._A)
@@ -283,15 +287,15 @@ class SumGrad(GradOperator):
         M = _check_operand(M, self.shape[0], "rmatmul", self.device)
         return self._combine(op.rmatmul(M) for _, op in self._terms)
 
-    def gather(self, flat_idx: Tensor) -> Tensor:
-        return self._combine(op.gather(flat_idx) for _, op in self._terms)
+    def gather(self, flat_idx: Tensor, *, check: bool = True) -> Tensor:
+        return self._combine(op.gather(flat_idx, check=check) for _, op in self._terms)
 
     def rows(self, row_start: int, row_end: int) -> "SumGrad":
         self._check_rows(row_start, row_end)
         return SumGrad([(w, op.rows(row_start, row_end)) for w, op in self._terms])
 
-    def take_rows(self, row_index: Tensor) -> "SumGrad":
-        return SumGrad([(w, op.take_rows(row_index)) for w, op in self._terms])
+    def take_rows(self, row_index: Tensor, *, check: bool = True) -> "SumGrad":
+        return SumGrad([(w, op.take_rows(row_index, check=check)) for w, op in self._terms])
 
     def t(self) -> "SumGrad":
         return SumGrad([(w, op.t()) for w, op in self._terms])
@@ -340,14 +344,14 @@ class ReducedGrad(GradOperator):
     def rmatmul(self, M: Tensor) -> Tensor:
         return self._reduced(self.local.rmatmul(M))
 
-    def gather(self, flat_idx: Tensor) -> Tensor:
-        return self._reduced(self.local.gather(flat_idx))
+    def gather(self, flat_idx: Tensor, *, check: bool = True) -> Tensor:
+        return self._reduced(self.local.gather(flat_idx, check=check))
 
     def rows(self, row_start: int, row_end: int) -> "ReducedGrad":
         return ReducedGrad(self.local.rows(row_start, row_end), self._reduce_mean_)
 
-    def take_rows(self, row_index: Tensor) -> "ReducedGrad":
-        return ReducedGrad(self.local.take_rows(row_index), self._reduce_mean_)
+    def take_rows(self, row_index: Tensor, *, check: bool = True) -> "ReducedGrad":
+        return ReducedGrad(self.local.take_rows(row_index, check=check), self._reduce_mean_)
 
     def t(self) -> "ReducedGrad":
         return ReducedGrad(self.local.t(), self._reduce_mean_)

@@ -44,7 +44,7 @@ from lowmem.optim.projector import (CrossHead, backproject, backproject_gather, 
 from lowmem.optim.refresh import REFRESH_STATE_KEYS, init_refresh_state, make_policy
 from lowmem.optim.residual import (exact_residual_step, init_exact_residual, residual_index_dtype, residual_step,
                              select_residual_indices)
-from lowmem.optim.rsvd import subspace_similarity
+from lowmem.optim.rsvd import resolve_subspaces, subspace_similarity, subspace_similarity_t
 from lowmem.optim.weights import WeightTarget
 from quant.int8 import dequantize_int8, quantize_int8
 
@@ -95,7 +95,7 @@ def uses_error_feedback(spec: LowRankSpec, cfg: LowMemConfig) -> bool:
 
 def init_lowrank_state(spec: LowRankSpec, cfg: LowMemConfig, device=None) -> dict[str, Tensor]:
     # Counters and refresh bookkeeping stay on the CPU: policies read them as Python numbers every step, and a
-    # device tensor would cost a synchronisation per read.
+    # device tensor would cost a synchronisation per read (HOST_STATE_KEYS).
     state: dict[str, Tensor] = {"step": torch.zeros((), dtype=torch.int64),
                                 "fallback_count": torch.zeros((), dtype=torch.int64)}
     state.update(init_refresh_state(spec.layer_index, spec.num_layers, base_interval_steps=cfg.refresh_interval_steps,
@@ -103,11 +103,15 @@ def init_lowrank_state(spec: LowRankSpec, cfg: LowMemConfig, device=None) -> dic
     state.update(init_moments(lowrank_moment_shape(spec, cfg), bits=cfg.optim_bits, block_size=cfg.moment_block_size,
                               device=device))
     if uses_residual(spec, cfg):
-        state["res_clamp_count"] = torch.zeros((), dtype=torch.int64)
+        # On the weight's device: it counts device-side clamps without reading them (no synchronisation).
+        state["res_clamp_count"] = torch.zeros((), dtype=torch.int64, device=device)
     if uses_error_feedback(spec, cfg):
         _store_error_feedback(state, cfg, torch.zeros(spec.shape, dtype=torch.float32, device=device))
     return state
 
+
+# Tensors of a low-rank state that live on the CPU whatever the model's device: reading them never synchronises.
+HOST_STATE_KEYS = ("step", "fallback_count") + tuple(REFRESH_STATE_KEYS)
 
 # State every data-parallel rank keeps for a weight it does not own: what it needs to project its own gradient and
 # to stay in lockstep (projector, refresh bookkeeping, residual indices, counters). Everything else (moments,
@@ -142,8 +146,9 @@ def stored_projector(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tens
     side = projection_side_for(spec, cfg)
     d = spec.shape[1] if side == "right" else spec.shape[0]
     stored = {"data": state["proj_data"], "scales": state["proj_scales"]}
+    # Read every step: the value checks (host synchronisations) ran when the projector was encoded.
     return decode_projector(stored, cfg.projector_bits, (d, effective_rank(spec, cfg)),
-                            group_size=cfg.projector_group_size)
+                            group_size=cfg.projector_group_size, check_values=False)
 
 
 def _load_error_feedback(state: dict[str, Tensor], cfg: LowMemConfig) -> Tensor:
@@ -183,21 +188,25 @@ def _begin(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum
     target = op if reduce_mean_ is None else ReducedGrad(op, reduce_mean_)
     cross_head = spec.cross_head if cfg.cross_head else None
     heads = None if cross_head is None else select_heads(cross_head, rank, generator)
-    result = compute_projector(target, rank, side=side, method=cfg.projection, oversampling=cfg.oversampling,
-                               power_iters=cfg.power_iters, warm_start=proj_old, generator=generator,
-                               tol=cfg.rsvd_tol, cross_head=cross_head, heads=heads)
-    basis = result.basis
-    accum.update(refresh=True, proj_old=proj_old, fell_back=result.fell_back, power_iterations=result.iterations,
-                 heads=heads)
+    pending = [compute_projector(target, rank, side=side, method=cfg.projection, oversampling=cfg.oversampling,
+                                 power_iters=cfg.power_iters, warm_start=proj_old, generator=generator,
+                                 tol=cfg.rsvd_tol, cross_head=cross_head, heads=heads, defer=True)]
     if heads is not None and proj_old is not None and "proj_heads" in state:
         # The refresh policy compares subspaces of the same heads: the old projector came from the old heads' rows,
         # the new one from a fresh draw, so their similarity would measure the draw, not drift. The old heads' rows
         # of this gradient give the like-for-like subspace (warm-started from the old projector: a stationary
-        # gradient converges at once).
-        same_heads = compute_projector(target, rank, side=side, method=cfg.projection, oversampling=cfg.oversampling,
-                                       power_iters=cfg.power_iters, warm_start=proj_old, generator=generator,
-                                       tol=cfg.rsvd_tol, cross_head=cross_head, heads=state["proj_heads"].cpu())
-        accum["similarity_basis"] = same_heads.basis
+        # gradient converges at once). Its heads stay where they are stored (no copy to the host).
+        pending.append(compute_projector(target, rank, side=side, method=cfg.projection,
+                                         oversampling=cfg.oversampling, power_iters=cfg.power_iters,
+                                         warm_start=proj_old, generator=generator, tol=cfg.rsvd_tol,
+                                         cross_head=cross_head, heads=state["proj_heads"], defer=True))
+    # The refresh's one host read: both range finders' fallback decisions together.
+    result, *same_heads = resolve_subspaces(pending)
+    if same_heads:
+        accum["similarity_basis"] = same_heads[0].basis
+    basis = result.basis
+    accum.update(refresh=True, proj_old=proj_old, fell_back=result.fell_back, power_iterations=result.iterations,
+                 heads=heads)
     wide = num_micro_batches > 1 and cfg.refresh_sketch == "rayleigh_ritz"
     if wide:
         extra = torch.randn(basis.shape[0], cfg.oversampling, generator=generator, device=device)
@@ -225,9 +234,12 @@ def _fix_projector(cfg: LowMemConfig, accum: dict, proj: Tensor) -> Tensor:
     projector, then rounded through its storage format (INT4 ...). The encoded form waits in accum["proj_stored"]
     for the commit, so R is projected with exactly the matrix the update is back-projected with."""
     proj = _align_signs(accum.get("proj_old"), proj)
-    stored = encode_projector(proj, cfg.projector_bits, group_size=cfg.projector_group_size)
+    # No value checks (each a host read): the range finder returns only finite bases (a non-finite sketch falls
+    # back to the exact SVD), and the decode reads what was just encoded.
+    stored = encode_projector(proj, cfg.projector_bits, group_size=cfg.projector_group_size, check_values=False)
     accum["proj_stored"] = stored
-    return decode_projector(stored, cfg.projector_bits, tuple(proj.shape), group_size=cfg.projector_group_size)
+    return decode_projector(stored, cfg.projector_bits, tuple(proj.shape), group_size=cfg.projector_group_size,
+                            check_values=False)
 
 
 def accumulate_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, op: GradOperator, *,
@@ -249,7 +261,7 @@ def accumulate_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], 
     sketch = op.dense() if basis is None else project(op, basis, side)
     accum["sketch"] = sketch if "sketch" not in accum else accum["sketch"].add_(sketch)
     if "res_idx" in state:
-        gathered = op.gather(state["res_idx"])
+        gathered = op.gather(state["res_idx"], check=False)   # validated when chosen (select_residual_indices)
         accum["grad_at_idx"] = gathered if "grad_at_idx" not in accum else accum["grad_at_idx"].add_(gathered)
     if uses_error_feedback(spec, cfg):
         dense = op.dense()
@@ -275,9 +287,10 @@ def _settle_projection(cfg: LowMemConfig, accum: dict, side: str, rank: int) -> 
     return (basis.T @ proj).T @ sketch, proj
 
 
-def settle_(spec: LowRankSpec, cfg: LowMemConfig, accum: dict) -> float:
-    """Fix this step's projected gradient R (Rayleigh-Ritz if the basis was widened) and return ||R||² (fp32 sum;
-    NaN/Inf when the gradient was not finite). Idempotent; `commit_` needs it to have run."""
+def settle_(spec: LowRankSpec, cfg: LowMemConfig, accum: dict) -> Tensor:
+    """Fix this step's projected gradient R (Rayleigh-Ritz if the basis was widened) and return ||R||² as a 0-dim
+    fp32 tensor on R's device (NaN/Inf when the gradient was not finite; reading it is the caller's choice of when
+    to synchronise). Idempotent; `commit_` needs it to have run."""
     if "sketch" not in accum:
         raise RuntimeError(f"{spec.name}: no accumulated gradient to settle")
     if "grad_lowrank" not in accum:
@@ -287,7 +300,7 @@ def settle_(spec: LowRankSpec, cfg: LowMemConfig, accum: dict) -> float:
         sq = grad_lowrank.pow(2).sum()
         if "grad_at_idx" in accum:
             sq = sq + 0.0 * accum["grad_at_idx"].sum()   # NaN/Inf in the residual entries poisons the norm too
-        accum["grad_sq"] = float(sq)
+        accum["grad_sq"] = sq
     return accum["grad_sq"]
 
 
@@ -316,30 +329,41 @@ class UpdateExchange(abc.ABC):
         """See the class docstring."""
 
 
-def _clip_coefficient(cfg: LowMemConfig, grad_sq: float, clip_coef: float | None) -> float:
+def clip_coefficient(grad_sq: Tensor, grad_clip: float) -> Tensor:
+    """min(1, grad_clip / (sqrt(grad_sq) + 1e-6)) on grad_sq's device, no host synchronisation: a 0-dim fp32 tensor.
+    Evaluated in fp64 and rounded once to fp32, as the host formula in Python floats was (same bits); NaN for a
+    non-finite grad_sq (callers replace the update of a non-finite gradient anyway)."""
+    norm = grad_sq.double().sqrt().add_(1e-6)
+    return torch.clamp(grad_clip / norm, max=1.0).float()
+
+
+def _clip_coefficient(cfg: LowMemConfig, grad_sq: Tensor, clip_coef: float | None) -> float | Tensor:
     if clip_coef is not None:
         return clip_coef
     if cfg.clip_mode == "per_tensor" and cfg.grad_clip is not None:
-        return min(1.0, cfg.grad_clip / (grad_sq ** 0.5 + 1e-6))
+        return clip_coefficient(grad_sq, cfg.grad_clip)
     return 1.0
 
 
 def _record_refresh(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, proj: Tensor | None,
-                    global_step: int, *, transfer: bool) -> tuple[Tensor | None, float | None]:
+                    global_step: int, *, transfer: bool, similarity: float | None = None,
+                    book: bool = True) -> tuple[Tensor | None, float | None]:
     """A refresh step's bookkeeping: moment transfer (owner only), policy record, the projector stored (INT4...).
     proj is already the decoded stored projector (_fix_projector); returns it (the one this and every later step
-    projects and back-projects with) and the similarity."""
+    projects and back-projects with) and the similarity (computed here unless the caller already read it).
+    book=False leaves the policy record (and the similarity) to the caller (commit_'s deferred bookkeeping)."""
     if not accum["refresh"]:
         return proj, None
-    similarity = None
     proj_old = accum["proj_old"]
     if proj_old is not None:
-        similarity = subspace_similarity(proj_old, accum.get("similarity_basis", proj))
+        if similarity is None and book:
+            similarity = subspace_similarity(proj_old, accum.get("similarity_basis", proj))
         if transfer:
             transfer_moments_(state, proj_old, proj, side=projection_side_for(spec, cfg), mode=cfg.moment_transfer,
                               bits=cfg.optim_bits, block_size=cfg.moment_block_size, steps_done=int(state["step"]),
                               betas=cfg.betas)
-    _policy(cfg).record(state, global_step, similarity)
+    if book:
+        _policy(cfg).record(state, global_step, similarity)
     stored = accum["proj_stored"]   # proj is its decoded form (_fix_projector): R was projected with it
     state["proj_data"], state["proj_scales"] = stored["data"], stored["scales"]
     if accum.get("heads") is not None:
@@ -353,8 +377,9 @@ def _record_refresh(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tenso
 
 def _apply_update(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], weight: WeightTarget,
                   direction: Tensor, sparse: Tensor | None, proj: Tensor | None, *, lr: float,
-                  global_step: int) -> None:
-    """W += -lr·scale·backproject(N) - lr·δ at the residual indices - lr·wd·W, row chunk by row chunk."""
+                  global_step: int, keep_old: Tensor | None = None) -> None:
+    """W += -lr·scale·backproject(N) - lr·δ at the residual indices - lr·wd·W, row chunk by row chunk.
+    keep_old: 0-dim bool device tensor; where True the weight keeps its old bytes (device-side skip)."""
     side = projection_side_for(spec, cfg)
     n = spec.shape[1]
     low_rank_lr = lr * cfg.scale
@@ -367,16 +392,17 @@ def _apply_update(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor]
         else:
             delta = backproject_rows(direction, proj, side, row_start, row_end).mul_(-low_rank_lr)
         if sparse is not None:
-            lo = int(torch.searchsorted(res_idx, row_start * n))
-            hi = int(torch.searchsorted(res_idx, row_end * n))
-            if hi > lo:
-                local = (res_idx[lo:hi].long() - row_start * n)
-                delta.view(-1).index_add_(0, local, sparse[lo:hi], alpha=-lr)
+            # Every residual entry is visited per chunk, those outside it as +0 at local index 0: no host-side
+            # slicing of res_idx (a synchronisation per chunk on CUDA); x + (-0.0) == x, so the sum is unchanged.
+            local = res_idx.long() - row_start * n
+            inside = (local >= 0) & (local < (row_end - row_start) * n)
+            values = torch.where(inside, sparse, torch.zeros((), dtype=sparse.dtype, device=sparse.device))
+            delta.view(-1).index_add_(0, torch.where(inside, local, 0), values, alpha=-lr)
         if decay:
             delta.add_(w_rows, alpha=-decay)
         return delta
 
-    weight.apply_(delta_rows, step=global_step)
+    weight.apply_(delta_rows, step=global_step, keep_old=keep_old)
 
 
 def _expects_sparse(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict,
@@ -386,36 +412,62 @@ def _expects_sparse(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tenso
 
 
 def commit_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, weight: WeightTarget, *,
-            global_step: int, lr: float, clip_coef: float | None = None,
-            exchange: UpdateExchange | None = None) -> dict:
+            global_step: int, lr: float, clip_coef: float | Tensor | None = None,
+            exchange: UpdateExchange | None = None, skip: Tensor | bool | None = None) -> dict:
     """Close the step: refresh bookkeeping, Adam on R, residuals, error feedback, and write the weight.
 
     clip_coef: a global clipping coefficient decided by the caller (two-pass clipping); None applies cfg's
-    per-tensor rule on ||R||. Returns stats: grad_sq (||R||² before clipping), refreshed, similarity, skipped.
-    A non-finite accumulated gradient writes nothing (state and weight untouched) and returns skipped=True.
+    per-tensor rule on ||R||. Returns stats: grad_sq (||R||² before clipping, a 0-dim tensor), refreshed,
+    similarity, skipped, nonfinite (this weight's own gradient was not finite), clip_coef.
     exchange: data-parallel sharing (None: this process does everything). A rank that is not the owner follows the
     owner's decision and direction (`_follow_`); the owner shares them once computed.
+
+    Two ways to treat a non-finite gradient:
+    - skip=None (host decision): ||R||² is read on the host (a synchronisation); a non-finite gradient writes
+      nothing (state and weight untouched) and returns skipped=True.
+    - skip = a 0-dim bool tensor on R's device (the fused runtime: True when an earlier layer of this backward was
+      non-finite): no synchronisation on an ordinary step. The update is computed from a gradient zeroed where
+      `skip | ~isfinite(||R||²)` holds, and the new moments, residual values, error feedback and weight bytes are
+      then chosen between old and new on the device (torch.where), so a skipped weight keeps exactly its old state.
+      stats["skipped"] and stats["nonfinite"] are 0-dim bool tensors; state["step"] advances as if written and the
+      caller undoes that for skipped weights once it reads the flags (`undo_skipped_commit_`). On a refresh step
+      (and the step that selects the residual indices) the host bookkeeping that depends on the flag is deferred:
+      stats["pending"] = (finish(skipped, similarity), similarity tensor or None); the caller reads the similarity
+      with the flags and calls finish, which books the refresh in the policy, or puts back the projector, refresh
+      counters and residual selection of a skipped weight. stats["refreshed"] is then provisional.
+    - skip=False: the caller has verified the gradient finite (two-pass clipping): no check, no synchronisation.
     """
     if exchange is not None and not exchange.owner:
         return _follow_(spec, cfg, state, accum, weight, global_step=global_step, lr=lr, exchange=exchange)
     grad_sq = settle_(spec, cfg, accum)
     shape = lowrank_moment_shape(spec, cfg)
-    if not math.isfinite(grad_sq):
-        if exchange is not None:
-            exchange.share_update(None, None, True, direction_shape=shape, sparse_numel=0)
-        accum.clear()
-        return {"grad_sq": grad_sq, "refreshed": False, "similarity": None, "skipped": True, "clip_coef": 0.0}
+    nonfinite = ~torch.isfinite(grad_sq)
+    similarity = None
+    if skip is None:
+        if not math.isfinite(float(grad_sq)):
+            return _skipped(accum, grad_sq, exchange, shape)
+    elif skip is not False:
+        skip = skip.to(grad_sq.device) | nonfinite
     side = projection_side_for(spec, cfg)
     grad_lowrank, proj = accum["grad_lowrank"], accum["proj_step"]
     grad_at_idx = accum.get("grad_at_idx")
     clip_coef = _clip_coefficient(cfg, grad_sq, clip_coef)
-    if clip_coef != 1.0:
+    if isinstance(clip_coef, Tensor) or clip_coef != 1.0:
         grad_lowrank = grad_lowrank * clip_coef
         if grad_at_idx is not None:
             grad_at_idx = grad_at_idx * clip_coef
+    guarded = isinstance(skip, Tensor)
+    pending = None
+    if guarded:   # a skipped weight's update is computed from zeros (finite) and then discarded
+        grad_lowrank = grad_lowrank.masked_fill(skip, 0.0)
+        grad_at_idx = None if grad_at_idx is None else grad_at_idx.masked_fill(skip, 0.0)
+        old = _guarded_state(state)
+        if accum["refresh"] or (uses_residual(spec, cfg) and "res_idx" not in state):
+            pending = _deferred_bookkeeping(spec, cfg, state, accum, global_step)
 
     refreshed = bool(accum["refresh"])
-    proj, similarity = _record_refresh(spec, cfg, state, accum, proj, global_step, transfer=True)
+    proj, similarity = _record_refresh(spec, cfg, state, accum, proj, global_step, transfer=True,
+                                       similarity=similarity, book=pending is None)
     expects_sparse = _expects_sparse(spec, cfg, state, accum, proj)
     had_indices = "res_idx" in state
     step = int(state["step"]) + 1
@@ -431,15 +483,85 @@ def commit_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accu
         if not had_indices and "res_idx" in state:
             exchange.share_indices(state["res_idx"])
     if exchange is None or exchange.writes_weight:
-        _apply_update(spec, cfg, state, weight, direction, sparse, proj, lr=lr, global_step=global_step)
+        _apply_update(spec, cfg, state, weight, direction, sparse, proj, lr=lr, global_step=global_step,
+                      keep_old=skip if guarded else None)
 
     if uses_error_feedback(spec, cfg):
         grad_dense = accum["grad_dense"] * clip_coef
+        if guarded:
+            grad_dense = grad_dense.masked_fill_(skip, 0.0)
         _store_error_feedback(state, cfg, grad_dense - backproject(grad_lowrank, proj, side))
+    if guarded:
+        _keep_old_state_(state, old, skip)
     state["step"] += 1
     accum.clear()
-    return {"grad_sq": grad_sq, "refreshed": refreshed, "similarity": similarity, "skipped": False,
-            "clip_coef": clip_coef}
+    return {"grad_sq": grad_sq, "refreshed": refreshed, "similarity": similarity,
+            "skipped": skip if guarded else False, "nonfinite": nonfinite if guarded else False,
+            "clip_coef": clip_coef, "pending": pending}
+
+
+def _skipped(accum: dict, grad_sq: Tensor, exchange: UpdateExchange | None, shape: tuple[int, int], *,
+             nonfinite: bool | Tensor = True) -> dict:
+    if exchange is not None:
+        exchange.share_update(None, None, True, direction_shape=shape, sparse_numel=0)
+    accum.clear()
+    return {"grad_sq": grad_sq, "refreshed": False, "similarity": None, "skipped": True, "nonfinite": nonfinite,
+            "clip_coef": 0.0}
+
+
+_RESIDUAL_KEYS = ("res_idx", "res_m", "res_v")
+
+
+def _deferred_bookkeeping(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict,
+                          global_step: int):
+    """(finish(skipped, similarity), similarity tensor or None) for a device-mode commit whose host bookkeeping
+    depends on the skip flag (see commit_): what it needs to book the refresh later or to undo it."""
+    host_before = {k: state[k].clone() for k in (*REFRESH_STATE_KEYS, "fallback_count") if k in state}
+    kept = {k: state[k] for k in ("proj_data", "proj_scales", "proj_heads", *_RESIDUAL_KEYS) if k in state}
+    similarity = None
+    if accum["refresh"] and accum.get("proj_old") is not None:
+        # cross-head q/k: the old projector against the same heads' subspace of this gradient (like with like)
+        similarity = subspace_similarity_t(accum["proj_old"], accum.get("similarity_basis", accum["proj_step"]))
+    refresh = bool(accum["refresh"])
+
+    def finish(skipped: bool, similarity_value: float | None) -> None:
+        if skipped:
+            for key, value in host_before.items():
+                state[key].copy_(value)
+            for key in ("proj_data", "proj_scales", "proj_heads", *_RESIDUAL_KEYS):
+                if key in kept:
+                    state[key] = kept[key]
+                else:
+                    state.pop(key, None)
+        elif refresh:
+            _policy(cfg).record(state, global_step, similarity_value)
+    return finish, similarity
+
+
+# State a commit may rewrite (moments, residual values and counts, error feedback); host-side counters ("step",
+# refresh bookkeeping) are handled by the caller. Stored per key: the tensor before the commit (a clone for those
+# updated in place; moments and error feedback are replaced by new tensors, so the old reference suffices).
+_IN_PLACE_KEYS = ("res_m", "res_v", "res_clamp_count", "bias1", "bias2")   # bias masses: lowmem.optim.moments
+
+
+def _guarded_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: (v.clone() if k in _IN_PLACE_KEYS else v) for k, v in state.items()
+            if k.startswith(("exp_avg", "ef")) or k in _IN_PLACE_KEYS}
+
+
+def _keep_old_state_(state: dict[str, Tensor], old: dict[str, Tensor], skip: Tensor) -> None:
+    """state[k] <- old[k] where skip (0-dim bool), on the device; bytes of the written values otherwise."""
+    for key, before in old.items():
+        after = state[key]
+        if key in _IN_PLACE_KEYS:
+            after.copy_(torch.where(skip, before, after))
+        else:
+            state[key] = torch.where(skip, before, after)
+
+
+def undo_skipped_commit_(state: dict[str, Tensor]) -> None:
+    """The host-side part of a device-skipped commit: the update counter goes back (see commit_, skip=...)."""
+    state["step"] -= 1
 
 
 def _follow_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, weight: WeightTarget, *,
@@ -490,14 +612,16 @@ def _sparse_residual(spec, cfg, state, grad_lowrank, grad_at_idx, proj, directio
         if step >= cfg.residual_warmup_steps:
             exp_avg, _ = load_moments(state, bits=cfg.optim_bits, block_size=cfg.moment_block_size)
             # One-time (m, n) transient at the end of warm-up: the top-ρ entries of |backproject(M')|.
-            idx = select_residual_indices(backproject(exp_avg, proj, side), cfg.residual_ratio)
+            # Moments are finite by construction (only finite or zeroed gradients reach them).
+            idx = select_residual_indices(backproject(exp_avg, proj, side), cfg.residual_ratio, check_finite=False)
             idx = idx.to(residual_index_dtype(spec.shape[0] * spec.shape[1]))
             value_dtype = torch.bfloat16 if cfg.residual_dtype == "bf16" else torch.float32
             if cfg.residual_mode == "exact":
                 # Start the full-rank moments at L from the low-rank ones; (P∘P) keeps V non-negative and
                 # independent of the projector's column signs.
-                res_m, res_v = init_exact_residual(backproject_gather(exp_avg, proj, side, idx, n),
-                                                   backproject_gather(exp_avg_sq, proj * proj, side, idx, n),
+                res_m, res_v = init_exact_residual(backproject_gather(exp_avg, proj, side, idx, n, check=False),
+                                                   backproject_gather(exp_avg_sq, proj * proj, side, idx, n,
+                                                                      check=False),
                                                    value_dtype)
             else:
                 res_m = torch.zeros(idx.numel(), dtype=value_dtype, device=idx.device)
@@ -508,12 +632,12 @@ def _sparse_residual(spec, cfg, state, grad_lowrank, grad_at_idx, proj, directio
         return None
     idx = state["res_idx"]
     if cfg.residual_mode == "exact":
-        lowrank_at_idx = backproject_gather(direction, proj, side, idx, n)
+        lowrank_at_idx = backproject_gather(direction, proj, side, idx, n, check=False)
         delta = exact_residual_step(state["res_m"], state["res_v"], grad_at_idx, lowrank_at_idx, step=step,
                                     beta1=cfg.betas[0], beta2=cfg.betas[1], eps=cfg.eps, scale=1.0)
         return delta.mul_(cfg.scale)
-    ghat = backproject_gather(grad_lowrank, proj, side, idx, n)
-    vback = backproject_gather(exp_avg_sq, proj, side, idx, n)
+    ghat = backproject_gather(grad_lowrank, proj, side, idx, n, check=False)
+    vback = backproject_gather(exp_avg_sq, proj, side, idx, n, check=False)
     delta, clamped = residual_step(state["res_m"], state["res_v"], grad_at_idx, ghat, vback, step=step,
                                    beta1=cfg.betas[0], beta2=cfg.betas[1], eps=cfg.eps)
     state["res_clamp_count"] += clamped

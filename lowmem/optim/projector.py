@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from lowmem.optim.linop import CHUNK_ELEMENTS, GradOperator
-from lowmem.optim.rsvd import SubspaceResult, exact_left_subspace, exact_right_subspace, randomized_right_subspace
+from lowmem.optim.rsvd import (PendingSubspace, SubspaceResult, exact_left_subspace, exact_right_subspace,
+                               randomized_right_subspace)
 
 SIDES = ("right", "left")
 METHODS = ("randomized", "svd")
@@ -61,32 +62,35 @@ class CrossHead:
 
 
 def select_heads(cross_head: CrossHead, rank: int, generator: torch.Generator | None = None) -> Tensor | None:
-    """⌈rank / head_dim⌉ distinct heads drawn with torch.randperm(generator), sorted, int64 (k,) on CPU — or None
-    when that many heads is all of them (use the whole matrix; the generator is then not advanced)."""
+    """⌈rank / head_dim⌉ distinct heads drawn with torch.randperm(generator), sorted, int64 (k,) on the generator's
+    device (not copied to the CPU: that would be a host synchronisation on every refresh) — or None when that many
+    heads is all of them (use the whole matrix; the generator is then not advanced)."""
     count = math.ceil(rank / cross_head.head_dim)
     if count >= cross_head.num_heads:
         return None
     gen_device = generator.device if generator is not None else "cpu"
     order = torch.randperm(cross_head.num_heads, generator=generator, device=gen_device)
-    return order[:count].sort().values.cpu()
+    return order[:count].sort().values
 
 
 def _head_rows(heads: Tensor, head_dim: int, device: torch.device) -> Tensor:
     """Row indices (k·head_dim,) int64 of the given heads' slices G[h·d:(h+1)·d, :], stacked in head order."""
-    offsets = torch.arange(head_dim, dtype=torch.int64)
+    offsets = torch.arange(head_dim, dtype=torch.int64, device=heads.device)
     return (heads[:, None] * head_dim + offsets[None, :]).reshape(-1).to(device)
 
 
 def compute_projector(op: GradOperator, rank: int, *, side: str, method: str = "randomized",
                       oversampling: int = 8, power_iters: int = 2, warm_start: Tensor | None = None,
                       generator: torch.Generator | None = None, tol: float | None = None,
-                      cross_head: CrossHead | None = None, heads: Tensor | None = None) -> SubspaceResult:
+                      cross_head: CrossHead | None = None, heads: Tensor | None = None,
+                      defer: bool = False) -> SubspaceResult | PendingSubspace:
     """Projector P for op (m, n): basis fp32 (n, r) for side 'right', (m, r) for 'left'.
 
     method 'randomized' (lowmem.optim.rsvd.randomized_right_subspace with oversampling, power_iters, warm_start, tol)
     or 'svd' (exact, forms G). cross_head: right side only; the top-r right singular vectors of the stacked row
     slices of ⌈r/d⌉ random heads (chosen first with `generator`, which then also draws the sketch), or of the given
-    `heads` (int64 (k,), sorted; then nothing is drawn for them).
+    `heads` (int64 (k,), sorted; then nothing is drawn for them). defer: the randomized method returns a
+    PendingSubspace (lowmem.optim.rsvd.resolve_subspaces reads several fallback decisions at once).
     """
     if not isinstance(op, GradOperator):
         raise TypeError(f"op must be a GradOperator, got {type(op).__name__}")
@@ -108,7 +112,9 @@ def compute_projector(op: GradOperator, rank: int, *, side: str, method: str = "
                              f"{cross_head.head_dim} * {cross_head.num_heads}")
         if heads is None:
             heads = select_heads(cross_head, rank, generator)
-        target = op if heads is None else op.take_rows(_head_rows(heads, cross_head.head_dim, op.device))
+        # The head rows come from the layout checked above (or the stored heads of this layout): in range.
+        target = op if heads is None else op.take_rows(_head_rows(heads, cross_head.head_dim, op.device),
+                                                        check=False)
     else:
         target = op if side == "right" else op.t()
 
@@ -117,7 +123,7 @@ def compute_projector(op: GradOperator, rank: int, *, side: str, method: str = "
             return exact_left_subspace(op, rank)
         return exact_right_subspace(target, rank)
     return randomized_right_subspace(target, rank, oversampling=oversampling, power_iters=power_iters,
-                                     warm_start=warm_start, generator=generator, tol=tol)
+                                     warm_start=warm_start, generator=generator, tol=tol, defer=defer)
 
 
 def _check_projector(P: Tensor, rows: int, side: str, what: str) -> None:
@@ -167,11 +173,13 @@ def backproject_rows(R: Tensor, P: Tensor, side: str, row_start: int, row_end: i
     return left[row_start:row_end] @ right.T
 
 
-def backproject_gather(R: Tensor, P: Tensor, side: str, flat_idx: Tensor, n_cols: int) -> Tensor:
+def backproject_gather(R: Tensor, P: Tensor, side: str, flat_idx: Tensor, n_cols: int, *,
+                       check: bool = True) -> Tensor:
     """Back-projection at row-major flat indices (L,) int32/int64 of an (m, n_cols) matrix -> (L,) fp32.
 
     Entry (i, j) is the dot product of row i of the left factor and row j of the right factor: O(L·r) work,
-    computed in chunks so the (chunk, r) gathers stay under CHUNK_ELEMENTS; no (m, n) buffer.
+    computed in chunks so the (chunk, r) gathers stay under CHUNK_ELEMENTS; no (m, n) buffer. check=False skips
+    the range check of flat_idx (a host synchronisation on CUDA) for indices validated when they were chosen.
     """
     left, right = _factors(R, P, side)
     m, n = left.shape[0], right.shape[0]
@@ -180,7 +188,7 @@ def backproject_gather(R: Tensor, P: Tensor, side: str, flat_idx: Tensor, n_cols
     if not isinstance(flat_idx, Tensor) or flat_idx.dtype not in (torch.int32, torch.int64) or flat_idx.dim() != 1:
         raise TypeError("flat_idx must be a 1-D int32 or int64 tensor")
     idx = flat_idx.to(device=left.device, dtype=torch.int64)
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= m * n):
+    if check and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= m * n):
         raise ValueError(f"flat_idx entries must lie in [0, {m * n}) for shape ({m}, {n})")
     rows, cols = idx // n, idx % n
     out = torch.empty(idx.numel(), dtype=torch.float32, device=left.device)
@@ -196,8 +204,9 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"projector bits must be one of {PROJECTOR_BITS}, got {bits!r}")
 
 
-def encode_projector(P: Tensor, bits: int, group_size: int = 256) -> dict[str, Tensor]:
-    """Storage form of P (dim, r) float: {'data', 'scales'} tensors (checkpointable as they are).
+def encode_projector(P: Tensor, bits: int, group_size: int = 256, *, check_values: bool = True) -> dict[str, Tensor]:
+    """Storage form of P (dim, r) float: {'data', 'scales'} tensors (checkpointable as they are). check_values=False
+    skips the INT4 packer's finiteness check (a host synchronisation on CUDA) for a P finite by construction.
 
     4: packed INT4, two values per byte, symmetric per group of group_size elements (quant.int4);
     8: INT8 with one scale per block of group_size along the r columns (quant.int8);
@@ -209,7 +218,7 @@ def encode_projector(P: Tensor, bits: int, group_size: int = 256) -> dict[str, T
     if bits == 4:
         from quant.int4 import pack_int4
 
-        data, scales = pack_int4(P.float(), group_size=group_size)
+        data, scales = pack_int4(P.float(), group_size=group_size, check_values=check_values)
     elif bits == 8:
         from quant.int8 import quantize_int8
 
@@ -221,8 +230,10 @@ def encode_projector(P: Tensor, bits: int, group_size: int = 256) -> dict[str, T
     return {"data": data, "scales": scales}
 
 
-def decode_projector(stored: dict[str, Tensor], bits: int, shape: tuple[int, int], group_size: int = 256) -> Tensor:
-    """Inverse of encode_projector: a fresh fp32 tensor of `shape` (a transient buffer, not kept)."""
+def decode_projector(stored: dict[str, Tensor], bits: int, shape: tuple[int, int], group_size: int = 256, *,
+                     check_values: bool = True) -> Tensor:
+    """Inverse of encode_projector: a fresh fp32 tensor of `shape` (a transient buffer, not kept). check_values=False
+    skips the decoders' value checks (host synchronisations on CUDA) for a projector this process stored."""
     _check_bits(bits)
     shape = _check_shape(tuple(shape))
     if not isinstance(stored, dict) or not {"data", "scales"} <= set(stored):
@@ -231,11 +242,11 @@ def decode_projector(stored: dict[str, Tensor], bits: int, shape: tuple[int, int
     if bits == 4:
         from quant.int4 import unpack_int4
 
-        P = unpack_int4(data, scales, shape, group_size=group_size, dtype=torch.float32)
+        P = unpack_int4(data, scales, shape, group_size=group_size, dtype=torch.float32, check_values=check_values)
     elif bits == 8:
         from quant.int8 import dequantize_int8
 
-        P = dequantize_int8(data, scales, block_size=group_size, dtype=torch.float32)
+        P = dequantize_int8(data, scales, block_size=group_size, dtype=torch.float32, check_values=check_values)
     else:
         P = data.to(dtype=torch.float32, copy=True)
     if tuple(P.shape) != shape:

@@ -47,11 +47,12 @@ def _num_selected(ratio: float, numel: int) -> int:
     return min(numel, max(1, math.ceil(ratio * numel - 1e-9)))
 
 
-def select_residual_indices(first_moment_back: Tensor, ratio: float) -> Tensor:
+def select_residual_indices(first_moment_back: Tensor, ratio: float, *, check_finite: bool = True) -> Tensor:
     """Sorted flat indices of the top ceil(ratio·m·n) entries of |first_moment_back|.
 
     first_moment_back: float (m, n), backproject(M') at the end of warm-up. ratio in (0, 1].
     Returns a 1-D tensor of residual_index_dtype(m·n) on the input's device, ascending (ties broken by torch.topk).
+    check_finite=False skips the finiteness check (a host synchronisation on CUDA) for input finite by construction.
     """
     if not isinstance(first_moment_back, Tensor) or first_moment_back.dim() != 2:
         raise ValueError("first_moment_back must be a 2-D tensor (m, n)")
@@ -65,7 +66,7 @@ def select_residual_indices(first_moment_back: Tensor, ratio: float) -> Tensor:
     if numel == 0:
         raise ValueError("first_moment_back is empty: no entries to select")
     magnitude = first_moment_back.detach().reshape(-1).float().abs()
-    if not bool(torch.isfinite(magnitude).all()):
+    if check_finite and not bool(torch.isfinite(magnitude).all()):   # a host synchronisation on CUDA
         raise ValueError("first_moment_back has NaN/Inf entries; cannot rank them")
     k = _num_selected(float(ratio), numel)
     flat = torch.topk(magnitude, k, sorted=False).indices
@@ -95,14 +96,15 @@ def _check_hyper(first: Tensor, second: Tensor, step: int, beta1: float, beta2: 
 
 
 def residual_step(delta_m: Tensor, delta_v: Tensor, grad_at_idx: Tensor, ghat_at_idx: Tensor,
-                  vback_at_idx: Tensor, *, step: int, beta1: float, beta2: float, eps: float) -> tuple[Tensor, int]:
-    """One residual update at the |L| stored positions; returns (δ fp32 (L,), number of clamped radicands).
+                  vback_at_idx: Tensor, *, step: int, beta1: float, beta2: float, eps: float) -> tuple[Tensor, Tensor]:
+    """One residual update at the |L| stored positions; returns (δ fp32 (L,), number of clamped radicands as a 0-dim
+    int64 tensor on the moments' device).
 
     delta_m, delta_v: (L,) fp32 or bf16, the stored residual moments, updated IN PLACE (math in fp32, one rounding
     on store). grad_at_idx = G[L], ghat_at_idx = backproject(R)[L], vback_at_idx = backproject(V')[L] with V' the
     low-rank second moment already updated this step and not bias-corrected; all (L,) float. step: t >= 1.
     δ is computed from the fp32 moments before they are rounded for storage.
-    The clamp count is a Python int, so on CUDA this call synchronises once.
+    The clamp count stays a tensor, so the call never synchronises with the device.
     """
     _check_vector("delta_m", delta_m, None)
     length = delta_m.numel()
@@ -125,7 +127,7 @@ def residual_step(delta_m: Tensor, delta_v: Tensor, grad_at_idx: Tensor, ghat_at
     bias2 = 1.0 - beta2 ** step
     radicand = (vback + v).div_(bias2)
     negative = radicand < 0
-    clamped = int(negative.sum().item())
+    clamped = negative.sum()
     denom = radicand.clamp_(min=0.0).sqrt_().add_(eps)
     delta = (m / bias1).div_(denom)
 

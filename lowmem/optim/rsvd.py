@@ -37,13 +37,17 @@ class SubspaceResult:
     """basis fp32 (n, r) orthonormal columns: top-r right singular vectors of G, in decreasing order.
     singular_values fp32 (r,): their estimates. iterations: power iterations actually run (0 = range finder only).
     fell_back: the full-SVD fallback produced this result. numerical_rank: how many singular values exceed
-    RANK_RTOL·σ_1 (r for a full-rank gradient; the columns beyond it span part of G's null space)."""
+    RANK_RTOL·σ_1 (r for a full-rank gradient; the columns beyond it span part of G's null space), read from the
+    device only when asked for (the training path never asks: no host synchronisation)."""
 
     basis: Tensor
     singular_values: Tensor
     iterations: int
     fell_back: bool
-    numerical_rank: int
+
+    @property
+    def numerical_rank(self) -> int:
+        return _numerical_rank(self.singular_values)
 
 
 def _check_rank(op: GradOperator, rank: int) -> None:
@@ -61,7 +65,14 @@ def subspace_similarity(P_old: Tensor, P_new: Tensor) -> float:
     """s = ||P_oldᵀ P_new||_F² / r for orthonormal P_old (n, r_old), P_new (n, r_new); r = max(r_old, r_new).
 
     Invariant to signs and rotations within either subspace; 1 for the same subspace, 0 for orthogonal ones.
+    A Python float (one host synchronisation); `subspace_similarity_t` keeps it on the device.
     """
+    return float(subspace_similarity_t(P_old, P_new))
+
+
+def subspace_similarity_t(P_old: Tensor, P_new: Tensor) -> Tensor:
+    """`subspace_similarity` as a 0-dim fp64 tensor on P_old's device (clamped to [0, 1]; the same value as a
+    Python float: the fp32 sum is widened before the division, as float() did)."""
     for name, P in (("P_old", P_old), ("P_new", P_new)):
         if not isinstance(P, Tensor) or P.dim() != 2:
             raise ValueError(f"{name} must be a 2-D tensor (n, r)")
@@ -71,7 +82,7 @@ def subspace_similarity(P_old: Tensor, P_new: Tensor) -> float:
     if r == 0:
         raise ValueError("projectors with zero columns have no subspace to compare")
     overlap = P_old.float().T @ P_new.to(device=P_old.device, dtype=torch.float32)
-    return min(1.0, max(0.0, float(overlap.pow(2).sum()) / r))
+    return (overlap.pow(2).sum().double() / r).clamp(0.0, 1.0)
 
 
 def exact_right_subspace(op: GradOperator, rank: int) -> SubspaceResult:
@@ -82,16 +93,15 @@ def exact_right_subspace(op: GradOperator, rank: int) -> SubspaceResult:
     """
     _check_rank(op, rank)
     G = op.dense()
-    finite = torch.isfinite(G)
-    if not bool(finite.all()):
-        G = torch.where(finite, G, torch.zeros((), dtype=G.dtype, device=G.device))
+    # Unconditionally (a test of whether any entry is non-finite would be a host synchronisation).
+    G = torch.where(torch.isfinite(G), G, torch.zeros((), dtype=G.dtype, device=G.device))
     try:
         _, S, Vh = torch.linalg.svd(G, full_matrices=False)
     except RuntimeError:  # LinAlgError (no convergence on a badly scaled input): retry once in fp64
         _, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
         S, Vh = S.float(), Vh.float()
     return SubspaceResult(basis=Vh[:rank].T.contiguous(), singular_values=S[:rank].contiguous(), iterations=0,
-                          fell_back=False, numerical_rank=_numerical_rank(S[:rank]))
+                          fell_back=False)
 
 
 def _numerical_rank(singular_values: Tensor) -> int:
@@ -115,7 +125,7 @@ def exact_left_subspace(op: GradOperator, rank: int) -> SubspaceResult:
         U, S, _ = torch.linalg.svd(G.double(), full_matrices=False)
         U, S = U.float(), S.float()
     return SubspaceResult(basis=U[:, :rank].contiguous(), singular_values=S[:rank].contiguous(), iterations=0,
-                          fell_back=False, numerical_rank=_numerical_rank(S[:rank]))
+                          fell_back=False)
 
 
 def _orthonormal(Y: Tensor) -> Tensor:
@@ -129,13 +139,14 @@ def _top_right(Q_right: Tensor, R_factor: Tensor, rank: int) -> tuple[Tensor, Te
     return Q_right @ U_small[:, :rank], S[:rank]
 
 
-def _is_broken(basis: Tensor, singular_values: Tensor) -> bool:
+def _is_broken(basis: Tensor, singular_values: Tensor) -> Tensor:
     """Non-finite, not orthonormal, or a zero gradient (σ_1 = 0: nothing to find). A rank-deficient but nonzero
-    gradient is not broken: its whole range is in the sketch (module docstring)."""
+    gradient is not broken: its whole range is in the sketch (module docstring). A 0-dim bool tensor (the caller
+    reads it)."""
     finite = torch.isfinite(basis).all() & torch.isfinite(singular_values).all()
     eye = torch.eye(basis.shape[1], dtype=basis.dtype, device=basis.device)
     gram_error = (basis.T @ basis - eye).abs().max()
-    return not bool(finite & (gram_error <= ORTHONORMALITY_TOL) & (singular_values[0] > 0))
+    return ~(finite & (gram_error <= ORTHONORMALITY_TOL) & (singular_values[0] > 0))
 
 
 def _start_block(n: int, width: int, warm_start: Tensor | None, generator: torch.Generator | None,
@@ -151,7 +162,7 @@ def _start_block(n: int, width: int, warm_start: Tensor | None, generator: torch
 
 def randomized_right_subspace(op: GradOperator, rank: int, *, oversampling: int = 8, power_iters: int = 2,
                               warm_start: Tensor | None = None, generator: torch.Generator | None = None,
-                              tol: float | None = None) -> SubspaceResult:
+                              tol: float | None = None, defer: bool = False) -> SubspaceResult | PendingSubspace:
     """Top-r right singular subspace of op (m, n) from products only.
 
     oversampling p: extra sketch columns (width min(r + p, m, n)). power_iters q: maximum number of power
@@ -164,6 +175,8 @@ def randomized_right_subspace(op: GradOperator, rank: int, *, oversampling: int 
     still right stops after the range finder (iterations = 0). Falls back to exact_right_subspace (fell_back=True)
     when the result is non-finite, not orthonormal or the gradient is zero (see _is_broken); a rank-deficient
     gradient is handled by the sketch itself (module docstring) and reported in numerical_rank.
+    defer=True: return a PendingSubspace instead, whose fallback decision is still on the device; resolve_subspaces
+    reads the decisions of several range finders at once (one host synchronisation for all of them).
     """
     _check_rank(op, rank)
     if isinstance(oversampling, bool) or not isinstance(oversampling, int) or oversampling < 0:
@@ -187,32 +200,88 @@ def randomized_right_subspace(op: GradOperator, rank: int, *, oversampling: int 
     try:
         basis, singular_values, iterations = _iterate(op, rank, width, power_iters, warm_start, previous, generator,
                                                       tol)
-        broken = _is_broken(basis, singular_values)
+        # The range finder's one host synchronisation (made by resolve_subspaces): whether to fall back, and how
+        # many iterations ran.
+        flags = _is_broken(basis, singular_values).to(torch.int64).reshape(1)
+        if isinstance(iterations, Tensor):
+            flags = torch.cat([flags, iterations.to(flags.device, torch.int64).reshape(1)])
+            iterations = None
+        pending = PendingSubspace(op, rank, basis, singular_values, flags, iterations)
     except torch.linalg.LinAlgError:  # the small SVD refuses non-finite input (a NaN/Inf gradient)
-        broken, iterations = True, power_iters
-    if broken:
-        exact = exact_right_subspace(op, rank)
-        return SubspaceResult(exact.basis, exact.singular_values, iterations=iterations, fell_back=True,
-                              numerical_rank=exact.numerical_rank)
-    return SubspaceResult(basis.contiguous(), singular_values.contiguous(), iterations=iterations, fell_back=False,
-                          numerical_rank=_numerical_rank(singular_values))
+        pending = PendingSubspace(op, rank, None, None, None, power_iters)
+    return pending if defer else resolve_subspaces([pending])[0]
+
+
+@dataclass
+class PendingSubspace:
+    """A randomized_right_subspace(defer=True) result whose fallback decision is not read yet. flags: int64 (1,)
+    [broken] or (2,) [broken, iterations] on the basis's device (iterations None then); None when the small SVD
+    already refused the input (a fallback, decided without a read)."""
+
+    op: GradOperator
+    rank: int
+    basis: Tensor | None
+    singular_values: Tensor | None
+    flags: Tensor | None
+    iterations: int | None
+
+    def _resolve(self, values: list[int] | None) -> SubspaceResult:
+        broken, iterations = (True, self.iterations) if values is None else (bool(values[0]), self.iterations)
+        if values is not None and len(values) > 1:
+            iterations = int(values[1])
+        if broken:
+            exact = exact_right_subspace(self.op, self.rank)
+            return SubspaceResult(exact.basis, exact.singular_values, iterations=iterations, fell_back=True)
+        return SubspaceResult(self.basis.contiguous(), self.singular_values.contiguous(), iterations=iterations,
+                              fell_back=False)
+
+
+def resolve_subspaces(results: list) -> list[SubspaceResult]:
+    """SubspaceResults for a list of PendingSubspace (or already final SubspaceResult) items, in order: the
+    pending fallback decisions are read from the device in ONE host synchronisation (one per device), then each
+    broken one is replaced by the exact SVD. Results are those of the same calls made without defer."""
+    pending = [r for r in results if isinstance(r, PendingSubspace) and r.flags is not None]
+    values: dict[int, list[int]] = {}
+    by_device: dict[torch.device, list[PendingSubspace]] = {}
+    for r in pending:
+        by_device.setdefault(r.flags.device, []).append(r)
+    for group in by_device.values():
+        flat = torch.cat([r.flags for r in group]).tolist()
+        offset = 0
+        for r in group:
+            values[id(r)] = flat[offset:offset + r.flags.numel()]
+            offset += r.flags.numel()
+    return [r._resolve(values.get(id(r))) if isinstance(r, PendingSubspace) else r for r in results]
 
 
 def _iterate(op: GradOperator, rank: int, width: int, power_iters: int, warm_start: Tensor | None,
              previous: Tensor | None, generator: torch.Generator | None,
-             tol: float | None) -> tuple[Tensor, Tensor, int]:
-    """The subspace iteration proper: (basis (n, r), singular values (r,), power iterations run)."""
+             tol: float | None) -> tuple[Tensor, Tensor, int | Tensor]:
+    """The subspace iteration proper: (basis (n, r), singular values (r,), power iterations run: an int, or a 0-dim
+    int64 tensor with a tol).
+
+    The early stop is decided on the device: once two successive iterates agree to 1 - tol, the iterate is frozen
+    (torch.where) and the remaining iterations' results are discarded, so the basis is bit for bit the one an
+    early `break` gives, without a host synchronisation per iteration. The price: with a tol, a refresh always
+    computes power_iters + 1 passes over the gradient (the skipped ones are computed and thrown away)."""
     Q_right = _start_block(op.shape[1], width, warm_start, generator, op.device)
-    iterations = 0
+    iterations: int | Tensor = 0
+    done: Tensor | None = None
     for it in range(power_iters + 1):
         Q_left = _orthonormal(op.matmul(Q_right))                                 # (m, width)
-        Q_right, R_factor = torch.linalg.qr(op.rmatmul(Q_left), mode="reduced")  # (n, width), (width, width)
-        iterations = it
+        Q_next, R_next = torch.linalg.qr(op.rmatmul(Q_left), mode="reduced")     # (n, width), (width, width)
+        if done is None:
+            Q_right, R_factor, iterations = Q_next, R_next, it
+        else:
+            Q_right = torch.where(done, Q_right, Q_next)
+            R_factor = torch.where(done, R_factor, R_next)
+            iterations = torch.where(done, iterations, it)
         if tol is None or it == power_iters:
             continue
         current, _ = _top_right(Q_right, R_factor, rank)
-        if previous is not None and subspace_similarity(previous, current) > 1.0 - tol:
-            break
+        if previous is not None:
+            stop = subspace_similarity_t(previous, current) > 1.0 - tol
+            done = stop if done is None else done | stop
         previous = current
     basis, singular_values = _top_right(Q_right, R_factor, rank)
     return basis, singular_values, iterations

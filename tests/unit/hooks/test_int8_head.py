@@ -2,10 +2,18 @@
 arrives as the fused loss's recomputing operator, an untied embedding an Int8Embedding whose gradient arrives as its
 batch rows; tied ones stay one float weight. Both train the same as the plain path
 (model(...).loss, whose head gradient arrives as factors), step for step: the two gradients differ only in summation
-order (fp32). Losses agree to 1e-4. Codes agree except where Adam amplifies that rounding: a head row whose
-projected gradient is ~0 (a token the batch never predicts) gets m/sqrt(v) of either sign, a full-size update
-decided by the last bits (measured with projection='randomized' and vocab_scale 1: 2.8% of the head's codes differ after 3 steps; with the
-exact SVD projector 0.05%): bound 5%."""
+order (fp32). Losses agree to 1e-4.
+
+Codes agree except where a discrete step turns that rounding into a whole quantum: an INT4 projector code (the
+projector is rounded to INT4 before R is projected), an 8-bit moment code, an INT8 stochastic floor, Adam's
+m/sqrt(v) on a projected coordinate that is ~0. One such flip moves the next steps' gradients of every layer, so how
+many codes differ after 3 steps is not a property of the fused path but of which side of a boundary the last bits
+fall: measured on this model, fused vs plain agree on 99.99% of the head's codes with 2 threads and 94.4% with 1,
+and the plain path against itself with the loss scaled by 1 - 2**-20 (the same mathematics after Adam's
+normalisation; a rounding-level change of every gradient) agrees on 94.4% too. So the bound is that envelope,
+measured in the test: fused vs plain agree at least as well as the plain path agrees with itself under the
+rounding-level loss scalings 1 +- 2**-20, 1 +- 2**-19 (less 0.5% for the chaotic remainder), and no code moves by more
+than the few quanta such a cascade moves the plain path's own codes."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -24,7 +32,7 @@ def _model(tied):
     return LlamaForCausalLM(cfg).float()
 
 
-def _train(tied, fused, steps=3, **changes):
+def _train(tied, fused, steps=3, loss_scale=1.0, **changes):
     model = _model(tied)
     runtime = prepare(model, preset("lowmem", rank=16, lr=1e-3, **changes))
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))   # one batch: loss must fall
@@ -32,7 +40,7 @@ def _train(tied, fused, steps=3, **changes):
     for _ in range(steps):
         with runtime.micro_batch():
             loss = causal_lm_loss(model, ids, ids) if fused else model(input_ids=ids, labels=ids).loss
-            runtime.backward(loss)
+            runtime.backward(loss * loss_scale if loss_scale != 1.0 else loss)
         losses.append(runtime.step()["loss"])
     return model, runtime, losses
 
@@ -57,10 +65,17 @@ def test_head_kind_and_fused_training_follows_the_plain_path(tied):
         # percent of lr per step (lr 1e-3, 4 steps): bound 0.1 * lr, against the weights' own change of ~4 * lr.
         assert float((model.lm_head.weight - plain_model.lm_head.weight).abs().max()) <= 1e-4
     else:
-        for name in ("lm_head", "model.embed_tokens"):
+        # The rounding envelope (module docstring): the plain path against itself under rounding-level loss scales.
+        names = ("lm_head", "model.embed_tokens")
+        controls = [_train(tied, fused=False, loss_scale=scale, exclude_modules=())[0]
+                    for scale in (1 + 2**-20, 1 - 2**-20, 1 + 2**-19, 1 - 2**-19)]
+        for name in names:
             a, b = model.get_submodule(name), plain_model.get_submodule(name)
-            same = (a.weight_q == b.weight_q).float().mean()
-            assert same >= 0.95, (name, float(same))
+            same = float((a.weight_q == b.weight_q).float().mean())
+            envelope = [float((c.get_submodule(name).weight_q == b.weight_q).float().mean()) for c in controls]
+            moved = max(int((c.get_submodule(name).weight_q.int() - b.weight_q.int()).abs().max()) for c in controls)
+            assert same >= min(envelope) - 0.005, (name, same, envelope)
+            assert int((a.weight_q.int() - b.weight_q.int()).abs().max()) <= max(moved, 1) + 1, (name, moved)
 
 
 def test_default_keeps_the_head_float_and_makes_the_embedding_int8():

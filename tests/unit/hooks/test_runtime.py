@@ -453,3 +453,22 @@ def test_detach_dequantize_restores_a_plain_model():
     loss.backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
     prepare(model, small("lowmem"))                # can be prepared again
+
+
+def test_hooks_on_equals_hooks_off_on_a_bf16_model():
+    """bf16 weights: every float parameter is written with stochastic rounding (quant.bf16, keyed by run seed,
+    parameter and step) on both paths — the fused runtime's one-process device path included — so the two paths
+    write the same bits. A path that rounded to nearest instead differs in most entries that moved."""
+    cfg = small("galore")
+    batches = token_batches(3)
+    fused, plain = tiny_llama().to(torch.bfloat16), tiny_llama().to(torch.bfloat16)
+    run_fused(fused, cfg, batches)
+    opt = LowMemOptimizer(plain, cfg)
+    for ids in batches:
+        plain(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    a, b = weights(fused), weights(plain)
+    assert any(v.dtype == torch.bfloat16 for v in a.values())
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

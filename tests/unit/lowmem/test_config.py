@@ -20,8 +20,8 @@ BRIEF_DEFAULTS = {
     "stagger": True, "moment_transfer": "keep", "optim_bits": 8, "moment_block_size": 256,
     "residual_ratio": 0.01, "residual_warmup_steps": 100, "residual_modules": ("*q_proj", "*k_proj"),
     "residual_dtype": "fp32", "residual_mode": "exact", "error_feedback": "off", "error_feedback_weight": 0.1,
-    "int8_weights": True, "weight_block_size": 256, "stochastic_rounding": True,
-    "target_modules": ("*",), "exclude_modules": ("*lm_head",),
+    "int8_weights": True, "weight_block_size": 256, "stochastic_rounding": True, "compile": True,
+    "int8_matmul": False, "target_modules": ("*",), "exclude_modules": ("*lm_head",),
     "float_optim_bits": 8, "float_optim_min_numel": 4096, "freeze": (), "seed": 0,
 }
 
@@ -65,8 +65,10 @@ INVALID = [
     ("residual_ratio", 1.0), ("residual_ratio", -0.01), ("residual_warmup_steps", -1),
     ("residual_modules", 5), ("residual_dtype", "fp16"), ("residual_mode", "approx"), ("error_feedback", "fp32"),
     ("error_feedback_weight", 2.0), ("int8_weights", None), ("weight_block_size", 0),
-    ("stochastic_rounding", 0), ("target_modules", None), ("exclude_modules", [1]), ("float_optim_bits", 16),
+    ("stochastic_rounding", 0), ("int8_matmul", 1), ("target_modules", None), ("exclude_modules", [1]),
+    ("float_optim_bits", 16),
     ("float_optim_min_numel", -1), ("freeze", {"a": 1}), ("seed", -1), ("seed", 2**63), ("overrides", 5),
+    ("compile", "yes"),
 ]
 
 

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from lowmem.optim.linop import DenseGrad, FactoredGrad, SumGrad
-from lowmem.optim.rsvd import (SubspaceResult, exact_right_subspace, randomized_right_subspace,
-                         subspace_similarity)
+from lowmem.optim.rsvd import (PendingSubspace, SubspaceResult, exact_right_subspace, randomized_right_subspace,
+                               resolve_subspaces, subspace_similarity)
+from tests.unit.hooks.sync_counter import SyncCounter
 
 
 def known_spectrum(m, n, s, seed):
@@ -168,6 +169,33 @@ def test_factored_gradient_with_fewer_tokens_than_rank_needs_no_fallback(tokens,
     assert float((top.T @ res.basis.double()).pow(2).sum()) / tokens > 1 - 1e-5
     torch.testing.assert_close(res.singular_values[:tokens].double(), S[:tokens], rtol=1e-4, atol=0)
     assert float((G @ res.basis[:, tokens:].double()).norm()) <= 1e-5 * float(S[0])
+
+
+def test_deferred_range_finders_resolve_to_the_direct_results_in_one_read():
+    """defer=True + resolve_subspaces gives the results of the plain calls bit for bit (a fine one, one with a tol
+    and early stop, a zero gradient that falls back, a NaN one the small SVD refuses), reading the device once."""
+    G, _, _ = known_spectrum(50, 30, SPECTRA["exponential"](30), seed=31)
+    G = G.float()
+    nan = G.clone()
+    nan[2, 5] = float("nan")
+    calls = [(DenseGrad(G), dict(power_iters=2)),
+             (DenseGrad(G), dict(power_iters=4, tol=1e-3, warm_start=exact_right_subspace(DenseGrad(G), 6).basis)),
+             (DenseGrad(torch.zeros(20, 10)), dict(power_iters=1)),
+             (DenseGrad(nan), dict(power_iters=1))]
+    direct = [randomized_right_subspace(op, 6 if op.shape[1] > 10 else 3, generator=gen(32), **kw)
+              for op, kw in calls]
+    pending = [randomized_right_subspace(op, 6 if op.shape[1] > 10 else 3, generator=gen(32), defer=True, **kw)
+               for op, kw in calls]
+    assert all(isinstance(p, PendingSubspace) for p in pending)
+    counter = SyncCounter()
+    with counter.counting():
+        resolved = resolve_subspaces(pending)
+    assert len(counter.calls) == 1, counter.calls
+    assert [r.fell_back for r in direct] == [False, False, True, True]
+    for a, b in zip(direct, resolved):
+        assert (a.fell_back, a.iterations) == (b.fell_back, b.iterations)
+        assert torch.equal(a.basis, b.basis) and torch.equal(a.singular_values, b.singular_values)
+    assert direct[1].iterations < 4   # the early stop was decided from the deferred read too
 
 
 def test_zero_gradient_falls_back_and_stays_finite():

@@ -1,0 +1,328 @@
+"""The GPU check in one command: tests, step time, kernel bandwidth and memory, written to one report.
+
+    python -m benchmarks.gpu_suite                         # on one CUDA GPU, ~1B LLaMA; aims at < 8 minutes
+    python -m benchmarks.gpu_suite --device cpu --quick    # the same code end to end on CPU, tiny model (CI)
+
+Sections of the report (`benchmarks/results/gpu-<device>.md`, or under --out):
+1. `pytest -m gpu` (the suite's GPU tests; with --quick only tests/unit/hooks/test_no_sync.py, whose gpu variant
+   checks that backward never synchronises): the summary line and the wall time. Not run on a CPU device (every
+   test marked gpu would skip there), so the CPU smoke test stays well under a minute.
+2. Step time and tokens/s, measured side by side in this run on the same model and tokens: lowmem (fused INT8
+   runtime, preset "lowmem") vs bf16 AdamW (torch) vs bitsandbytes 8-bit AdamW vs torchao AdamW8bit. Each
+   optional method reports "not installed" (or the error that stopped it) instead of failing the suite. Models:
+   a ~1.1B LLaMA built from its config (TinyLlama's shape: hidden 2048, 22 layers, GQA 32/4) and a
+   SmolLM2-135M-shaped model (random weights, from its published config: the shape is what matters for speed).
+   --quick: one tiny LLaMA only.
+3. The fused kernels' bandwidth: `quant.sr_update_int8_` (the SR write) and `quant.dequantize_int8` against
+   `clone()` of the same fp32 matrix, as a fraction of that copy bandwidth (bytes each must move: SR write 6 per
+   element (int8 codes in and out, fp32 delta in, scales), dequantise 5 (codes in, fp32 out), clone 8).
+4. Peak memory of the same runs (CUDA allocator peak; on CPU the live-tensor counter) against
+   `lowmem.memory.estimate` for the same model, method, batch and sequence length.
+
+Figures are only ever written for the device they were measured on: a CPU run writes gpu-cpu.md (a smoke test of
+this script, not GPU figures), and nothing here invents a number for a device that is absent.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from benchmarks.machine import device_tag, machine_line
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+METHODS = ("lowmem", "adamw_bf16", "bnb_adamw8bit", "torchao_adamw8bit")
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    config: LlamaConfig
+    batch: int
+    seq_len: int
+
+
+def llama_1b() -> LlamaConfig:
+    return LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                       num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                       tie_word_embeddings=False)
+
+
+def smollm2_135m() -> LlamaConfig:
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                       tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0)
+
+
+def tiny_llama() -> LlamaConfig:
+    return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                       tie_word_embeddings=False)
+
+
+def workloads(quick: bool) -> list[Workload]:
+    if quick:
+        return [Workload("tiny LLaMA (hidden 64, 2 layers)", tiny_llama(), batch=2, seq_len=32)]
+    return [Workload("LLaMA ~1.1B (hidden 2048, 22 layers)", llama_1b(), batch=4, seq_len=1024),
+            Workload("SmolLM2-135M shape", smollm2_135m(), batch=8, seq_len=1024)]
+
+
+# -- 1. the GPU tests --------------------------------------------------------------------------------------------
+def run_gpu_tests(paths: list[str], timeout_s: float) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *paths]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"command": " ".join(cmd[1:]), "summary": f"timed out after {timeout_s:.0f} s", "rc": None,
+                "seconds": time.perf_counter() - start}
+    lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
+    summary = lines[-1].strip("= ") if lines else done.stderr.strip()[-200:]
+    return {"command": "python " + " ".join(cmd[1:]), "summary": summary, "rc": done.returncode,
+            "seconds": time.perf_counter() - start}
+
+
+# -- 2. step time ------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _dtype(method: str, device: torch.device) -> torch.dtype:
+    # On a GPU every method trains a bf16 model (the comparison the issue asks for); on CPU fp32, where bf16
+    # matmuls are slow and the CPU run is only a smoke test.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _optimizer_step(method: str, model, device: torch.device):
+    """(step(ids), lowmem config or None, state_tensors()) for one method; raises ImportError when its library is
+    absent."""
+    if method == "lowmem":
+        from hooks.runtime import prepare
+        from lowmem.presets import preset
+        cfg = preset("lowmem", lr=1e-4, stagger=True)
+        runtime = prepare(model, cfg)
+
+        def step(ids):
+            with runtime.micro_batch():
+                runtime.backward(model(input_ids=ids, labels=ids).loss)
+            runtime.step()
+        return step, cfg, lambda: [t for s in runtime.states.values() for t in s.values()]
+    if method == "adamw_bf16":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    elif method == "bnb_adamw8bit":
+        import bitsandbytes as bnb
+        opt = bnb.optim.AdamW8bit(model.parameters(), lr=1e-4)
+    elif method == "torchao_adamw8bit":
+        from torchao.optim import AdamW8bit
+        opt = AdamW8bit(model.parameters(), lr=1e-4)
+    else:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+    def step(ids):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, None, lambda: [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+
+
+def measure_method(method: str, work: Workload, device: torch.device, steps: int) -> dict:
+    """Median steady step time, tokens/s, the first step (compile, state creation, refreshes) and peak bytes."""
+    from lowmem.memory.live_bytes import LiveTensorBytes, baseline_bytes, module_bytes
+
+    torch.manual_seed(0)
+    dtype = _dtype(method, device)
+    model = LlamaForCausalLM(work.config).to(device=device, dtype=dtype)
+    try:
+        step, cfg, state_tensors = _optimizer_step(method, model, device)
+    except ImportError as err:
+        return {"method": method, "status": f"not installed ({err.name or err})"}
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, work.config.vocab_size, (work.batch, work.seq_len), generator=gen).to(device)
+               for _ in range(steps + 2)]
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        step(batches[0])
+        _sync(device)
+        first_s = time.perf_counter() - start
+        step(batches[1])
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        counter = LiveTensorBytes() if device.type == "cpu" else None
+        resident = module_bytes(model) if device.type == "cpu" else 0
+        for i, ids in enumerate(batches[2:]):
+            _sync(device)
+            start = time.perf_counter()
+            if counter is not None and i == 0:
+                with counter:
+                    step(ids)
+            else:
+                step(ids)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    except Exception as err:  # noqa: BLE001 - one method failing must not lose the others' figures
+        return {"method": method, "status": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"}
+    if device.type == "cuda":
+        peak = int(torch.cuda.max_memory_allocated(device))
+    else:
+        # model + optimizer state that lived before the counted step + what that step held at its peak
+        peak = resident + baseline_bytes(state_tensors()) + counter.peak_bytes
+    step_s = statistics.median(times)
+    result = {"method": method, "status": "ok", "step_s": step_s, "first_step_s": first_s,
+              "tokens_per_s": work.batch * work.seq_len / step_s, "peak_bytes": peak, "dtype": dtype}
+    result["estimate_bytes"] = _estimate(method, work, cfg, dtype, device)
+    del model, step, state_tensors
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def _estimate(method: str, work: Workload, cfg, dtype: torch.dtype, device: torch.device) -> int | None:
+    from lowmem.memory import estimate
+    planned = {"lowmem": "lowmem", "adamw_bf16": "adamw_bf16", "bnb_adamw8bit": "adamw_8bit"}.get(method)
+    if planned is None:
+        return None
+    breakdown = estimate(work.config, method=planned, seq_len=work.seq_len, micro_batch_size=work.batch,
+                         gradient_checkpointing=False, lowmem_config=cfg, dtype=dtype, device_type=device.type)
+    return breakdown.peak_bytes
+
+
+# -- 3. kernel bandwidth -----------------------------------------------------------------------------------------
+def kernel_bandwidth(device: torch.device, rows: int, cols: int, repeats: int) -> list[dict]:
+    from quant import dequantize_int8, quantize_int8, sr_update_int8_
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(rows, cols, generator=gen).to(device)
+    delta = (torch.randn(rows, cols, generator=gen) * 1e-3).to(device)
+    q, scales = quantize_int8(w)
+
+    def timed(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    clone_s = timed(lambda: w.clone())
+    kernels = [("clone (fp32 copy)", clone_s, 8),
+               ("sr_update_int8_ (SR write)", timed(lambda: sr_update_int8_(q, scales, delta, seed=0, stream=0, step=1,
+                                                                        check_values=False)), 6),
+               ("dequantize_int8", timed(lambda: dequantize_int8(q, scales, check_values=False)), 5)]
+    numel = rows * cols
+    copy_bw = 8 * numel / clone_s
+    return [{"kernel": name, "seconds": s, "gb_per_s": bytes_per * numel / s / 1e9,
+             "fraction_of_copy": bytes_per * numel / s / copy_bw} for name, s, bytes_per in kernels]
+
+
+# -- the report --------------------------------------------------------------------------------------------------
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f}"
+
+
+def render(device: torch.device, args, tests: dict | None, runs: list[tuple[Workload, list[dict]]],
+           kernels: list[dict], wall_s: float) -> str:
+    lines = [f"# GPU suite: {device_tag(device)}", "",
+             f"Machine: {machine_line(device)}", "",
+             f"Command: `python -m benchmarks.gpu_suite {' '.join(args.argv)}` (wall time {wall_s:.0f} s)."]
+    if device.type != "cuda":
+        lines += ["", "**CPU run: a smoke test of this script, not GPU figures.**"]
+    lines += ["", "## 1. GPU tests", ""]
+    if isinstance(tests, str):
+        lines.append(tests)
+    else:
+        lines.append(f"`{tests['command']}`: {tests['summary']} ({tests['seconds']:.0f} s)")
+    lines += ["", "## 2. Step time, tokens/s and peak memory vs lowmem.memory.estimate", "",
+              "Measured side by side in this run; steady steps (median of the timed steps) after one warm-up; the "
+              "first step includes state creation, compilation and (lowmem) the projector refreshes.", ""]
+    for work, results in runs:
+        lines += [f"### {work.name}: batch {work.batch} x seq {work.seq_len}", "",
+                  "| method | steady step s | tokens/s | ratio to adamw_bf16 | first step s | peak MiB | estimate MiB "
+                  "| measured / estimate |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        base = next((r for r in results if r["method"] == "adamw_bf16" and r["status"] == "ok"), None)
+        for r in results:
+            if r["status"] != "ok":
+                lines.append(f"| {r['method']} | {r['status']} | | | | | | |")
+                continue
+            ratio = f"{r['step_s'] / base['step_s']:.2f}" if base else "n/a"
+            est = r.get("estimate_bytes")
+            vs = f"{r['peak_bytes'] / est:.2f}" if est else "n/a"
+            lines.append(f"| {r['method']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {ratio} | "
+                         f"{r['first_step_s']:.2f} | {_mib(r['peak_bytes'])} | {_mib(est)} | {vs} |")
+        lines.append("")
+    lines += ["## 3. Kernel bandwidth", "",
+              f"{args.kernel_rows} x {args.kernel_cols} fp32-equivalent matrix; fraction = the kernel's bytes per "
+              "second over clone()'s.", "",
+              "| kernel | median s | GB/s | fraction of copy bandwidth |", "| --- | --- | --- | --- |"]
+    for k in kernels:
+        lines.append(f"| {k['kernel']} | {k['seconds']:.3g} | {k['gb_per_s']:.3g} | {k['fraction_of_copy']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny model, few steps, small kernels (CI smoke test)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the report (default benchmarks/results)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per method (default 5; --quick 2)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
+    parser.add_argument("--tests-timeout", type=float, default=240.0, help="seconds allowed for pytest -m gpu")
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    args.steps = args.steps or (2 if args.quick else 5)
+    args.kernel_rows, args.kernel_cols = (256, 512) if args.quick else (8192, 8192)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --device cpu --quick for the smoke test", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    print(f"machine: {machine_line(device)}", flush=True)
+    if args.skip_tests:
+        tests = "not run (--skip-tests)"
+    elif device.type != "cuda":
+        tests = "not run: no CUDA device (every test marked gpu would skip)"
+    else:
+        paths = ["tests/unit/hooks/test_no_sync.py"] if args.quick else ["tests"]
+        tests = run_gpu_tests(paths, args.tests_timeout)
+        print(f"pytest -m gpu: {tests['summary']}", flush=True)
+    methods = [m for m in args.methods.split(",") if m]
+    runs = []
+    for work in workloads(args.quick):
+        results = []
+        for method in methods:
+            result = measure_method(method, work, device, args.steps)
+            print(f"{work.name} {method}: {result['status']}" + (f", {result['step_s']:.3f} s/step"
+                                                                 if result["status"] == "ok" else ""), flush=True)
+            results.append(result)
+        runs.append((work, results))
+    kernels = kernel_bandwidth(device, args.kernel_rows, args.kernel_cols, repeats=3 if args.quick else 10)
+    report = render(device, args, tests, runs, kernels, time.perf_counter() - start)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"gpu-{device_tag(device)}.md"
+    path.write_text(report, encoding="utf-8")
+    print(report)
+    print(f"written: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,300 @@
+"""Compiled twins of the hot quant kernels, and the one place that decides whether they are used.
+
+What is compiled (torch.compile, inductor: C++ on CPU, Triton on CUDA, from the same source):
+  - `sr_chunk_`: one row chunk of the stochastic-rounding update (quant.int8.sr_update_int8_): INT8 codes + scales
+    -> fp32, + the update chunk, + counter noise, exact stochastic floor, new block absmax, codes and scales
+    written in place. One fused pass instead of ~25 eager passes over int64 / fp32 buffers.
+  - `uniform`: quant.noise.counter_uniform's hash.
+  - `dequantize`: quant.int8.dequantize_int8's q * s.
+The eager functions in quant.int8 / quant.noise are the reference twins; every compiled kernel gives the same bits
+(tests/unit/quant/test_compiled.py). Two things make that hold under inductor:
+  - 127 enters the kernels as a 0-dim tensor, so the scale division stays a true division whatever a backend does
+    with division by a literal (a multiplication by a rounded reciprocal would change bits). On CPU (torch 2.13) a
+    literal divisor was checked to give the same bits too; on CUDA this is covered by the `gpu` test only;
+  - every float op is a single correctly rounded IEEE op (mul, add, div, abs, floor, compare, max), which C++ and
+    Triton evaluate like eager torch; the stochastic floor is the exact no-rounding form of quant.int8.
+
+Shapes are dynamic (every tensor dimension marked dynamic, sizes 0/1 not specialised, no duck shaping; see
+`_shape_policy`): per kernel and static setting (block size, rounding mode, dtype) a couple of graphs (rows a whole
+number of blocks or not) serve every matrix shape and chunk size, so a 7B model does not compile once per weight
+shape (tests/unit/quant/test_compiled.py::test_recompiles_bounded_across_shapes). The inductor FX-graph cache is on by default and lives in
+TORCHINDUCTOR_CACHE_DIR (default /tmp/torchinductor_<user>): a second run, or a second test process, loads the
+compiled kernels from disk instead of compiling again.
+
+Policy (`enabled()`): on by default where torch.compile works; off when LOWMEM_COMPILE=0 (environment, wins over
+everything), when set_enabled(False) was called (LowMemConfig.compile=False), or after a compilation failed (no C++
+compiler, inductor error): then one warning line is logged and every kernel runs its eager twin for the rest of
+the process. Under a TorchDispatchMode (lowmem.memory's live-bytes meter) the eager twin runs, as dynamo does not
+trace under such modes. `compile_seconds()` is the wall time spent in calls that compiled a new graph (the first-use cost).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import types
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "LOWMEM_COMPILE"
+_QMAX = 127
+_MASK32 = 0xFFFFFFFF
+_MUL1 = 0x21F0AAAD
+_MUL2 = 0x735A2D97
+_INV_2_24 = 2.0**-24
+_RECOMPILE_LIMIT = 16
+
+_lock = threading.Lock()
+_configured: bool = True     # set_enabled(); LowMemConfig.compile
+_failed: str | None = None   # the first compilation error, once one happened
+_compile_s: float = 0.0
+_kernels: dict[tuple, Callable] = {}
+_over_limit: set[tuple] = set()
+
+
+def _specialise(fn: Callable, static: dict) -> Callable:
+    """torch.compile of fn with the keyword-only `static` values baked in as constants (block size, rounding mode,
+    dtype), and every tensor dimension dynamic.
+
+    The function gets its own copy of fn's code object: dynamo keeps its graphs (and its recompile limit) per code
+    object, so each specialisation has its own few shape classes instead of all of them sharing one limit. Ints
+    passed as arguments would instead be traced as symbols and guarded on; a functools.partial shares one code
+    object across all specialisations.
+    """
+    clone = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    clone.__kwdefaults__ = dict(static)
+    return torch.compile(clone, dynamic=None, fullgraph=True)
+
+
+def set_enabled(flag: bool) -> None:
+    """The configured choice (LowMemConfig.compile). LOWMEM_COMPILE=0 still forces eager."""
+    global _configured
+    _configured = bool(flag)
+
+
+def env_disabled() -> bool:
+    return os.environ.get(ENV_VAR, "").strip().lower() in {"0", "false", "no", "off"}
+
+
+def enabled() -> bool:
+    """Whether the compiled kernels are used now (see the module docstring)."""
+    return _configured and _failed is None and not env_disabled() and not torch.compiler.is_compiling()
+
+
+def wanted() -> bool:
+    """Whether callers should route through `call`: enabled(), or being traced by the caller's own torch.compile
+    with compilation not switched off (then `call` inlines the plain kernel ops into that graph)."""
+    if torch.compiler.is_compiling():
+        return _configured and not env_disabled()
+    return enabled()
+
+
+def failure() -> str | None:
+    """The one-line reason compilation was given up in this process, or None."""
+    return _failed
+
+
+def compile_seconds() -> float:
+    """Seconds spent so far in kernel calls that compiled a new graph (process-wide, monotonic)."""
+    return _compile_s
+
+
+def _reset_for_tests() -> None:
+    global _configured, _failed
+    _configured, _failed = True, None
+
+
+@contextlib.contextmanager
+def _shape_policy():
+    """Dynamo settings for our kernels only (the caller's own torch.compile keeps its settings): sizes 0 and 1 are
+    not specialised (size-oblivious), equal sizes are not assumed equal (no duck shaping), and a higher recompile
+    limit for the few shape classes left (block padding or not). Set and restored by hand: config.patch costs
+    several times more per call."""
+    fx_config, dynamo_config = torch.fx.experimental._config, torch._dynamo.config
+    saved = (fx_config.backed_size_oblivious, fx_config.use_duck_shape, dynamo_config.recompile_limit)
+    fx_config.backed_size_oblivious, fx_config.use_duck_shape = True, False
+    dynamo_config.recompile_limit = max(saved[2], _RECOMPILE_LIMIT)
+    try:
+        yield
+    finally:
+        fx_config.backed_size_oblivious, fx_config.use_duck_shape, dynamo_config.recompile_limit = saved
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+def call(name: str, fn: Callable, eager: Callable, *args, **static):
+    """fn compiled (once, dynamic shapes) applied to args; eager(*args) when compilation is off or fails.
+
+    Called while the caller's own model is being traced by torch.compile, fn is traced inline (no nested compile).
+    A compilation failure (BackendCompilerFailed: no C++ compiler, an inductor error) is logged as one warning
+    line and turns compilation off for the process; errors raised by the kernel's own inputs propagate.
+    """
+    global _failed, _compile_s
+    if torch.compiler.is_compiling() and _configured and not env_disabled():
+        return fn(*args, **static)  # inside the caller's torch.compile: the kernel's plain ops join its graph
+    if not enabled() or _get_current_dispatch_mode() is not None:
+        # A TorchDispatchMode (lowmem.memory's live-bytes meter, a profiler mode) sees each aten op: the eager twin
+        # gives it the ops it expects, and dynamo does not trace under such modes.
+        return eager(*args, **static)
+    cache_key = (name, *sorted(static.items(), key=lambda item: item[0]))
+    kernel = _kernels.get(cache_key)
+    if kernel is None:
+        with _lock:
+            kernel = _kernels.setdefault(cache_key, _specialise(fn, static))
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            for dim in range(arg.dim()):
+                torch._dynamo.maybe_mark_dynamic(arg, dim)
+    before = _graphs()
+    start = time.perf_counter()
+    try:
+        with _shape_policy():
+            out = kernel(*args)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        # More shape classes than dynamo's recompile limit for one specialisation: this call runs eagerly.
+        if cache_key not in _over_limit:
+            _over_limit.add(cache_key)
+            log.warning("lowmem: %s hit torch.compile's recompile limit; such calls run eagerly", name)
+        return eager(*args, **static)
+    except torch._dynamo.exc.BackendCompilerFailed as exc:
+        cause = getattr(exc, "inner_exception", None) or exc
+        text = str(cause).strip()
+        _failed = f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+        log.warning("lowmem: torch.compile is unavailable here (%s); the quant kernels run eagerly "
+                    "(set %s=0 to skip trying)", _failed, ENV_VAR)
+        return eager(*args, **static)
+    if _graphs() != before:
+        _compile_s += time.perf_counter() - start
+    return out
+
+
+# ---- kernels (traced by torch.compile; plain torch ops, readable as the reference formulas) ----
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """quant.noise._hash32_ without the in-place scratch: x int64 holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = (x * _MUL1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MUL2) & _MASK32
+    return x ^ (x >> 15)
+
+
+def _uniform_at(counter: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """u for int64 counters that span at most two 2**32 segments: keys = int64 (6,) [k1, k2 of segment hi0, k1, k2
+    of segment hi0 + 1, base, hi0] (_noise_words; quant.noise folds the high bits into the key), hi0 = the first
+    segment's counter >> 32."""
+    second = (counter >> 32) != keys[5]
+    k1 = torch.where(second, keys[2], keys[0])
+    k2 = torch.where(second, keys[3], keys[1])
+    x = _hash32((counter & _MASK32) ^ k1)
+    x = _hash32(x ^ k2)
+    return (x >> 8).to(torch.float32) * _INV_2_24
+
+
+def _uniform_kernel(out: torch.Tensor, keys: torch.Tensor) -> None:
+    counter = torch.arange(out.shape[0], dtype=torch.int64, device=out.device) + keys[4]
+    out.copy_(_uniform_at(counter, keys))
+
+
+def _stochastic_floor(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """floor(y + u) without rounding the sum (quant.int8._stochastic_floor_)."""
+    magnitude = y.abs()
+    whole = torch.floor(magnitude)
+    frac = magnitude - whole
+    non_negative = y >= 0
+    bump = torch.where(non_negative, frac >= 1.0 - u, frac > u)
+    whole = whole + bump.to(torch.float32)
+    return torch.where(non_negative, whole, -whole)
+
+
+def _blocks(x: torch.Tensor, num_blocks: int, block_size: int) -> torch.Tensor:
+    """(r, n) -> (r, num_blocks, block_size), the short last block padded with zeros (absmax-neutral)."""
+    rows, n = x.shape
+    return F.pad(x, (0, num_blocks * block_size - n)).view(rows, num_blocks, block_size)
+
+
+def _dequantize_kernel(q: torch.Tensor, scales: torch.Tensor, *, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    rows, n = q.shape
+    num_blocks = scales.shape[1]
+    w = _blocks(q, num_blocks, block_size).to(torch.float32) * scales[:, :, None].to(torch.float32)
+    return w.view(rows, num_blocks * block_size)[:, :n].to(dtype)
+
+
+def _sr_chunk_kernel(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, qmax: torch.Tensor,
+                     keys: torch.Tensor, *, block_size: int, stochastic: bool) -> None:
+    """In place on q int8 (r, n), scales fp32 (r, nb): requantize(q * s + delta); keys = _noise_words, whose
+    base (keys[4]) is the counter of q[0, 0]."""
+    rows, n = q.shape
+    num_blocks = scales.shape[1]
+    w = _blocks(q, num_blocks, block_size).to(torch.float32) * scales[:, :, None]
+    w = w + _blocks(delta.to(torch.float32), num_blocks, block_size)
+    scale = torch.amax(w.abs(), dim=-1) / qmax
+    y = w / scale[:, :, None]
+    y = torch.where(scale[:, :, None] == 0, 0.0, y)  # all-zero block: 0 / 0
+    if stochastic:  # counters of the padding (column >= n) are junk; those elements are never written
+        column = torch.arange(num_blocks * block_size, dtype=torch.int64, device=q.device).view(num_blocks, block_size)
+        counter = torch.arange(rows, dtype=torch.int64, device=q.device)[:, None, None] * n + column + keys[4]
+        y = _stochastic_floor(y, _uniform_at(counter, keys))
+    else:
+        y = torch.round(y)
+    codes = y.clamp(-_QMAX, _QMAX).to(torch.int8).view(rows, num_blocks * block_size)
+    q.copy_(codes[:, :n])
+    scales.copy_(scale)
+
+
+# ---- entry points used by quant.int8 / quant.noise ----
+
+def segment_keys(key: int, counter_start: int, numel: int, mix64: Callable[[int], int]) -> tuple[list[int], int]:
+    """([k1, k2, k1', k2'], hi0) for counters [counter_start, counter_start + numel), numel <= 2**32: the keys of
+    the segment holding counter_start and of the next one (quant.noise's per-segment key)."""
+    hi0 = counter_start >> 32
+    words = []
+    for hi in (hi0, hi0 + 1):
+        segment_key = mix64(key ^ (hi * 0xD1B54A32D192ED03 & 0xFFFFFFFFFFFFFFFF))
+        words += [segment_key & _MASK32, segment_key >> 32]
+    return words, hi0
+
+
+def _noise_words(keys: list[int], base: int, hi0: int, device) -> torch.Tensor:
+    """int64 (6,) [segment keys (4), base counter, hi0]: one 1-D tensor, not 0-dim ones. Dynamo, when it traces a
+    new graph, turns a 0-dim int64 CPU argument into a symbol by reading its value (Tensor.item, a host read on
+    every first compile); entries of a 1-D tensor stay tensor data in the graph."""
+    return torch.tensor([*keys, base, hi0], dtype=torch.int64, device=device)
+
+
+def uniform_(out: torch.Tensor, *, key: int, offset: int, mix64: Callable[[int], int], eager: Callable) -> None:
+    """out fp32 (numel,) <- counter noise at counters offset .. offset + numel - 1 (numel <= 2**32)."""
+    keys, hi0 = segment_keys(key, offset, out.numel(), mix64)
+    device = out.device
+    call("uniform", _uniform_kernel, lambda out, *_: eager(out), out, _noise_words(keys, offset, hi0, device))
+
+
+def sr_chunk_(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, *, key: int, counter_start: int,
+              block_size: int, stochastic: bool, mix64: Callable[[int], int], eager: Callable) -> None:
+    """One row chunk of sr_update_int8_ in place (q int8 (r, n), scales fp32 (r, nb), delta float (r, n));
+    counter_start = global row index of q[0] * n. eager(q, scales, delta) is the reference path."""
+    device = q.device
+    keys, hi0 = segment_keys(key, counter_start, q.numel(), mix64)
+
+    def fallback(q, scales, delta, *_, **__):
+        eager(q, scales, delta)
+
+    call("sr_chunk", _sr_chunk_kernel, fallback, q, scales, delta, torch.tensor(float(_QMAX), device=device),
+         _noise_words(keys, counter_start, hi0, device), block_size=block_size, stochastic=stochastic)
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, *, block_size: int, dtype: torch.dtype,
+               eager: Callable) -> torch.Tensor:
+    """q int8 (r, n) * scales (r, nb) -> (r, n) of dtype, formed in fp32 (quant.int8.dequantize_int8)."""
+    return call("dequantize", _dequantize_kernel, lambda q, s, **_: eager(q, s, block_size, dtype), q, scales,
+                block_size=block_size, dtype=dtype)

@@ -1,0 +1,29 @@
+"""`python -m benchmarks.gpu_suite --device cpu --quick` runs end to end, so the GPU suite cannot rot on CPU-only CI."""
+import pytest
+import torch
+
+from benchmarks import gpu_suite
+
+
+def test_gpu_suite_quick_cpu_end_to_end(tmp_path):
+    # Exactly the CI form (the pytest stage reports itself not run on a CPU device); the tiny model, few steps.
+    assert gpu_suite.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "gpu-cpu.md").read_text(encoding="utf-8")
+    assert "not GPU figures" in report and "not run: no CUDA device" in report
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    for method in ("lowmem", "adamw_bf16"):
+        cells = [c.strip() for c in rows[method].split("|")[1:-1]]
+        step_s, tokens_per_s, peak_mib, estimate_mib = float(cells[1]), float(cells[2]), float(cells[5]), \
+            float(cells[6])
+        assert step_s > 0 and tokens_per_s > 0 and peak_mib > 0 and estimate_mib > 0
+    for method in ("bnb_adamw8bit", "torchao_adamw8bit"):
+        assert method in rows   # measured, or reported "not installed" / the error that stopped it
+    kernels = [line for line in report.splitlines() if line.startswith(("| sr_update_int8_", "| dequantize_int8"))]
+    assert len(kernels) == 2 and all(float(line.split("|")[2]) > 0 and float(line.split("|")[4]) > 0
+                                     for line in kernels)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the refusal cannot happen")
+def test_gpu_suite_refuses_cuda_without_a_device(capsys):
+    assert gpu_suite.main(["--device", "cuda", "--quick", "--out", "/nonexistent"]) == 2
+    assert "--device cpu --quick" in capsys.readouterr().err
