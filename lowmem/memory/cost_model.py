@@ -134,18 +134,56 @@ def _activations(s: ModelShape, tok: int, dtype_bytes: int, checkpointing: bool)
     return s.layers * per_layer + outer
 
 
-def _float_update_bytes(numel: int, param_bytes: int, bits: int) -> int:
-    """Workspace of one float parameter's AdamW update beyond its gradient (lowmem.optim.float_adamw, as the fused
-    runtime calls it: keep_old, chunks of GUARD_CHUNK_ELEMENTS whose param and moments are copied first so that a
-    non-finite step is undone on the device; then one torch.where result at a time)."""
-    chunk = min(numel, GUARD_CHUNK_ELEMENTS)
-    state_bytes = 8 if bits == 32 else 2        # fp32 m and v, or two uint8 codes (absmax: 1/64 of that, omitted)
-    snapshot = chunk * (param_bytes + state_bytes)
-    select = chunk * max(param_bytes, 4 if bits == 32 else 1)
-    if bits == 8:       # bitsandbytes' fused 8-bit kernel works in place
-        work = 0 if param_bytes == 4 else 4 * chunk
-    else:               # 32-bit path: sqrt and the division allocate one fp32 tensor each; non-fp32 params a copy
-        work = 2 * 4 * chunk + (4 * chunk if param_bytes != 4 else 0)
+# The 8-bit float AdamW twin (lowmem.optim.float_adamw._update_8bit_twin_; "auto" always runs it) on n elements
+# holds at its peak both decoded moments, an fp32 copy of the param, the denominator and |m| (five fp32 n-tensors,
+# 20 bytes each element), plus the new uint8 codes; the moment codec (quant.moments8) then works in blocks of
+# QUANT_CHUNK_ELEMENTS with ~26 bytes of int32 / fp32 / int64 temporaries per element while four fp32 n-tensors
+# and two code tensors (18 bytes each element) are alive. Measured with lowmem.memory.measure around
+# float_adamw_update_ (fp32 param and grad, CPU): whole tensor 24.0 n bytes (the codec's value checks add one
+# more n-sized temporary), guarded chunk 26.0 c (its copies of param and codes first); below a few 1e5 elements
+# the codec's block term wins (2.03 MB measured vs 2.03 MB modelled at n = 65536). bf16 param and grad, with and
+# without stochastic rounding, whole and guarded, at 2e5 and 2e6 elements: within 0.3% of the measured peak.
+TWIN_FP32_BUFFERS = 5
+QUANT_CHUNK_ELEMENTS = 1 << 15
+QUANT_CHUNK_BYTES_PER_ELEMENT = 26
+# quant.bf16.sr_to_bf16 on n fp32 values (a bf16 param written with stochastic rounding): counter noise, its int32
+# form, the rounded bits and the bf16 result, 14.0 bytes per element measured beyond its input
+SR_BF16_BYTES_PER_ELEMENT = 14
+
+
+def _twin8_bytes(n: int, param_bytes: int, checked: bool, sr: bool) -> int:
+    """Peak workspace of the 8-bit twin on n elements beyond param, grad and state (comment above). A non-fp32
+    param or grad adds its fp32 grad copy (grad.to(float32)); checked: the codec's finiteness/sign checks; sr: the
+    bf16 param is written with stochastic rounding while m, v, p, the denominator and the new codes are alive."""
+    grad32 = 4 * n if param_bytes != 4 else 0
+    codec = 18 * n + QUANT_CHUNK_BYTES_PER_ELEMENT * min(n, QUANT_CHUNK_ELEMENTS)
+    write = 18 * n + SR_BF16_BYTES_PER_ELEMENT * n if sr else 0
+    return grad32 + max(4 * TWIN_FP32_BUFFERS * n + (4 * n if checked else 0), codec, write)
+
+
+def _float_update_bytes(numel: int, param_bytes: int, bits: int, guarded: bool = True, sr: bool = False) -> int:
+    """Workspace of one float parameter's AdamW update beyond its gradient (lowmem.optim.float_adamw).
+
+    guarded (the fused one-process runtime, hooks.runtime: keep_old): flat chunks of GUARD_CHUNK_ELEMENTS, each
+    chunk's param and moments copied first so that a non-finite step is undone on the device, then the update of
+    that chunk, then one torch.where result at a time. Not guarded (lowmem.LowMemOptimizer, data-parallel owners):
+    the whole tensor at once, with the codec's value checks. sr: a bf16 param written by quant.bf16.sr_to_bf16
+    (stochastic_rounding on)."""
+    sr = sr and param_bytes == 2
+    if bits == 8:
+        if not guarded:
+            return _twin8_bytes(numel, param_bytes, checked=True, sr=sr)
+        chunk = min(numel, GUARD_CHUNK_ELEMENTS)
+        snapshot = chunk * (param_bytes + 2)     # param chunk + both uint8 code chunks (absmax: 1/64 of that)
+        return snapshot + _twin8_bytes(chunk, param_bytes, checked=False, sr=sr)
+    chunk = min(numel, GUARD_CHUNK_ELEMENTS) if guarded else numel
+    snapshot = chunk * (param_bytes + 8) if guarded else 0    # param chunk + fp32 m and v chunks
+    select = chunk * max(param_bytes, 4) if guarded else 0
+    # sqrt and the division allocate one fp32 tensor each; a non-fp32 param an fp32 copy and the grad another;
+    # the stochastic-rounding write runs after the division's tensors are freed
+    work = 2 * 4 * chunk + (8 * chunk if param_bytes != 4 else 0)
+    if sr:
+        work = max(work, 8 * chunk + SR_BF16_BYTES_PER_ELEMENT * chunk)
     return snapshot + max(work, select)
 
 
@@ -380,6 +418,7 @@ def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, 
         if world_size > 1 and zero_stage > 0:
             notes += _per_rank(s, cfg, c, zero_stage, world_size, db)
         emb_bits = 8 if cfg.float_optim_bits == 8 and emb >= cfg.float_optim_min_numel else 32
+        sr = bool(cfg.stochastic_rounding)   # bf16 float params written with stochastic rounding
         layer_transient = _lowrank_layer_transient(s, cfg, tok, db)
     else:
         emb_bits = 32
@@ -434,7 +473,7 @@ def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, 
         # a low-rank head's gradient reaches the runtime as an operator, never as a tensor (head_grad stays the
         # size of the embedding's gradient, used at 'end')
         head_w_grad = 0 if head_lr else head_grad
-        head_update = 0 if s.tied or head_lr else _float_update_bytes(emb, emb_param_bytes, emb_bits)
+        head_update = 0 if s.tied or head_lr else _float_update_bytes(emb, emb_param_bytes, emb_bits, sr=sr)
         if head_update or not (s.tied or head_lr):
             # per-tensor clipping scales a copy of the gradient (grad * coef) before the AdamW update
             head_update += head_w_grad if cfg.grad_clip is not None and cfg.clip_mode == "per_tensor" else 0
@@ -467,7 +506,7 @@ def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, 
         # commit: squared-norm temp, clipped copy, then the update workspace (the sum's inputs are freed by then)
         clipped = head_grad if cfg.grad_clip is not None and cfg.clip_mode == "per_tensor" else 0  # grad * coef
         update = max(grad_sum, head_grad + max(4 * emb, clipped + _float_update_bytes(emb, emb_param_bytes,
-                                                                                      emb_bits)))
+                                                                                      emb_bits, sr=sr)))
         if emb_lr:
             # Int8Embedding's backward: the output gradient, its rows summed per distinct id (fp32, ids int64),
             # then the same low-rank products and commit as a (V, h) head

@@ -3,7 +3,8 @@
 Checks that the report is written with every section, that every number in its tables is positive, and that the
 bytes figures equal formulas recomputed here from the model shape alone:
 - the dense all-reduce of every trained tensor in fp32 (ring: 2(W-1)/W of the payload per rank);
-- ZeRO 0 steady-step traffic: an all-reduce of each low-rank weight's projected gradient R, of the q/k residual
+- ZeRO 0 steady-step traffic: an all-reduce of each low-rank weight's projected gradient R (the seven linears
+  of each layer and the untied input embedding, an INT8 low-rank (vocab, h) table), of the q/k residual
   entries (ceil(1% of m·n) each) and of every float parameter's gradient, plus the step's statistics (two all-reduces
   of two float64 values each) and the one-float64 agreement that the loss is finite;
 - update sharing: (a) N fp32 of the low-rank moment shape, (b) int8 codes m·n plus fp32 scales m·ceil(n/256).
@@ -59,9 +60,13 @@ def numbers_in(cell: str) -> list[float]:
 
 
 def trained_shapes(s: dict) -> tuple[list[tuple[str, tuple[int, int]]], list[int]]:
-    """(low-rank weights as (role, (out, in))), float parameter numels of the LLaMA model in the settings."""
+    """(low-rank weights as (role, (out, in))), float parameter numels of the LLaMA model in the settings.
+
+    The untied input embedding is a low-rank INT8 weight under the default exclude list ('*lm_head'): its
+    (vocab, h) gradient travels as R, like a linear's; lm_head stays a float parameter."""
     h, inter, kv = s["hidden"], s["intermediate"], s["kv_heads"] * (s["hidden"] // s["heads"])
-    linears, floats = [], [s["vocab"] * h, s["vocab"] * h, h]     # embed_tokens, lm_head, final norm
+    linears = [("embed", (s["vocab"], h))]                        # embed_tokens (lowmem.model.int8_embedding)
+    floats = [s["vocab"] * h, h]                                  # lm_head, final norm
     for _ in range(s["layers"]):
         linears += [("q", (h, h)), ("k", (kv, h)), ("v", (kv, h)), ("o", (h, h)),
                     ("gate", (inter, h)), ("up", (inter, h)), ("down", (h, inter))]
