@@ -532,17 +532,8 @@ class Runtime(RuntimeState):
                 sq_norms[index] = float(squared_norm(grad))
         # A non-finite local sum poisons the global one, so every rank takes the same decision below.
         sq_total = self.dp.total_over_owners(global_squared_norm(sq_norms))
-        if not math.isfinite(sq_total) or self._nonfinite:
-            self._nonfinite.append("gradient (two_pass: nothing written)")
-            return
-        coef = 1.0
-        if self.config.grad_clip is not None:
-            coef = min(1.0, self.config.grad_clip / (math.sqrt(sq_total) + 1e-6))
-        for index in list(self._accum):
-            self._commit_lowrank(by_index[index], clip_coef=coef)
-        for index in list(self._float_grads):
-            self._commit_float(by_index[index], clip_coef=coef)
-
+        if self._two_pass_writes(sq_total):
+            self._commit_all_clipped(by_index, sq_total)
 
     def _commit_deferred_on_device(self, by_index: dict[int, Trainable]) -> None:
         """two_pass, one process: every squared norm, the losses and the loss flags in the step's one read."""
@@ -555,10 +546,20 @@ class Runtime(RuntimeState):
                                          torch.stack([p.double().to(parts[0].device) for p in parts]))
         # the exactly rounded sum LowMemOptimizer clips too (global_squared_norm): hooks on == hooks off
         sq_total = global_squared_norm(dict(zip(keys, values)))
+        if self._two_pass_writes(sq_total):
+            self._sq_norms.update(zip(keys, values))
+            self._commit_all_clipped(by_index, sq_total)
+
+    def _two_pass_writes(self, sq_total: float) -> bool:
+        """two_pass is all or nothing: False (and the step reported skipped) when the global squared norm is not
+        finite or a loss was not."""
         if not math.isfinite(sq_total) or self._nonfinite:
             self._nonfinite.append("gradient (two_pass: nothing written)")
-            return
-        self._sq_norms.update(zip(keys, values))
+            return False
+        return True
+
+    def _commit_all_clipped(self, by_index: dict[int, Trainable], sq_total: float) -> None:
+        """two_pass's commit: every held gradient with one coefficient from the global squared norm `sq_total`."""
         coef = 1.0
         if self.config.grad_clip is not None:
             coef = min(1.0, self.config.grad_clip / (math.sqrt(sq_total) + 1e-6))
