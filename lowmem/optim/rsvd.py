@@ -92,16 +92,22 @@ def exact_right_subspace(op: GradOperator, rank: int) -> SubspaceResult:
     R = G P and decides what to do with the step.
     """
     _check_rank(op, rank)
-    G = op.dense()
-    # Unconditionally (a test of whether any entry is non-finite would be a host synchronisation).
-    G = torch.where(torch.isfinite(G), G, torch.zeros((), dtype=G.dtype, device=G.device))
-    try:
-        _, S, Vh = torch.linalg.svd(G, full_matrices=False)
-    except RuntimeError:  # LinAlgError (no convergence on a badly scaled input): retry once in fp64
-        _, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
-        S, Vh = S.float(), Vh.float()
+    _, S, Vh = _finite_svd(op)
     return SubspaceResult(basis=Vh[:rank].T.contiguous(), singular_values=S[:rank].contiguous(), iterations=0,
                           fell_back=False)
+
+
+def _finite_svd(op: GradOperator) -> tuple[Tensor, Tensor, Tensor]:
+    """(U, S, Vh) fp32 of torch.linalg.svd(G, full_matrices=False) for G = op.dense(), non-finite entries read as 0
+    (unconditionally: a test of whether any is non-finite would be a host synchronisation); one fp64 retry when
+    LAPACK does not converge on a badly scaled input."""
+    G = op.dense()
+    G = torch.where(torch.isfinite(G), G, torch.zeros((), dtype=G.dtype, device=G.device))
+    try:
+        return torch.linalg.svd(G, full_matrices=False)
+    except RuntimeError:  # LinAlgError
+        U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+        return U.float(), S.float(), Vh.float()
 
 
 def _numerical_rank(singular_values: Tensor) -> int:
@@ -117,13 +123,7 @@ def exact_left_subspace(op: GradOperator, rank: int) -> SubspaceResult:
     its left projector: the same subspace as exact_right_subspace(op.t()), but with the column signs of
     torch.linalg.svd(G) (those of Gᵀ's right vectors can differ)."""
     _check_rank(op, rank)
-    G = op.dense()
-    G = torch.where(torch.isfinite(G), G, torch.zeros((), dtype=G.dtype, device=G.device))
-    try:
-        U, S, _ = torch.linalg.svd(G, full_matrices=False)
-    except RuntimeError:  # LinAlgError (no convergence on a badly scaled input): retry once in fp64
-        U, S, _ = torch.linalg.svd(G.double(), full_matrices=False)
-        U, S = U.float(), S.float()
+    U, S, _ = _finite_svd(op)
     return SubspaceResult(basis=U[:, :rank].contiguous(), singular_values=S[:rank].contiguous(), iterations=0,
                           fell_back=False)
 

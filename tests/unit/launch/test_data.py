@@ -57,6 +57,7 @@ class Cfg:  # duck-typed stand-in for launch.config.DataConfig
     skip_bad_lines: bool = False
     pack: bool = True
     cache_dir: str | None = None
+    follow_symlinks: bool = False
 
 
 def _jsonl(path: Path, records) -> Path:

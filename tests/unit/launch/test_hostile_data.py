@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,20 +13,9 @@ import pytest
 from launch import data as D
 from launch.config_loader import config_help, load_train_config
 
-from .test_data import SENTENCES, _make_tokenizer
+from .test_data import SENTENCES, Cfg, _make_tokenizer
 
 
-@dataclass(frozen=True)
-class Cfg:  # duck-typed stand-in for launch.config.DataConfig
-    path: str | None = None
-    format: str = "auto"
-    text_field: str = "text"
-    eval_fraction: float = 0.05
-    eval_max_sequences: int = 64
-    skip_bad_lines: bool = False
-    pack: bool = True
-    cache_dir: str | None = None
-    follow_symlinks: bool = False
 
 
 @pytest.fixture(scope="module")
