@@ -179,31 +179,47 @@ def call(name: str, fn: Callable, eager: Callable, *args, **static):
 
 
 # ---- kernels (traced by torch.compile; plain torch ops, readable as the reference formulas) ----
+#
+# The hash runs on int32 words. quant.noise's eager twin computes it on int64 holding 32-bit values; int32 gives
+# the same bits because multiplication and addition wrap modulo 2**32 and the logical shifts of the construction
+# are arithmetic shifts with the sign-extended bits masked off. Half the vector lanes of int64, and no 64-bit
+# multiply: the hash is the kernels' largest cost on CPU.
+#
+# The SR and dequantisation kernels see a matrix chunk as blocks, (rows, blocks, block length): the full blocks of
+# the chunk in one call, the short last block of every row (if any) in a second call of the same graph. No padding
+# and no slicing inside the graph, so inductor emits one loop nest per kernel: per (row, block) the absmax reduction
+# and the elementwise write share the loaded block, and no chunk-sized intermediate goes to memory.
+
+_MUL1_I32 = _MUL1  # both multipliers are < 2**31: valid int32 constants
+_MUL2_I32 = _MUL2
+_LOW24 = 0xFFFFFF
+# The int32 key words of a kernel call (_key_words): where each sits in the (8,) tensor.
+_BASE_LO, _K1, _K2, _K1_NEXT, _K2_NEXT, _SPLIT = range(6)
+
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """quant.noise._hash32_ without the in-place scratch: x int64 holding 32-bit values."""
-    x = x ^ (x >> 16)
-    x = (x * _MUL1) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * _MUL2) & _MASK32
-    return x ^ (x >> 15)
+    """quant.noise's H on int32 words: x ^= x >>> 16; x *= M1; x ^= x >>> 15; x *= M2; x ^= x >>> 15 (mod 2**32)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _MUL1_I32
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _MUL2_I32
+    return x ^ ((x >> 15) & 0x1FFFF)
 
 
-def _uniform_at(counter: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """u for int64 counters that span at most two 2**32 segments: keys = int64 (6,) [k1, k2 of segment hi0, k1, k2
-    of segment hi0 + 1, base, hi0] (_noise_words; quant.noise folds the high bits into the key), hi0 = the first
-    segment's counter >> 32."""
-    second = (counter >> 32) != keys[5]
-    k1 = torch.where(second, keys[2], keys[0])
-    k2 = torch.where(second, keys[3], keys[1])
-    x = _hash32((counter & _MASK32) ^ k1)
+def _uniform_at(local: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """u fp32 for int32 local counters (0 <= local < 2**31) relative to the call's base counter: the low 32 bits
+    of the global counter are base_lo + local (mod 2**32); counters at local >= split lie in the next 2**32
+    segment, whose key words differ (quant.noise folds the high counter bits into the key)."""
+    second = local >= keys[_SPLIT]
+    k1 = torch.where(second, keys[_K1_NEXT], keys[_K1])
+    k2 = torch.where(second, keys[_K2_NEXT], keys[_K2])
+    x = _hash32((local + keys[_BASE_LO]) ^ k1)
     x = _hash32(x ^ k2)
-    return (x >> 8).to(torch.float32) * _INV_2_24
+    return ((x >> 8) & _LOW24).to(torch.float32) * _INV_2_24
 
 
 def _uniform_kernel(out: torch.Tensor, keys: torch.Tensor) -> None:
-    counter = torch.arange(out.shape[0], dtype=torch.int64, device=out.device) + keys[4]
-    out.copy_(_uniform_at(counter, keys))
+    out.copy_(_uniform_at(torch.arange(out.shape[0], dtype=torch.int32, device=out.device), keys))
 
 
 def _stochastic_floor(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -217,38 +233,62 @@ def _stochastic_floor(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.where(non_negative, whole, -whole)
 
 
-def _blocks(x: torch.Tensor, num_blocks: int, block_size: int) -> torch.Tensor:
-    """(r, n) -> (r, num_blocks, block_size), the short last block padded with zeros (absmax-neutral)."""
-    rows, n = x.shape
-    return F.pad(x, (0, num_blocks * block_size - n)).view(rows, num_blocks, block_size)
-
-
-def _dequantize_kernel(q: torch.Tensor, scales: torch.Tensor, *, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+def _dequantize_kernel(q: torch.Tensor, scales: torch.Tensor, *, block_size: int, dtype: torch.dtype,
+                       tail: bool) -> torch.Tensor:
+    """q int8 (r, n) * scales fp32 (r, nb), formed in fp32, as (r, n) of dtype; tail: whether n is not a multiple
+    of block_size (then the rows are padded to whole blocks and the padding sliced off)."""
     rows, n = q.shape
     num_blocks = scales.shape[1]
-    w = _blocks(q, num_blocks, block_size).to(torch.float32) * scales[:, :, None].to(torch.float32)
-    return w.view(rows, num_blocks * block_size)[:, :n].to(dtype)
+    padded = num_blocks * block_size
+    blocks = (F.pad(q, (0, padded - n)) if tail else q).view(rows, num_blocks, block_size)
+    w = blocks.to(torch.float32) * scales[:, :, None].to(torch.float32)
+    return (w.view(rows, padded)[:, :n] if tail else w.view(rows, n)).to(dtype)
 
 
-def _sr_chunk_kernel(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, qmax: torch.Tensor,
-                     keys: torch.Tensor, *, block_size: int, stochastic: bool) -> None:
-    """In place on q int8 (r, n), scales fp32 (r, nb): requantize(q * s + delta); keys = _noise_words, whose
-    base (keys[4]) is the counter of q[0, 0]."""
-    rows, n = q.shape
-    num_blocks = scales.shape[1]
-    w = _blocks(q, num_blocks, block_size).to(torch.float32) * scales[:, :, None]
-    w = w + _blocks(delta.to(torch.float32), num_blocks, block_size)
+def _requantize(w: torch.Tensor, qmax: torch.Tensor, keys: torch.Tensor, row_stride, stochastic: bool):
+    """fp32 blocks w (r, nb, B) -> (int8 codes (r, nb, B), new scales fp32 (r, nb)). Element (i, b, t) has the
+    local counter i * row_stride + b * B + t."""
+    rows, num_blocks, block = w.shape
     scale = torch.amax(w.abs(), dim=-1) / qmax
     y = w / scale[:, :, None]
     y = torch.where(scale[:, :, None] == 0, 0.0, y)  # all-zero block: 0 / 0
-    if stochastic:  # counters of the padding (column >= n) are junk; those elements are never written
-        column = torch.arange(num_blocks * block_size, dtype=torch.int64, device=q.device).view(num_blocks, block_size)
-        counter = torch.arange(rows, dtype=torch.int64, device=q.device)[:, None, None] * n + column + keys[4]
-        y = _stochastic_floor(y, _uniform_at(counter, keys))
+    if stochastic:
+        local = (torch.arange(rows, dtype=torch.int32, device=w.device)[:, None, None] * row_stride
+                 + torch.arange(num_blocks, dtype=torch.int32, device=w.device)[None, :, None] * block
+                 + torch.arange(block, dtype=torch.int32, device=w.device))
+        y = _stochastic_floor(y, _uniform_at(local, keys))
     else:
         y = torch.round(y)
-    codes = y.clamp(-_QMAX, _QMAX).to(torch.int8).view(rows, num_blocks * block_size)
-    q.copy_(codes[:, :n])
+    return y.clamp(-_QMAX, _QMAX).to(torch.int8), scale
+
+
+def _sr_blocks_(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, qmax: torch.Tensor,
+                keys: torch.Tensor, row_stride, stochastic: bool) -> None:
+    """In place on q int8 (r, nb, B) and scales fp32 (r, nb): requantize(q * s + delta) per block of B."""
+    w = q.to(torch.float32) * scales[:, :, None] + delta.to(torch.float32)
+    codes, scale = _requantize(w, qmax, keys, row_stride, stochastic)
+    q.copy_(codes)
+    scales.copy_(scale)
+
+
+def _sr_chunk_kernel(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, qmax: torch.Tensor,
+                     keys: torch.Tensor, *, block_size: int, stochastic: bool, tail: bool) -> None:
+    """In place on q int8 (r, n) and scales fp32 (r, nb), all contiguous: requantize(q * s + delta); tail: whether
+    n is not a multiple of block_size (a static choice between the two forms below)."""
+    rows, n = q.shape
+    num_blocks = scales.shape[1]
+    if not tail:  # the common case (hidden sizes are multiples of the block): plain block views, one loop nest
+        _sr_blocks_(q.view(rows, num_blocks, block_size), scales, delta.view(rows, num_blocks, block_size), qmax,
+                    keys, n, stochastic)
+        return
+    # A short last block: the rows padded to whole blocks with zeros (absmax-neutral; the padding's codes are never
+    # written back). Block views of the unpadded rows would give the compiler stride relations to guard on, and a
+    # new graph per combination of them.
+    padded = num_blocks * block_size
+    w = F.pad(q, (0, padded - n)).view(rows, num_blocks, block_size).to(torch.float32) * scales[:, :, None]
+    w = w + F.pad(delta.to(torch.float32), (0, padded - n)).view(rows, num_blocks, block_size)
+    codes, scale = _requantize(w, qmax, keys, n, stochastic)  # counters of the unpadded rows
+    q.copy_(codes.view(rows, padded)[:, :n])
     scales.copy_(scale)
 
 
@@ -265,36 +305,73 @@ def segment_keys(key: int, counter_start: int, numel: int, mix64: Callable[[int]
     return words, hi0
 
 
-def _noise_words(keys: list[int], base: int, hi0: int, device) -> torch.Tensor:
-    """int64 (6,) [segment keys (4), base counter, hi0]: one 1-D tensor, not 0-dim ones. Dynamo, when it traces a
-    new graph, turns a 0-dim int64 CPU argument into a symbol by reading its value (Tensor.item, a host read on
-    every first compile); entries of a 1-D tensor stay tensor data in the graph."""
-    return torch.tensor([*keys, base, hi0], dtype=torch.int64, device=device)
+def _int32(word: int) -> int:
+    """A 32-bit word as the int32 with the same bits."""
+    word &= _MASK32
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
+def _key_words(key: int, counter_start: int, numel: int, mix64: Callable[[int], int], device) -> torch.Tensor:
+    """int32 (6,) [base_lo, k1, k2, k1', k2', split] for a call whose local counters lie in
+    [0, numel), numel < 2**31: base_lo = the low word of counter_start; local counters >= split are in the next
+    2**32 segment. One 1-D tensor, not 0-dim ones: dynamo, when it traces a new graph, turns a 0-dim integer CPU
+    argument into a symbol by reading its value (a host read on every first compile); entries of a 1-D tensor stay
+    tensor data in the graph."""
+    if not 0 <= numel < 1 << 31:
+        raise ValueError(f"a compiled kernel call covers fewer than 2**31 counters, got {numel}")
+    words, _ = segment_keys(key, counter_start, numel, mix64)
+    base_lo = counter_start & _MASK32
+    split = min((1 << 32) - base_lo, (1 << 31) - 1)
+    return torch.tensor([_int32(base_lo), *(_int32(w) for w in words), split],
+                        dtype=torch.int32, device=device)
 
 
 def uniform_(out: torch.Tensor, *, key: int, offset: int, mix64: Callable[[int], int], eager: Callable) -> None:
-    """out fp32 (numel,) <- counter noise at counters offset .. offset + numel - 1 (numel <= 2**32)."""
-    keys, hi0 = segment_keys(key, offset, out.numel(), mix64)
-    device = out.device
-    call("uniform", _uniform_kernel, lambda out, *_: eager(out), out, _noise_words(keys, offset, hi0, device))
+    """out fp32 (numel,) <- counter noise at counters offset .. offset + numel - 1 (numel < 2**31)."""
+    if _eager_needed():
+        eager(out)
+        return
+    call("uniform", _uniform_kernel, _run_plain(_uniform_kernel), out,
+         _key_words(key, offset, out.numel(), mix64, out.device))
+
+
+def _eager_needed() -> bool:
+    """Whether an entry point should run its eager reference twin for the whole call: compilation off or given up,
+    or a TorchDispatchMode active (lowmem.memory's live-bytes meter counts the twin's few chunk buffers; dynamo does
+    not trace under such modes). Inside the caller's own torch.compile the kernels are traced inline instead."""
+    if torch.compiler.is_compiling():
+        return not (_configured and not env_disabled())
+    return not enabled() or _get_current_dispatch_mode() is not None
+
+
+def _run_plain(fn: Callable) -> Callable:
+    """The kernel's own ops run eagerly: the fallback of one kernel call that could not be compiled (a recompile
+    limit, a compiler failure mid-run). Same ops, same bits as the compiled kernel, only slower."""
+    def run(*args, **static):
+        with torch.no_grad():
+            return fn(*args, **static)
+    return run
 
 
 def sr_chunk_(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, *, key: int, counter_start: int,
               block_size: int, stochastic: bool, mix64: Callable[[int], int], eager: Callable) -> None:
-    """One row chunk of sr_update_int8_ in place (q int8 (r, n), scales fp32 (r, nb), delta float (r, n));
-    counter_start = global row index of q[0] * n. eager(q, scales, delta) is the reference path."""
-    device = q.device
-    keys, hi0 = segment_keys(key, counter_start, q.numel(), mix64)
-
-    def fallback(q, scales, delta, *_, **__):
+    """One row chunk of sr_update_int8_ in place (q int8 (r, n) and scales fp32 (r, nb) contiguous, delta float
+    (r, n), r * n < 2**31); counter_start = global row index of q[0] * n. eager(q, scales, delta) is the reference
+    path."""
+    if _eager_needed():
         eager(q, scales, delta)
-
-    call("sr_chunk", _sr_chunk_kernel, fallback, q, scales, delta, torch.tensor(float(_QMAX), device=device),
-         _noise_words(keys, counter_start, hi0, device), block_size=block_size, stochastic=stochastic)
+        return
+    rows, n = q.shape
+    device = q.device
+    call("sr_chunk", _sr_chunk_kernel, _run_plain(_sr_chunk_kernel), q, scales, delta.contiguous(),
+         torch.tensor(float(_QMAX), device=device), _key_words(key, counter_start, rows * n, mix64, device),
+         block_size=block_size, stochastic=stochastic, tail=n % block_size != 0)
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, *, block_size: int, dtype: torch.dtype,
                eager: Callable) -> torch.Tensor:
     """q int8 (r, n) * scales (r, nb) -> (r, n) of dtype, formed in fp32 (quant.int8.dequantize_int8)."""
-    return call("dequantize", _dequantize_kernel, lambda q, s, **_: eager(q, s, block_size, dtype), q, scales,
-                block_size=block_size, dtype=dtype)
+    if _eager_needed():
+        return eager(q, scales, block_size, dtype)
+    return call("dequantize", _dequantize_kernel, _run_plain(_dequantize_kernel), q, scales,
+                block_size=block_size, dtype=dtype, tail=q.shape[1] % block_size != 0)
