@@ -375,3 +375,56 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, *, block_size: int, dtype:
         return eager(q, scales, block_size, dtype)
     return call("dequantize", _dequantize_kernel, _run_plain(_dequantize_kernel), q, scales,
                 block_size=block_size, dtype=dtype, tail=q.shape[1] % block_size != 0)
+
+
+# ---- the 8-bit moment codec (quant.moments8's pure-torch twin) ----
+
+def _moment8_encode_kernel(x: torch.Tensor, midpoints: torch.Tensor, buckets: torch.Tensor, *, block_size: int,
+                           tail: bool, bucket_shift: int, buckets_half: int):
+    """x float (numel,) -> (uint8 codes (numel,), fp32 absmax (nb,)): quant.moments8._quantize_twin in one pass.
+    tail: numel is not a multiple of block_size (the last block is padded with zeros, absmax-neutral)."""
+    numel = x.shape[0]
+    padded = (numel + block_size - 1) // block_size * block_size
+    flat = F.pad(x.to(torch.float32), (0, padded - numel)) if tail else x.to(torch.float32)
+    blocks = flat.view(-1, block_size)
+    absmax = torch.amax(blocks.abs(), dim=1)
+    inv = torch.where(absmax == 0, 0.0, torch.reciprocal(absmax))  # all-zero block: v = 0, not 0 * inf
+    v = blocks * inv[:, None]
+    bits = v.view(torch.int32)
+    bucket = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)) >> bucket_shift) + buckets_half
+    below = buckets[bucket.to(torch.int64)]
+    mid = midpoints[below.to(torch.int64)]
+    codes = below + (v > mid).to(torch.int32) + ((v == mid) & ((below & 1) == 1)).to(torch.int32)
+    codes = torch.where(absmax[:, None] == 0, 0, codes).to(torch.uint8).view(-1)
+    return (codes[:numel] if tail else codes), absmax
+
+
+def _moment8_decode_kernel(codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, *, block_size: int,
+                           tail: bool) -> torch.Tensor:
+    """uint8 codes (numel,) -> fp32 table[code] * absmax[block] (numel,)."""
+    numel = codes.shape[0]
+    num_blocks = absmax.shape[0]
+    padded = num_blocks * block_size
+    flat = F.pad(codes, (0, padded - numel)) if tail else codes
+    values = table[flat.to(torch.int64)].view(num_blocks, block_size) * absmax[:, None]
+    values = values.view(-1)
+    return values[:numel] if tail else values
+
+
+def moment8_encode(x: torch.Tensor, midpoints: torch.Tensor, buckets: torch.Tensor, *, block_size: int,
+                   bucket_shift: int, buckets_half: int, eager: Callable):
+    """quant.moments8's twin encode of flat x (numel,) as one compiled kernel; eager(x) is the reference path."""
+    if _eager_needed():
+        return eager(x)
+    return call("moment8_encode", _moment8_encode_kernel, _run_plain(_moment8_encode_kernel), x, midpoints,
+                buckets, block_size=block_size, tail=x.shape[0] % block_size != 0, bucket_shift=bucket_shift,
+                buckets_half=buckets_half)
+
+
+def moment8_decode(codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, *, block_size: int,
+                   eager: Callable) -> torch.Tensor:
+    """quant.moments8's twin decode of flat codes (numel,) to fp32 as one compiled kernel."""
+    if _eager_needed():
+        return eager(codes, absmax)
+    return call("moment8_decode", _moment8_decode_kernel, _run_plain(_moment8_decode_kernel), codes, absmax, table,
+                block_size=block_size, tail=codes.shape[0] % block_size != 0)

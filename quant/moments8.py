@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from quant import _checks
+from quant import _checks, compiled
 
 BLOCK_SIZE = 256
 _BNB_BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -208,11 +208,23 @@ def _block_chunks(n_blocks: int, block_size: int, device: torch.device):
 
 def _quantize_twin(x: torch.Tensor, signed: bool, block_size: int, n_blocks: int, squared: bool = False):
     _, midpoints, buckets = _cached(signed, x.device, squared)
-    flat = x.reshape(-1)
+    if compiled.wanted():
+        codes, absmax = compiled.moment8_encode(
+            x.reshape(-1), midpoints, buckets, block_size=block_size, bucket_shift=_BUCKET_SHIFT,
+            buckets_half=_N_BUCKETS_HALF,
+            eager=lambda flat: _quantize_twin_eager(flat, midpoints, buckets, block_size, n_blocks))
+        return codes.view(x.shape), absmax
+    codes, absmax = _quantize_twin_eager(x.reshape(-1), midpoints, buckets, block_size, n_blocks)
+    return codes.view(x.shape), absmax
+
+
+def _quantize_twin_eager(flat: torch.Tensor, midpoints: torch.Tensor, buckets: torch.Tensor, block_size: int,
+                         n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference twin: flat (numel,) -> (codes uint8 (numel,), absmax fp32 (n_blocks,)), in cache-sized chunks."""
     numel = flat.numel()
-    codes = torch.empty(numel, dtype=torch.uint8, device=x.device)
-    absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
-    for b0, b1 in _block_chunks(n_blocks, block_size, x.device):
+    codes = torch.empty(numel, dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=flat.device)
+    for b0, b1 in _block_chunks(n_blocks, block_size, flat.device):
         e0, e1 = b0 * block_size, min(numel, b1 * block_size)
         chunk = flat[e0:e1].float()
         padded = chunk if e1 - e0 == (b1 - b0) * block_size else torch.cat(
@@ -224,7 +236,7 @@ def _quantize_twin(x: torch.Tensor, signed: bool, block_size: int, n_blocks: int
         v = blocks.mul(inv[:, None]).view(-1)[:e1 - e0]
         codes[e0:e1] = _nearest_codes(v, midpoints, buckets)
         _zero_empty_blocks_(codes[e0:e1], block_absmax, block_size)
-    return codes.view(x.shape), absmax
+    return codes, absmax
 
 
 def dequantize_moment8(codes: torch.Tensor, absmax: torch.Tensor, *, signed: bool, block_size: int = BLOCK_SIZE,
@@ -264,10 +276,24 @@ def dequantize_moment8(codes: torch.Tensor, absmax: torch.Tensor, *, signed: boo
         state = bnb_functional.QuantState(absmax=absmax, code=table, blocksize=block_size, dtype=dtype)
         return bnb_functional.dequantize_blockwise(codes.contiguous(), quant_state=state)
 
-    flat = codes.reshape(-1)
-    out = torch.empty(numel, dtype=torch.float32, device=codes.device)
+    if compiled.wanted():
+        out = compiled.moment8_decode(codes.reshape(-1), absmax, table, block_size=block_size,
+                                      eager=lambda flat, absmax: _dequantize_twin_eager(flat, absmax, table,
+                                                                                         block_size))
+    else:
+        out = _dequantize_twin_eager(codes.reshape(-1), absmax, table, block_size)
+    out = out.view(codes.shape)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def _dequantize_twin_eager(flat: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
+                           block_size: int) -> torch.Tensor:
+    """The reference twin: codes (numel,) -> fp32 table[code] * absmax[block] (numel,), chunk by chunk."""
+    numel = flat.numel()
+    n_blocks = absmax.numel()
+    out = torch.empty(numel, dtype=torch.float32, device=flat.device)
     n_full = numel // block_size
-    for b0, b1 in _block_chunks(n_full, block_size, codes.device):
+    for b0, b1 in _block_chunks(n_full, block_size, flat.device):
         e0, e1 = b0 * block_size, b1 * block_size
         values = out[e0:e1].view(b1 - b0, block_size)
         torch.index_select(table, 0, flat[e0:e1].int(), out=values.view(-1))
@@ -276,5 +302,4 @@ def dequantize_moment8(codes: torch.Tensor, absmax: torch.Tensor, *, signed: boo
         tail = out[n_full * block_size:]
         torch.index_select(table, 0, flat[n_full * block_size:].int(), out=tail)
         tail.mul_(absmax[n_full])
-    out = out.view(codes.shape)
-    return out if dtype == torch.float32 else out.to(dtype)
+    return out
