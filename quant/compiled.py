@@ -377,7 +377,9 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, *, block_size: int, dtype:
                 block_size=block_size, dtype=dtype, tail=q.shape[1] % block_size != 0)
 
 
-# ---- the 8-bit moment codec (quant.moments8's pure-torch twin) ----
+# ---- the 8-bit moment codec's encoder (quant.moments8's pure-torch twin) ----
+# Decoding stays eager on CPU: a table gather plus a multiply, which the chunked index_select does faster than
+# inductor's scalar gather loop (measured 0.20 vs 0.40 ms for 176k values, one thread).
 
 def _moment8_encode_kernel(x: torch.Tensor, midpoints: torch.Tensor, buckets: torch.Tensor, *, block_size: int,
                            tail: bool, bucket_shift: int, buckets_half: int):
@@ -399,18 +401,6 @@ def _moment8_encode_kernel(x: torch.Tensor, midpoints: torch.Tensor, buckets: to
     return (codes[:numel] if tail else codes), absmax
 
 
-def _moment8_decode_kernel(codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, *, block_size: int,
-                           tail: bool) -> torch.Tensor:
-    """uint8 codes (numel,) -> fp32 table[code] * absmax[block] (numel,)."""
-    numel = codes.shape[0]
-    num_blocks = absmax.shape[0]
-    padded = num_blocks * block_size
-    flat = F.pad(codes, (0, padded - numel)) if tail else codes
-    values = table[flat.to(torch.int64)].view(num_blocks, block_size) * absmax[:, None]
-    values = values.view(-1)
-    return values[:numel] if tail else values
-
-
 def moment8_encode(x: torch.Tensor, midpoints: torch.Tensor, buckets: torch.Tensor, *, block_size: int,
                    bucket_shift: int, buckets_half: int, eager: Callable):
     """quant.moments8's twin encode of flat x (numel,) as one compiled kernel; eager(x) is the reference path."""
@@ -419,12 +409,3 @@ def moment8_encode(x: torch.Tensor, midpoints: torch.Tensor, buckets: torch.Tens
     return call("moment8_encode", _moment8_encode_kernel, _run_plain(_moment8_encode_kernel), x, midpoints,
                 buckets, block_size=block_size, tail=x.shape[0] % block_size != 0, bucket_shift=bucket_shift,
                 buckets_half=buckets_half)
-
-
-def moment8_decode(codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, *, block_size: int,
-                   eager: Callable) -> torch.Tensor:
-    """quant.moments8's twin decode of flat codes (numel,) to fp32 as one compiled kernel."""
-    if _eager_needed():
-        return eager(codes, absmax)
-    return call("moment8_decode", _moment8_decode_kernel, _run_plain(_moment8_decode_kernel), codes, absmax, table,
-                block_size=block_size, tail=codes.shape[0] % block_size != 0)

@@ -228,7 +228,9 @@ def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Te
         delta: float (m, n) tensor (upcast to fp32) on q's device, or a callable
             delta_rows(row_start, row_end, w_rows) -> float (row_end - row_start, n) tensor, where w_rows is the
             current dequantized fp32 weight of those rows (e.g. for weight decay). The callable must not modify
-            w_rows and must return a new tensor (w_rows is overwritten after it returns).
+            w_rows and must return a new tensor (w_rows is overwritten after it returns). A callable with the
+            attribute `reads_weight = False` is passed w_rows=None instead, and the rows are not dequantized for it
+            (a full pass over the chunk saved when no weight decay is applied).
         seed, stream, step: the noise key (see quant.noise.counter_uniform).
         rows_per_chunk: rows per chunk (default: about 2**15 elements on CPU, 2**22 on GPUs). Memory and speed
             depend on it, the result does not.
@@ -249,24 +251,28 @@ def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Te
     rows_per_chunk = _default_rows(n, q.device, compiled.wanted()) if rows_per_chunk is None else _checks.integer(
         rows_per_chunk, "rows_per_chunk", minimum=1)
     from_callable = callable(delta) and not isinstance(delta, torch.Tensor)
+    reads_weight = getattr(delta, "reads_weight", True) if from_callable else False
     if not from_callable:
         _check_delta(delta, q, "delta", (m, n))
         if check_values:
             _checks.finite(delta, "delta")
     if m == 0 or n == 0:
         return
+    w = None
     use_compiled = compiled.wanted()
     key = stream_key(seed, stream, step) if use_compiled else 0
     for r0 in range(0, m, rows_per_chunk):
         r1 = min(m, r0 + rows_per_chunk)
         if from_callable:
-            w = (compiled.dequantize(q[r0:r1], scales[r0:r1], block_size=block_size, dtype=torch.float32,
-                                     eager=_dequantize_eager) if use_compiled
-                 else _dequantize_rows(q[r0:r1], scales[r0:r1], block_size))
+            w = None
+            if reads_weight:
+                w = (compiled.dequantize(q[r0:r1], scales[r0:r1], block_size=block_size, dtype=torch.float32,
+                                         eager=_dequantize_eager) if use_compiled
+                     else _dequantize_rows(q[r0:r1], scales[r0:r1], block_size))
             d = delta(r0, r1, w)
             name = f"delta_rows({r0}, {r1})"
             _check_delta(d, q, name, (r1 - r0, n))
-            if d.untyped_storage().data_ptr() == w.untyped_storage().data_ptr():
+            if w is not None and d.untyped_storage().data_ptr() == w.untyped_storage().data_ptr():
                 raise ValueError(f"{name} returned (a view of) w_rows; it must return a new tensor")
             if check_values:
                 _checks.finite(d, name, where=f" (rows {r0}..{r1 - 1}; rows before {r0} are already updated)")
@@ -281,7 +287,7 @@ def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Te
                                stochastic=stochastic, mix64=_mix64, eager=eager)
         else:
             _sr_rows_eager_(q[r0:r1], scales[r0:r1], d, block_size=block_size, stochastic=stochastic, seed=seed,
-                            stream=stream, step=step, row_start=r0, w=w if from_callable else None)
+                            stream=stream, step=step, row_start=r0, w=w)
 
 
 def _sr_rows_eager_(q: torch.Tensor, scales: torch.Tensor, d: torch.Tensor, *, block_size: int, stochastic: bool,

@@ -276,13 +276,7 @@ def dequantize_moment8(codes: torch.Tensor, absmax: torch.Tensor, *, signed: boo
         state = bnb_functional.QuantState(absmax=absmax, code=table, blocksize=block_size, dtype=dtype)
         return bnb_functional.dequantize_blockwise(codes.contiguous(), quant_state=state)
 
-    if compiled.wanted():
-        out = compiled.moment8_decode(codes.reshape(-1), absmax, table, block_size=block_size,
-                                      eager=lambda flat, absmax: _dequantize_twin_eager(flat, absmax, table,
-                                                                                         block_size))
-    else:
-        out = _dequantize_twin_eager(codes.reshape(-1), absmax, table, block_size)
-    out = out.view(codes.shape)
+    out = _dequantize_twin_eager(codes.reshape(-1), absmax, table, block_size).view(codes.shape)
     return out if dtype == torch.float32 else out.to(dtype)
 
 

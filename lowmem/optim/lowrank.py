@@ -402,6 +402,7 @@ def _apply_update(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor]
             delta.add_(w_rows, alpha=-decay)
         return delta
 
+    delta_rows.reads_weight = bool(decay)  # without decay the SR write need not dequantize the rows for us
     weight.apply_(delta_rows, step=global_step, keep_old=keep_old)
 
 

@@ -121,6 +121,7 @@ class _ChunkGuard:
         self.weight_q, self.weight_scales, self.keep_old, self.delta_rows = weight_q, weight_scales, keep_old, \
             delta_rows
         self.pending: tuple[int, int, Tensor, Tensor] | None = None
+        self.reads_weight = getattr(delta_rows, "reads_weight", True)
 
     def __call__(self, row_start: int, row_end: int, w_rows: Tensor) -> Tensor:
         self.restore_pending()

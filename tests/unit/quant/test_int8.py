@@ -338,3 +338,29 @@ def test_cuda_matches_cpu_bitwise():
         sr_update_int8_(q_gpu, s_gpu, delta.cuda(), **key)
         assert torch.equal(q_gpu.cpu(), q_cpu) and torch.equal(s_gpu.cpu(), s_cpu)
         assert torch.equal(dequantize_int8(q_gpu, s_gpu).cpu(), dequantize_int8(q_cpu, s_cpu))
+
+
+@pytest.mark.parametrize("use_compiled", [True, False])
+def test_callable_without_weight_gets_none_and_same_bytes(use_compiled):
+    """A delta callable marked reads_weight=False is handed w_rows=None (no dequantisation for it) and gives the
+    bytes of the same delta passed as a tensor."""
+    from quant import compiled
+    g = torch.Generator().manual_seed(5)
+    w, delta = torch.randn(9, 300, generator=g), torch.randn(9, 300, generator=g) * 1e-2
+    q, s = quantize_int8(w)
+    seen = []
+
+    def delta_rows(r0, r1, w_rows):
+        seen.append(w_rows)
+        return delta[r0:r1].clone()
+    delta_rows.reads_weight = False
+    compiled.set_enabled(use_compiled)
+    try:
+        q_fn, s_fn = q.clone(), s.clone()
+        sr_update_int8_(q_fn, s_fn, delta_rows, seed=1, stream=2, step=3, rows_per_chunk=4)
+        q_t, s_t = q.clone(), s.clone()
+        sr_update_int8_(q_t, s_t, delta, seed=1, stream=2, step=3)
+    finally:
+        compiled.set_enabled(True)
+    assert seen == [None, None, None]
+    assert torch.equal(q_fn, q_t) and torch.equal(s_fn, s_t) and not torch.equal(q_t, q)
