@@ -3,10 +3,14 @@
 What is compiled (torch.compile, inductor: C++ on CPU, Triton on CUDA, from the same source):
   - `sr_chunk_`: one row chunk of the stochastic-rounding update (quant.int8.sr_update_int8_): INT8 codes + scales
     -> fp32, + the update chunk, + counter noise, exact stochastic floor, new block absmax, codes and scales
-    written in place. One fused pass instead of ~25 eager passes over int64 / fp32 buffers.
+    written in place, as one loop nest per (row, block): no chunk-sized intermediate goes to memory. Rows with a
+    short last block are split into their whole blocks and their short ones (two contiguous copies, see sr_chunk_).
   - `uniform`: quant.noise.counter_uniform's hash.
-  - `dequantize`: quant.int8.dequantize_int8's q * s.
-The eager functions in quant.int8 / quant.noise are the reference twins; every compiled kernel gives the same bits
+  - `dequantize`: quant.int8.dequantize_int8's q * s (rows of whole blocks; others run the eager twin).
+  - `moment8_encode`: quant.moments8's pure-torch encoder (absmax, scaling, nearest-code search by table lookups).
+The counter hash runs on int32 words (wrapping multiply; logical shifts as masked arithmetic shifts), the same bits
+as the eager twin's int64 arithmetic with half the vector lanes' cost. The eager functions in quant.int8 /
+quant.noise / quant.moments8 are the reference twins; every compiled kernel gives the same bits
 (tests/unit/quant/test_compiled.py). Two things make that hold under inductor:
   - 127 enters the kernels as a 0-dim tensor, so the scale division stays a true division whatever a backend does
     with division by a literal (a multiplication by a rounded reciprocal would change bits). On CPU (torch 2.13) a
@@ -194,7 +198,7 @@ _MUL1_I32 = _MUL1  # both multipliers are < 2**31: valid int32 constants
 _MUL2_I32 = _MUL2
 _LOW24 = 0xFFFFFF
 # The int32 key words of a kernel call (_key_words): where each sits in the (8,) tensor.
-_BASE_LO, _K1, _K2, _K1_NEXT, _K2_NEXT, _SPLIT = range(6)
+_BASE_LO, _K1, _K2, _K1_NEXT, _K2_NEXT, _SPLIT, _ROW_STRIDE, _COL0 = range(8)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -245,50 +249,28 @@ def _dequantize_kernel(q: torch.Tensor, scales: torch.Tensor, *, block_size: int
     return (w.view(rows, padded)[:, :n] if tail else w.view(rows, n)).to(dtype)
 
 
-def _requantize(w: torch.Tensor, qmax: torch.Tensor, keys: torch.Tensor, row_stride, stochastic: bool):
-    """fp32 blocks w (r, nb, B) -> (int8 codes (r, nb, B), new scales fp32 (r, nb)). Element (i, b, t) has the
-    local counter i * row_stride + b * B + t."""
-    rows, num_blocks, block = w.shape
+def _sr_blocks_kernel(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, qmax: torch.Tensor,
+                      keys: torch.Tensor, *, stochastic: bool) -> None:
+    """In place on q int8 (r, c) and scales fp32 (r, nb), contiguous, c = nb * B: requantize(q * s + delta) per
+    block of B = c // nb consecutive columns. Element (i, j) has the local counter
+    i * keys[_ROW_STRIDE] + keys[_COL0] + j (the columns of a larger matrix's rows, _key_words)."""
+    rows, cols = q.shape
+    num_blocks = scales.shape[1]
+    block = cols // num_blocks
+    w = (q.view(rows, num_blocks, block).to(torch.float32) * scales[:, :, None]
+         + delta.view(rows, num_blocks, block).to(torch.float32))
     scale = torch.amax(w.abs(), dim=-1) / qmax
     y = w / scale[:, :, None]
     y = torch.where(scale[:, :, None] == 0, 0.0, y)  # all-zero block: 0 / 0
     if stochastic:
-        local = (torch.arange(rows, dtype=torch.int32, device=w.device)[:, None, None] * row_stride
-                 + torch.arange(num_blocks, dtype=torch.int32, device=w.device)[None, :, None] * block
-                 + torch.arange(block, dtype=torch.int32, device=w.device))
+        local = (torch.arange(rows, dtype=torch.int32, device=q.device)[:, None, None] * keys[_ROW_STRIDE]
+                 + keys[_COL0]
+                 + torch.arange(num_blocks, dtype=torch.int32, device=q.device)[None, :, None] * block
+                 + torch.arange(block, dtype=torch.int32, device=q.device))
         y = _stochastic_floor(y, _uniform_at(local, keys))
     else:
         y = torch.round(y)
-    return y.clamp(-_QMAX, _QMAX).to(torch.int8), scale
-
-
-def _sr_blocks_(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, qmax: torch.Tensor,
-                keys: torch.Tensor, row_stride, stochastic: bool) -> None:
-    """In place on q int8 (r, nb, B) and scales fp32 (r, nb): requantize(q * s + delta) per block of B."""
-    w = q.to(torch.float32) * scales[:, :, None] + delta.to(torch.float32)
-    codes, scale = _requantize(w, qmax, keys, row_stride, stochastic)
-    q.copy_(codes)
-    scales.copy_(scale)
-
-
-def _sr_chunk_kernel(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, qmax: torch.Tensor,
-                     keys: torch.Tensor, *, block_size: int, stochastic: bool, tail: bool) -> None:
-    """In place on q int8 (r, n) and scales fp32 (r, nb), all contiguous: requantize(q * s + delta); tail: whether
-    n is not a multiple of block_size (a static choice between the two forms below)."""
-    rows, n = q.shape
-    num_blocks = scales.shape[1]
-    if not tail:  # the common case (hidden sizes are multiples of the block): plain block views, one loop nest
-        _sr_blocks_(q.view(rows, num_blocks, block_size), scales, delta.view(rows, num_blocks, block_size), qmax,
-                    keys, n, stochastic)
-        return
-    # A short last block: the rows padded to whole blocks with zeros (absmax-neutral; the padding's codes are never
-    # written back). Block views of the unpadded rows would give the compiler stride relations to guard on, and a
-    # new graph per combination of them.
-    padded = num_blocks * block_size
-    w = F.pad(q, (0, padded - n)).view(rows, num_blocks, block_size).to(torch.float32) * scales[:, :, None]
-    w = w + F.pad(delta.to(torch.float32), (0, padded - n)).view(rows, num_blocks, block_size)
-    codes, scale = _requantize(w, qmax, keys, n, stochastic)  # counters of the unpadded rows
-    q.copy_(codes.view(rows, padded)[:, :n])
+    q.view(rows, num_blocks, block).copy_(y.clamp(-_QMAX, _QMAX).to(torch.int8))
     scales.copy_(scale)
 
 
@@ -311,18 +293,19 @@ def _int32(word: int) -> int:
     return word - (1 << 32) if word >= 1 << 31 else word
 
 
-def _key_words(key: int, counter_start: int, numel: int, mix64: Callable[[int], int], device) -> torch.Tensor:
-    """int32 (6,) [base_lo, k1, k2, k1', k2', split] for a call whose local counters lie in
+def _key_words(key: int, counter_start: int, numel: int, mix64: Callable[[int], int], device, *,
+               row_stride: int = 0, col0: int = 0) -> torch.Tensor:
+    """int32 (8,) [base_lo, k1, k2, k1', k2', split, row_stride, col0] for a call whose local counters lie in
     [0, numel), numel < 2**31: base_lo = the low word of counter_start; local counters >= split are in the next
-    2**32 segment. One 1-D tensor, not 0-dim ones: dynamo, when it traces a new graph, turns a 0-dim integer CPU
-    argument into a symbol by reading its value (a host read on every first compile); entries of a 1-D tensor stay
-    tensor data in the graph."""
+    2**32 segment; row_stride and col0 place a kernel's (i, j) at local counter i * row_stride + col0 + j. One 1-D
+    tensor, not 0-dim ones: dynamo, when it traces a new graph, turns a 0-dim integer CPU argument into a symbol by
+    reading its value (a host read on every first compile); entries of a 1-D tensor stay tensor data in the graph."""
     if not 0 <= numel < 1 << 31:
         raise ValueError(f"a compiled kernel call covers fewer than 2**31 counters, got {numel}")
     words, _ = segment_keys(key, counter_start, numel, mix64)
     base_lo = counter_start & _MASK32
     split = min((1 << 32) - base_lo, (1 << 31) - 1)
-    return torch.tensor([_int32(base_lo), *(_int32(w) for w in words), split],
+    return torch.tensor([_int32(base_lo), *(_int32(w) for w in words), split, row_stride, col0],
                         dtype=torch.int32, device=device)
 
 
@@ -353,28 +336,55 @@ def _run_plain(fn: Callable) -> Callable:
     return run
 
 
+def _dense_copy(x: torch.Tensor) -> torch.Tensor:
+    """A fresh row-major copy (storage offset 0, stride (cols, 1)); .contiguous() would return a one-row slice
+    as it is, with the parent's row stride and offset, which the compiler guards on."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+
+
 def sr_chunk_(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, *, key: int, counter_start: int,
               block_size: int, stochastic: bool, mix64: Callable[[int], int], eager: Callable) -> None:
     """One row chunk of sr_update_int8_ in place (q int8 (r, n) and scales fp32 (r, nb) contiguous, delta float
     (r, n), r * n < 2**31); counter_start = global row index of q[0] * n. eager(q, scales, delta) is the reference
-    path."""
+    path.
+
+    Rows that are a whole number of blocks go to the kernel as they are. Otherwise (a short last block, e.g. width
+    576 = 2 * 256 + 64) the whole blocks and the short ones are copied into two contiguous pieces, updated, and
+    copied back: the int8 codes and scales cost little to copy, the delta one pass. Block views of the unpadded
+    rows would instead give the compiler stride relations and storage offsets to guard on (a new graph for each
+    combination), and a padded form compiled to a kernel ~10x slower than the aligned one."""
     if _eager_needed():
         eager(q, scales, delta)
         return
     rows, n = q.shape
     device = q.device
-    call("sr_chunk", _sr_chunk_kernel, _run_plain(_sr_chunk_kernel), q, scales, delta.contiguous(),
-         torch.tensor(float(_QMAX), device=device), _key_words(key, counter_start, rows * n, mix64, device),
-         block_size=block_size, stochastic=stochastic, tail=n % block_size != 0)
+    qmax = torch.tensor(float(_QMAX), device=device)
+    n_full = n // block_size
+    full = n_full * block_size
+    if full == n:
+        call("sr_blocks", _sr_blocks_kernel, _run_plain(_sr_blocks_kernel), q, scales, delta.contiguous(), qmax,
+             _key_words(key, counter_start, rows * n, mix64, device, row_stride=n), stochastic=stochastic)
+        return
+    for c0, c1, b0, b1 in ((0, full, 0, n_full), (full, n, n_full, n_full + 1)):
+        if c1 == c0:
+            continue
+        q_part, s_part, d_part = _dense_copy(q[:, c0:c1]), _dense_copy(scales[:, b0:b1]), _dense_copy(delta[:, c0:c1])
+        call("sr_blocks", _sr_blocks_kernel, _run_plain(_sr_blocks_kernel), q_part, s_part, d_part, qmax,
+             _key_words(key, counter_start, rows * n, mix64, device, row_stride=n, col0=c0), stochastic=stochastic)
+        q[:, c0:c1].copy_(q_part)
+        scales[:, b0:b1].copy_(s_part)
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, *, block_size: int, dtype: torch.dtype,
                eager: Callable) -> torch.Tensor:
-    """q int8 (r, n) * scales (r, nb) -> (r, n) of dtype, formed in fp32 (quant.int8.dequantize_int8)."""
-    if _eager_needed():
+    """q int8 (r, n) * scales (r, nb) -> (r, n) of dtype, formed in fp32 (quant.int8.dequantize_int8). Rows with a
+    short last block run the eager twin (two multiplications into views of the output; a padded compiled form was
+    ~4x slower than it), except inside the caller's own torch.compile, which traces the padded form."""
+    tail = q.shape[1] % block_size != 0
+    if _eager_needed() or (tail and not torch.compiler.is_compiling()):
         return eager(q, scales, block_size, dtype)
     return call("dequantize", _dequantize_kernel, _run_plain(_dequantize_kernel), q, scales,
-                block_size=block_size, dtype=dtype, tail=q.shape[1] % block_size != 0)
+                block_size=block_size, dtype=dtype, tail=tail)
 
 
 # ---- the 8-bit moment codec's encoder (quant.moments8's pure-torch twin) ----
