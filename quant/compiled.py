@@ -327,6 +327,12 @@ def _eager_needed() -> bool:
     return not enabled() or _get_current_dispatch_mode() is not None
 
 
+def use_kernels() -> bool:
+    """Whether a caller with its own compiled kernel (built on `call`) should use it now: the opposite of
+    `_eager_needed` (compilation off or failed, or a TorchDispatchMode such as the live-bytes meter active)."""
+    return not _eager_needed()
+
+
 def _run_plain(fn: Callable) -> Callable:
     """The kernel's own ops run eagerly: the fallback of one kernel call that could not be compiled (a recompile
     limit, a compiler failure mid-run). Same ops, same bits as the compiled kernel, only slower."""
@@ -391,10 +397,12 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, *, block_size: int, dtype:
 # Decoding stays eager on CPU: a table gather plus a multiply, which the chunked index_select does faster than
 # inductor's scalar gather loop (measured 0.20 vs 0.40 ms for 176k values, one thread).
 
-def _moment8_encode_kernel(x: torch.Tensor, midpoints: torch.Tensor, buckets: torch.Tensor, *, block_size: int,
+def moment8_encode_ops(x: torch.Tensor, midpoints: torch.Tensor, buckets: torch.Tensor, *, block_size: int,
                            tail: bool, bucket_shift: int, buckets_half: int):
     """x float (numel,) -> (uint8 codes (numel,), fp32 absmax (nb,)): quant.moments8._quantize_twin in one pass.
-    tail: numel is not a multiple of block_size (the last block is padded with zeros, absmax-neutral)."""
+    tail: numel is not a multiple of block_size (the last block is padded with zeros, absmax-neutral). Plain
+    traceable ops: compiled on its own by moment8_encode, or traced into a caller's kernel (lowmem's fused 8-bit
+    AdamW)."""
     numel = x.shape[0]
     padded = (numel + block_size - 1) // block_size * block_size
     flat = F.pad(x.to(torch.float32), (0, padded - numel)) if tail else x.to(torch.float32)
@@ -416,6 +424,18 @@ def moment8_encode(x: torch.Tensor, midpoints: torch.Tensor, buckets: torch.Tens
     """quant.moments8's twin encode of flat x (numel,) as one compiled kernel; eager(x) is the reference path."""
     if _eager_needed():
         return eager(x)
-    return call("moment8_encode", _moment8_encode_kernel, _run_plain(_moment8_encode_kernel), x, midpoints,
+    return call("moment8_encode", moment8_encode_ops, _run_plain(moment8_encode_ops), x, midpoints,
                 buckets, block_size=block_size, tail=x.shape[0] % block_size != 0, bucket_shift=bucket_shift,
                 buckets_half=buckets_half)
+
+
+def moment8_decode_ops(codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, *, block_size: int,
+                       tail: bool) -> torch.Tensor:
+    """uint8 codes (numel,) -> fp32 table[code] * absmax[block] (numel,): quant.moments8's decode as plain ops, for
+    tracing into a caller's kernel (on its own the eager chunks are faster on CPU, see above)."""
+    numel = codes.shape[0]
+    num_blocks = absmax.shape[0]
+    padded = num_blocks * block_size
+    flat = F.pad(codes, (0, padded - numel)) if tail else codes
+    values = (table[flat.to(torch.int64)].view(num_blocks, block_size) * absmax[:, None]).view(-1)
+    return values[:numel] if tail else values

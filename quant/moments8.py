@@ -297,3 +297,25 @@ def _dequantize_twin_eager(flat: torch.Tensor, absmax: torch.Tensor, table: torc
         torch.index_select(table, 0, flat[n_full * block_size:].int(), out=tail)
         tail.mul_(absmax[n_full])
     return out
+
+
+def codec_tables(signed: bool, device: torch.device | str, *, squared: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(map fp32 (256,), midpoints fp32 (256,), bucket table int32 (2**17,)) on device: the inputs of
+    encode_traceable / decode_traceable (a kernel takes them as arguments rather than reading module state)."""
+    return _cached(_check_signed(signed, squared), torch.device(device), squared)
+
+
+def encode_traceable(x: torch.Tensor, midpoints: torch.Tensor, buckets: torch.Tensor, *, block_size: int,
+                     tail: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The twin's encoding of flat fp32 x (numel,) as plain traceable ops, for a caller's compiled kernel: the same
+    codes and absmax as quantize_moment8 (tail: numel % block_size != 0)."""
+    return compiled.moment8_encode_ops(x, midpoints, buckets, block_size=block_size, tail=tail,
+                                       bucket_shift=_BUCKET_SHIFT, buckets_half=_N_BUCKETS_HALF)
+
+
+def decode_traceable(codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, *, block_size: int,
+                     tail: bool) -> torch.Tensor:
+    """map[codes] * absmax of flat codes (numel,) as plain traceable ops: the same fp32 values as
+    dequantize_moment8."""
+    return compiled.moment8_decode_ops(codes, absmax, table, block_size=block_size, tail=tail)

@@ -137,8 +137,8 @@ def _activations(s: ModelShape, tok: int, dtype_bytes: int, checkpointing: bool)
 # The 8-bit float AdamW twin (lowmem.optim.float_adamw._update_8bit_twin_; "auto" always runs it) on n elements
 # holds at its peak both decoded moments, an fp32 copy of the param, the denominator and |m| (five fp32 n-tensors,
 # 20 bytes each element), plus the new uint8 codes; the moment codec (quant.moments8) then works in blocks of
-# QUANT_CHUNK_ELEMENTS with ~26 bytes of int32 / fp32 / int64 temporaries per element while four fp32 n-tensors
-# and two code tensors (18 bytes each element) are alive. Measured with lowmem.memory.measure around
+# QUANT_CHUNK_ELEMENTS with ~26 bytes of int32 / fp32 / int64 temporaries per element while three fp32 n-tensors
+# (m, v, the param copy: the denominator is gone) and two code tensors (14 bytes each element) are alive. Measured with lowmem.memory.measure around
 # float_adamw_update_ (fp32 param and grad, CPU): whole tensor 24.0 n bytes (the codec's value checks add one
 # more n-sized temporary), guarded chunk 26.0 c (its copies of param and codes first); below a few 1e5 elements
 # the codec's block term wins (2.03 MB measured vs 2.03 MB modelled at n = 65536). bf16 param and grad, with and
@@ -156,7 +156,7 @@ def _twin8_bytes(n: int, param_bytes: int, checked: bool, sr: bool) -> int:
     param or grad adds its fp32 grad copy (grad.to(float32)); checked: the codec's finiteness/sign checks; sr: the
     bf16 param is written with stochastic rounding while m, v, p, the denominator and the new codes are alive."""
     grad32 = 4 * n if param_bytes != 4 else 0
-    codec = 18 * n + QUANT_CHUNK_BYTES_PER_ELEMENT * min(n, QUANT_CHUNK_ELEMENTS)
+    codec = 14 * n + QUANT_CHUNK_BYTES_PER_ELEMENT * min(n, QUANT_CHUNK_ELEMENTS)
     write = 18 * n + SR_BF16_BYTES_PER_ELEMENT * n if sr else 0
     return grad32 + max(4 * TWIN_FP32_BUFFERS * n + (4 * n if checked else 0), codec, write)
 

@@ -24,7 +24,9 @@ from torch import Tensor
 
 from lowmem.optim.moments import adam_direction_bound
 from quant.bf16 import sr_to_bf16
-from quant.moments8 import dequantize_moment8, dynamic_map, quantize_moment8
+from quant import compiled
+from quant.moments8 import (codec_tables, decode_traceable, dequantize_moment8, dynamic_map,
+                            encode_traceable, quantize_moment8)
 
 STATE_BITS = (8, 32)
 BACKENDS = ("auto", "bnb", "torch")
@@ -146,7 +148,11 @@ def float_adamw_update_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *
         if bits == 8:
             _check_8bit_layout(param, state, block_size)
         use_bnb = bits == 8 and backend == "bnb"   # "auto" runs the twin: see "Why" above
-        if keep_old is None:
+        if bits == 8 and not use_bnb and _fused_applies(param, grad):
+            if keep_old is None and not _all_finite(grad):
+                raise ValueError("grad has non-finite values; the 8-bit AdamW step needs a finite gradient")
+            _update_8bit_fused_(param, grad, state, keep_old, block_size=block_size, hyper=hyper)
+        elif keep_old is None:
             _update_any_(param, grad, state, bits=bits, use_bnb=use_bnb, block_size=block_size, hyper=hyper,
                          write=make_write(0))
         else:
@@ -240,29 +246,67 @@ def _check_8bit_layout(param: Tensor, state: dict[str, Tensor], block_size: int)
                              f"another block_size?)")
 
 
+def _hyper_tensor(*, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+                  device) -> Tensor:
+    """fp32 (9,) [β1, 1-β1, β2, 1-β2, 1/sqrt(1-β2ᵗ), ε, 1-lr·λ, 1/((1-β1ᵗ)·bound), -lr/(1-β1ᵗ)]: the step's
+    scalars as tensor data, rounded to fp32 once, so the eager twin and the compiled kernel multiply by the same
+    values (and a new learning rate does not compile a new kernel)."""
+    bias_correction1 = 1.0 - beta1 ** step
+    bound = adam_direction_bound(step, beta1, beta2)
+    return torch.tensor([beta1, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 / math.sqrt(1.0 - beta2 ** step), eps,
+                         1.0 - lr * weight_decay, 1.0 / (bias_correction1 * bound), -lr / bias_correction1],
+                        dtype=torch.float32, device=device)
+
+
+def _adamw8_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, decay: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(p, m, v) after one AdamW step in fp32, h = _hyper_tensor, as the compiled kernel computes it (out of place).
+    `_adamw8_math_` is the eager twin's in-place form of the same op sequence; each op is a single IEEE rounding,
+    so both give the same bits. The direction m̂ / (√v̂ + ε) is clamped to ±bound through the denominator's floor
+    |m̂| / bound."""
+    m = m * h[0] + g * h[1]
+    v = v * h[2] + (g * g) * h[3]
+    # sqrt through fp64: eager torch.sqrt on fp32 CPU tensors is not correctly rounded (torch 2.13: 443 of 2250
+    # values off by an ulp) while inductor's is; the fp64 root rounded to fp32 is the correctly rounded fp32 root
+    # (53 >= 2 * 24 + 2 bits: no double-rounding error), the same on every backend.
+    denom = torch.sqrt(v.to(torch.float64)).to(torch.float32) * h[4] + h[5]
+    if decay:
+        p = p * h[6]
+    denom = torch.maximum(denom, torch.abs(m) * h[7])
+    return p + (m / denom) * h[8], m, v
+
+
+_SQRT_CHUNK = 1 << 16
+
+
+def _adamw8_math_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, decay: bool) -> None:
+    """In place on p (an fp32 copy of the param), m and v (fresh decoded moments): _adamw8_math's op sequence with
+    few full-size temporaries (what the memory planner counts for the twin); the fp64 root chunk by chunk."""
+    m.mul_(h[0]).add_(g * h[1])
+    v.mul_(h[2]).add_((g * g).mul_(h[3]))
+    denom = torch.empty_like(v)
+    flat_v, flat_d = v.view(-1), denom.view(-1)
+    for start in range(0, flat_v.numel(), _SQRT_CHUNK):
+        flat_d[start:start + _SQRT_CHUNK].copy_(flat_v[start:start + _SQRT_CHUNK].to(torch.float64).sqrt_())
+    denom.mul_(h[4]).add_(h[5])
+    if decay:
+        p.mul_(h[6])
+    torch.maximum(denom, m.abs().mul_(h[7]), out=denom)
+    torch.div(m, denom, out=denom)
+    p.add_(denom.mul_(h[8]))
+
+
 def _update_8bit_twin_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta1: float,
                        beta2: float, eps: float, weight_decay: float, step: int, block_size: int, write,
                        checked: bool = True) -> None:
-    # Order of operations as in bnb's pure-torch reference for "adam" (8-bit blockwise), plus the direction bound.
     # The stored absmax values were written by quantize_moment8 (finite, >= 0): no value check on the way in.
     exp_avg = dequantize_moment8(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True,
                                  block_size=block_size, dtype=torch.float32, check_values=False)
     exp_avg_sq = dequantize_moment8(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False,
                                     block_size=block_size, dtype=torch.float32, squared=True, check_values=False)
-    g = grad.to(torch.float32)
+    h = _hyper_tensor(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
+                      device=param.device)
     p = param.to(torch.float32, copy=True)
-    exp_avg.mul_(beta1).add_(g, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    bias_correction1 = 1.0 - beta1 ** step
-    bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    if weight_decay > 0.0:
-        p.mul_(1.0 - lr * weight_decay)
-    # The direction bound as a floor on the denominator, |m̂| / bound: where it does not bind, the arithmetic is
-    # exactly bnb's reference order (addcdiv with lr / (1 - β1ᵗ) folded in).
-    bound = adam_direction_bound(step, beta1, beta2)
-    torch.maximum(denom, exp_avg.abs().mul_(1.0 / (bias_correction1 * bound)), out=denom)
-    p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+    _adamw8_math_(p, grad.to(torch.float32), exp_avg, exp_avg_sq, h, weight_decay > 0.0)
     # Quantize before writing anything: quant.moments8 rejects non-finite moments, and a NaN gradient must then
     # leave param and state as they were.
     encoded = {}
@@ -272,6 +316,56 @@ def _update_8bit_twin_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *,
     write(param, p)
     for key, value in encoded.items():
         state[key].copy_(value)
+
+
+def _fused_applies(param: Tensor, grad: Tensor) -> bool:
+    """Whether the compiled 8-bit step serves this call: compiled kernels in use (not under the live-bytes meter,
+    which measures the twin), an fp32 contiguous param (a bf16 param's write, nearest or stochastic, stays with the
+    twin)."""
+    return (compiled.use_kernels() and param.dtype == torch.float32 and param.is_contiguous()
+            and grad.shape == param.shape)
+
+
+def _all_finite(x: Tensor) -> bool:
+    return bool(torch.isfinite(x.sum(dtype=torch.float32))) or bool(torch.isfinite(x).all())
+
+
+def _adamw8_kernel(p: Tensor, g: Tensor, m_codes: Tensor, m_absmax: Tensor, v_codes: Tensor, v_absmax: Tensor,
+                   m_tables: tuple[Tensor, Tensor, Tensor], v_tables: tuple[Tensor, Tensor, Tensor], h: Tensor,
+                   keep_old: Tensor, *, block_size: int, tail: bool, decay: bool) -> tuple[Tensor, ...]:
+    """One 8-bit AdamW step on flat p fp32 (numel,), its codes uint8 (numel,) and absmax fp32 (nb,): decode,
+    _adamw8_math, encode, and where keep_old (0-dim bool) the old values kept. Returns the new (p, m codes,
+    m absmax, v codes, v absmax); the caller copies them back. Writing them in place inside the kernel let
+    inductor order a write of the first moment's codes before a later read of them (wrong bits)."""
+    m_old = decode_traceable(m_codes, m_absmax, m_tables[0], block_size=block_size, tail=tail)
+    v_old = decode_traceable(v_codes, v_absmax, v_tables[0], block_size=block_size, tail=tail)
+    p_new, m_new, v_new = _adamw8_math(p, g.to(torch.float32), m_old, v_old, h, decay)
+    m_codes_new, m_absmax_new = encode_traceable(m_new, m_tables[1], m_tables[2], block_size=block_size, tail=tail)
+    v_codes_new, v_absmax_new = encode_traceable(v_new, v_tables[1], v_tables[2], block_size=block_size, tail=tail)
+    return tuple(torch.where(keep_old, old, new) for old, new in (
+        (p, p_new), (m_codes, m_codes_new), (m_absmax, m_absmax_new), (v_codes, v_codes_new), (v_absmax, v_absmax_new)))
+
+
+def _update_8bit_fused_(param: Tensor, grad: Tensor, state: dict[str, Tensor], keep_old: Tensor | None, *,
+                        block_size: int, hyper: dict) -> None:
+    """_update_8bit_twin_ (plus the keep_old guard) as one compiled kernel over the whole tensor, same bits."""
+    device = param.device
+    decay = hyper["weight_decay"] > 0.0
+    h = _hyper_tensor(device=device, **hyper)
+    keep = torch.zeros((), dtype=torch.bool, device=device) if keep_old is None else keep_old
+    flat = {k: state[k].view(-1) for k in ("exp_avg_codes", "exp_avg_sq_codes")}
+
+    def eager(*args, **static):
+        with torch.no_grad():
+            return _adamw8_kernel(*args, **static)
+
+    targets = (param.view(-1), flat["exp_avg_codes"], state["exp_avg_absmax"], flat["exp_avg_sq_codes"],
+               state["exp_avg_sq_absmax"])
+    results = compiled.call("float_adamw8", _adamw8_kernel, eager, targets[0], grad.reshape(-1), *targets[1:],
+                            codec_tables(True, device), codec_tables(False, device, squared=True), h, keep,
+                            block_size=block_size, tail=param.numel() % block_size != 0, decay=decay)
+    for target, value in zip(targets, results):
+        target.copy_(value)
 
 
 _QMAPS: dict[tuple[str, bool], Tensor] = {}
