@@ -78,6 +78,12 @@ class Claim:
     evidence: str
 
 
+def _single_seed_note(a: Band, b: Band) -> str:
+    """What a claim from fewer than two seeds on either side is worth: one observation, no noise band."""
+    few = [band.method for band in (a, b) if band.n < 2]
+    return f"; one seed of {' and '.join(few)}: a single observation, no noise band" if few else ""
+
+
 def within_percent(a: Band, b: Band, percent: float, text: str) -> Claim:
     """One-sided: A's mean loss at most `percent` % above B's mean, or inside B's seed band. Lower is better, so A
     below B reproduces the claim too (the evidence says by how much)."""
@@ -86,7 +92,7 @@ def within_percent(a: Band, b: Band, percent: float, text: str) -> Claim:
     ma, mb = a.mean(), b.mean()
     gap = (ma - mb) / mb * 100
     evidence = (f"{a.method} {ma:.4f} (n={a.n}) vs {b.method} {mb:.4f} (n={b.n}, band {b.low():.4f}-{b.high():.4f}): "
-                f"{gap:+.2f}%")
+                f"{gap:+.2f}%{_single_seed_note(a, b)}")
     if gap <= percent or b.contains(ma):
         return Claim(text, "reproduced", evidence)
     return Claim(text, "not reproduced", evidence + f" ({gap - percent:.2f} points beyond {percent:g}%)")
@@ -96,7 +102,8 @@ def no_worse(a: Band, b: Band, text: str) -> Claim:
     if not a.n or not b.n:
         return Claim(text, "not measured", f"{a.method}: {a.n} run(s), {b.method}: {b.n} run(s)")
     ma, mb = a.mean(), b.mean()
-    evidence = f"{a.method} {ma:.4f} (n={a.n}) vs {b.method} {mb:.4f} (n={b.n}): {(ma - mb) / mb * 100:+.2f}%"
+    evidence = (f"{a.method} {ma:.4f} (n={a.n}) vs {b.method} {mb:.4f} (n={b.n}): {(ma - mb) / mb * 100:+.2f}%"
+                f"{_single_seed_note(a, b)}")
     if ma <= mb:
         return Claim(text, "reproduced", evidence)
     if b.contains(ma) or a.contains(mb):

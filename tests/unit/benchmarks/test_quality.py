@@ -56,6 +56,9 @@ def test_claims_are_one_sided_and_use_the_seed_band():
     assert within_percent(Band.empty("lowmem"), adamw, 1.0, "c").verdict == "not measured"
     verdicts = [c.verdict for c in reading({"lowmem": lower, "adamw-fp32": adamw})]
     assert verdicts == ["reproduced", "not measured", "not measured"]
+    # a claim resting on one seed says so; one with a band on both sides does not
+    assert "one seed of lowmem: a single observation" in within_percent(lower, adamw, 1.0, "c").evidence
+    assert "one seed" not in no_worse(in_band, adamw, "c").evidence
 
 
 def test_ledger_round_trip_and_refusals(tmp_path):
