@@ -113,6 +113,9 @@ def float_adamw_update_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *
       - for NaN/Inf gradient elements the kernel zeroes both moments and leaves the param element untouched; the
         8-bit twin raises ValueError (quant.moments8 refuses non-finite moments) before changing param or state,
         and the 32-bit path propagates the NaN like torch.optim.AdamW does.
+    With compilation on, an fp32 contiguous param at bits=8 ("auto"/"torch") takes one compiled kernel instead:
+    decode, the twin's arithmetic, encode and the keep_old guard in a single pass, bit-identical to the twin
+    (tests/unit/lowmem/optim/test_float_adamw.py); a non-finite grad then raises before anything is written.
     keep_old: a 0-dim bool tensor on param's device (the fused runtime's device-side skip of a non-finite step).
     The update then runs over flat chunks of GUARD_CHUNK_ELEMENTS (a multiple of every 8-bit block size that
     divides it, so the bytes are those of one whole-tensor call, stochastic rounding included: each chunk's noise
