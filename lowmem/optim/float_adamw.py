@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 
 from lowmem.optim.moments import adam_direction_bound
-from quant.bf16 import sr_to_bf16
 from quant import compiled
-from quant.moments8 import (codec_tables, decode_traceable, dequantize_moment8, dynamic_map,
-                            encode_traceable, quantize_moment8)
+from quant.bf16 import sr_to_bf16
+from quant.moments8 import (codec_tables, decode_traceable, dequantize_moment8, dynamic_map, encode_traceable,
+                            quantize_moment8)
 
 STATE_BITS = (8, 32)
 BACKENDS = ("auto", "bnb", "torch")
