@@ -359,7 +359,7 @@ def sr_chunk_(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, *, key
     copied back: the int8 codes and scales cost little to copy, the delta one pass. Block views of the unpadded
     rows would instead give the compiler stride relations and storage offsets to guard on (a new graph for each
     combination), and a padded form compiled to a kernel ~5x slower than the aligned one."""
-    if _eager_needed():
+    if _eager_needed() or q.numel() == 0:  # inductor asserts on some empty layouts; an empty chunk is a no-op anyway
         eager(q, scales, delta)
         return
     rows, n = q.shape
@@ -387,7 +387,7 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, *, block_size: int, dtype:
     short last block run the eager twin (two multiplications into views of the output; a padded compiled form was
     ~4x slower than it), except inside the caller's own torch.compile, which traces the padded form."""
     tail = q.shape[1] % block_size != 0
-    if _eager_needed() or (tail and not torch.compiler.is_compiling()):
+    if _eager_needed() or q.numel() == 0 or (tail and not torch.compiler.is_compiling()):
         return eager(q, scales, block_size, dtype)
     return call("dequantize", _dequantize_kernel, _run_plain(_dequantize_kernel), q, scales,
                 block_size=block_size, dtype=dtype, tail=tail)
@@ -422,7 +422,7 @@ def moment8_encode_ops(x: torch.Tensor, midpoints: torch.Tensor, buckets: torch.
 def moment8_encode(x: torch.Tensor, midpoints: torch.Tensor, buckets: torch.Tensor, *, block_size: int,
                    bucket_shift: int, buckets_half: int, eager: Callable):
     """quant.moments8's twin encode of flat x (numel,) as one compiled kernel; eager(x) is the reference path."""
-    if _eager_needed():
+    if _eager_needed() or x.numel() == 0:
         return eager(x)
     return call("moment8_encode", moment8_encode_ops, _run_plain(moment8_encode_ops), x, midpoints,
                 buckets, block_size=block_size, tail=x.shape[0] % block_size != 0, bucket_shift=bucket_shift,

@@ -325,7 +325,7 @@ def _fused_applies(param: Tensor, grad: Tensor) -> bool:
     """Whether the compiled 8-bit step serves this call: compiled kernels in use (not under the live-bytes meter,
     which measures the twin), an fp32 contiguous param (a bf16 param's write, nearest or stochastic, stays with the
     twin)."""
-    return (compiled.use_kernels() and param.dtype == torch.float32 and param.is_contiguous()
+    return (compiled.use_kernels() and param.dtype == torch.float32 and param.is_contiguous() and param.numel() > 0
             and grad.shape == param.shape)
 
 

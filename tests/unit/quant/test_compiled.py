@@ -330,3 +330,16 @@ def test_moment8_codec_bit_identical(shape, signed, squared):
     assert compiled.failure() is None
     assert torch.equal(c_c, c_e) and torch.equal(a_c, a_e) and torch.equal(d_c, d_e)
     assert x.numel() < 200 or len(torch.unique(c_e)) > 20  # many distinct codes: not a vacuous comparison
+
+
+def test_empty_inputs_leave_compilation_on():
+    """Empty matrices and moments take the eager path and do not turn compilation off for the process (an empty
+    layout made inductor assert, which the policy would have read as a missing compiler)."""
+    from quant.moments8 import quantize_moment8
+    compiled.set_enabled(True)
+    for shape in [(0, 10), (4, 0), (0, 0), (3, 512)]:
+        q, s = quantize_int8(torch.ones(shape))
+        assert dequantize_int8(q, s).shape == shape
+        sr_update_int8_(q, s, torch.zeros(shape), **KEY)
+        quantize_moment8(torch.zeros(shape), signed=True)
+        assert compiled.failure() is None, shape
