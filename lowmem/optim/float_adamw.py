@@ -351,7 +351,7 @@ def _adamw8_kernel(p: Tensor, g: Tensor, m_codes: Tensor, m_absmax: Tensor, v_co
 
 def _update_8bit_fused_(param: Tensor, grad: Tensor, state: dict[str, Tensor], keep_old: Tensor | None, *,
                         block_size: int, hyper: dict) -> None:
-    """_update_8bit_twin_ (plus the keep_old guard) as one compiled kernel over the whole tensor, same bits."""
+    """_update_8bit_twin_ (plus the keep_old guard) as one compiled kernel per flat chunk, same bits."""
     device = param.device
     decay = hyper["weight_decay"] > 0.0
     h = _hyper_tensor(device=device, **hyper)
@@ -362,13 +362,21 @@ def _update_8bit_fused_(param: Tensor, grad: Tensor, state: dict[str, Tensor], k
         with torch.no_grad():
             return _adamw8_kernel(*args, **static)
 
-    targets = (param.view(-1), flat["exp_avg_codes"], state["exp_avg_absmax"], flat["exp_avg_sq_codes"],
-               state["exp_avg_sq_absmax"])
-    results = compiled.call("float_adamw8", _adamw8_kernel, eager, targets[0], grad.reshape(-1), *targets[1:],
-                            codec_tables(True, device), codec_tables(False, device, squared=True), h, keep,
-                            block_size=block_size, tail=param.numel() % block_size != 0, decay=decay)
-    for target, value in zip(targets, results):
-        target.copy_(value)
+    # Flat chunks of whole blocks: the kernel returns its results before they are copied back, so a chunk bounds
+    # that transient (6 bytes per element) the way the twin's guarded chunks bound theirs.
+    chunk = max(block_size, GUARD_CHUNK_ELEMENTS // block_size * block_size)
+    numel = param.numel()
+    m_tables, v_tables = codec_tables(True, device), codec_tables(False, device, squared=True)
+    for e0 in range(0, numel, chunk):
+        e1 = min(numel, e0 + chunk)
+        b0, b1 = e0 // block_size, -(-e1 // block_size)
+        targets = (param.view(-1)[e0:e1], flat["exp_avg_codes"][e0:e1], state["exp_avg_absmax"][b0:b1],
+                   flat["exp_avg_sq_codes"][e0:e1], state["exp_avg_sq_absmax"][b0:b1])
+        results = compiled.call("float_adamw8", _adamw8_kernel, eager, targets[0], grad.reshape(-1)[e0:e1],
+                                *targets[1:], m_tables, v_tables, h, keep, block_size=block_size,
+                                tail=(e1 - e0) % block_size != 0, decay=decay)
+        for target, value in zip(targets, results):
+            target.copy_(value)
 
 
 _QMAPS: dict[tuple[str, bool], Tensor] = {}

@@ -464,3 +464,26 @@ def test_8bit_compiled_step_is_bit_identical_to_twin(shape, weight_decay, guarde
     assert torch.equal(p_c, p_e)
     assert all(torch.equal(s_c[k], s_e[k]) for k in s_e)
     assert not torch.equal(p_e, torch.randn(shape, generator=torch.Generator().manual_seed(7)))
+
+
+def test_8bit_compiled_step_in_several_chunks_is_bit_identical(monkeypatch):
+    """The compiled step works in flat chunks of whole blocks (a bound on its transient): with chunks of 512 values a
+    2250-value param (four full chunks' worth of blocks and a partial last block) gives the twin's bytes."""
+    from lowmem.optim import float_adamw
+    from quant import compiled
+    monkeypatch.setattr(float_adamw, "GUARD_CHUNK_ELEMENTS", 512)
+
+    def run(use_compiled):
+        compiled.set_enabled(use_compiled)
+        try:
+            param = torch.randn(50, 45, generator=torch.Generator().manual_seed(9))
+            state = init_float_adamw_state(param, bits=8)
+            for i, g in enumerate(_grads((50, 45), 4, seed=10)):
+                float_adamw_update_(param, g, state, weight_decay=0.1, keep_old=torch.tensor(i == 1), **HYPER)
+            return param, state
+        finally:
+            compiled.set_enabled(True)
+
+    (p_c, s_c), (p_e, s_e) = run(True), run(False)
+    assert compiled.failure() is None
+    assert torch.equal(p_c, p_e) and all(torch.equal(s_c[k], s_e[k]) for k in s_e)
