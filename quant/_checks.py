@@ -42,7 +42,7 @@ def rank(x: torch.Tensor, name: str, ndim: int) -> torch.Tensor:
 _FP32_MAX = torch.finfo(torch.float32).max
 
 
-def _all_finite(x: torch.Tensor) -> bool:
+def all_finite(x: torch.Tensor) -> bool:
     """Whether x has no NaN or +-Inf. A finite sum implies that (NaN and Inf propagate through every addition), and
     a sum is one pass with no allocation (~10x cheaper than isfinite(x).all() on CPU); only a non-finite sum
     (a bad entry, or a sum beyond the float range) pays for the exact test."""
@@ -55,7 +55,7 @@ def _all_finite(x: torch.Tensor) -> bool:
 def finite(x: torch.Tensor, name: str, where: str = "") -> torch.Tensor:
     """Raise ValueError naming how many entries of x are NaN or +-Inf (one reduction; a sync on CUDA). fp64 input
     must also fit fp32, since every kernel computes in fp32."""
-    if x.numel() and not _all_finite(x):
+    if x.numel() and not all_finite(x):
         n_bad = int((~torch.isfinite(x)).sum())
         n_nan = int(torch.isnan(x).sum())
         raise ValueError(f"{name}{where} has {n_bad} non-finite value(s) ({n_nan} NaN, {n_bad - n_nan} Inf) "

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from lowmem.optim.moments import adam_direction_bound
 from quant import compiled
+from quant._checks import all_finite
 from quant.bf16 import sr_to_bf16
 from quant.moments8 import (codec_tables, decode_traceable, dequantize_moment8, dynamic_map, encode_traceable,
                             quantize_moment8)
@@ -152,7 +153,7 @@ def float_adamw_update_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *
             _check_8bit_layout(param, state, block_size)
         use_bnb = bits == 8 and backend == "bnb"   # "auto" runs the twin: see "Why" above
         if bits == 8 and not use_bnb and _fused_applies(param, grad):
-            if keep_old is None and not _all_finite(grad):
+            if keep_old is None and not all_finite(grad):
                 raise ValueError("grad has non-finite values; the 8-bit AdamW step needs a finite gradient")
             _update_8bit_fused_(param, grad, state, keep_old, block_size=block_size, hyper=hyper)
         elif keep_old is None:
@@ -327,10 +328,6 @@ def _fused_applies(param: Tensor, grad: Tensor) -> bool:
     twin)."""
     return (compiled.use_kernels() and param.dtype == torch.float32 and param.is_contiguous() and param.numel() > 0
             and grad.shape == param.shape)
-
-
-def _all_finite(x: Tensor) -> bool:
-    return bool(torch.isfinite(x.sum(dtype=torch.float32))) or bool(torch.isfinite(x).all())
 
 
 def _adamw8_kernel(p: Tensor, g: Tensor, m_codes: Tensor, m_absmax: Tensor, v_codes: Tensor, v_absmax: Tensor,
