@@ -370,6 +370,9 @@ ABLATIONS: dict[str, tuple[dict, str]] = {
     "lowmem-no-sr": ({"stochastic_rounding": False}, "INT8 weights rounded to nearest instead of stochastically"),
     "lowmem-float-weights": ({"int8_weights": False, "stochastic_rounding": False},
                              "float weights instead of INT8"),
+    "lowmem-moments-fp32": ({"optim_bits": 32, "float_optim_bits": 32}, "fp32 Adam moments instead of 8-bit"),
+    "lowmem-transfer-rotate": ({"moment_transfer": "rotate"}, "moments rotated into the new basis at a refresh"),
+    "lowmem-transfer-reset": ({"moment_transfer": "reset"}, "moments reset to zero at a refresh"),
 }
 
 ABLATION_METHODS = [

@@ -41,7 +41,10 @@ SEEDED_METHODS = ("adamw-fp32", "adamw-bf16", "lowmem")           # several seed
 SINGLE_SEED_METHODS = {
     "pretrain": ("galore-torch", "apollo", "lora", "lowmem-svd", "lowmem-no-cross-head", "lowmem-proj-fp32",
                  "lowmem-fixed-refresh", "lowmem-no-residual", "lowmem-no-sr", "lowmem-float-weights"),
-    "finetune": ("galore-torch", "lora"),
+    # ablations first: they say which component costs lowmem its fine-tune loss; the most telling ones lead
+    "finetune": ("galore-torch", "lowmem-float-weights", "lowmem-moments-fp32", "lowmem-proj-fp32",
+                 "lowmem-fixed-refresh", "lowmem-transfer-reset", "lowmem-transfer-rotate", "lowmem-no-residual",
+                 "lowmem-svd", "lora"),
 }
 
 
