@@ -325,12 +325,17 @@ class TrainConfig:
                     _choice("auto", "bf16", "fp32"))
     gradient_checkpointing: bool = _f(False, "Recompute activations during backward (non-reentrant) to save "
                                              "activation memory; true or false.", _bool)
+    activation_offload: bool = _f(False, "With gradient_checkpointing: keep the checkpointed layer inputs in pinned "
+                                         "host memory between forward and backward (one layer's input on the GPU "
+                                         "at a time; lowmem.model.offload); no effect on a CPU device; true or "
+                                         "false.", _bool)
     fused_loss: bool = _f(True, "Compute the loss with lowmem's fused linear + cross-entropy (vocabulary blocks, no "
                                 "(tokens, vocab) fp32 logits; lowmem.model.fused_loss) instead of the model's own "
                                 "loss; true or false.", _bool)
     fit: str = _f("off", "'auto': when the run does not fit the device, let the memory planner pick the cheapest "
-                         "settings that do (gradient checkpointing, optim.rank, micro_batch_size with more "
-                         "accumulation: the global batch is kept) and print them; 'off': refuse and name a fix.",
+                         "settings that do (gradient checkpointing, activation offload, micro_batch_size with "
+                         "more accumulation, optim.rank; the global batch is kept) and print them; 'off': refuse "
+                         "and name a fix.",
                   _choice("off", "auto"))
     export: bool = _f(True, "Export a bf16 Hugging Face model into output_dir at the end; true or false.", _bool)
     force: bool = _f(False, "Run even when the memory preflight predicts the run will not fit; true or false.",
@@ -338,6 +343,9 @@ class TrainConfig:
 
     def __post_init__(self):
         _validate_fields(self, "")
+        if self.activation_offload and not self.gradient_checkpointing:
+            raise ConfigError("activation_offload moves the layer inputs that gradient checkpointing keeps: set "
+                              "gradient_checkpointing: true as well (or activation_offload: false)")
         if self.warmup_steps > self.max_steps:
             raise ConfigError(f"warmup_steps must be <= max_steps = {self.max_steps}, got {self.warmup_steps}")
         try:

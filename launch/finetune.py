@@ -232,7 +232,12 @@ def _train(par, progress: dict) -> dict:
         loaded = load_model(cfg.model, dtype=dtype, tokenizer=cfg.tokenizer, seed=cfg.seed)
     model, tokenizer = loaded.model, loaded.tokenizer
     model.to(device)
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing and cfg.activation_offload and device.type == "cuda":
+        from lowmem.model.offload import enable_offloaded_checkpointing
+        enable_offloaded_checkpointing(model)
+    elif cfg.gradient_checkpointing:
+        if cfg.activation_offload:
+            say(f"activation_offload: the device is the host ({device.type}); nothing to offload, left off")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 

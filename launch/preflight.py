@@ -34,7 +34,8 @@ def fit_automatically(cfg, model_config, device: torch.device, *, zero_stage: in
     chose); the config unchanged and a line saying so when nothing tried fits."""
     plan = auto_fit(cfg, model_config, device, zero_stage=zero_stage, world_size=world_size)
     if plan is None:
-        return cfg, "fit: auto found no setting that fits (checkpointing, micro-batch, rank down to 32)"
+        return cfg, ("fit: auto found no setting that fits (checkpointing, activation offload on a GPU, "
+                     "micro-batch, rank down to 32)")
     changes = {k: v for k, v in plan.changes.items() if not k.startswith("optim.")}
     if "optim.rank" in plan.changes:
         changes["optim"] = OptimSection({**cfg.optim.to_dict(), "rank": plan.changes["optim.rank"]})

@@ -122,15 +122,27 @@ def _moments8(numel: int, block: int = 256) -> int:
     return 2 * (numel + 4 * _cdiv(numel, block))
 
 
-def _activations(s: ModelShape, tok: int, dtype_bytes: int, checkpointing: bool) -> int:
-    """Saved-for-backward bytes of the whole forward (layers + embedding output + final norm + RoPE tables)."""
+def _activations(s: ModelShape, tok: int, dtype_bytes: int, checkpointing: bool, offload: bool = False,
+                 recompute: bool = True) -> int:
+    """Saved-for-backward bytes of the whole forward (layers + embedding output + final norm + RoPE tables).
+    With checkpointing, `recompute`: during a layer's backward, one layer rebuilt (otherwise, at the loss and the
+    head, only the kept inputs). offload (lowmem.model.offload): the layer inputs wait in host memory; one is on the
+    device at a time, copied back for its layer's recompute."""
     per_layer = tok * (dtype_bytes * (8 * s.hidden + 2 * s.kv_heads * s.head_dim + 4 * s.inter)
                        + 4 * (s.heads + 2))
     if dtype_bytes < 4:   # HF RMSNorm upcasts to fp32: input copy and normalised value kept in fp32 (2 norms)
         per_layer += tok * 2 * (8 - 2 * dtype_bytes) * s.hidden
     outer = tok * (dtype_bytes * 3 * s.hidden + 4) + 2 * 4 * tok * s.head_dim
     if checkpointing:   # layer inputs only, plus one layer rebuilt during its backward
-        return s.layers * tok * s.hidden * dtype_bytes + per_layer + outer
+        if not recompute:
+            return (0 if offload else s.layers * tok * s.hidden * dtype_bytes) + outer
+        # in a layer's backward the final norm's and the head's saved tensors are gone (their backward ran) and the
+        # embedding's output is layer 0's kept input: RoPE tables and the loss's per-token scalar remain. Kept inputs:
+        # all L on the device; none with offload, the copy brought back being the rebuilt layer's saved input (in
+        # per_layer). Measured with LiveTensorBytes around a lowmem step (tests/unit/lowmem/memory/test_memory.py):
+        # offload frees L inputs' bytes, not L - 1
+        kept_inputs = 0 if offload else s.layers
+        return kept_inputs * tok * s.hidden * dtype_bytes + per_layer + 4 * tok + 2 * 4 * tok * s.head_dim
     return s.layers * per_layer + outer
 
 
@@ -360,11 +372,13 @@ def _fused_loss_moments(s: ModelShape, cfg, tok: int, db: int, acts: int, head_l
 
 def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, gradient_checkpointing: bool,
              lowmem_config=None, dtype: torch.dtype = torch.bfloat16, device_type: str = "cuda",
-             zero_stage: int = 0, world_size: int = 1, fused_loss: bool = False) -> MemoryBreakdown:
+             zero_stage: int = 0, world_size: int = 1, fused_loss: bool = False,
+             activation_offload: bool = False) -> MemoryBreakdown:
     """Predicted peak bytes of one training step of `method` (see METHODS) on ONE of `world_size` ranks under
     lowmem's ZeRO `zero_stage` (0..3); the defaults are the single-process estimate. `fused_loss`: the loss is
     lowmem.model.fused_loss (vocabulary blocks) instead of the model's own logits + cross-entropy (methods 'lowmem'
-    and 'q_galore'). See the module docstring."""
+    and 'q_galore'). `activation_offload` (needs gradient_checkpointing): the checkpointed layer inputs wait in host
+    memory (lowmem.model.offload), which is not counted. See the module docstring."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if isinstance(zero_stage, bool) or zero_stage not in (0, 1, 2, 3):
@@ -381,6 +395,9 @@ def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, 
         raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     if device_type not in ("cuda", "cpu"):
         raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
+    if activation_offload and not gradient_checkpointing:
+        raise ValueError("activation_offload moves the inputs that gradient checkpointing keeps: it needs "
+                         "gradient_checkpointing=True")
     s = ModelShape.from_config(model_config)
     tok = seq_len * micro_batch_size
     db = torch.finfo(dtype).bits // 8
@@ -460,7 +477,10 @@ def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, 
             layer_transient = max(m * n for _, m, n in s.linears()) * db * (2 if method == "dora" else 1)
 
     # -- the four moments of a step -----------------------------------------------------------------------------
-    acts = _activations(s, tok, db, gradient_checkpointing)
+    acts = _activations(s, tok, db, gradient_checkpointing, activation_offload)
+    # lowmem's runtime: at the loss and the head no checkpointed layer is being rebuilt yet
+    acts_head = _activations(s, tok, db, gradient_checkpointing, activation_offload, recompute=False) if fused \
+        else acts
     btv = tok * s.vocab
     up = 0 if db == 4 else 4   # logits upcast to fp32 before the loss
     logits_fwd = btv * (db + up + 4)
@@ -468,45 +488,41 @@ def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, 
     emb_param_bytes = db if (fused or method in ("adamw_bf16", "adamw_8bit", "galore")) else 4
     head_trained = not method in ("lora", "qlora", "dora")
     head_grad = emb * emb_param_bytes if head_trained else 0
-    moments = {"loss": {"activations": acts, "logits_and_loss": logits_fwd, "layer_transients": 0}}
+    moments = {"loss": {"activations": acts_head, "logits_and_loss": logits_fwd, "layer_transients": 0}}
     if fused:
         # a low-rank head's gradient reaches the runtime as an operator, never as a tensor (head_grad stays the
         # size of the embedding's gradient, used at 'end')
         head_w_grad = 0 if head_lr else head_grad
         head_update = 0 if s.tied or head_lr else _float_update_bytes(emb, emb_param_bytes, emb_bits, sr=sr)
-        if head_update or not (s.tied or head_lr):
-            # per-tensor clipping scales a copy of the gradient (grad * coef) before the AdamW update
-            head_update += head_w_grad if cfg.grad_clip is not None and cfg.clip_mode == "per_tensor" else 0
         th = tok * s.hidden
         if fused_loss:
-            moments.update(_fused_loss_moments(s, cfg, tok, db, acts, head_lr, head_w_grad, head_update))
+            moments.update(_fused_loss_moments(s, cfg, tok, db, acts_head, head_lr, head_w_grad, head_update))
         elif head_lr:
             # the model's own loss with an Int8Linear head: its forward dequantises the whole head, its backward
             # again for grad_input, then hands the logits' gradient (and an fp32 copy) with X to the runtime
             a32 = 4 * btv if db < 4 else 0
-            moments["head_fwd"] = {"activations": acts, "logits_and_loss": btv * db,
+            moments["head_fwd"] = {"activations": acts_head, "logits_and_loss": btv * db,
                                    "layer_transients": emb * db}
-            moments["head"] = {"activations": acts, "logits_and_loss": logits_bwd, "layer_transients": 0}
-            moments["head_mm"] = {"activations": acts, "logits_and_loss": 4 * btv + btv * db,
+            moments["head"] = {"activations": acts_head, "logits_and_loss": logits_bwd, "layer_transients": 0}
+            moments["head_mm"] = {"activations": acts_head, "logits_and_loss": 4 * btv + btv * db,
                                   "layer_transients": emb * db + th * db}
-            moments["head_update"] = {"activations": acts, "logits_and_loss": btv * db + a32,
+            moments["head_update"] = {"activations": acts_head, "logits_and_loss": btv * db + a32,
                                       "layer_transients": th * db + (4 * th if db < 4 else 0)
                                       + _head_sink_transient(s, cfg, tok, db, 0)}
         else:
             # CE backward: log-softmax, its gradient and the logits' gradient; then lm_head's node holds the logits'
             # gradient, grad_hidden and the weight gradient; its AdamW update runs after the logits' gradient is freed
-            moments["head"] = {"activations": acts, "logits_and_loss": logits_bwd, "layer_transients": 0}
-            moments["head_mm"] = {"activations": acts, "logits_and_loss": 4 * btv,
+            moments["head"] = {"activations": acts_head, "logits_and_loss": logits_bwd, "layer_transients": 0}
+            moments["head_mm"] = {"activations": acts_head, "logits_and_loss": 4 * btv,
                                   "layer_transients": head_w_grad + th * db}
-            moments["head_update"] = {"activations": acts, "logits_and_loss": 0,
+            moments["head_update"] = {"activations": acts_head, "logits_and_loss": 0,
                                       "layer_transients": head_w_grad + th * db + head_update}
         held = head_grad if s.tied else 0     # tied: lm_head's gradient waits for the embedding's
         moments["layer"] = {"activations": acts, "logits_and_loss": 0, "layer_transients": held + layer_transient}
         grad_sum = 3 * head_grad if s.tied else head_grad
-        # commit: squared-norm temp, clipped copy, then the update workspace (the sum's inputs are freed by then)
-        clipped = head_grad if cfg.grad_clip is not None and cfg.clip_mode == "per_tensor" else 0  # grad * coef
-        update = max(grad_sum, head_grad + max(4 * emb, clipped + _float_update_bytes(emb, emb_param_bytes,
-                                                                                      emb_bits, sr=sr)))
+        # commit: squared-norm temp, then the update workspace (the sum's inputs are freed by then; clipping scales
+        # the gradient in place)
+        update = max(grad_sum, head_grad + max(4 * emb, _float_update_bytes(emb, emb_param_bytes, emb_bits, sr=sr)))
         if emb_lr:
             # Int8Embedding's backward: the output gradient, its rows summed per distinct id (fp32, ids int64),
             # then the same low-rank products and commit as a (V, h) head

@@ -60,10 +60,14 @@ def _lowmem_config(cfg):
     raise TypeError(f"preflight needs a launch TrainConfig (with lowmem_config()), got {type(cfg).__name__}")
 
 
-def _settings(cfg) -> dict:
+def _settings(cfg, device: torch.device) -> dict:
+    """The run's shape settings for `estimate`; activation offload counts only on a GPU (launch leaves it off when
+    the device is the host)."""
     return {"seq_len": int(cfg.seq_len), "micro_batch_size": int(cfg.micro_batch_size),
             "gradient_checkpointing": bool(getattr(cfg, "gradient_checkpointing", False)),
-            "fused_loss": bool(getattr(cfg, "fused_loss", False))}
+            "fused_loss": bool(getattr(cfg, "fused_loss", False)),
+            "activation_offload": bool(getattr(cfg, "activation_offload", False))
+            and bool(getattr(cfg, "gradient_checkpointing", False)) and device.type == "cuda"}
 
 
 def _dtype(cfg, device: torch.device) -> torch.dtype:
@@ -99,7 +103,7 @@ def preflight(cfg, model_config, device: torch.device, *, zero_stage: int = 0,
     total = _device_bytes(device)
     limit = int(FIT_FRACTION * total)
     optim = _lowmem_config(cfg)
-    settings = _settings(cfg)
+    settings = _settings(cfg, device)
     dtype = _dtype(cfg, device)
 
     def peak(opt, st, stage=zero_stage) -> int:
@@ -115,8 +119,13 @@ def preflight(cfg, model_config, device: torch.device, *, zero_stage: int = 0,
     # cheapest first: a ZeRO stage that partitions optimizer state costs no compute; stage 3 adds weight gathers
     zero2 = [("deepspeed=launch/configs/ds_zero2.json", optim, settings, 2)] if world > 1 and zero_stage < 1 else []
     zero3 = [("deepspeed=launch/configs/ds_zero3.json", optim, settings, 3)] if world > 1 and zero_stage < 3 else []
+    # offloading checkpointed inputs to host memory needs a separate host: a GPU
+    offload = [("gradient_checkpointing=true activation_offload=true", optim,
+                {**settings, "gradient_checkpointing": True, "activation_offload": True}, zero_stage)] \
+        if device.type == "cuda" else []
     candidates = zero2 + [
         ("gradient_checkpointing=true", optim, {**settings, "gradient_checkpointing": True}, zero_stage),
+        *offload,
         *zero3,
         (f"optim.rank={max(1, optim.rank // 2)}", dataclasses.replace(optim, rank=max(1, optim.rank // 2)),
          settings, zero_stage),
@@ -159,16 +168,18 @@ def auto_fit(cfg, model_config, device: torch.device, *, zero_stage: int = 0, wo
     """The cheapest settings that fit `device` (95% of its memory), or None when nothing tried fits.
 
     Tried in order of cost, first fit wins: the run as configured; gradient checkpointing (recompute, ~1/3 more
-    forward compute); smaller micro-batches with more accumulation (micro_batch_size halved, grad_accum_steps
-    doubled: the global batch and the update are kept, the step takes more passes); only then a lower optim.rank
-    (halved down to 32, which changes the optimizer), each rank with the cheapest of the compute-only settings.
+    forward compute); on a GPU, checkpointing with the kept layer inputs offloaded to host memory (one copy per
+    layer each way over PCIe); smaller micro-batches with more accumulation (micro_batch_size halved,
+    grad_accum_steps doubled: the global batch and the update are kept, the step takes more passes); only then a
+    lower optim.rank (halved down to 32, which changes the optimizer), each rank with the cheapest of the
+    compute-only settings.
     `device_bytes` replaces the device's memory (planning for a card that is not in this machine)."""
     device = torch.device(device)
     world = _world_size(world_size)
     total = int(device_bytes) if device_bytes is not None else _device_bytes(device)
     limit = int(FIT_FRACTION * total)
     optim = _lowmem_config(cfg)
-    base = _settings(cfg)
+    base = _settings(cfg, device)
     dtype = _dtype(cfg, device)
     accum = int(getattr(cfg, "grad_accum_steps", optim.grad_accum_steps))
     ranks = [optim.rank]
@@ -177,15 +188,18 @@ def auto_fit(cfg, model_config, device: torch.device, *, zero_stage: int = 0, wo
     micro = [base["micro_batch_size"]]
     while micro[-1] % 2 == 0:
         micro.append(micro[-1] // 2)
-    compute_only = [(ckpt, mb) for mb in micro for ckpt in (base["gradient_checkpointing"], True)]
+    memory_modes = [(base["gradient_checkpointing"], base["activation_offload"]), (True, base["activation_offload"])]
+    if device.type == "cuda":
+        memory_modes.append((True, True))
+    compute_only = [(ckpt, offload, mb) for mb in micro for ckpt, offload in memory_modes]
     seen = set()
     for rank in ranks:
         opt = dataclasses.replace(optim, rank=rank)
-        for ckpt, mb in compute_only:
-            if (rank, ckpt, mb) in seen:
+        for ckpt, offload, mb in compute_only:
+            if (rank, ckpt, offload, mb) in seen:
                 continue
-            seen.add((rank, ckpt, mb))
-            st = {**base, "gradient_checkpointing": ckpt, "micro_batch_size": mb}
+            seen.add((rank, ckpt, offload, mb))
+            st = {**base, "gradient_checkpointing": ckpt, "activation_offload": offload, "micro_batch_size": mb}
             peak = estimate(model_config, method="lowmem", lowmem_config=opt, dtype=dtype, device_type=device.type,
                             zero_stage=zero_stage, world_size=world, **st).peak_bytes
             if peak > limit:
@@ -193,6 +207,8 @@ def auto_fit(cfg, model_config, device: torch.device, *, zero_stage: int = 0, wo
             changes = {}
             if ckpt != base["gradient_checkpointing"]:
                 changes["gradient_checkpointing"] = ckpt
+            if offload != base["activation_offload"]:
+                changes["activation_offload"] = offload
             if mb != base["micro_batch_size"]:
                 changes["micro_batch_size"] = mb
                 changes["grad_accum_steps"] = accum * (base["micro_batch_size"] // mb)

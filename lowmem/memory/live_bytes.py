@@ -12,6 +12,11 @@ object of an `UntypedStorage` for as long as its C++ StorageImpl lives, so `t.un
 for a tensor and all its views, and a weakref on it fires exactly when the memory is released. Views and in-place /
 `out=` ops return storages that are already known (or belong to an input) and are not charged again.
 
+Host memory: storages made inside `host_memory()` (lowmem.model.offload's host copies of checkpointed activations)
+are charged to `host_live_bytes` / `host_peak_bytes`, not to the device's live / peak bytes, so the meter stays the
+twin of the device allocator when activations are offloaded (on a CPU run the host is the same RAM; the split says
+which bytes a GPU run would hold where).
+
 What it cannot see: memory an op's kernel allocates and frees internally (workspaces of matmul, SVD, ...), memory
 outside tensors (CUDA context, allocator slack and fragmentation), tensors made while the mode is not active, and
 `UntypedStorage.resize_` called directly (it bypasses dispatch; `Tensor.resize_` is seen). `torch.tensor`,
@@ -58,6 +63,29 @@ def _storages(t: Tensor) -> list[torch.UntypedStorage]:
         return []
 
 
+_host_lock = threading.Lock()
+_host_depth = 0
+
+
+@contextlib.contextmanager
+def host_memory() -> Iterator[None]:
+    """Storages allocated in this block are host memory: meters charge them to host_live_bytes, not live_bytes.
+
+    Process-wide (all threads), like LiveTensorBytes.tag: autograd may pack saved tensors on its device threads."""
+    global _host_depth
+    with _host_lock:
+        _host_depth += 1
+    try:
+        yield
+    finally:
+        with _host_lock:
+            _host_depth -= 1
+
+
+def _in_host_memory() -> bool:
+    return _host_depth > 0
+
+
 def charged_bytes(storage: torch.UntypedStorage) -> int:
     """Bytes an allocator holds for `storage`: nbytes, rounded up to the 512-byte block on CUDA; 0 on meta."""
     nbytes = storage.nbytes()
@@ -95,12 +123,13 @@ def module_bytes(module: nn.Module) -> int:
 class _Record:
     """What is known about one tracked storage: its charged size, device and tag."""
 
-    __slots__ = ("nbytes", "device", "tag")
+    __slots__ = ("nbytes", "device", "tag", "host")
 
-    def __init__(self, nbytes: int, device: str, tag: str) -> None:
+    def __init__(self, nbytes: int, device: str, tag: str, host: bool = False) -> None:
         self.nbytes = nbytes
         self.device = device
         self.tag = tag
+        self.host = host     # made under host_memory(): counted apart from the device's bytes
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -119,6 +148,8 @@ class LiveTensorBytes(TorchDispatchMode):
         live_bytes: bytes alive now (int), counted since the first entry.
         peak_bytes: max of live_bytes since the last __enter__ at depth 0 or reset_peak().
         allocated_bytes: cumulative bytes charged (never decreases; for "how much churn").
+        host_live_bytes, host_peak_bytes: bytes alive now / at most of storages made under host_memory() (not in
+            live_bytes or peak_bytes).
 
     Storages allocated under the mode keep being refunded when they die, also after the mode is exited. Thread
     safe: autograd may run backward ops and free storages on its device threads.
@@ -132,6 +163,8 @@ class LiveTensorBytes(TorchDispatchMode):
         self.live_bytes = 0
         self.peak_bytes = 0
         self.allocated_bytes = 0
+        self.host_live_bytes = 0
+        self.host_peak_bytes = 0
         self._records: dict[int, _Record] = {}  # storage._cdata -> record, only while the storage lives
         self._live_by_device: dict[str, int] = {}
         self._tag_live: dict[str, int] = {}
@@ -144,6 +177,10 @@ class LiveTensorBytes(TorchDispatchMode):
     # -- bookkeeping -------------------------------------------------------------------------------------------
     def _change(self, record: _Record, delta_bytes: int) -> None:
         with self._lock:
+            if record.host:
+                self.host_live_bytes += delta_bytes
+                self.host_peak_bytes = max(self.host_peak_bytes, self.host_live_bytes)
+                return
             self.live_bytes += delta_bytes
             if delta_bytes > 0:
                 self.allocated_bytes += delta_bytes
@@ -175,7 +212,8 @@ class LiveTensorBytes(TorchDispatchMode):
                     self._change(record, delta)
                 return
             tag = self._tag_stack[-1] if self._tag_stack else UNTAGGED
-            record = _Record(nbytes, str(storage.device), tag)
+            host = _in_host_memory()
+            record = _Record(nbytes, "host" if host else str(storage.device), tag, host)
             self._records[key] = record
             self._change(record, nbytes)
         # The finalizer holds only the key; it runs when the StorageImpl (not just a Python handle) is freed.
@@ -258,7 +296,7 @@ class LiveTensorBytes(TorchDispatchMode):
         """Plain-data view of the counters (JSON-serialisable):
 
         {"live_bytes": int, "peak_bytes": int, "allocated_bytes": int, "tracked_storages": int,
-         "live_bytes_by_device": {"cpu": int, ...},
+         "live_bytes_by_device": {"cpu": int, ...}, "host_live_bytes": int, "host_peak_bytes": int,
          "tags": {name: {"live_bytes": int, "peak_bytes": int}, ...}}   # "tags" only with track_tags=True
         """
         with self._lock:
@@ -268,6 +306,8 @@ class LiveTensorBytes(TorchDispatchMode):
                 "allocated_bytes": self.allocated_bytes,
                 "tracked_storages": len(self._records),
                 "live_bytes_by_device": {d: b for d, b in self._live_by_device.items() if b != 0},
+                "host_live_bytes": self.host_live_bytes,
+                "host_peak_bytes": self.host_peak_bytes,
             }
             if self.track_tags:
                 snap["tags"] = {

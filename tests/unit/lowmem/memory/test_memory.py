@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hooks.runtime import prepare
 from lowmem.memory import GPUS, MemoryBreakdown, estimate, format_breakdown, measure, preflight
 from lowmem.model.fused_loss import causal_lm_loss
+from lowmem.model.offload import enable_offloaded_checkpointing
 from lowmem.presets import PRESETS, preset
 
 TOLERANCE = 0.05
@@ -31,9 +32,14 @@ def llama3_ratio_config(tied=False):
                        num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=tied, max_position_embeddings=256)
 
 
-def measured_peak(config, method, batch, seq, rank, fused_loss=False, changes=None):
+def measured_peak(config, method, batch, seq, rank, fused_loss=False, changes=None, checkpointing="off"):
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).float()
+    model.train()
+    if checkpointing == "on":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif checkpointing == "offload":
+        enable_offloaded_checkpointing(model)
     ids = torch.randint(0, config.vocab_size, (batch, seq))
     if method == "adamw_fp32":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -59,14 +65,15 @@ def measured_peak(config, method, batch, seq, rank, fused_loss=False, changes=No
     return measure(step, device=torch.device("cpu"), baseline_tensors=tensors())
 
 
-def check(config, method, batch, seq, rank, fused_loss=False, changes=None):
+def check(config, method, batch, seq, rank, fused_loss=False, changes=None, checkpointing="off"):
     cfg = None if method == "adamw_fp32" else preset(method, rank=rank, **(changes or {}))
     predicted = estimate(config, method="adamw_fp32" if cfg is None else "lowmem", lowmem_config=cfg, seq_len=seq,
-                         micro_batch_size=batch, gradient_checkpointing=False, dtype=torch.float32,
+                         micro_batch_size=batch, gradient_checkpointing=checkpointing != "off",
+                         activation_offload=checkpointing == "offload", dtype=torch.float32,
                          device_type="cpu", fused_loss=fused_loss)
-    measured = measured_peak(config, method, batch, seq, rank, fused_loss, changes)
+    measured = measured_peak(config, method, batch, seq, rank, fused_loss, changes, checkpointing)
     err = predicted.peak_bytes / measured - 1
-    print(f"\n{method} b{batch} s{seq}: predicted {predicted.peak_bytes / 2**20:.2f} MiB, measured "
+    print(f"\n{method} b{batch} s{seq} checkpointing {checkpointing}: predicted {predicted.peak_bytes / 2**20:.2f} MiB, measured "
           f"{measured / 2**20:.2f} MiB, error {err:+.2%}\n{format_breakdown(predicted)}")
     assert abs(err) <= TOLERANCE
 
@@ -84,6 +91,41 @@ def test_fused_loss_prediction_within_5_percent_at_llama3_vocab_ratio(method, ti
     embedding (lowmem, untied) and head (when not excluded), float heads tied or not (q_galore keeps them float)."""
     check(llama3_ratio_config(tied), method, batch=2, seq=128, rank=32, fused_loss=True,
           changes=dict(exclude_modules=()) if int8_head else {})
+
+
+def deep_config():
+    """Six layers and 1024 tokens a micro-batch: the saved activations are most of the step's peak."""
+    return LlamaConfig(hidden_size=128, intermediate_size=352, num_hidden_layers=6, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, max_position_embeddings=512)
+
+
+@pytest.mark.parametrize("checkpointing", ["on", "offload"])
+@pytest.mark.parametrize("fused_loss", [False, True])
+@pytest.mark.parametrize("method", ["lowmem", "q_galore"])
+def test_checkpointed_prediction_within_5_percent(method, fused_loss, checkpointing):
+    """Gradient checkpointing, with the layer inputs on the device or offloaded (lowmem.model.offload; the host
+    copies are counted apart by the meter): the peak is a layer's backward, one layer rebuilt."""
+    check(deep_config(), method, batch=2, seq=512, rank=32, fused_loss=fused_loss, checkpointing=checkpointing)
+
+
+@pytest.mark.parametrize("int8_head", [False, True])
+def test_offload_prediction_within_5_percent_at_llama3_vocab_ratio(int8_head):
+    check(llama3_ratio_config(), "lowmem", batch=2, seq=128, rank=32, fused_loss=True, checkpointing="offload",
+          changes=dict(exclude_modules=()) if int8_head else {})
+
+
+def test_offload_lowers_the_prediction_by_the_kept_layer_inputs():
+    """Independent count: offload removes exactly the L layer inputs (tokens x hidden in the compute dtype) that
+    checkpointing keeps on the device, at the layer moment; the loss and head moments drop them too."""
+    cfg = LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                      num_key_value_heads=40, vocab_size=32000)
+    kw = dict(method="lowmem", seq_len=2048, micro_batch_size=1, gradient_checkpointing=True, fused_loss=True,
+              lowmem_config=preset("lowmem", rank=64, exclude_modules=()), dtype=torch.bfloat16, device_type="cuda")
+    kept = estimate(cfg, **kw)
+    offloaded = estimate(cfg, activation_offload=True, **kw)
+    assert kept.components["activations"] - offloaded.components["activations"] == 40 * 2048 * 5120 * 2
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        estimate(cfg, **{**kw, "gradient_checkpointing": False}, activation_offload=True)
 
 
 def test_fused_loss_saves_the_logits_and_the_vocab_tables_save_state():
@@ -163,9 +205,11 @@ def test_preflight_names_the_first_fix_that_fits(monkeypatch):
     model_cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                             vocab_size=32000)
     full = estimate(model_cfg, method="lowmem", lowmem_config=cfg.lowmem_config(), seq_len=2048,
-                    micro_batch_size=1, gradient_checkpointing=False, dtype=torch.float32, device_type="cpu")
+                    micro_batch_size=1, gradient_checkpointing=False, dtype=torch.float32, device_type="cpu",
+                    fused_loss=cfg.fused_loss)
     ckpt = estimate(model_cfg, method="lowmem", lowmem_config=cfg.lowmem_config(), seq_len=2048,
-                    micro_batch_size=1, gradient_checkpointing=True, dtype=torch.float32, device_type="cpu")
+                    micro_batch_size=1, gradient_checkpointing=True, dtype=torch.float32, device_type="cpu",
+                    fused_loss=cfg.fused_loss)
     device_bytes = int((full.peak_bytes + ckpt.peak_bytes) / 2 / 0.95)
     monkeypatch.setattr(mem, "_device_bytes", lambda device: device_bytes)
     verdict = preflight(cfg, model_cfg, torch.device("cpu"))
@@ -292,7 +336,7 @@ def test_preflight_reads_world_size_from_the_environment(monkeypatch):
     def peak(stage, world, **kw):
         return estimate(model_cfg, method="lowmem", lowmem_config=cfg.lowmem_config(), seq_len=2048,
                         micro_batch_size=1, gradient_checkpointing=kw.get("ckpt", False), dtype=torch.float32,
-                        device_type="cpu", zero_stage=stage, world_size=world).peak_bytes
+                        device_type="cpu", zero_stage=stage, world_size=world, fused_loss=cfg.fused_loss).peak_bytes
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setattr(mem, "_device_bytes", lambda device: 10 * peak(0, 1))
