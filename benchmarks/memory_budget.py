@@ -86,7 +86,8 @@ def lever_columns(model_config, seq_len: int, micro_batch: int, rank: int, card:
 
     today: float embedding and lm_head (bf16 + full-rank 8-bit AdamW), the model's own logits + cross-entropy;
     new: the defaults (fused linear + cross-entropy, INT8 low-rank embedding, float head); + INT8 head: the head as a
-    low-rank INT8 weight too (opt-in: it learned slower in a short comparison); fit: auto: what the planner picks
+    low-rank INT8 weight too (opt-in: it learned slower in a short comparison); + offload: that with gradient
+    checkpointing and the kept layer inputs in host memory (lowmem.model.offload); fit: auto: what the planner picks
     for this card (lowmem.memory.auto_fit) on the defaults, or with the INT8 head when nothing else fits."""
     from types import SimpleNamespace
 
@@ -100,6 +101,8 @@ def lever_columns(model_config, seq_len: int, micro_batch: int, rank: int, card:
                    lowmem_config=preset("lowmem", rank=rank), **common)
     int8_head = estimate(model_config, gradient_checkpointing=checkpointing, fused_loss=True,
                          lowmem_config=preset("lowmem", rank=rank, exclude_modules=()), **common)
+    offloaded = estimate(model_config, gradient_checkpointing=True, activation_offload=True, fused_loss=True,
+                         lowmem_config=preset("lowmem", rank=rank, exclude_modules=()), **common)
     fitted, chosen = None, "nothing tried fits"
     for extra, label in (({}, ""), ({"exclude_modules": ()}, "INT8 head, ")):
         run = SimpleNamespace(seq_len=seq_len, micro_batch_size=micro_batch, gradient_checkpointing=checkpointing,
@@ -110,11 +113,14 @@ def lever_columns(model_config, seq_len: int, micro_batch: int, rank: int, card:
             chosen = label + (", ".join(f"{k}={v}" for k, v in plan.changes.items()) or "as configured")
             fitted = estimate(model_config, fused_loss=True,
                               gradient_checkpointing=plan.changes.get("gradient_checkpointing", checkpointing),
+                              activation_offload=plan.changes.get("activation_offload", False),
                               lowmem_config=preset("lowmem", rank=plan.changes.get("optim.rank", rank), **extra),
                               **{**common, "micro_batch_size": plan.changes.get("micro_batch_size", micro_batch)})
             break
     return [("today", today, "float tables, plain loss"), ("new", new, "defaults: fused loss, INT8 embedding"),
-            ("+ INT8 head", int8_head, "exclude_modules=[]"), ("fit: auto", fitted, chosen)]
+            ("+ INT8 head", int8_head, "exclude_modules=[]"),
+            ("+ offload", offloaded, "INT8 head, gradient_checkpointing and activation_offload"),
+            ("fit: auto", fitted, chosen)]
 
 
 def lever_table(model_config, seq_len: int, micro_batch: int, rank: int, card: int) -> list[str]:

@@ -478,8 +478,10 @@ class Runtime(RuntimeState):
         cfg = item.config
         if clip_coef is None and cfg.clip_mode == "per_tensor" and cfg.grad_clip is not None:
             clip_coef = clip_coefficient(sq_norm, cfg.grad_clip)
+        # in place: the gradient is the runtime's own (popped) and dies with this commit; a scaled copy would hold a
+        # second gradient-sized tensor (250 MiB for Llama-2-7B's bf16 head) at the step's peak
         if clip_coef is not None and (isinstance(clip_coef, Tensor) or clip_coef != 1.0):
-            grad = grad * clip_coef
+            grad = grad.mul_(clip_coef)
         grad = grad.masked_fill_(skip, 0.0)   # finite input for the discarded update (8-bit moments refuse NaN)
         float_adamw_update_(item.tensor.data, grad, self.states[item.index], lr=self._lr, beta1=cfg.betas[0],
                             beta2=cfg.betas[1], eps=cfg.eps, weight_decay=float_param_weight_decay(item),
@@ -508,7 +510,7 @@ class Runtime(RuntimeState):
             clip_coef = 1.0
             if cfg.clip_mode == "per_tensor" and cfg.grad_clip is not None:
                 clip_coef = min(1.0, cfg.grad_clip / (math.sqrt(sq_norm) + 1e-6))
-        float_adamw_update_(item.tensor.data, grad if clip_coef == 1.0 else grad * clip_coef,
+        float_adamw_update_(item.tensor.data, grad if clip_coef == 1.0 else grad.mul_(clip_coef),
                             self.states[item.index], lr=self._lr, beta1=cfg.betas[0], beta2=cfg.betas[1],
                             eps=cfg.eps, weight_decay=float_param_weight_decay(item), sr_key=sr_key(item))
         self._sq_norms[item.index] = sq_norm

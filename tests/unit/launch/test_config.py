@@ -73,9 +73,10 @@ def test_sft_configs(name, model, gpu):
     cfg = load_train_config(CONFIG_DIR / name)
     assert cfg.model == model and cfg.data.path == "data/train.jsonl"
     assert cfg.seq_len * cfg.micro_batch_size * cfg.grad_accum_steps == 32768     # 32k tokens per step
-    assert cfg.seq_len == (1024 if "13b" in name else 2048) and cfg.micro_batch_size == 1
-    assert cfg.gradient_checkpointing is True and cfg.fit == "auto" and cfg.fused_loss is True
-    assert cfg.optim.preset == "lowmem" and cfg.lowmem_config().rank == 256
+    assert cfg.seq_len == 2048 and cfg.micro_batch_size == 1
+    assert cfg.gradient_checkpointing is True and cfg.activation_offload is True
+    assert cfg.fit == "auto" and cfg.fused_loss is True
+    assert cfg.optim.preset == "lowmem" and cfg.lowmem_config().rank == (64 if "13b" in name else 256)
     # 8B on 12 GB and 13B on 16 GB need the INT8 low-rank head; 7B fits 12 GB with the default float head
     assert cfg.lowmem_config().exclude_modules == (("*lm_head",) if "7b" in name else ())
     assert gpu in (CONFIG_DIR / name).read_text().splitlines()[1]
@@ -91,7 +92,7 @@ def test_sft_configs(name, model, gpu):
 ])
 def test_sft_config_names_the_card_the_planner_fits(name, dims, card_gib, rank):
     """The card in the file name is one the planner fits the shipped run on (bf16 on CUDA) with fit: auto, which
-    keeps the global batch; 13B needs optim.rank 64 there."""
+    keeps the global batch; 13B ships at optim.rank 64 for it."""
     import torch
     from transformers import LlamaConfig
 
@@ -100,16 +101,41 @@ def test_sft_config_names_the_card_the_planner_fits(name, dims, card_gib, rank):
     model = LlamaConfig(**dims)
     plan = auto_fit(cfg, model, torch.device("cuda"), device_bytes=card_gib * GIB)
     assert plan is not None and plan.predicted_peak_bytes <= 0.95 * card_gib * GIB
-    assert plan.changes.get("optim.rank", 256) == rank
+    assert plan.changes.get("optim.rank", cfg.lowmem_config().rank) == rank
     micro = plan.changes.get("micro_batch_size", cfg.micro_batch_size)
     assert micro * plan.changes.get("grad_accum_steps", cfg.grad_accum_steps) == \
         cfg.micro_batch_size * cfg.grad_accum_steps
     again = estimate(model, method="lowmem", seq_len=cfg.seq_len, micro_batch_size=micro, fused_loss=True,
                      gradient_checkpointing=plan.changes.get("gradient_checkpointing", cfg.gradient_checkpointing),
+                     activation_offload=plan.changes.get("activation_offload", cfg.activation_offload),
                      lowmem_config=dataclasses.replace(cfg.lowmem_config(), rank=rank))
     assert again.peak_bytes == plan.predicted_peak_bytes
     too_small = auto_fit(cfg, model, torch.device("cuda"), device_bytes=(card_gib - 4) * GIB)
     assert too_small is None
+
+
+@pytest.mark.parametrize("name, dims, targets_gib", [
+    ("llama2-7b-sft-12gb.yaml", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=32, vocab_size=32000), (9.0, 10.0)),
+    ("llama3-8b-sft-12gb.yaml", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256), (10.5, 11.0)),
+    ("llama2-13b-sft-16gb.yaml", dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                      num_attention_heads=40, num_key_value_heads=40, vocab_size=32000), (14.5, 15.2)),
+])
+def test_shipped_configs_meet_the_memory_targets(name, dims, targets_gib, monkeypatch):
+    """The planner's prediction for each shipped config (bf16 on CUDA, micro-batch 1, its own settings) at 256
+    and 2048 tokens stays within the project's targets (7B <= 9.0 / 10.0 GiB, 8B <= 10.5 / 11.0, 13B <= 14.5 /
+    15.2), so a change that costs memory on these paths fails here."""
+    import torch
+    from transformers import LlamaConfig
+
+    import lowmem.memory.fit as fit
+    from lowmem.memory import GIB, preflight
+    monkeypatch.setattr(fit, "_device_bytes", lambda device: 24 * GIB)    # the card is not this test's subject
+    for seq_len, target in zip((256, 2048), targets_gib):
+        cfg = load_train_config(CONFIG_DIR / name, ["dtype=bf16", f"seq_len={seq_len}"])
+        verdict = preflight(cfg, LlamaConfig(**dims), torch.device("cuda"))
+        assert verdict.predicted_peak_bytes <= target * GIB, (seq_len, verdict.predicted_peak_bytes / GIB)
 
 
 @pytest.mark.parametrize("size, rank, dims", [
