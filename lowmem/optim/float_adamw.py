@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from lowmem.optim.moments import adam_direction_bound
+from lowmem.optim.moments import adam8_hyper, adam8_ratio, adam8_ratio_
 from quant import compiled
 from quant._checks import all_finite
 from quant.bf16 import sr_to_bf16
@@ -252,51 +252,27 @@ def _check_8bit_layout(param: Tensor, state: dict[str, Tensor], block_size: int)
 
 def _hyper_tensor(*, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
                   device) -> Tensor:
-    """fp32 (9,) [β1, 1-β1, β2, 1-β2, 1/sqrt(1-β2ᵗ), ε, 1-lr·λ, 1/((1-β1ᵗ)·bound), -lr/(1-β1ᵗ)]: the step's
-    scalars as tensor data, rounded to fp32 once, so the eager twin and the compiled kernel multiply by the same
-    values (and a new learning rate does not compile a new kernel)."""
-    bias_correction1 = 1.0 - beta1 ** step
-    bound = adam_direction_bound(step, beta1, beta2)
-    return torch.tensor([beta1, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 / math.sqrt(1.0 - beta2 ** step), eps,
-                         1.0 - lr * weight_decay, 1.0 / (bias_correction1 * bound), -lr / bias_correction1],
-                        dtype=torch.float32, device=device)
+    """fp32 (9,): lowmem.optim.moments.adam8_hyper with this step's lr and weight decay."""
+    return adam8_hyper(step=step, beta1=beta1, beta2=beta2, eps=eps, device=device, lr=lr, weight_decay=weight_decay)
 
 
 def _adamw8_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, decay: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(p, m, v) after one AdamW step in fp32, h = _hyper_tensor, as the compiled kernel computes it (out of place).
-    `_adamw8_math_` is the eager twin's in-place form of the same op sequence; each op is a single IEEE rounding,
-    so both give the same bits. The direction m̂ / (√v̂ + ε) is clamped to ±bound through the denominator's floor
-    |m̂| / bound."""
-    m = m * h[0] + g * h[1]
-    v = v * h[2] + (g * g) * h[3]
-    # sqrt through fp64: eager torch.sqrt on fp32 CPU tensors is not correctly rounded (torch 2.13: 443 of 2250
-    # values off by an ulp) while inductor's is; the fp64 root rounded to fp32 is the correctly rounded fp32 root
-    # (53 >= 2 * 24 + 2 bits: no double-rounding error), the same on every backend.
-    denom = torch.sqrt(v.to(torch.float64)).to(torch.float32) * h[4] + h[5]
+    """(p, m, v) after one AdamW step in fp32, h = _hyper_tensor, as the compiled kernel computes it (out of place):
+    adam8_ratio (the direction m̂ / (√v̂ + ε) clamped to ±bound through the denominator's floor), the decoupled
+    decay, then p + ratio · (-lr / (1-β1ᵗ)). `_adamw8_math_` is the eager twin's in-place form: the same bits."""
+    ratio, m, v = adam8_ratio(g, m, v, h)
     if decay:
         p = p * h[6]
-    denom = torch.maximum(denom, torch.abs(m) * h[7])
-    return p + (m / denom) * h[8], m, v
-
-
-_SQRT_CHUNK = 1 << 16
+    return p + ratio * h[8], m, v
 
 
 def _adamw8_math_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, decay: bool) -> None:
     """In place on p (an fp32 copy of the param), m and v (fresh decoded moments): _adamw8_math's op sequence with
-    few full-size temporaries (what the memory planner counts for the twin); the fp64 root chunk by chunk."""
-    m.mul_(h[0]).add_(g * h[1])
-    v.mul_(h[2]).add_((g * g).mul_(h[3]))
-    denom = torch.empty_like(v)
-    flat_v, flat_d = v.view(-1), denom.view(-1)
-    for start in range(0, flat_v.numel(), _SQRT_CHUNK):
-        flat_d[start:start + _SQRT_CHUNK].copy_(flat_v[start:start + _SQRT_CHUNK].to(torch.float64).sqrt_())
-    denom.mul_(h[4]).add_(h[5])
+    few full-size temporaries (what the memory planner counts for the twin)."""
+    ratio = adam8_ratio_(g, m, v, h)
     if decay:
         p.mul_(h[6])
-    torch.maximum(denom, m.abs().mul_(h[7]), out=denom)
-    torch.div(m, denom, out=denom)
-    p.add_(denom.mul_(h[8]))
+    p.add_(ratio.mul_(h[8]))
 
 
 def _update_8bit_twin_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *, lr: float, beta1: float,

@@ -23,7 +23,9 @@ import math
 import torch
 from torch import Tensor
 
-from quant.moments8 import dequantize_moment8, quantize_moment8
+from quant import compiled
+from quant.moments8 import (codec_tables, decode_traceable, dequantize_moment8, encode_traceable,
+                            quantize_moment8)
 
 MOMENT_BITS = (8, 16, 32)
 _NAMES = ("exp_avg", "exp_avg_sq")
@@ -102,6 +104,98 @@ def adam_direction_bound(step: int, beta1: float, beta2: float) -> float:
             * math.sqrt(geometric))
 
 
+def adam8_hyper(*, step: int, beta1: float, beta2: float, eps: float, device, lr: float = -1.0,
+                weight_decay: float = 0.0) -> Tensor:
+    """fp32 (9,) [β1, 1-β1, β2, 1-β2, 1/sqrt(1-β2ᵗ), ε, 1-lr·λ, 1/((1-β1ᵗ)·bound), -lr/(1-β1ᵗ)] with bound =
+    adam_direction_bound(t): one Adam step's scalars as tensor data, rounded to fp32 once, so an eager twin and a
+    compiled kernel multiply by the same values (and a new step or learning rate compiles nothing). The defaults
+    (lr -1, no decay) make the last entry 1/(1-β1ᵗ): the bias-corrected direction of the low-rank step."""
+    bias_correction1 = 1.0 - beta1 ** step
+    bound = adam_direction_bound(step, beta1, beta2)
+    return torch.tensor([beta1, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 / math.sqrt(1.0 - beta2 ** step), eps,
+                         1.0 - lr * weight_decay, 1.0 / (bias_correction1 * bound), -lr / bias_correction1],
+                        dtype=torch.float32, device=device)
+
+
+def adam8_ratio(g: Tensor, m: Tensor, v: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(m' / denom, m', v') of one Adam step in fp32 (h = adam8_hyper), out of place: the op sequence of the
+    compiled 8-bit steps (this module's low-rank one, lowmem.optim.float_adamw's). denom = sqrt(v')/sqrt(1-β2ᵗ) + ε,
+    floored at |m'| / ((1-β1ᵗ)·bound) so that the bias-corrected direction (ratio · h[8]) stays within ±bound.
+    `adam8_ratio_` is the eager twins' in-place form; each op is one IEEE rounding, so both give the same bits."""
+    m = m * h[0] + g * h[1]
+    v = v * h[2] + (g * g) * h[3]
+    # sqrt through fp64: eager torch.sqrt on fp32 CPU tensors is not correctly rounded (torch 2.13: 443 of 2250
+    # values off by an ulp) while inductor's is; the fp64 root rounded to fp32 is the correctly rounded fp32 root
+    # (53 >= 2 * 24 + 2 bits: no double-rounding error), the same on every backend.
+    denom = torch.sqrt(v.to(torch.float64)).to(torch.float32) * h[4] + h[5]
+    denom = torch.maximum(denom, torch.abs(m) * h[7])
+    return m / denom, m, v
+
+
+_SQRT_CHUNK = 1 << 16
+
+
+def adam8_ratio_(g: Tensor, m: Tensor, v: Tensor, h: Tensor) -> Tensor:
+    """adam8_ratio in place on m and v (fresh decoded moments), few full-size temporaries; the fp64 root chunk by
+    chunk. Returns the ratio (a new tensor)."""
+    m.mul_(h[0]).add_(g * h[1])
+    v.mul_(h[2]).add_((g * g).mul_(h[3]))
+    denom = torch.empty_like(v)
+    flat_v, flat_d = v.view(-1), denom.view(-1)
+    for start in range(0, flat_v.numel(), _SQRT_CHUNK):
+        flat_d[start:start + _SQRT_CHUNK].copy_(flat_v[start:start + _SQRT_CHUNK].to(torch.float64).sqrt_())
+    denom.mul_(h[4]).add_(h[5])
+    torch.maximum(denom, m.abs().mul_(h[7]), out=denom)
+    return torch.div(m, denom, out=denom)
+
+
+def _lowrank_adam8_kernel(g: Tensor, m_codes: Tensor, m_absmax: Tensor, v_codes: Tensor, v_absmax: Tensor,
+                          m_tables: tuple[Tensor, Tensor, Tensor], v_tables: tuple[Tensor, Tensor, Tensor], h: Tensor,
+                          *, block_size: int, tail: bool) -> tuple[Tensor, ...]:
+    """The 8-bit low-rank Adam step on flat R fp32 (numel,), codes uint8 (numel,), absmax fp32 (nb,): decode,
+    adam8_ratio, encode. Returns (direction fp32, V' fp32, M' codes, M' absmax, V' codes, V' absmax)."""
+    m_old = decode_traceable(m_codes, m_absmax, m_tables[0], block_size=block_size, tail=tail)
+    v_old = decode_traceable(v_codes, v_absmax, v_tables[0], block_size=block_size, tail=tail)
+    ratio, m_new, v_new = adam8_ratio(g, m_old, v_old, h)
+    m_codes_new, m_absmax_new = encode_traceable(m_new, m_tables[1], m_tables[2], block_size=block_size, tail=tail)
+    v_codes_new, v_absmax_new = encode_traceable(v_new, v_tables[1], v_tables[2], block_size=block_size, tail=tail)
+    return ratio * h[8], v_new, m_codes_new, m_absmax_new, v_codes_new, v_absmax_new
+
+
+def _lowrank_adam8_twin(g: Tensor, m_codes: Tensor, m_absmax: Tensor, v_codes: Tensor, v_absmax: Tensor,
+                        m_tables, v_tables, h: Tensor, *, block_size: int, tail: bool) -> tuple[Tensor, ...]:
+    """_lowrank_adam8_kernel's eager twin (quant.moments8's codec, adam8_ratio_): the same bits."""
+    del m_tables, v_tables, tail   # the eager codec finds its own tables and partial block
+    m = dequantize_moment8(m_codes, m_absmax, signed=True, block_size=block_size, check_values=False)
+    v = dequantize_moment8(v_codes, v_absmax, signed=False, block_size=block_size, check_values=False, squared=True)
+    direction = adam8_ratio_(g, m, v, h).mul_(h[8])
+    m_codes_new, m_absmax_new = quantize_moment8(m, signed=True, block_size=block_size, check_values=False)
+    v_codes_new, v_absmax_new = quantize_moment8(v, signed=False, block_size=block_size, check_values=False,
+                                                 squared=True)
+    return direction, v, m_codes_new, m_absmax_new, v_codes_new, v_absmax_new
+
+
+def _adam8_direction_(state: dict[str, Tensor], grad: Tensor, *, step: int, beta1: float, beta2: float, eps: float,
+                      block_size: int) -> tuple[Tensor, Tensor]:
+    """adam_direction_ at 8 bits with the global bias correction: one compiled kernel (decode, Adam, encode) where
+    kernels are in use, else its eager twin; the same bits either way (tests/unit/lowmem/optim)."""
+    shape = grad.shape
+    h = adam8_hyper(step=step, beta1=beta1, beta2=beta2, eps=eps, device=grad.device)
+    args = (grad.reshape(-1), state["exp_avg_codes"].reshape(-1), state["exp_avg_absmax"],
+            state["exp_avg_sq_codes"].reshape(-1), state["exp_avg_sq_absmax"])
+    static = dict(block_size=block_size, tail=grad.numel() % block_size != 0)
+    if compiled.use_kernels() and grad.numel() > 0:
+        tables = (codec_tables(True, grad.device), codec_tables(False, grad.device, squared=True))
+        out = compiled.call("lowrank_adam8", _lowrank_adam8_kernel, _lowrank_adam8_twin, *args, *tables, h,
+                            **static)
+    else:
+        out = _lowrank_adam8_twin(*args, None, None, h, **static)
+    direction, exp_avg_sq, m_codes, m_absmax, v_codes, v_absmax = out
+    state["exp_avg_codes"], state["exp_avg_absmax"] = m_codes.view(shape), m_absmax
+    state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = v_codes.view(shape), v_absmax
+    return direction.view(shape), exp_avg_sq.view(shape)
+
+
 def _coordinate_view(mass: Tensor, ndim: int, coord_dim: int) -> Tensor:
     """(r,) per-coordinate mass shaped to broadcast along the moments' coordinate dimension."""
     shape = [1] * ndim
@@ -127,6 +221,12 @@ def adam_direction_(state: dict[str, Tensor], grad_lowrank: Tensor, *, step: int
     """
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
+    if bits == 8 and "bias1" not in state:
+        if tuple(state["exp_avg_codes"].shape) != tuple(grad_lowrank.shape):
+            raise ValueError(f"moment shape {tuple(state['exp_avg_codes'].shape)} does not match gradient "
+                             f"{tuple(grad_lowrank.shape)}")
+        return _adam8_direction_(state, grad_lowrank.float(), step=step, beta1=beta1, beta2=beta2, eps=eps,
+                                 block_size=block_size)
     exp_avg, exp_avg_sq = load_moments(state, bits=bits, block_size=block_size)
     if exp_avg.shape != grad_lowrank.shape:
         raise ValueError(f"moment shape {tuple(exp_avg.shape)} does not match gradient {tuple(grad_lowrank.shape)}")

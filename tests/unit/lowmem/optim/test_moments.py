@@ -279,3 +279,60 @@ def test_keep_and_reset():
                                rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="moment_transfer"):
         transfer_moments_(state, p_old, p_new, side="right", mode="spin", bits=32, steps_done=7, betas=BETAS)
+
+
+def _eight_bit_steps(shape, steps, *, seed, use_compiled):
+    """Run `steps` 8-bit Adam steps on gradients spanning six decades within a block; (directions, V's, state)."""
+    from quant import compiled
+    compiled.set_enabled(use_compiled)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        state = init_moments(shape, bits=8)
+        out = []
+        for t in range(1, steps + 1):
+            g = torch.randn(shape, generator=gen) * torch.logspace(-6, 0, shape[-1])
+            out.append(adam_direction_(state, g, step=t, beta1=0.9, beta2=0.999, eps=1e-8, bits=8))
+        return out, state
+    finally:
+        compiled.set_enabled(True)
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (50, 45), (3, 256), (1, 1), (1, 300)])
+def test_8bit_compiled_direction_is_bit_identical_to_twin(shape):
+    """The compiled low-rank 8-bit Adam step (decode, Adam, encode in one kernel) gives its eager twin's direction,
+    V' and stored bytes exactly: full blocks, a partial last block, one element."""
+    from quant import compiled
+    (got, s_c), (want, s_e) = (_eight_bit_steps(shape, 5, seed=3, use_compiled=flag) for flag in (True, False))
+    assert compiled.failure() is None
+    for (d_c, v_c), (d_e, v_e) in zip(got, want):
+        assert torch.equal(d_c, d_e) and torch.equal(v_c, v_e)
+    assert s_c.keys() == s_e.keys() and all(torch.equal(s_c[k], s_e[k]) for k in s_e)
+
+
+@pytest.mark.parametrize("use_compiled", [True, False])
+def test_8bit_direction_matches_an_fp64_step_from_the_decoded_state(use_compiled):
+    """Independent reference for one step: decode the stored 8-bit moments, run Adam in float64 with the direction
+    clamped to Adam's own bound, compare the direction (fp32 rounding) and the moments the step stores (within one
+    8-bit code of the fp64 moments)."""
+    from quant import compiled
+    from quant.moments8 import dequantize_moment8
+    shape, t = (40, 48), 4
+    (_, state) = _eight_bit_steps(shape, t - 1, seed=5, use_compiled=use_compiled)
+    m0 = dequantize_moment8(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True, block_size=256).double()
+    v0 = dequantize_moment8(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False, block_size=256,
+                            squared=True).double()
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(6))
+    m = 0.9 * m0 + 0.1 * g.double()
+    v = 0.999 * v0 + 0.001 * g.double() ** 2
+    bound = adam_direction_bound(t, 0.9, 0.999)
+    expected = ((m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)).clamp(-bound, bound)
+    compiled.set_enabled(use_compiled)
+    try:
+        direction, v_new = adam_direction_(state, g, step=t, beta1=0.9, beta2=0.999, eps=1e-8, bits=8)
+    finally:
+        compiled.set_enabled(True)
+    torch.testing.assert_close(direction.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v_new.double(), v, rtol=1e-5, atol=0)
+    m_stored = dequantize_moment8(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True,
+                                  block_size=256).double()
+    assert float((m_stored - m).abs().max()) <= 0.05 * float(m.abs().max())   # the signed map's coarsest step
