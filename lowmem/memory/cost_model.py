@@ -6,7 +6,9 @@ formula across modules.)
 
 Shapes (LLaMA-like): h = hidden_size, i = intermediate_size, L = layers, nh / nkv heads, d = h / nh head dim,
 V = vocab, tok = micro_batch_size * seq_len. Per layer seven linears, (out, in): q (nh·d, h), k and v (nkv·d, h),
-o (h, nh·d), gate and up (i, h), down (h, i).
+o (h, nh·d), gate and up (i, h), down (h, i). Per-module overrides (LowMemConfig.overrides: rank, bits, ...) apply
+by module name; every layer is modelled with layer 0's names (an override that names some layers only is counted as
+if all had layer 0's settings).
 
 The peak is the largest of four moments of a step, each = resident state + what is alive then:
   loss      forward done, logits and log-softmax alive (vocabulary-sized, fp32);
@@ -201,8 +203,10 @@ def _float_update_bytes(numel: int, param_bytes: int, bits: int, guarded: bool =
 
 def _unit_state(module: str, short: str, m: int, n: int, cfg) -> tuple[dict[str, int], int]:
     """({moments, projectors, residuals, error feedback} bytes, numel of the projected gradient R) of one low-rank
-    linear (m, n) named `module` (`short`: its last name component) under LowMemConfig `cfg`."""
+    linear (m, n) named `module` (`short`: its last name component) under LowMemConfig `cfg` with its per-module
+    overrides for that name applied."""
     from fnmatch import fnmatchcase
+    cfg = cfg.for_module(module)
     out = dict.fromkeys(("optimizer_moments", "projectors", "residuals", "error_feedback"), 0)
     full = cfg.rank >= min(m, n)
     r = min(cfg.rank, m, n)
@@ -308,17 +312,20 @@ def _update_rows(m: int, n: int) -> int:
     return max(1, min(m, DEFAULT_CHUNK_ELEMENTS // max(n, 1)))
 
 
-def _head_sink_transient(s: ModelShape, cfg, tok: int, db: int, a_block: int) -> int:
-    """The low-rank head's update inside the backward: products with its gradient (R = G P (V, r) fp32, X P, one
-    block of the logits' gradient `a_block` bytes), then the commit (R and its two decoded moments, fp32, or one
-    update chunk of five fp32 buffers)."""
+def _head_sink_transient(s: ModelShape, cfg, tok: int, db: int, a_block: int, module: str = "lm_head") -> int:
+    """The low-rank head's (or INT8 embedding's: `module`) update inside the backward: products with its gradient
+    (R = G P (V, r) fp32, X P, one block of the logits' gradient `a_block` bytes), then the commit (R and its two
+    decoded moments, fp32, or one update chunk of five fp32 buffers)."""
+    cfg = cfg.for_module(module)
     V, h = s.vocab, s.hidden
     r = min(cfg.rank, V, h)
     full = cfg.rank >= min(V, h)
-    products = 4 * (V * h if full else V * r) + 4 * tok * r + a_block
-    # the commit's Adam on R: R and both decoded moments (as for a layer's linear), or one update chunk
-    commit = max(4 * (V * h if full else 3 * V * r),
-                 (UPDATE_FP32_BUFFERS if cfg.int8_weights else 2) * 4 * _update_rows(V, h) * h)
+    r_numel = V * h if full else V * r
+    products = 4 * r_numel + 4 * tok * r + a_block
+    # the commit's Adam on R: R and both decoded moments (as for a layer's linear), then one update chunk while R,
+    # the Adam direction and V' (each the size of R: the whole (V, h) gradient at full rank) are still alive
+    commit = max(4 * 3 * r_numel,
+                 (UPDATE_FP32_BUFFERS if cfg.int8_weights else 2) * 4 * _update_rows(V, h) * h + 4 * 3 * r_numel)
     return max(products, commit)
 
 
@@ -326,7 +333,9 @@ def _lowrank_layer_transient(s: ModelShape, cfg, tok: int, dtype_bytes: int) -> 
     """Largest one-linear transient of the fused backward: dequantised weight (compute dtype) for grad_input, the
     fp32 update chunk with its noise, the projected gradient and decoded projector (fp32), grad_input itself."""
     worst = 0
-    for _, m, n in s.linears():
+    layer_cfg = cfg
+    for name, m, n in s.linears():
+        cfg = layer_cfg.for_module(f"model.layers.0.{'self_attn' if name[0] in 'qkvo' else 'mlp'}.{name}")
         r = min(cfg.rank, m, n)
         full = cfg.rank >= min(m, n)
         dense = m * n * dtype_bytes if cfg.int8_weights else 0
@@ -526,7 +535,8 @@ def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, 
         if emb_lr:
             # Int8Embedding's backward: the output gradient, its rows summed per distinct id (fp32, ids int64),
             # then the same low-rank products and commit as a (V, h) head
-            update = tok * s.hidden * (db + 4) + 2 * 8 * tok + _head_sink_transient(s, cfg, tok, db, 0)
+            update = tok * s.hidden * (db + 4) + 2 * 8 * tok + _head_sink_transient(s, cfg, tok, db, 0,
+                                                                                   "model.embed_tokens")
         moments["end"] = {"activations": 0, "logits_and_loss": 0, "layer_transients": update}
     else:
         moments["head"] = {"activations": acts, "logits_and_loss": logits_bwd, "layer_transients": 0}

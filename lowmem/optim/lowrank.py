@@ -453,15 +453,17 @@ def commit_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accu
     grad_lowrank, proj = accum["grad_lowrank"], accum["proj_step"]
     grad_at_idx = accum.get("grad_at_idx")
     clip_coef = _clip_coefficient(cfg, grad_sq, clip_coef)
+    # R and the residual entries are scaled and masked in place: they are this step's own buffers (accum is cleared
+    # below) and at full rank R is the whole (m, n) gradient, so copies would hold it two more times
     if isinstance(clip_coef, Tensor) or clip_coef != 1.0:
-        grad_lowrank = grad_lowrank * clip_coef
+        grad_lowrank = grad_lowrank.mul_(clip_coef)
         if grad_at_idx is not None:
-            grad_at_idx = grad_at_idx * clip_coef
+            grad_at_idx = grad_at_idx.mul_(clip_coef)
     guarded = isinstance(skip, Tensor)
     pending = None
     if guarded:   # a skipped weight's update is computed from zeros (finite) and then discarded
-        grad_lowrank = grad_lowrank.masked_fill(skip, 0.0)
-        grad_at_idx = None if grad_at_idx is None else grad_at_idx.masked_fill(skip, 0.0)
+        grad_lowrank = grad_lowrank.masked_fill_(skip, 0.0)
+        grad_at_idx = None if grad_at_idx is None else grad_at_idx.masked_fill_(skip, 0.0)
         old = _guarded_state(state)
         if accum["refresh"] or (uses_residual(spec, cfg) and "res_idx" not in state):
             pending = _deferred_bookkeeping(spec, cfg, state, accum, global_step)

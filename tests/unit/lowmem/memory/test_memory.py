@@ -93,6 +93,28 @@ def test_fused_loss_prediction_within_5_percent_at_llama3_vocab_ratio(method, ti
           changes=dict(exclude_modules=()) if int8_head else {})
 
 
+def test_per_module_overrides_prediction_within_5_percent():
+    """Per-module overrides change a module's state (here the MLP at rank 8 with fp32 moments, the head at full
+    rank): the planner applies them by name, and the prediction still meets the measured peak."""
+    changes = dict(exclude_modules=(), overrides={"*mlp*": {"rank": 8, "optim_bits": 32}, "lm_head": {"rank": 128}})
+    check(tiny_config(), "lowmem", batch=2, seq=64, rank=32, changes=changes)
+    plain = estimate(tiny_config(), method="lowmem", seq_len=64, micro_batch_size=2, gradient_checkpointing=False,
+                     lowmem_config=preset("lowmem", rank=32, exclude_modules=()), device_type="cpu",
+                     dtype=torch.float32)
+    overridden = estimate(tiny_config(), method="lowmem", seq_len=64, micro_batch_size=2,
+                          gradient_checkpointing=False, lowmem_config=preset("lowmem", rank=32, **changes),
+                          device_type="cpu", dtype=torch.float32)
+    # independent count of the moments that change: the head's (V, r=32) 8-bit moments become (V, h=128) ones
+    # (2 bytes per element + 8 bytes of absmax per 256), and the MLP's three (., 32) 8-bit moments per layer become
+    # (., 8) fp32 ones (8 bytes per element)
+    def m8(numel):
+        return 2 * numel + 8 * -(-numel // 256)
+    V, h, i, L = 512, 128, 352, 2
+    head = m8(V * h) - m8(V * 32)
+    mlp = L * sum(8 * max(a, b) * 8 - m8(max(a, b) * 32) for a, b in ((i, h), (i, h), (h, i)))
+    assert overridden.components["optimizer_moments"] - plain.components["optimizer_moments"] == head + mlp
+
+
 def deep_config():
     """Six layers and 1024 tokens a micro-batch: the saved activations are most of the step's peak."""
     return LlamaConfig(hidden_size=128, intermediate_size=352, num_hidden_layers=6, num_attention_heads=4,
