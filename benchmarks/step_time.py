@@ -24,6 +24,9 @@ from lowmem.memory.live_bytes import LiveTensorBytes, baseline_bytes, module_byt
 from lowmem.presets import preset
 
 LOWMEM_METHODS = ("galore", "q_galore", "galore_plus", "lowmem")
+# lowmem presets on a bf16 model (bf16 activations and float parameters, INT8 weights dequantised to bf16): the
+# compute dtype of adamw_bf16, so that pair compares the optimizers rather than fp32 against bf16 matmuls
+BF16_METHODS = {"lowmem_bf16": "lowmem", "q_galore_bf16": "q_galore"}
 
 
 def build_model(args, dtype) -> torch.nn.Module:
@@ -36,8 +39,8 @@ def build_model(args, dtype) -> torch.nn.Module:
 
 def make_step(method: str, model, args):
     """Returns (step_fn, state_tensors_fn). step_fn(ids) runs one full training step."""
-    if method in LOWMEM_METHODS:
-        cfg = preset(method, rank=args.rank, lr=1e-4, refresh_interval_steps=10_000,
+    if method in LOWMEM_METHODS or method in BF16_METHODS:
+        cfg = preset(BF16_METHODS.get(method, method), rank=args.rank, lr=1e-4, refresh_interval_steps=10_000,
                      max_refresh_interval_steps=10_000, stagger=False, residual_warmup_steps=1)
         runtime = prepare(model, cfg)
 
@@ -65,7 +68,7 @@ def sync(device):
 
 
 def run_method(method: str, args) -> dict:
-    dtype = torch.bfloat16 if method == "adamw_bf16" else torch.float32
+    dtype = torch.bfloat16 if method == "adamw_bf16" or method in BF16_METHODS else torch.float32
     model = build_model(args, dtype)
     step, state_tensors = make_step(method, model, args)
     gen = torch.Generator().manual_seed(1)
