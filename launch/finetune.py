@@ -29,6 +29,7 @@ launch.parallel.)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import signal
@@ -238,6 +239,7 @@ def _train(par, progress: dict) -> dict:
     elif cfg.gradient_checkpointing:
         if cfg.activation_offload:
             say(f"activation_offload: the device is the host ({device.type}); nothing to offload, left off")
+            cfg = dataclasses.replace(cfg, activation_offload=False)    # the report records what ran
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
