@@ -272,11 +272,12 @@ class LowMemConfig:
                                  _float(1.0))
     stagger: bool = _f(True, "Spread first refreshes: layer l first refreshes at step l*T0/L (after step 0); "
                              "True or False.", _bool)
-    moment_transfer: str = _f("keep", "Low-rank moments at a refresh: 'keep' (as they are, GaLore; the new "
-                                      "projector's column signs are aligned with the old one's), 'rotate' (into the "
-                                      "new basis; directions new to the subspace restart their Adam bias "
-                                      "correction, kept ones continue) or 'reset' (to zero; bias correction "
-                                      "restarts: the next steps are a fresh Adam).",
+    moment_transfer: str = _f("reset", "Low-rank moments at a refresh: 'reset' (to zero; bias correction "
+                                       "restarts: the next steps are a fresh Adam; the default, chosen by the quality "
+                                       "study: benchmarks/results/quality), 'keep' (as they are, GaLore; the new "
+                                       "projector's column signs are aligned with the old one's) or 'rotate' (into "
+                                       "the new basis; directions new to the subspace restart their Adam bias "
+                                       "correction, kept ones continue).",
                               _choice("keep", "rotate", "reset"))
     # low-rank moments
     optim_bits: int = _f(8, "Storage bits of low-rank Adam moments: 8 (blockwise dynamic), 16 (bf16) or 32 (fp32).",

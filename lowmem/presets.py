@@ -75,6 +75,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim_bits": 32,
         "float_optim_bits": 32,
         "error_feedback": "off",
+        "moment_transfer": "keep",     # GaLore+ keeps GaLore's moments across a refresh
         "exclude_modules": ("*lm_head", "*embed*"),
     },
     "galore_ef": {**_GALORE, "error_feedback": "bf16", "error_feedback_weight": 0.1},
@@ -118,7 +119,7 @@ PRESET_DESCRIPTIONS: dict[str, str] = {
     "galore_dynamics_ef": "GaLore-dynamics-error-feedback ('Approximations may be all you need'): GaLore-dynamics "
                           "plus bf16 error feedback, weight 0.2 (the paper's best).",
     "lowmem": "lowmem defaults (this project, DESIGN.md): INT8+SR weights, INT4 randomized cross-head projectors, "
-              "lazy refresh, q/k residuals, 8-bit moments.",
+              "lazy refresh, q/k residuals, 8-bit moments reset at a refresh.",
     "adamw_twin": "torch.optim.AdamW (Loshchilov & Hutter 2019, 'Decoupled Weight Decay Regularization') through "
                   "lowmem: full rank, scale 1, fp32 everything, no clipping; for equality tests on small models.",
 }

@@ -372,7 +372,7 @@ ABLATIONS: dict[str, tuple[dict, str]] = {
                              "float weights instead of INT8"),
     "lowmem-moments-fp32": ({"optim_bits": 32, "float_optim_bits": 32}, "fp32 Adam moments instead of 8-bit"),
     "lowmem-transfer-rotate": ({"moment_transfer": "rotate"}, "moments rotated into the new basis at a refresh"),
-    "lowmem-transfer-reset": ({"moment_transfer": "reset"}, "moments reset to zero at a refresh"),
+    "lowmem-transfer-keep": ({"moment_transfer": "keep"}, "moments kept as they are at a refresh (GaLore)"),
 }
 
 ABLATION_METHODS = [

@@ -39,11 +39,11 @@ SHAPES = {
 }
 SEEDED_METHODS = ("adamw-fp32", "adamw-bf16", "lowmem")           # several seeds each: the noise band
 SINGLE_SEED_METHODS = {
-    "pretrain": ("galore-torch", "apollo", "lora", "lowmem-svd", "lowmem-no-cross-head", "lowmem-proj-fp32",
-                 "lowmem-fixed-refresh", "lowmem-no-residual", "lowmem-no-sr", "lowmem-float-weights"),
+    "pretrain": ("galore-torch", "lowmem-transfer-keep", "lowmem-transfer-rotate", "apollo", "lora", "lowmem-svd",
+                 "lowmem-no-cross-head", "lowmem-proj-fp32", "lowmem-fixed-refresh", "lowmem-no-residual", "lowmem-no-sr", "lowmem-float-weights"),
     # ablations first: they say which component costs lowmem its fine-tune loss; the most telling ones lead
-    "finetune": ("galore-torch", "lowmem-float-weights", "lowmem-moments-fp32", "lowmem-transfer-reset",
-                 "lowmem-transfer-rotate", "lowmem-proj-fp32", "lowmem-fixed-refresh", "lowmem-no-residual",
+    "finetune": ("galore-torch", "lowmem-transfer-keep", "lowmem-transfer-rotate", "lowmem-float-weights",
+                 "lowmem-moments-fp32", "lowmem-proj-fp32", "lowmem-fixed-refresh", "lowmem-no-residual",
                  "lowmem-svd", "lora"),
 }
 
