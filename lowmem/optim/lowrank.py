@@ -37,7 +37,7 @@ from torch import Tensor
 
 from lowmem.config import LowMemConfig
 from lowmem.optim.linop import DenseGrad, GradOperator, ReducedGrad, SumGrad
-from lowmem.optim.moments import adam_direction_, init_moments, load_moments, transfer_moments_
+from lowmem.optim.moments import BIAS_KEYS, adam_direction_, init_moments, load_moments, transfer_moments_
 from lowmem.optim.projector import (CrossHead, backproject, backproject_gather, backproject_rows, compute_projector,
                                    decode_projector, encode_projector, is_full_rank, project, projection_side,
                                    select_heads)
@@ -521,6 +521,9 @@ def _deferred_bookkeeping(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str,
     depends on the skip flag (see commit_): what it needs to book the refresh later or to undo it."""
     host_before = {k: state[k].clone() for k in (*REFRESH_STATE_KEYS, "fallback_count") if k in state}
     kept = {k: state[k] for k in ("proj_data", "proj_scales", "proj_heads", *_RESIDUAL_KEYS) if k in state}
+    # a reset / rotate transfer adds per-coordinate bias masses on a weight's first refresh; a skipped weight must
+    # not keep them (its values are put back on the device by _keep_old_state_ only where they existed before)
+    had_masses = {k for k in BIAS_KEYS if k in state}
     similarity = None
     if accum["refresh"] and accum.get("proj_old") is not None:
         # cross-head q/k: the old projector against the same heads' subspace of this gradient (like with like)
@@ -535,6 +538,9 @@ def _deferred_bookkeeping(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str,
                 if key in kept:
                     state[key] = kept[key]
                 else:
+                    state.pop(key, None)
+            for key in BIAS_KEYS:
+                if key not in had_masses:
                     state.pop(key, None)
         elif refresh:
             _policy(cfg).record(state, global_step, similarity_value)
