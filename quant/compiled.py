@@ -293,6 +293,17 @@ def _int32(word: int) -> int:
     return word - (1 << 32) if word >= 1 << 31 else word
 
 
+def device_constants(values: list, *, dtype: torch.dtype, device) -> torch.Tensor:
+    """A 1-D tensor of a few Python numbers on `device` without a host synchronisation: on CUDA through pinned memory
+    and a non-blocking copy (a plain torch.tensor(..., device="cuda") copies from pageable memory and waits for the
+    stream: one wait per call, inside the backward for the kernels' keys and scalars); elsewhere directly. The
+    caching host allocator keeps the pinned block until the copy has run."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def _key_words(key: int, counter_start: int, numel: int, mix64: Callable[[int], int], device, *,
                row_stride: int = 0, col0: int = 0) -> torch.Tensor:
     """int32 (8,) [base_lo, k1, k2, k1', k2', split, row_stride, col0] for a call whose local counters lie in
@@ -305,8 +316,8 @@ def _key_words(key: int, counter_start: int, numel: int, mix64: Callable[[int], 
     words, _ = segment_keys(key, counter_start, numel, mix64)
     base_lo = counter_start & _MASK32
     split = min((1 << 32) - base_lo, (1 << 31) - 1)
-    return torch.tensor([_int32(base_lo), *(_int32(w) for w in words), split, row_stride, col0],
-                        dtype=torch.int32, device=device)
+    return device_constants([_int32(base_lo), *(_int32(w) for w in words), split, row_stride, col0],
+                            dtype=torch.int32, device=device)
 
 
 def uniform_(out: torch.Tensor, *, key: int, offset: int, mix64: Callable[[int], int], eager: Callable) -> None:
@@ -364,7 +375,7 @@ def sr_chunk_(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, *, key
         return
     rows, n = q.shape
     device = q.device
-    qmax = torch.tensor(float(_QMAX), device=device)
+    qmax = device_constants([float(_QMAX)], dtype=torch.float32, device=device)[0]
     n_full = n // block_size
     full = n_full * block_size
     if full == n:

@@ -250,14 +250,8 @@ def _check_8bit_layout(param: Tensor, state: dict[str, Tensor], block_size: int)
                              f"another block_size?)")
 
 
-def _hyper_tensor(*, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
-                  device) -> Tensor:
-    """fp32 (9,): lowmem.optim.moments.adam8_hyper with this step's lr and weight decay."""
-    return adam8_hyper(step=step, beta1=beta1, beta2=beta2, eps=eps, device=device, lr=lr, weight_decay=weight_decay)
-
-
 def _adamw8_math(p: Tensor, g: Tensor, m: Tensor, v: Tensor, h: Tensor, decay: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(p, m, v) after one AdamW step in fp32, h = _hyper_tensor, as the compiled kernel computes it (out of place):
+    """(p, m, v) after one AdamW step in fp32, h = adam8_hyper, as the compiled kernel computes it (out of place):
     adam8_ratio (the direction m̂ / (√v̂ + ε) clamped to ±bound through the denominator's floor), the decoupled
     decay, then p + ratio · (-lr / (1-β1ᵗ)). `_adamw8_math_` is the eager twin's in-place form: the same bits."""
     ratio, m, v = adam8_ratio(g, m, v, h)
@@ -283,7 +277,7 @@ def _update_8bit_twin_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *,
                                  block_size=block_size, dtype=torch.float32, check_values=False)
     exp_avg_sq = dequantize_moment8(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False,
                                     block_size=block_size, dtype=torch.float32, squared=True, check_values=False)
-    h = _hyper_tensor(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
+    h = adam8_hyper(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
                       device=param.device)
     p = param.to(torch.float32, copy=True)
     _adamw8_math_(p, grad.to(torch.float32), exp_avg, exp_avg_sq, h, weight_decay > 0.0)
@@ -327,7 +321,7 @@ def _update_8bit_fused_(param: Tensor, grad: Tensor, state: dict[str, Tensor], k
     """_update_8bit_twin_ (plus the keep_old guard) as one compiled kernel per flat chunk, same bits."""
     device = param.device
     decay = hyper["weight_decay"] > 0.0
-    h = _hyper_tensor(device=device, **hyper)
+    h = adam8_hyper(device=device, **hyper)
     keep = torch.zeros((), dtype=torch.bool, device=device) if keep_old is None else keep_old
     flat = {k: state[k].view(-1) for k in ("exp_avg_codes", "exp_avg_sq_codes")}
 

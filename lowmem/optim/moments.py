@@ -112,9 +112,9 @@ def adam8_hyper(*, step: int, beta1: float, beta2: float, eps: float, device, lr
     (lr -1, no decay) make the last entry 1/(1-β1ᵗ): the bias-corrected direction of the low-rank step."""
     bias_correction1 = 1.0 - beta1 ** step
     bound = adam_direction_bound(step, beta1, beta2)
-    return torch.tensor([beta1, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 / math.sqrt(1.0 - beta2 ** step), eps,
-                         1.0 - lr * weight_decay, 1.0 / (bias_correction1 * bound), -lr / bias_correction1],
-                        dtype=torch.float32, device=device)
+    return compiled.device_constants([beta1, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 / math.sqrt(1.0 - beta2 ** step),
+                                      eps, 1.0 - lr * weight_decay, 1.0 / (bias_correction1 * bound),
+                                      -lr / bias_correction1], dtype=torch.float32, device=device)
 
 
 def adam8_ratio(g: Tensor, m: Tensor, v: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -343,3 +343,23 @@ def test_empty_inputs_leave_compilation_on():
         sr_update_int8_(q, s, torch.zeros(shape), **KEY)
         quantize_moment8(torch.zeros(shape), signed=True)
         assert compiled.failure() is None, shape
+
+
+def test_device_constants_hold_the_values():
+    from quant.compiled import device_constants
+    t = device_constants([1, -2, 2**31 - 1], dtype=torch.int32, device="cpu")
+    assert t.dtype == torch.int32 and t.tolist() == [1, -2, 2**31 - 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: no CUDA device on this machine")
+def test_device_constants_do_not_synchronise_on_cuda():
+    """The kernels' keys and scalars are made inside the backward: under sync debug mode "error" a synchronising
+    copy would raise."""
+    from quant.compiled import device_constants
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        t = device_constants([0.5, 2.0], dtype=torch.float32, device="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert t.device.type == "cuda" and t.cpu().tolist() == [0.5, 2.0]
