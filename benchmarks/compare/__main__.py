@@ -7,6 +7,7 @@ workload (benchmarks/results/compare-<workload>-<device>.md with figures and JSO
     python -m benchmarks.compare --methods lowmem,galore-torch,paper    # names and groups (baseline, paper, ...)
     python -m benchmarks.compare --device cuda --methods all
     python -m benchmarks.compare --list                   # methods and whether they can run here
+    python -m benchmarks.compare --workload pretrain --methods all --lr-sweep   # 3 learning rates per method
 """
 from __future__ import annotations
 
@@ -49,6 +50,21 @@ DEFAULT_SETTINGS = {
     ("finetune", "cuda"): dict(steps=200, rank=32, refresh_interval_steps=50, warmup_steps=10),
 }
 QUICK_SETTINGS = dict(steps=3, rank=4, refresh_interval_steps=2, warmup_steps=1)
+# --lr-sweep without values: the family's learning rate first, then a third of it and three times it (half a decade
+# either side: wide enough to find the side of the optimum, few enough to sweep every method)
+DEFAULT_LR_FACTORS = (1.0, 1 / 3, 3.0)
+
+
+def parse_factors(text: str) -> tuple[float, ...]:
+    """'1,0.333,3' -> (1.0, 0.333, 3.0); each factor finite and > 0, no repeats."""
+    try:
+        factors = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--lr-sweep: {err}; give comma-separated factors such as 1,0.333,3") \
+            from None
+    if not factors or any(not (f > 0 and f < float("inf")) for f in factors) or len(set(factors)) != len(factors):
+        raise argparse.ArgumentTypeError(f"--lr-sweep: factors must be distinct finite numbers > 0, got {text!r}")
+    return factors
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,6 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny smoke settings (a few steps, tiny workloads)")
     p.add_argument("--no-memory", action="store_true", help="skip the extra memory-measuring step after each CPU run")
     p.add_argument("--list", action="store_true", help="list the methods and whether they can run here, then exit")
+    p.add_argument("--lr-sweep", nargs="?", const=DEFAULT_LR_FACTORS, type=parse_factors, default=None,
+                   metavar="FACTORS",
+                   help="run each method at these multiples of its family's learning rate (default 1,0.333,3) and "
+                        "report the run with the lowest final eval loss; the report lists every value tried")
     args = p.parse_args(argv)
     for name in ("steps", "rank", "refresh_interval_steps", "eval_points", "threads"):
         value = getattr(args, name)
@@ -132,7 +152,8 @@ def run_settings(name: str, workload, device: torch.device, args: argparse.Names
                           grad_accum_steps=len(workload.train_batches(0)), **shape)
 
 
-def settings_lines(workload, settings: MethodSettings, specs: list[MethodSpec], params: int) -> list[str]:
+def settings_lines(workload, settings: MethodSettings, specs: list[MethodSpec], params: int,
+                   lr_factors: tuple[float, ...] | None = None) -> list[str]:
     tokens = workload.tokens_per_step * settings.steps
     families = sorted({s.family for s in specs})
     lrs = []
@@ -141,6 +162,9 @@ def settings_lines(workload, settings: MethodSettings, specs: list[MethodSpec], 
             lrs.append(f"{family} {workload.lr_for(family):.2g}")
         except Exception as err:   # reported per method as well; the settings line only lists what exists
             lrs.append(f"{family} ({type(err).__name__})")
+    sweep = ("" if not lr_factors else
+             f"; each method swept over {', '.join(f'{f:.3g}' for f in lr_factors)} x its family's learning rate, the "
+             "run with the lowest final eval loss reported (see Learning-rate sweep)")
     return [
         f"workload `{workload.name}`: {workload.description}",
         f"model parameters: {params:,}",
@@ -150,7 +174,7 @@ def settings_lines(workload, settings: MethodSettings, specs: list[MethodSpec], 
         "steps; lowmem presets scale their other step counts (GaLore-dynamics start and cap, residual warm-up, lazy "
         "cap) by interval / 200 to keep the papers' proportions",
         f"learning rate per method family: {', '.join(lrs)}; linear warm-up {settings.warmup_steps} steps then cosine "
-        "decay to 0.1 lr (lowmem.schedule) for every method; no weight decay",
+        f"decay to 0.1 lr (lowmem.schedule) for every method; no weight decay{sweep}",
         "gradient clipping: global norm 1.0 for torch-optimizer methods, per-tensor 1.0 for lowmem presets (fused "
         "updates never see the global norm before writing)",
         f"device {settings.device}, model dtype {str(settings.dtype).replace('torch.', '')} (adamw-bf16: bf16)",
@@ -194,14 +218,16 @@ def main(argv=None) -> int:
         print(f"== {name}: {len(chosen[name])} methods, {settings.steps} steps, rank {settings.rank}", flush=True)
         eval_points = args.eval_points or DEFAULT_EVAL_POINTS[name]
         results = run_comparison(chosen[name], workload, settings, eval_points=min(eval_points, settings.steps),
-                                 measure_memory=not args.no_memory, log=lambda line: print(line, flush=True))
+                                 measure_memory=not args.no_memory, log=lambda line: print(line, flush=True),
+                                 lr_factors=args.lr_sweep)
         caveat = (f"a small model ({params / 1e6:.1f} M parameters) trained {settings.steps} steps on "
                   f"{'a GPU' if device.type == 'cuda' else 'CPU'}; the papers' claims are about 7B-scale models over "
                   "thousands of steps, where projector cost, refresh savings and loss gaps differ. Timings come from "
                   "one run on a possibly shared machine.")
         path = write_report(results, out_dir=Path(args.out), workload_name=name, device_tag=device_tag(device),
                             machine=machine_line(device), command=command,
-                            settings_lines=settings_lines(workload, settings, chosen[name], params), caveat=caveat,
+                            settings_lines=settings_lines(workload, settings, chosen[name], params, args.lr_sweep),
+                            caveat=caveat,
                             wall_seconds=time.perf_counter() - start)
         print(f"report: {path} ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
     return 0

@@ -248,6 +248,11 @@ def _build_adafactor(model, settings):
 def _build_torchao(model, settings, *, bits: int):
     import torchao.optim
     cls = torchao.optim.AdamW8bit if bits == 8 else torchao.optim.AdamW4bit
+    # Its kernel is specialised per parameter shape and per learning-rate value: a few shapes times the values of a
+    # learning-rate sweep pass dynamo's recompile limit (8), after which torchao's fullgraph compile refuses to run.
+    dynamo_config = torch._dynamo.config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
     # torchao compiles one kernel per parameter shape on its first step; compile on throwaway copies here so the
     # timed steps measure the optimizer, not the compiler.
     copies = [p.detach().clone().requires_grad_(True) for p in model.parameters()]

@@ -245,6 +245,24 @@ def plot_bars(results: list[MethodResult], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def sweep_table(results: list[MethodResult]) -> str | None:
+    """Every learning rate each method tried (MethodResult.lr_sweep) with its final eval loss; None without a sweep."""
+    swept = [r for r in results if r.lr_sweep]
+    if not swept:
+        return None
+    lines = ["| method | learning rates tried: final eval loss | chosen |", "|---|---|---|"]
+    for r in swept:
+        tried = []
+        for lr, loss, status in sorted(r.lr_sweep, key=lambda t: t[0]):
+            what = f"{loss:.4f}" if loss is not None and status == "ok" else status.replace("|", "/")
+            tried.append(f"{lr:.3g}: {what}")
+        finished = [lr for lr, loss, status in r.lr_sweep if loss is not None and status == "ok"]
+        edge = r.ok and len(finished) > 1 and r.lr in (min(finished), max(finished))
+        chosen = (_fmt(r.lr, ".3g") + (" (edge of the range)" if edge else "")) if r.ok else "—"
+        lines.append(f"| `{r.name}` | {'; '.join(tried)} | {chosen} |")
+    return "\n".join(lines)
+
+
 def write_report(results: list[MethodResult], *, out_dir: Path | str, workload_name: str, device_tag: str,
                  machine: str, command: str, settings_lines: list[str], caveat: str,
                  wall_seconds: float | None = None) -> Path:
@@ -270,6 +288,14 @@ def write_report(results: list[MethodResult], *, out_dir: Path | str, workload_n
               "Generated from the numbers above.", ""]
     for c in reading(results):
         lines.append(f"- {c.claim}: **{c.verdict}**" + (f" — {c.detail}" if c.detail else ""))
+    sweep = sweep_table(results)
+    if sweep is not None:
+        lines += ["", "## Learning-rate sweep", "",
+                  "Each method ran once per learning rate below (its family's rate times the sweep's factors); the "
+                  "results table shows the run with the lowest final eval loss. The choice is made on the held-out "
+                  "set the table reports, so every figure is the best of that method's own tries: fair between "
+                  "methods, optimistic for each. A chosen value at the edge of the range means the optimum may lie "
+                  "beyond it.", "", sweep]
     lines += ["", f"Caveat: {caveat}", "", "## Methods", ""]
     lines += [f"- `{r.name}` ({r.group}, lr family {r.family}): {r.description}"
               + (f" Memory: {r.memory_note}." if r.memory_note else "") for r in results]

@@ -56,6 +56,9 @@ class MethodResult:
     memory_note: str = ""
     ratio_fp32: float | None = None       # mean step time / adamw-fp32's, same run
     ratio_bf16: float | None = None       # mean step time / adamw-bf16's, same run
+    # a learning-rate sweep (run_comparison's lr_factors): (lr, final eval loss or None, status) per value tried,
+    # in the order run; this result is the run the sweep chose
+    lr_sweep: list[tuple[float, float | None, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -106,9 +109,10 @@ def eval_steps(steps: int, points: int) -> list[int]:
     return sorted({max(1, round(steps * i / points)) for i in range(1, points + 1)})
 
 
-def settings_for(spec: MethodSpec, workload: Workload, base: MethodSettings) -> MethodSettings:
-    """`base` with the learning rate of the method's family on this workload."""
-    return dataclasses.replace(base, lr=float(workload.lr_for(spec.family)))
+def settings_for(spec: MethodSpec, workload: Workload, base: MethodSettings,
+                 lr_factor: float = 1.0) -> MethodSettings:
+    """`base` with the learning rate of the method's family on this workload, times lr_factor (a sweep's value)."""
+    return dataclasses.replace(base, lr=float(workload.lr_for(spec.family)) * lr_factor)
 
 
 def to_device(batches: list[Batch], device: torch.device) -> list[Batch]:
@@ -216,9 +220,10 @@ def _train(spec: MethodSpec, workload: Workload, settings: MethodSettings, resul
 
 def run_method(spec: MethodSpec, workload: Workload, base: MethodSettings, *, eval_at: list[int],
                initial_eval: dict | None = None, measure_memory: bool = True,
-               log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None) -> MethodResult:
-    """Train and measure one method; never raises for a method's own failure (see MethodResult.status).
-    `on_step(steps_done)` is called after every optimizer step (progress bars)."""
+               log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None,
+               lr_factor: float = 1.0) -> MethodResult:
+    """Train and measure one method at its family's learning rate times lr_factor; never raises for a method's own
+    failure (see MethodResult.status). `on_step(steps_done)` is called after every optimizer step (progress bars)."""
     result = MethodResult(spec.name, spec.group, spec.family, spec.description,
                           tokens_per_step=int(workload.tokens_per_step))
     reason = unavailable_reason(spec, base.device)
@@ -228,7 +233,7 @@ def run_method(spec: MethodSpec, workload: Workload, base: MethodSettings, *, ev
     if initial_eval is not None:
         result.eval_points.append((0, dict(initial_eval)))
     try:
-        settings = settings_for(spec, workload, base)
+        settings = settings_for(spec, workload, base, lr_factor)
         result.lr = settings.lr
         _train(spec, workload, settings, result, eval_at, measure_memory, log, on_step)
     except Exception as err:   # one method's failure must not end the comparison
@@ -260,9 +265,41 @@ def _warm_up(device: torch.device) -> None:
     _sync(device)
 
 
+def choose_from_sweep(runs: list[MethodResult]) -> MethodResult:
+    """The run of a learning-rate sweep with the lowest final eval loss among those that finished ("ok" with a
+    finite loss); if none did, the first run (its status says why). Ties go to the earlier run."""
+    finished = [r for r in runs if r.ok and r.metric("eval_loss") is not None
+                and math.isfinite(r.metric("eval_loss"))]
+    return min(finished, key=lambda r: r.metric("eval_loss")) if finished else runs[0]
+
+
+def _sweep(spec: MethodSpec, workload: Workload, base: MethodSettings, lr_factors: tuple[float, ...], *,
+           eval_at: list[int], initial_eval: dict, measure_memory: bool,
+           log: Callable[[str], None]) -> MethodResult:
+    """Run `spec` once per factor of its family's learning rate; the chosen run, carrying the whole sweep."""
+    runs = []
+    for factor in lr_factors:
+        run = run_method(spec, workload, base, eval_at=eval_at, initial_eval=initial_eval,
+                         measure_memory=measure_memory, log=log, lr_factor=factor)
+        runs.append(run)
+        if not run.step_seconds:   # unavailable, or failed before a step: every other value would fail alike
+            break
+        loss = run.metric("eval_loss")
+        log(f"  {spec.name} lr {run.lr:.3g}: {run.status}" + (f", eval loss {loss:.4f}" if loss is not None else ""))
+    chosen = choose_from_sweep(runs)
+    chosen.lr_sweep = [(r.lr, r.metric("eval_loss"), r.status) for r in runs]
+    return chosen
+
+
 def run_comparison(specs: list[MethodSpec], workload: Workload, base: MethodSettings, *, eval_points: int = 3,
-                   measure_memory: bool = True, log: Callable[[str], None] = print) -> list[MethodResult]:
-    """Run every spec on `workload` in order; results in the same order, with ratios attached."""
+                   measure_memory: bool = True, log: Callable[[str], None] = print,
+                   lr_factors: tuple[float, ...] | None = None) -> list[MethodResult]:
+    """Run every spec on `workload` in order; results in the same order, with ratios attached.
+
+    lr_factors: a learning-rate sweep. Each method runs once per factor of its family's learning rate, and its row
+    is the run with the lowest final eval loss (`choose_from_sweep`); MethodResult.lr_sweep records every value
+    tried. The choice uses the same held-out set the report shows, so every method's figure is the best of its
+    own few tries: fair between methods, optimistic for all of them."""
     eval_at = eval_steps(base.steps, eval_points)
     _warm_up(base.device)
     initial_eval = evaluate(workload, _fresh_model(workload, base))
@@ -270,8 +307,12 @@ def run_comparison(specs: list[MethodSpec], workload: Workload, base: MethodSett
     results = []
     for index, spec in enumerate(specs, 1):
         start = time.perf_counter()
-        result = run_method(spec, workload, base, eval_at=eval_at, initial_eval=initial_eval,
+        if lr_factors:
+            result = _sweep(spec, workload, base, tuple(lr_factors), eval_at=eval_at, initial_eval=initial_eval,
                             measure_memory=measure_memory, log=log)
+        else:
+            result = run_method(spec, workload, base, eval_at=eval_at, initial_eval=initial_eval,
+                                measure_memory=measure_memory, log=log)
         results.append(result)
         summary = result.status
         if result.step_seconds:

@@ -37,7 +37,9 @@ SHAPES = {
     ("pretrain", True): StudyShape(steps=6, rank=8, refresh_interval_steps=3, warmup_steps=1, eval_points=2),
     ("finetune", True): StudyShape(steps=2, rank=8, refresh_interval_steps=1, warmup_steps=0, eval_points=1),
 }
-SEEDED_METHODS = ("adamw-fp32", "adamw-bf16", "lowmem")           # several seeds each: the noise band
+# several seeds each: the noise band. lowmem and its fp32 reference come first, so an interrupted study has
+# their bands before bf16 AdamW's (which is far from both).
+SEEDED_METHODS = ("adamw-fp32", "lowmem", "adamw-bf16")
 SINGLE_SEED_METHODS = {
     "pretrain": ("galore-torch", "lowmem-transfer-keep", "lowmem-transfer-rotate", "apollo", "lora", "lowmem-svd",
                  "lowmem-no-cross-head", "lowmem-proj-fp32", "lowmem-fixed-refresh", "lowmem-no-residual", "lowmem-no-sr", "lowmem-float-weights"),

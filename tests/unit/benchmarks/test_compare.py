@@ -221,3 +221,53 @@ def test_unavailable_reason():
     assert M.unavailable_reason(spec("adamw-8bit-bnb"), torch.device("cpu")) == "needs a GPU"
     assert M.unavailable_reason(MISSING, torch.device("cpu")).startswith("not installed (pip install ")
     assert M.unavailable_reason(spec("adamw-fp32"), torch.device("cpu")) is None
+
+
+def test_lr_sweep_reports_the_best_of_each_methods_runs(tmp_path):
+    """Three learning rates of AdamW on the tiny workload: the row is the run with the lowest final eval loss, the
+    sweep records every value with its own loss, and the report lists them."""
+    factors = (1.0, 1e-3, 3.0)
+    out = run_comparison([spec("adamw-fp32")], tiny_workload(), settings(), eval_points=1, log=lambda line: None,
+                         lr_factors=factors, measure_memory=False)
+    (row,) = out
+    assert [lr for lr, _, _ in row.lr_sweep] == pytest.approx([1e-3 * f for f in factors])
+    losses = {lr: loss for lr, loss, status in row.lr_sweep}
+    assert all(status == "ok" and math.isfinite(loss) for _, loss, status in row.lr_sweep)
+    assert len(set(losses.values())) == 3                    # three different runs, not one reported thrice
+    assert row.metric("eval_loss") == min(losses.values())
+    assert row.lr == min(losses, key=losses.get)
+    # each value's loss is that learning rate's own run: rerunning the chosen one alone gives the same loss
+    (alone,) = run_comparison([spec("adamw-fp32")], tiny_workload(), settings(), eval_points=1,
+                              log=lambda line: None, lr_factors=(row.lr / 1e-3,), measure_memory=False)
+    assert alone.metric("eval_loss") == pytest.approx(row.metric("eval_loss"), rel=1e-6)
+    text = write_report(out, out_dir=tmp_path, workload_name="tiny", device_tag="cpu", machine="m", command="c",
+                        settings_lines=[], caveat="-").read_text()
+    assert "## Learning-rate sweep" in text
+    for lr, loss in losses.items():
+        assert f"{lr:.3g}: {loss:.4f}" in text
+
+
+def test_sweep_choice_skips_failed_and_diverged_runs():
+    from benchmarks.compare.report import sweep_table
+    from benchmarks.compare.runner import choose_from_sweep
+    good = _row("m", loss=3.0)
+    worse = _row("m", loss=2.5)
+    worse.status = "diverged (train loss nan at step 2)"     # its last eval is lower, but the run did not finish
+    failed = MethodResult("m", "paper", "galore", "", status="failed: RuntimeError: x")
+    best = _row("m", loss=2.9)
+    assert choose_from_sweep([good, worse, failed, best]) is best
+    assert choose_from_sweep([failed, worse]) is failed       # nothing finished: the first run, with its status
+    best.lr, best.lr_sweep = 0.3, [(0.1, 3.0, "ok"), (0.3, 2.9, "ok"), (0.03, 2.5, "diverged")]
+    table = sweep_table([best, _row("no-sweep")])
+    assert "`no-sweep`" not in table
+    assert "0.03: diverged; 0.1: 3.0000; 0.3: 2.9000 | 0.3 (edge of the range) |" in table
+
+
+def test_lr_sweep_option():
+    from benchmarks.compare.__main__ import DEFAULT_LR_FACTORS, parse_args
+    assert parse_args([]).lr_sweep is None
+    assert parse_args(["--lr-sweep"]).lr_sweep == DEFAULT_LR_FACTORS
+    assert parse_args(["--lr-sweep", "1,0.5"]).lr_sweep == (1.0, 0.5)
+    for bad in ("1,1", "0,1", "x", "-1"):
+        with pytest.raises(SystemExit):
+            parse_args(["--lr-sweep", bad])
