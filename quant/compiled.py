@@ -249,11 +249,12 @@ def _dequantize_kernel(q: torch.Tensor, scales: torch.Tensor, *, block_size: int
     return (w.view(rows, padded)[:, :n] if tail else w.view(rows, n)).to(dtype)
 
 
-def _sr_blocks_kernel(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, qmax: torch.Tensor,
-                      keys: torch.Tensor, *, stochastic: bool) -> None:
-    """In place on q int8 (r, c) and scales fp32 (r, nb), contiguous, c = nb * B: requantize(q * s + delta) per
-    block of B = c // nb consecutive columns. Element (i, j) has the local counter
-    i * keys[_ROW_STRIDE] + keys[_COL0] + j (the columns of a larger matrix's rows, _key_words)."""
+def _sr_blocks_values(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, qmax: torch.Tensor,
+                      keys: torch.Tensor, *, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(new codes int8 (r, nb, B), new scales fp32 (r, nb)) of requantize(q * s + delta) for q int8 (r, c) and
+    scales fp32 (r, nb), contiguous, c = nb * B, per block of B = c // nb consecutive columns. Element (i, j) has
+    the local counter i * keys[_ROW_STRIDE] + keys[_COL0] + j (the columns of a larger matrix's rows,
+    _key_words)."""
     rows, cols = q.shape
     num_blocks = scales.shape[1]
     block = cols // num_blocks
@@ -270,8 +271,25 @@ def _sr_blocks_kernel(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor
         y = _stochastic_floor(y, _uniform_at(local, keys))
     else:
         y = torch.round(y)
-    q.view(rows, num_blocks, block).copy_(y.clamp(-_QMAX, _QMAX).to(torch.int8))
+    return y.clamp(-_QMAX, _QMAX).to(torch.int8), scale
+
+
+def _sr_blocks_kernel(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, qmax: torch.Tensor,
+                      keys: torch.Tensor, *, stochastic: bool) -> None:
+    """In place on q int8 (r, c) and scales fp32 (r, nb): requantize(q * s + delta) (_sr_blocks_values)."""
+    codes, scale = _sr_blocks_values(q, scales, delta, qmax, keys, stochastic=stochastic)
+    q.view(codes.shape).copy_(codes)
     scales.copy_(scale)
+
+
+def _sr_blocks_kept_kernel(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, qmax: torch.Tensor,
+                           keys: torch.Tensor, keep: torch.Tensor, *, stochastic: bool) -> None:
+    """_sr_blocks_kernel, except that where keep (bool (1,)) holds q and scales keep their bytes: the device-side
+    skip of a non-finite step, chosen in the same pass (the old bytes are loaded for the update anyway)."""
+    codes, scale = _sr_blocks_values(q, scales, delta, qmax, keys, stochastic=stochastic)
+    q_blocks = q.view(codes.shape)
+    q_blocks.copy_(torch.where(keep, q_blocks, codes))
+    scales.copy_(torch.where(keep, scales, scale))
 
 
 # ---- entry points used by quant.int8 / quant.noise ----
@@ -360,10 +378,11 @@ def _dense_copy(x: torch.Tensor) -> torch.Tensor:
 
 
 def sr_chunk_(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, *, key: int, counter_start: int,
-              block_size: int, stochastic: bool, mix64: Callable[[int], int], eager: Callable) -> None:
+              block_size: int, stochastic: bool, mix64: Callable[[int], int], eager: Callable,
+              keep: torch.Tensor | None = None) -> None:
     """One row chunk of sr_update_int8_ in place (q int8 (r, n) and scales fp32 (r, nb) contiguous, delta float
     (r, n), r * n < 2**31); counter_start = global row index of q[0] * n. eager(q, scales, delta) is the reference
-    path.
+    path. keep: None, or a 0-dim bool tensor on q's device: where True, q and scales keep their bytes.
 
     Rows that are a whole number of blocks go to the kernel as they are. Otherwise (a short last block, e.g. width
     576 = 2 * 256 + 64) the whole blocks and the short ones are copied into two contiguous pieces, updated, and
@@ -376,18 +395,22 @@ def sr_chunk_(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, *, key
     rows, n = q.shape
     device = q.device
     qmax = device_constants([float(_QMAX)], dtype=torch.float32, device=device)[0]
+    # keep as a 1-D tensor: a 0-dim bool argument would be read on the host when dynamo traces a new graph
+    kept = () if keep is None else (keep.reshape(1),)
+    name, kernel = ("sr_blocks", _sr_blocks_kernel) if keep is None else ("sr_blocks_kept", _sr_blocks_kept_kernel)
     n_full = n // block_size
     full = n_full * block_size
     if full == n:
-        call("sr_blocks", _sr_blocks_kernel, _run_plain(_sr_blocks_kernel), q, scales, delta.contiguous(), qmax,
-             _key_words(key, counter_start, rows * n, mix64, device, row_stride=n), stochastic=stochastic)
+        call(name, kernel, _run_plain(kernel), q, scales, delta.contiguous(), qmax,
+             _key_words(key, counter_start, rows * n, mix64, device, row_stride=n), *kept, stochastic=stochastic)
         return
     for c0, c1, b0, b1 in ((0, full, 0, n_full), (full, n, n_full, n_full + 1)):
         if c1 == c0:
             continue
         q_part, s_part, d_part = _dense_copy(q[:, c0:c1]), _dense_copy(scales[:, b0:b1]), _dense_copy(delta[:, c0:c1])
-        call("sr_blocks", _sr_blocks_kernel, _run_plain(_sr_blocks_kernel), q_part, s_part, d_part, qmax,
-             _key_words(key, counter_start, rows * n, mix64, device, row_stride=n, col0=c0), stochastic=stochastic)
+        call(name, kernel, _run_plain(kernel), q_part, s_part, d_part, qmax,
+             _key_words(key, counter_start, rows * n, mix64, device, row_stride=n, col0=c0), *kept,
+             stochastic=stochastic)
         q[:, c0:c1].copy_(q_part)
         scales[:, b0:b1].copy_(s_part)
 

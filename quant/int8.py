@@ -215,7 +215,7 @@ def _dequantize_eager(q: torch.Tensor, scales: torch.Tensor, block_size: int, dt
 
 def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Tensor, DeltaRows], *, seed: int,
                     stream: int, step: int, block_size: int = BLOCK_SIZE, rows_per_chunk: int | None = None,
-                    stochastic: bool = True, check_values: bool = True) -> None:
+                    stochastic: bool = True, check_values: bool = True, keep: torch.Tensor | None = None) -> None:
     """In place: W <- requantize(dequant(q, scales) + delta), chunk by chunk over rows.
 
     Per chunk of rows [r0, r1): w' = q * s + delta in fp32; per block s' = max|w'| / 127; q' = floor(w'/s' + u)
@@ -241,12 +241,19 @@ def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Te
         chunks before it already written (checking first would need the whole delta in memory). Empty q: no-op.
         check_values=False skips those finiteness checks (a synchronisation per chunk on CUDA) for callers that
         have already verified their inputs, such as lowmem's runtime, which checks each step's gradient first.
+    keep: None, or a 0-dim bool tensor on q's device (the device-side skip of a non-finite step, no host read):
+        where True, q and scales keep their bytes, decided inside each chunk's write. The delta (callable) is still
+        evaluated chunk by chunk and must be finite either way.
     """
     block_size = _check_block_size(block_size)
     _check_pair(q, scales, block_size)
     _checks.dtype_is(scales, "scales", torch.float32)
     for name, value in (("seed", seed), ("stream", stream), ("step", step)):
         _checks.key(value, name)
+    if keep is not None:
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.numel() != 1:
+            raise TypeError("keep must be None or a one-element bool tensor")
+        _checks.same_device(keep, q, "keep", "q")
     m, n = q.shape
     rows_per_chunk = _default_rows(n, q.device, compiled.wanted()) if rows_per_chunk is None else _checks.integer(
         rows_per_chunk, "rows_per_chunk", minimum=1)
@@ -282,22 +289,31 @@ def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Te
             # One fused kernel for the chunk; its eager fallback is exactly the path below.
             def eager(q_rows, s_rows, d_rows, r0=r0):
                 _sr_rows_eager_(q_rows, s_rows, d_rows, block_size=block_size, stochastic=stochastic, seed=seed,
-                                stream=stream, step=step, row_start=r0)
+                                stream=stream, step=step, row_start=r0, keep=keep)
             compiled.sr_chunk_(q[r0:r1], scales[r0:r1], d, key=key, counter_start=r0 * n, block_size=block_size,
-                               stochastic=stochastic, mix64=_mix64, eager=eager)
+                               stochastic=stochastic, mix64=_mix64, eager=eager, keep=keep)
         else:
             _sr_rows_eager_(q[r0:r1], scales[r0:r1], d, block_size=block_size, stochastic=stochastic, seed=seed,
-                            stream=stream, step=step, row_start=r0, w=w)
+                            stream=stream, step=step, row_start=r0, w=w, keep=keep)
 
 
 def _sr_rows_eager_(q: torch.Tensor, scales: torch.Tensor, d: torch.Tensor, *, block_size: int, stochastic: bool,
-                    seed: int, stream: int, step: int, row_start: int, w: torch.Tensor | None = None) -> None:
-    """The reference twin of one chunk: q (r, n) int8 and scales (r, nb) fp32 <- requantize(q * s + d).
-    w: the chunk already dequantized (fp32, overwritten), if the caller has it."""
+                    seed: int, stream: int, step: int, row_start: int, w: torch.Tensor | None = None,
+                    keep: torch.Tensor | None = None) -> None:
+    """The reference twin of one chunk: q (r, n) int8 and scales (r, nb) fp32 <- requantize(q * s + d), or left as
+    they are where keep (0-dim bool tensor) is True. w: the chunk already dequantized (fp32, overwritten), if the
+    caller has it."""
     w = _dequantize_rows(q, scales, block_size) if w is None else w
     w.add_(d)
-    _quantize_rows_(w, q, scales, block_size=block_size, stochastic=stochastic, seed=seed, stream=stream,
+    if keep is None:
+        _quantize_rows_(w, q, scales, block_size=block_size, stochastic=stochastic, seed=seed, stream=stream,
+                        step=step, row_start=row_start)
+        return
+    q_new, scales_new = torch.empty_like(q), torch.empty_like(scales)
+    _quantize_rows_(w, q_new, scales_new, block_size=block_size, stochastic=stochastic, seed=seed, stream=stream,
                     step=step, row_start=row_start)
+    q.copy_(torch.where(keep, q, q_new))
+    scales.copy_(torch.where(keep, scales, scales_new))
 
 
 def _check_delta(d, q: torch.Tensor, name: str, shape: tuple[int, int]) -> None:

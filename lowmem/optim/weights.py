@@ -100,40 +100,9 @@ class Int8Weight(WeightTarget):
         return dequantize_int8(self.weight_q, self.weight_scales, block_size=self.block_size)
 
     def apply_(self, delta_rows: DeltaRows, *, step: int, keep_old: Tensor | None = None) -> None:
-        guard = None if keep_old is None else _ChunkGuard(self.weight_q, self.weight_scales, keep_old, delta_rows)
-        sr_update_int8_(self.weight_q, self.weight_scales, delta_rows if guard is None else guard,
-                        seed=self.seed, stream=self.stream, step=step, block_size=self.block_size,
-                        rows_per_chunk=rows_per_chunk(self.shape), stochastic=self.stochastic,
-                        check_values=False)  # callers verify gradients first (or discard them with keep_old)
-        if guard is not None:
-            guard.restore_pending()
-
-
-class _ChunkGuard:
-    """A delta_rows wrapper that lets the SR write happen and then puts the old bytes back where keep_old holds.
-
-    sr_update_int8_ calls delta_rows(r0, r1, w) for a chunk and writes that chunk right after; the wrapper keeps a
-    copy of the chunk's codes and scales (one chunk of int8 + fp32 at a time, never the whole matrix) and restores
-    it at the next call, the last chunk in `restore_pending` -- torch.where on the device, no synchronisation.
-    """
-
-    def __init__(self, weight_q: Tensor, weight_scales: Tensor, keep_old: Tensor, delta_rows: DeltaRows):
-        self.weight_q, self.weight_scales, self.keep_old, self.delta_rows = weight_q, weight_scales, keep_old, \
-            delta_rows
-        self.pending: tuple[int, int, Tensor, Tensor] | None = None
-        self.reads_weight = getattr(delta_rows, "reads_weight", True)
-
-    def __call__(self, row_start: int, row_end: int, w_rows: Tensor) -> Tensor:
-        self.restore_pending()
-        self.pending = (row_start, row_end, self.weight_q[row_start:row_end].clone(),
-                        self.weight_scales[row_start:row_end].clone())
-        return self.delta_rows(row_start, row_end, w_rows)
-
-    def restore_pending(self) -> None:
-        if self.pending is None:
-            return
-        row_start, row_end, codes, scales = self.pending
-        self.pending = None
-        for store, old in ((self.weight_q, codes), (self.weight_scales, scales)):
-            rows = store[row_start:row_end]
-            rows.copy_(torch.where(self.keep_old, old, rows))
+        # keep_old is decided inside each chunk's SR write (no copies of the old bytes, no second pass)
+        sr_update_int8_(self.weight_q, self.weight_scales, delta_rows, seed=self.seed, stream=self.stream, step=step,
+                        block_size=self.block_size, rows_per_chunk=rows_per_chunk(self.shape),
+                        stochastic=self.stochastic,
+                        check_values=False,  # callers verify gradients first (or discard them with keep_old)
+                        keep=keep_old)

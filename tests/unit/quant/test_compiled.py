@@ -87,6 +87,31 @@ def test_sr_update_callable_delta_bit_identical(shape):
     assert len(w_e) == len(w_c) and all(torch.equal(a, b) for a, b in zip(w_e, w_c))  # same w_rows handed out
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (3, 700), (17, 256), (4, 513)])
+def test_sr_update_keep_flag(shape):
+    """keep (the device-side skip): False gives the unguarded bytes, True the old bytes; compiled == eager for
+    both, with a tensor delta and a callable one, whole blocks and rows with a short last block."""
+    w, delta = weights(*shape, seed=3)
+    q, s = quantize_int8(w)
+
+    def run(keep, callable_delta):
+        qq, ss = q.clone(), s.clone()
+        d = (lambda r0, r1, w_rows: delta[r0:r1] - 1e-2 * w_rows) if callable_delta else delta
+        sr_update_int8_(qq, ss, d, rows_per_chunk=2, keep=keep, **KEY)
+        return qq, ss
+
+    for callable_delta in (False, True):
+        (q_plain, s_plain), _ = both(lambda: run(None, callable_delta))
+        for flag in (False, True):
+            (q_e, s_e), (q_c, s_c) = both(lambda: run(torch.tensor(flag), callable_delta))
+            assert torch.equal(q_c, q_e) and torch.equal(s_c, s_e)
+            expected = (q, s) if flag else (q_plain, s_plain)
+            assert torch.equal(q_c, expected[0]) and torch.equal(s_c, expected[1])
+        assert not torch.equal(q_plain, q) or shape == (1, 1)
+    with pytest.raises(TypeError, match="keep"):
+        sr_update_int8_(q.clone(), s.clone(), delta, keep=torch.tensor(1), **KEY)
+
+
 @pytest.mark.parametrize("row_start, n", [(2**31 // 700 + 1, 700), (2**32 // 1000, 1000), (2**40 // 300, 300)])
 def test_sr_chunk_large_counters_bit_identical(row_start, n):
     """Rows of a > 2**31-element matrix, simulated by the chunk's global row index: the counter offset is
@@ -242,15 +267,18 @@ def test_compile_seconds_counts_first_use():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("keep", [None, False, True])
 @pytest.mark.parametrize("shape", [(1, 300), (5, 1000), (64, 4096)])
-def test_cuda_bit_identical(shape):
-    """Triton kernels (same source) against the eager twin on CUDA, and against the CPU bits."""
+def test_cuda_bit_identical(shape, keep):
+    """Triton kernels (same source) against the eager twin on CUDA, and against the CPU bits; with and without the
+    device-side keep flag."""
     w, delta = weights(*shape)
     q, s = quantize_int8(w)
 
     def run(device):
         qq, ss = q.clone().to(device), s.clone().to(device)
-        sr_update_int8_(qq, ss, delta.to(device), rows_per_chunk=2, **KEY)
+        flag = None if keep is None else torch.tensor(keep, device=device)
+        sr_update_int8_(qq, ss, delta.to(device), rows_per_chunk=2, keep=flag, **KEY)
         return qq.cpu(), ss.cpu(), counter_uniform(4099, offset=2**32 - 7, device=device, **KEY).cpu()
 
     (q_e, s_e, u_e), (q_c, s_c, u_c) = both(lambda: run("cuda"))
