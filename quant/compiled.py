@@ -250,16 +250,17 @@ def _dequantize_kernel(q: torch.Tensor, scales: torch.Tensor, *, block_size: int
 
 
 def _sr_blocks_values(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, qmax: torch.Tensor,
-                      keys: torch.Tensor, *, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                      keys: torch.Tensor, keep: torch.Tensor | None, *,
+                      stochastic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(new codes int8 (r, nb, B), new scales fp32 (r, nb)) of requantize(q * s + delta) for q int8 (r, c) and
-    scales fp32 (r, nb), contiguous, c = nb * B, per block of B = c // nb consecutive columns. Element (i, j) has
-    the local counter i * keys[_ROW_STRIDE] + keys[_COL0] + j (the columns of a larger matrix's rows,
-    _key_words)."""
+    scales fp32 (r, nb), contiguous, c = nb * B, per block of B = c // nb consecutive columns; where keep (bool
+    (1,), or None) holds, the old codes and scales instead. Element (i, j) has the local counter
+    i * keys[_ROW_STRIDE] + keys[_COL0] + j (the columns of a larger matrix's rows, _key_words)."""
     rows, cols = q.shape
     num_blocks = scales.shape[1]
     block = cols // num_blocks
-    w = (q.view(rows, num_blocks, block).to(torch.float32) * scales[:, :, None]
-         + delta.view(rows, num_blocks, block).to(torch.float32))
+    old = q.view(rows, num_blocks, block).to(torch.float32)
+    w = old * scales[:, :, None] + delta.view(rows, num_blocks, block).to(torch.float32)
     scale = torch.amax(w.abs(), dim=-1) / qmax
     y = w / scale[:, :, None]
     y = torch.where(scale[:, :, None] == 0, 0.0, y)  # all-zero block: 0 / 0
@@ -271,13 +272,19 @@ def _sr_blocks_values(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor
         y = _stochastic_floor(y, _uniform_at(local, keys))
     else:
         y = torch.round(y)
-    return y.clamp(-_QMAX, _QMAX).to(torch.int8), scale
+    y = y.clamp(-_QMAX, _QMAX)
+    if keep is not None:
+        # chosen in fp32, before the one cast: the old codes are exact there, and the select stays in the vector
+        # lanes of the float computation (a select on the int8 codes compiled to a slower loop on CPU)
+        y = torch.where(keep, old, y)
+        scale = torch.where(keep, scales, scale)
+    return y.to(torch.int8), scale
 
 
 def _sr_blocks_kernel(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, qmax: torch.Tensor,
                       keys: torch.Tensor, *, stochastic: bool) -> None:
     """In place on q int8 (r, c) and scales fp32 (r, nb): requantize(q * s + delta) (_sr_blocks_values)."""
-    codes, scale = _sr_blocks_values(q, scales, delta, qmax, keys, stochastic=stochastic)
+    codes, scale = _sr_blocks_values(q, scales, delta, qmax, keys, None, stochastic=stochastic)
     q.view(codes.shape).copy_(codes)
     scales.copy_(scale)
 
@@ -286,10 +293,9 @@ def _sr_blocks_kept_kernel(q: torch.Tensor, scales: torch.Tensor, delta: torch.T
                            keys: torch.Tensor, keep: torch.Tensor, *, stochastic: bool) -> None:
     """_sr_blocks_kernel, except that where keep (bool (1,)) holds q and scales keep their bytes: the device-side
     skip of a non-finite step, chosen in the same pass (the old bytes are loaded for the update anyway)."""
-    codes, scale = _sr_blocks_values(q, scales, delta, qmax, keys, stochastic=stochastic)
-    q_blocks = q.view(codes.shape)
-    q_blocks.copy_(torch.where(keep, q_blocks, codes))
-    scales.copy_(torch.where(keep, scales, scale))
+    codes, scale = _sr_blocks_values(q, scales, delta, qmax, keys, keep, stochastic=stochastic)
+    q.view(codes.shape).copy_(codes)
+    scales.copy_(scale)
 
 
 # ---- entry points used by quant.int8 / quant.noise ----
