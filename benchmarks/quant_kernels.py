@@ -80,6 +80,7 @@ def main(argv=None) -> None:
     packed, group_scales = pack_int4(x)
     codes, absmax = quantize_moment8(x, signed=True)
     key = dict(seed=0, stream=0, step=1)
+    keep_flag = torch.tensor(False, device=device)
 
     def fresh_weights():
         return q.clone(), scales.clone()
@@ -88,6 +89,9 @@ def main(argv=None) -> None:
         ("counter_uniform (same numel)", lambda: counter_uniform(numel, **key, device=device), lambda: ()),
         ("dequantize_int8", lambda a, b: dequantize_int8(a, b), lambda: (q, scales)),
         ("sr_update_int8_ (tensor delta)", lambda a, b: sr_update_int8_(a, b, delta, **key), fresh_weights),
+        # the runtime's call: a device-side skip flag (False: written), decided inside the same pass
+        ("sr_update_int8_ (keep flag)", lambda a, b: sr_update_int8_(a, b, delta, keep=keep_flag, **key),
+         fresh_weights),
         ("quantize_int8 stochastic", lambda t: quantize_int8(t, stochastic=True, **key), lambda: (x,)),
     ]
     other = [
