@@ -312,13 +312,16 @@ _SCHEDULE_FIELDS = ("max_refresh_interval_steps", "geometric_start_step", "resid
 
 def lowmem_config(preset_name: str, settings: MethodSettings, **overrides) -> LowMemConfig:
     """The preset's config for this comparison: shared lr / rank / interval / schedule / accumulation / seed, the
-    schedule fields scaled to the run's interval, then `overrides` (ablations)."""
+    schedule fields scaled to the run's interval, then `overrides` (ablations). The override `rank_scale` multiplies
+    the run's rank (rank ablations follow whatever rank the run uses)."""
+    overrides = dict(overrides)
+    rank = max(1, round(settings.rank * overrides.pop("rank_scale", 1.0)))
     base = preset(preset_name)
     interval = settings.refresh_interval_steps
     ratio = interval / base.refresh_interval_steps
     scaled = {f: max(1, round(getattr(base, f) * ratio)) for f in _SCHEDULE_FIELDS}
     scaled["max_refresh_interval_steps"] = max(interval, scaled["max_refresh_interval_steps"])
-    return preset(preset_name, **{**scaled, "lr": settings.lr, "rank": settings.rank,
+    return preset(preset_name, **{**scaled, "lr": settings.lr, "rank": rank,
                                   "refresh_interval_steps": interval, "warmup_steps": min(settings.warmup_steps,
                                                                                           settings.steps),
                                   "total_steps": settings.steps, "lr_schedule": "cosine",
@@ -378,6 +381,8 @@ ABLATIONS: dict[str, tuple[dict, str]] = {
     "lowmem-moments-fp32": ({"optim_bits": 32, "float_optim_bits": 32}, "fp32 Adam moments instead of 8-bit"),
     "lowmem-transfer-rotate": ({"moment_transfer": "rotate"}, "moments rotated into the new basis at a refresh"),
     "lowmem-transfer-keep": ({"moment_transfer": "keep"}, "moments kept as they are at a refresh (GaLore)"),
+    "lowmem-rank-half": ({"rank_scale": 0.5}, "half the run's rank"),
+    "lowmem-rank-double": ({"rank_scale": 2.0}, "twice the run's rank"),
 }
 
 ABLATION_METHODS = [

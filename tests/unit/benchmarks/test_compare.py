@@ -204,6 +204,13 @@ def test_lowmem_config_keeps_paper_proportions():
     assert (q.refresh, q.lazy_threshold, q.rank, q.lr, q.total_steps) == ("lazy", 0.4, 8, 0.01, 100)
     ablation = M.lowmem_config("lowmem", run, projector_bits=32)
     assert ablation.projector_bits == 32 and ablation.residual_warmup_steps == 10
+    # rank ablations scale the run's rank (8 here), everything else as the lowmem row
+    for name, rank in (("lowmem-rank-half", 4), ("lowmem-rank-double", 16)):
+        overrides = M.ABLATIONS[name][0]
+        config = M.lowmem_config("lowmem", run, **overrides)
+        assert config.rank == rank
+        assert config == M.lowmem_config("lowmem", run, rank=rank)
+    assert M.ABLATIONS["lowmem-rank-half"][0] == {"rank_scale": 0.5}   # the table itself is not rewritten
 
 
 def test_select_methods():
