@@ -72,3 +72,6 @@ class MethodSpec:
     cuda_only: bool = False                      # True: reported as "needs a GPU" on CPU
     group: str = "baseline"                      # "baseline" | "paper" | "ablation" | "adapter" (report sections)
     description: str = ""                        # one line for the report
+    # why the CPU memory step (run under the live-bytes meter, a TorchDispatchMode) cannot measure this method, or
+    # None: such methods report no CPU peak instead of failing (or, worse, poisoning later runs of the process)
+    no_cpu_memory: str | None = None

@@ -245,6 +245,11 @@ def _build_adafactor(model, settings):
     return OptimizerTrainer("adafactor", model, optimizer, settings)
 
 
+# torch.compile refuses to run under a TorchDispatchMode, and after one refusal dynamo skips the optimizer's frame for
+# the rest of the process (every later torchao run would fail)
+_TORCHAO_NO_METER = "torchao's compiled step does not run under the live-bytes meter (a TorchDispatchMode)"
+
+
 def _build_torchao(model, settings, *, bits: int):
     import torchao.optim
     cls = torchao.optim.AdamW8bit if bits == 8 else torchao.optim.AdamW4bit
@@ -353,9 +358,11 @@ BASELINE_METHODS = [
     MethodSpec("apollo-mini", "galore", functools.partial(_build_apollo, mini=True), requires=("apollo_torch",),
                description="APOLLO-Mini: rank 1, tensor-wise scaling, scale 128"),
     MethodSpec("torchao-adamw-8bit", "full", functools.partial(_build_torchao, bits=8), requires=("torchao",),
-               description="torchao.optim.AdamW8bit (torch.compile'd; compiled before the timed steps)"),
+               description="torchao.optim.AdamW8bit (torch.compile'd; compiled before the timed steps)",
+               no_cpu_memory=_TORCHAO_NO_METER),
     MethodSpec("torchao-adamw-4bit", "full", functools.partial(_build_torchao, bits=4), requires=("torchao",),
-               description="torchao.optim.AdamW4bit (torch.compile'd; compiled before the timed steps)"),
+               description="torchao.optim.AdamW4bit (torch.compile'd; compiled before the timed steps)",
+               no_cpu_memory=_TORCHAO_NO_METER),
 ]
 
 PAPER_PRESETS = ("galore", "q_galore", "galore_plus", "galore_ef", "galore_dynamics", "galore_dynamics_ef")

@@ -205,6 +205,9 @@ def _train(spec: MethodSpec, workload: Workload, settings: MethodSettings, resul
             result.peak_bytes = int(cuda_peak)
             result.memory_note = "torch.cuda.max_memory_allocated over the training steps"
             return
+        if spec.no_cpu_memory:
+            result.memory_note = f"not measured: {spec.no_cpu_memory}"
+            return
         try:
             batches = to_device(workload.train_batches(settings.steps), device)
             result.peak_bytes = measure_step_peak_bytes(trainer, batches, foreign)

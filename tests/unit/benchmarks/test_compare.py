@@ -278,3 +278,21 @@ def test_lr_sweep_option():
     for bad in ("1,1", "0,1", "x", "-1"):
         with pytest.raises(SystemExit):
             parse_args(["--lr-sweep", bad])
+
+
+def test_methods_that_cannot_run_under_the_meter_skip_the_memory_step(monkeypatch):
+    """A method marked no_cpu_memory trains as usual, never runs under the live-bytes meter (torchao's compiled step
+    refuses a TorchDispatchMode, and the refusal would poison its later runs), and says why it has no peak."""
+    import dataclasses
+
+    from benchmarks.compare import runner
+    metered = []
+    monkeypatch.setattr(runner, "measure_step_peak_bytes", lambda *args: metered.append(args) or 1)
+    unmeasured = dataclasses.replace(spec("adamw-fp32"), name="no-meter", no_cpu_memory="cannot run under it")
+    out = {r.name: r for r in run_comparison([spec("adamw-fp32"), unmeasured], tiny_workload(), settings(),
+                                             eval_points=1, log=lambda line: None)}
+    assert out["no-meter"].ok and len(out["no-meter"].train_losses) == 3
+    assert out["no-meter"].peak_bytes is None
+    assert out["no-meter"].memory_note == "not measured: cannot run under it"
+    assert len(metered) == 1 and out["adamw-fp32"].peak_bytes == 1   # the other method was measured
+    assert all(s.no_cpu_memory for s in M.all_methods() if s.name.startswith("torchao"))
