@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from quant import _checks
-from quant.noise import counter_uniform
+from quant import _checks, compiled
+from quant.noise import _mix64, counter_uniform, stream_key
 
 _LOW_BITS = 16
 
@@ -42,3 +42,17 @@ def sr_to_bf16(x: torch.Tensor, *, seed: int, stream: int, step: int, offset: in
     # patterns, which needs |x| at the very top of the exponent range (excluded in the module docstring).
     rounded = (bits + r).bitwise_and_(~((1 << _LOW_BITS) - 1))
     return rounded.view(torch.float32).to(torch.bfloat16).view(x.shape)
+
+
+def sr_noise_keys(numel: int, *, seed: int, stream: int, step: int, offset: int, device) -> torch.Tensor:
+    """int32 (8,) key words for `sr_to_bf16_traceable` over numel (< 2**31) values whose first has counter
+    `offset`: the noise sr_to_bf16(x, seed=seed, stream=stream, step=step, offset=offset) draws."""
+    return compiled.key_words(stream_key(seed, stream, step), offset, numel, _mix64, device)
+
+
+def sr_to_bf16_traceable(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """sr_to_bf16 of flat fp32 x (numel,) as plain traceable ops, for a caller's compiled kernel (keys from
+    sr_noise_keys): the same bits."""
+    r = (compiled.uniform_traceable(x.shape[0], keys) * float(1 << _LOW_BITS)).to(torch.int32)
+    rounded = (x.view(torch.int32) + r) & ~((1 << _LOW_BITS) - 1)
+    return rounded.view(torch.float32).to(torch.bfloat16)

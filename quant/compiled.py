@@ -344,6 +344,18 @@ def _key_words(key: int, counter_start: int, numel: int, mix64: Callable[[int], 
                             dtype=torch.int32, device=device)
 
 
+def key_words(key: int, counter_start: int, numel: int, mix64: Callable[[int], int], device) -> torch.Tensor:
+    """The int32 (8,) key words of a traced noise call covering counters [counter_start, counter_start + numel),
+    numel < 2**31 (see `uniform_traceable`); built on the host, sent without a synchronisation."""
+    return _key_words(key, counter_start, numel, mix64, device)
+
+
+def uniform_traceable(count: int, keys: torch.Tensor) -> torch.Tensor:
+    """fp32 (count,) counter noise at the local counters 0 .. count-1 of the call keyed by `keys` (key_words): the
+    uniform kernel's plain ops, for tracing into a caller's kernel (the same bits as quant.noise.counter_uniform)."""
+    return _uniform_at(torch.arange(count, dtype=torch.int32, device=keys.device), keys)
+
+
 def uniform_(out: torch.Tensor, *, key: int, offset: int, mix64: Callable[[int], int], eager: Callable) -> None:
     """out fp32 (numel,) <- counter noise at counters offset .. offset + numel - 1 (numel < 2**31)."""
     if _eager_needed():

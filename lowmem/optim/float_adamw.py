@@ -25,7 +25,7 @@ from torch import Tensor
 from lowmem.optim.moments import adam8_hyper, adam8_ratio, adam8_ratio_
 from quant import compiled
 from quant._checks import all_finite
-from quant.bf16 import sr_to_bf16
+from quant.bf16 import sr_noise_keys, sr_to_bf16, sr_to_bf16_traceable
 from quant.moments8 import (codec_tables, decode_traceable, dequantize_moment8, dynamic_map, encode_traceable,
                             quantize_moment8)
 
@@ -114,9 +114,10 @@ def float_adamw_update_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *
       - for NaN/Inf gradient elements the kernel zeroes both moments and leaves the param element untouched; the
         8-bit twin raises ValueError (quant.moments8 refuses non-finite moments) before changing param or state,
         and the 32-bit path propagates the NaN like torch.optim.AdamW does.
-    With compilation on, an fp32 contiguous param at bits=8 ("auto"/"torch") takes one compiled kernel instead:
-    decode, the twin's arithmetic, encode and the keep_old guard in a single pass, bit-identical to the twin
-    (tests/unit/lowmem/optim/test_float_adamw.py); a non-finite grad then raises before anything is written.
+    With compilation on, an fp32 or bf16 contiguous param at bits=8 ("auto"/"torch") takes one compiled kernel
+    instead: decode, the twin's arithmetic, encode, the bf16 write (nearest or stochastic, the same noise) and the
+    keep_old guard in a single pass, bit-identical to the twin (tests/unit/lowmem/optim/test_float_adamw.py); a
+    non-finite grad then raises before anything is written.
     keep_old: a 0-dim bool tensor on param's device (the fused runtime's device-side skip of a non-finite step).
     The update then runs over flat chunks of GUARD_CHUNK_ELEMENTS (a multiple of every 8-bit block size that
     divides it, so the bytes are those of one whole-tensor call, stochastic rounding included: each chunk's noise
@@ -155,7 +156,7 @@ def float_adamw_update_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *
         if bits == 8 and not use_bnb and _fused_applies(param, grad):
             if keep_old is None and not all_finite(grad):
                 raise ValueError("grad has non-finite values; the 8-bit AdamW step needs a finite gradient")
-            _update_8bit_fused_(param, grad, state, keep_old, block_size=block_size, hyper=hyper)
+            _update_8bit_fused_(param, grad, state, keep_old, block_size=block_size, hyper=hyper, sr_key=sr_key)
         elif keep_old is None:
             _update_any_(param, grad, state, bits=bits, use_bnb=use_bnb, block_size=block_size, hyper=hyper,
                          write=make_write(0))
@@ -294,22 +295,27 @@ def _update_8bit_twin_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *,
 
 def _fused_applies(param: Tensor, grad: Tensor) -> bool:
     """Whether the compiled 8-bit step serves this call: compiled kernels in use (not under the live-bytes meter,
-    which measures the twin), an fp32 contiguous param (a bf16 param's write, nearest or stochastic, stays with the
-    twin)."""
-    return (compiled.use_kernels() and param.dtype == torch.float32 and param.is_contiguous() and param.numel() > 0
-            and grad.shape == param.shape)
+    which measures the twin), an fp32 or bf16 contiguous param (bf16 written to nearest or stochastically rounded
+    inside the kernel; fp16 stays with the twin)."""
+    return (compiled.use_kernels() and param.dtype in (torch.float32, torch.bfloat16) and param.is_contiguous()
+            and param.numel() > 0 and grad.shape == param.shape)
 
 
 def _adamw8_kernel(p: Tensor, g: Tensor, m_codes: Tensor, m_absmax: Tensor, v_codes: Tensor, v_absmax: Tensor,
                    m_tables: tuple[Tensor, Tensor, Tensor], v_tables: tuple[Tensor, Tensor, Tensor], h: Tensor,
-                   keep_old: Tensor, *, block_size: int, tail: bool, decay: bool) -> tuple[Tensor, ...]:
-    """One 8-bit AdamW step on flat p fp32 (numel,), its codes uint8 (numel,) and absmax fp32 (nb,): decode,
-    _adamw8_math, encode, and where keep_old (0-dim bool) the old values kept. Returns the new (p, m codes,
-    m absmax, v codes, v absmax); the caller copies them back. Writing them in place inside the kernel let
-    inductor order a write of the first moment's codes before a later read of them (wrong bits)."""
+                   keep_old: Tensor, sr_keys: Tensor | None, *, block_size: int, tail: bool,
+                   decay: bool) -> tuple[Tensor, ...]:
+    """One 8-bit AdamW step on flat p fp32 or bf16 (numel,), its codes uint8 (numel,) and absmax fp32 (nb,):
+    decode, _adamw8_math in fp32, encode, the param written back in its dtype (bf16: rounded to nearest, or
+    stochastically with the noise keyed by sr_keys, quant.bf16.sr_noise_keys), and where keep_old (0-dim bool) the
+    old values kept. Returns the new (p, m codes, m absmax, v codes, v absmax); the caller copies them back.
+    Writing them in place inside the kernel let inductor order a write of the first moment's codes before a later
+    read of them (wrong bits)."""
     m_old = decode_traceable(m_codes, m_absmax, m_tables[0], block_size=block_size, tail=tail)
     v_old = decode_traceable(v_codes, v_absmax, v_tables[0], block_size=block_size, tail=tail)
-    p_new, m_new, v_new = _adamw8_math(p, g.to(torch.float32), m_old, v_old, h, decay)
+    p_new, m_new, v_new = _adamw8_math(p.to(torch.float32), g.to(torch.float32), m_old, v_old, h, decay)
+    if p.dtype == torch.bfloat16:
+        p_new = p_new.to(torch.bfloat16) if sr_keys is None else sr_to_bf16_traceable(p_new, sr_keys)
     m_codes_new, m_absmax_new = encode_traceable(m_new, m_tables[1], m_tables[2], block_size=block_size, tail=tail)
     v_codes_new, v_absmax_new = encode_traceable(v_new, v_tables[1], v_tables[2], block_size=block_size, tail=tail)
     return tuple(_kept(keep_old, old, new) for old, new in (
@@ -317,21 +323,26 @@ def _adamw8_kernel(p: Tensor, g: Tensor, m_codes: Tensor, m_absmax: Tensor, v_co
 
 
 def _kept(keep: Tensor, old: Tensor, new: Tensor) -> Tensor:
-    """torch.where(keep, old, new); uint8 codes are chosen in int32 (exact), where inductor's CPU loop stays
-    vectorised (a select on uint8 compiled to a scalar loop, ~2x slower for the whole fused kernel)."""
-    if old.dtype != torch.uint8:
-        return torch.where(keep, old, new)
-    return torch.where(keep, old.to(torch.int32), new.to(torch.int32)).to(torch.uint8)
+    """torch.where(keep, old, new). uint8 codes are chosen in int32 and bf16 values in fp32 (both exact), where
+    inductor's CPU loop stays vectorised (a select on uint8 compiled to a scalar loop, ~2x slower for the whole
+    fused kernel)."""
+    if old.dtype == torch.uint8:
+        return torch.where(keep, old.to(torch.int32), new.to(torch.int32)).to(torch.uint8)
+    if old.dtype == torch.bfloat16:
+        return torch.where(keep, old.to(torch.float32), new.to(torch.float32)).to(torch.bfloat16)
+    return torch.where(keep, old, new)
 
 
 def _update_8bit_fused_(param: Tensor, grad: Tensor, state: dict[str, Tensor], keep_old: Tensor | None, *,
-                        block_size: int, hyper: dict) -> None:
-    """_update_8bit_twin_ (plus the keep_old guard) as one compiled kernel per flat chunk, same bits."""
+                        block_size: int, hyper: dict, sr_key: tuple[int, int] | None) -> None:
+    """_update_8bit_twin_ (plus the keep_old guard) as one compiled kernel per flat chunk, same bits. sr_key:
+    (seed, stream) of a bf16 param's stochastic rounding (None: nearest)."""
     device = param.device
     decay = hyper["weight_decay"] > 0.0
     h = adam8_hyper(device=device, **hyper)
     keep = torch.zeros((), dtype=torch.bool, device=device) if keep_old is None else keep_old
     flat = {k: state[k].view(-1) for k in ("exp_avg_codes", "exp_avg_sq_codes")}
+    stochastic = sr_key is not None and param.dtype == torch.bfloat16
 
     def eager(*args, **static):
         with torch.no_grad():
@@ -347,8 +358,11 @@ def _update_8bit_fused_(param: Tensor, grad: Tensor, state: dict[str, Tensor], k
         b0, b1 = e0 // block_size, -(-e1 // block_size)
         targets = (param.view(-1)[e0:e1], flat["exp_avg_codes"][e0:e1], state["exp_avg_absmax"][b0:b1],
                    flat["exp_avg_sq_codes"][e0:e1], state["exp_avg_sq_absmax"][b0:b1])
+        # the noise of element i is the whole tensor's counter i (sr_to_bf16 with offset 0 over the whole param)
+        sr_keys = (sr_noise_keys(e1 - e0, seed=sr_key[0], stream=sr_key[1], step=hyper["step"], offset=e0,
+                                 device=device) if stochastic else None)
         results = compiled.call("float_adamw8", _adamw8_kernel, eager, targets[0], grad.reshape(-1)[e0:e1],
-                                *targets[1:], m_tables, v_tables, h, keep, block_size=block_size,
+                                *targets[1:], m_tables, v_tables, h, keep, sr_keys, block_size=block_size,
                                 tail=(e1 - e0) % block_size != 0, decay=decay)
         for target, value in zip(targets, results):
             target.copy_(value)

@@ -65,3 +65,17 @@ def test_small_updates_accumulate_in_expectation():
         w_rn = (w_rn.float() + 1e-3).to(torch.bfloat16)
     assert bool((w_rn == 1.0).all())
     assert abs(float(w_sr.double().mean()) - 1.1) <= 3.7e-3
+
+
+@pytest.mark.parametrize("numel, offset", [(1, 0), (1000, 17), (3000, 2**32 - 1234), (777, 2**40 + 3)])
+def test_traceable_form_gives_the_same_bits(numel, offset):
+    """sr_to_bf16_traceable (what a compiled kernel traces), eager and under torch.compile, against sr_to_bf16 on
+    the same key and counters, including a call crossing a 2**32 counter segment."""
+    from quant.bf16 import sr_noise_keys, sr_to_bf16_traceable
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(4)) * torch.logspace(-20, 20, numel)
+    key = dict(seed=3, stream=8, step=12)
+    want = sr_to_bf16(x, offset=offset, **key)
+    keys = sr_noise_keys(numel, offset=offset, device="cpu", **key)
+    assert torch.equal(sr_to_bf16_traceable(x, keys), want)
+    compiled_form = torch.compile(sr_to_bf16_traceable, fullgraph=True)
+    assert torch.equal(compiled_form(x, keys), want)

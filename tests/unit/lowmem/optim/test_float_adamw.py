@@ -466,6 +466,41 @@ def test_8bit_compiled_step_is_bit_identical_to_twin(shape, weight_decay, guarde
     assert not torch.equal(p_e, torch.randn(shape, generator=torch.Generator().manual_seed(7)))
 
 
+@pytest.mark.parametrize("shape", [(50, 45), (300,), (1, 1)])
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("guarded", [False, True])
+def test_8bit_compiled_step_bf16_is_bit_identical_to_twin(shape, stochastic, guarded, monkeypatch):
+    """A bf16 param in the compiled 8-bit step: written to nearest, or stochastically rounded with the twin's noise
+    (sr_to_bf16 keyed by (seed, stream, t) and the flat index, across chunks: 512-value chunks here), gives the
+    twin's param and state bytes, with a skipped step among applied ones."""
+    from lowmem.optim import float_adamw
+    from quant import compiled
+    monkeypatch.setattr(float_adamw, "GUARD_CHUNK_ELEMENTS", 512)
+    called, call = [], compiled.call
+    monkeypatch.setattr(compiled, "call", lambda name, *args, **kw: called.append(name) or call(name, *args, **kw))
+    sr_key = (5, 9) if stochastic else None
+
+    def run(use_compiled, key):
+        compiled.set_enabled(use_compiled)
+        try:
+            param = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+            state = init_float_adamw_state(param, bits=8)
+            for i, g in enumerate(_grads(shape, 4, seed=8)):
+                keep = torch.tensor(i == 2) if guarded else None
+                float_adamw_update_(param, g * 1e-3, state, weight_decay=0.1, keep_old=keep, sr_key=key, **HYPER)
+            return param, state
+        finally:
+            compiled.set_enabled(True)
+
+    (p_c, s_c), (p_e, s_e) = run(True, sr_key), run(False, sr_key)
+    assert compiled.failure() is None and "float_adamw8" in called
+    assert p_c.dtype == torch.bfloat16
+    assert torch.equal(p_c, p_e)
+    assert all(torch.equal(s_c[k], s_e[k]) for k in s_e)
+    if stochastic and shape != (1, 1):   # the noise did something: rounding to nearest writes other bytes
+        assert not torch.equal(run(True, None)[0], p_c)
+
+
 def test_8bit_compiled_step_in_several_chunks_is_bit_identical(monkeypatch):
     """The compiled step works in flat chunks of whole blocks (a bound on its transient): with chunks of 512 values a
     2250-value param (four full chunks' worth of blocks and a partial last block) gives the twin's bytes."""
