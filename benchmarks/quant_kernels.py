@@ -7,7 +7,9 @@ compiled kernels that includes compiling them, or loading them from the inductor
 the median time, the input elements per second, and the ratio of the kernel's time to the clone's (the clone reads
 and writes 4 bytes per element: a memory-bandwidth yardstick on this machine). The hot kernels (SR update,
 dequantisation, noise) are timed twice, compiled (quant.compiled, the default) and eager (the reference twin), side by
-side; `--eager-only` skips the compiled rows.
+side; `--eager-only` skips the compiled rows. So are the two optimizer steps built on them: the 8-bit float AdamW step
+(lowmem.optim.float_adamw) on an fp32 and on a bf16 param (stochastic rounding), with the runtime's device-side skip
+flag, and the low-rank 8-bit Adam step (lowmem.optim.moments) on an (M, 128) projected gradient.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import time
 import torch
 
 from benchmarks.machine import machine_line
+from lowmem.optim.float_adamw import float_adamw_update_, init_float_adamw_state
+from lowmem.optim.moments import adam_direction_, init_moments
 from quant import compiled
 from quant import (counter_uniform, dequantize_int8, dequantize_moment8, pack_int4, quantize_int8,
                    quantize_moment8, sr_update_int8_, unpack_int4)
@@ -85,6 +89,17 @@ def main(argv=None) -> None:
     def fresh_weights():
         return q.clone(), scales.clone()
 
+    adamw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, keep_old=keep_flag)
+    params = {dtype: x.to(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    states = {dtype: init_float_adamw_state(params[dtype], bits=8) for dtype in params}
+    lowrank_grad = delta[:, :128].contiguous()
+    lowrank_state = init_moments(tuple(lowrank_grad.shape), bits=8)
+    lowrank_steps = [0]
+
+    def lowrank_step():
+        lowrank_steps[0] += 1
+        adam_direction_(lowrank_state, lowrank_grad, step=lowrank_steps[0], beta1=0.9, beta2=0.999, eps=1e-8, bits=8)
+
     hot = [
         ("counter_uniform (same numel)", lambda: counter_uniform(numel, **key, device=device), lambda: ()),
         ("dequantize_int8", lambda a, b: dequantize_int8(a, b), lambda: (q, scales)),
@@ -93,6 +108,11 @@ def main(argv=None) -> None:
         ("sr_update_int8_ (keep flag)", lambda a, b: sr_update_int8_(a, b, delta, keep=keep_flag, **key),
          fresh_weights),
         ("quantize_int8 stochastic", lambda t: quantize_int8(t, stochastic=True, **key), lambda: (x,)),
+        ("8-bit AdamW step, fp32 param", lambda: float_adamw_update_(
+            params[torch.float32], delta, states[torch.float32], **adamw), lambda: ()),
+        ("8-bit AdamW step, bf16 param (SR)", lambda: float_adamw_update_(
+            params[torch.bfloat16], delta, states[torch.bfloat16], sr_key=(0, 1), **adamw), lambda: ()),
+        (f"low-rank 8-bit Adam step ({m} x 128)", lowrank_step, lambda: ()),
     ]
     other = [
         ("quantize_int8 nearest", lambda t: quantize_int8(t), lambda: (x,)),
@@ -116,9 +136,9 @@ def main(argv=None) -> None:
     # the clone again at the end: how much the machine's speed drifted during the run
     results.append(("x.clone() (again, at the end)", time_op(lambda t: t.clone(), lambda: (x,), device, args.repeats)))
     baseline = results[0][1]
-    print(f"{'kernel':<44}{'ms':>10}{'Melem/s':>12}{'x clone':>10}")
+    print(f"{'kernel':<52}{'ms':>10}{'Melem/s':>12}{'x clone':>10}")
     for name, seconds in results:
-        print(f"{name:<44}{seconds * 1e3:>10.1f}{numel / seconds / 1e6:>12.0f}{seconds / baseline:>10.2f}")
+        print(f"{name:<52}{seconds * 1e3:>10.1f}{numel / seconds / 1e6:>12.0f}{seconds / baseline:>10.2f}")
     print(f"\ncompile time of the hot kernels in this process: {compiled.compile_seconds():.1f} s")
 
 
