@@ -253,9 +253,9 @@ def sweep_table(results: list[MethodResult]) -> str | None:
     lines = ["| method | learning rates tried: final eval loss | chosen |", "|---|---|---|"]
     for r in swept:
         tried = []
-        for lr, loss, status in sorted(r.lr_sweep, key=lambda t: t[0]):
+        for lr, loss, status in sorted(r.lr_sweep, key=lambda t: (t[0] is None, t[0] or 0.0)):
             what = f"{loss:.4f}" if loss is not None and status == "ok" else status.replace("|", "/")
-            tried.append(f"{lr:.3g}: {what}")
+            tried.append(f"{_fmt(lr, '.3g')}: {what}")
         finished = [lr for lr, loss, status in r.lr_sweep if loss is not None and status == "ok"]
         edge = r.ok and len(finished) > 1 and r.lr in (min(finished), max(finished))
         chosen = (_fmt(r.lr, ".3g") + (" (edge of the range)" if edge else "")) if r.ok else "—"

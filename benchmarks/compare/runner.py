@@ -290,7 +290,8 @@ def _sweep(spec: MethodSpec, workload: Workload, base: MethodSettings, lr_factor
         loss = run.metric("eval_loss")
         log(f"  {spec.name} lr {run.lr:.3g}: {run.status}" + (f", eval loss {loss:.4f}" if loss is not None else ""))
     chosen = choose_from_sweep(runs)
-    chosen.lr_sweep = [(r.lr, r.metric("eval_loss"), r.status) for r in runs]
+    # a method that could not run here (not installed, needs a GPU) has no learning rate: nothing was swept
+    chosen.lr_sweep = [(r.lr, r.metric("eval_loss"), r.status) for r in runs if r.lr is not None]
     return chosen
 
 

@@ -234,9 +234,10 @@ def test_lr_sweep_reports_the_best_of_each_methods_runs(tmp_path):
     """Three learning rates of AdamW on the tiny workload: the row is the run with the lowest final eval loss, the
     sweep records every value with its own loss, and the report lists them."""
     factors = (1.0, 1e-3, 3.0)
-    out = run_comparison([spec("adamw-fp32")], tiny_workload(), settings(), eval_points=1, log=lambda line: None,
-                         lr_factors=factors, measure_memory=False)
-    (row,) = out
+    out = run_comparison([spec("adamw-fp32"), MISSING], tiny_workload(), settings(), eval_points=1,
+                         log=lambda line: None, lr_factors=factors, measure_memory=False)
+    row, missing = out
+    assert missing.lr_sweep == [] and missing.status.startswith("not installed")   # nothing swept, still reported
     assert [lr for lr, _, _ in row.lr_sweep] == pytest.approx([1e-3 * f for f in factors])
     losses = {lr: loss for lr, loss, status in row.lr_sweep}
     assert all(status == "ok" and math.isfinite(loss) for _, loss, status in row.lr_sweep)
@@ -249,7 +250,7 @@ def test_lr_sweep_reports_the_best_of_each_methods_runs(tmp_path):
     assert alone.metric("eval_loss") == pytest.approx(row.metric("eval_loss"), rel=1e-6)
     text = write_report(out, out_dir=tmp_path, workload_name="tiny", device_tag="cpu", machine="m", command="c",
                         settings_lines=[], caveat="-").read_text()
-    assert "## Learning-rate sweep" in text
+    assert "## Learning-rate sweep" in text and "| `needs-missing` | baseline | not installed" in text
     for lr, loss in losses.items():
         assert f"{lr:.3g}: {loss:.4f}" in text
 
