@@ -279,7 +279,7 @@ def _update_8bit_twin_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *,
     exp_avg_sq = dequantize_moment8(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False,
                                     block_size=block_size, dtype=torch.float32, squared=True, check_values=False)
     h = adam8_hyper(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
-                      device=param.device)
+                    device=param.device)
     p = param.to(torch.float32, copy=True)
     _adamw8_math_(p, grad.to(torch.float32), exp_avg, exp_avg_sq, h, weight_decay > 0.0)
     # Quantize before writing anything: quant.moments8 rejects non-finite moments, and a NaN gradient must then
