@@ -20,20 +20,23 @@ inplace operation" error rather than producing a wrong gradient.
 Activation checkpointing (torch.utils.checkpoint, use_reentrant=False) recomputes the forward during backward; the
 recomputed graph is never backpropagated, so the sink still fires exactly once per backward.
 
-torch.compile (torch 2.13, CPU, inductor; tests/unit/lowmem/model/test_int8_linear.py::test_torch_compile): a compiled
-model containing Int8Linear gives the same outputs and gradients as eager and the sink fires once per backward, but
-Int8Linear.forward is excluded from graphs (torch.compiler.disable): one graph break per Int8Linear, the layer runs
-eagerly (its dequantisation through quant.compiled's compiled kernel), the code between layers compiles.
-  - quant.int8.dequantize_int8 itself is traceable: inside a caller's torch.compile it is plain q * scales ops
-    that join the graph (tests/unit/quant/test_compiled.py::test_dequantize_traces_into_callers_graph).
-  - What still breaks: the sink call in backward is an arbitrary Python side effect (list appends, in-place
-    optimizer state), so `_deliver` is torch.compiler.disable'd; tracing forward without the decorator was tried:
-    Dynamo then breaks the graph around the autograd.Function (the disabled call inside its backward), 4 breaks for
-    two layers instead of 2, so the decorator stays until the sink is moved out of the Function's backward.
+torch.compile (torch 2.13, CPU, inductor; tests/unit/lowmem/model/test_int8_linear.py::test_torch_compile*): a
+compiled model containing Int8Linear traces each layer into its graph, forward and backward (no graph break; the
+model compiles with fullgraph=True): the dequantisation is plain q * scales ops that inductor fuses with the matmul's
+operand, grad_input is traced the same way, and the weight gradient reaches the sink through one opaque custom op
+(`lowmem::int8_linear_grad_sink`, registered as side-effectful so no compiler pass drops or hoists it). The op takes
+grad_input (or grad_out) as an input it does not read, so it runs after grad_input is formed: the sink may rewrite
+the codes it was formed from. The op finds its layer by a per-module key (a registry of weak references), renewed
+when a module is copied or unpickled.
+  - Eager-only features keep the layer out of the graph (torch.compiler.disable on that path, one graph break per
+    layer): ZeRO-3's weight_gather (a collective per use), int8_matmul (torch._int_mm), and a layer whose input
+    and bias need no gradient while a sink is set (autograd needs a leaf created per call to fire the sink).
 """
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from typing import Callable
 
 import torch
@@ -57,6 +60,35 @@ def _deliver(module: "Int8Linear", A: Tensor, X: Tensor) -> None:
     op = DenseGrad(A.T.float() @ X.float()) if module.dense_grad else FactoredGrad(A, X)
     module.grad_sink(module, op)
     del op  # the sink keeps what it needs (low-rank products); the (T, m) / (T, n) factors are freed here
+
+
+# Layers by key, for the custom op below (a compiled graph can carry an int, not a module). Weak: the registry
+# never keeps a model alive.
+_LAYERS: "weakref.WeakValueDictionary[int, Int8Linear]" = weakref.WeakValueDictionary()
+_NEXT_KEY = itertools.count()
+
+
+def _register(module: "Int8Linear") -> int:
+    key = next(_NEXT_KEY)
+    _LAYERS[key] = module
+    return key
+
+
+@torch.library.custom_op("lowmem::int8_linear_grad_sink", mutates_args=())
+def _grad_sink_op(A: Tensor, X: Tensor, after: Tensor, layer_key: int) -> None:
+    """_deliver(layer, A, X) as an operator a compiled backward calls at run time. `after` is not read: a data
+    dependency that orders this call after grad_input (formed from the codes the sink may rewrite)."""
+    del after
+    _deliver(_LAYERS[layer_key], A, X)
+
+
+@_grad_sink_op.register_fake
+def _(A: Tensor, X: Tensor, after: Tensor, layer_key: int) -> None:
+    return None
+
+
+# An op with no outputs and no declared mutation looks dead to FX and inductor; this keeps every call.
+torch.fx.node.has_side_effect(torch.ops.lowmem.int8_linear_grad_sink.default)
 
 
 class _Int8LinearFunction(torch.autograd.Function):
@@ -106,6 +138,41 @@ class _Int8LinearFunction(torch.autograd.Function):
             grad_bias = A.sum(0).to(ctx.bias_dtype)
         if module.grad_sink is not None:
             _deliver(module, A, x.reshape(-1, in_features))
+        return grad_x, grad_bias, None, None, None, None
+
+
+class _TracedInt8LinearFunction(torch.autograd.Function):
+    """_Int8LinearFunction's path for a caller's torch.compile: y = x Wᵀ + b, W = dequant(q, scales), every op
+    traceable; backward forms grad_input the same way and hands A, X to the sink through the custom op.
+
+    Inputs: x (..., in) compute dtype; bias (out,) or None; weight_q int8 (out, in), weight_scales fp32
+    (out, blocks); layer_key: the module's registry key, or -1 for no sink; block_size.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, weight_q, weight_scales, layer_key, block_size):
+        weight = dequantize_int8(weight_q, weight_scales, block_size=block_size, dtype=x.dtype, check_values=False)
+        y = nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+        ctx.save_for_backward(x, weight_q, weight_scales)
+        ctx.layer_key, ctx.block_size = layer_key, block_size
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight_q, weight_scales = ctx.saved_tensors
+        grad_out = grad_out.to(x.dtype)
+        A = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = dequantize_int8(weight_q, weight_scales, block_size=ctx.block_size, dtype=x.dtype,
+                                     check_values=False)
+            grad_x = grad_out @ weight
+        if ctx.needs_input_grad[1]:
+            grad_bias = A.sum(0).to(ctx.bias_dtype)
+        if ctx.layer_key >= 0:
+            torch.ops.lowmem.int8_linear_grad_sink(A, x.reshape(-1, x.shape[-1]),
+                                                   grad_x if grad_x is not None else A, ctx.layer_key)
         return grad_x, grad_bias, None, None, None, None
 
 
@@ -164,6 +231,7 @@ class Int8Linear(nn.Module):
         self.block_size = block_size
         self.compute_dtype = compute_dtype
         self.grad_sink: GradSink | None = None
+        self._sink_key = _register(self)  # how a compiled backward's custom op finds this layer
         # ZeRO-3: when set, the codes live on another rank and weight_q / weight_scales are empty placeholders;
         # weight_gather(module, phase) returns the full (weight_q, weight_scales) for this use only.
         self.weight_gather: Callable[["Int8Linear", str], tuple[Tensor, Tensor]] | None = None
@@ -227,11 +295,27 @@ class Int8Linear(nn.Module):
         weight_q, weight_scales = self.codes("forward")
         return dequantize_int8(weight_q, weight_scales, block_size=self.block_size, dtype=dtype or self.compute_dtype)
 
-    @torch.compiler.disable(reason="Int8Linear runs eagerly under torch.compile; see lowmem/model/int8_linear.py")
     def forward(self, x: Tensor) -> Tensor:
-        """x (..., in) any float -> (..., out) in compute_dtype. Never traced by torch.compile (module docstring)."""
+        """x (..., in) any float -> (..., out) in compute_dtype. Under torch.compile the layer joins the caller's
+        graph unless an eager-only feature is on (module docstring)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Int8Linear expects input (..., {self.in_features}), got {tuple(x.shape)}")
+        if torch.compiler.is_compiling() and self.weight_gather is None and not self.int8_matmul:
+            x = x.to(self.compute_dtype)
+            bias = self.bias
+            wants_grad = x.requires_grad or (bias is not None and bias.requires_grad)
+            if not torch.is_grad_enabled() or not (wants_grad or self.grad_sink is not None):
+                weight = dequantize_int8(self.weight_q, self.weight_scales, block_size=self.block_size,
+                                         dtype=self.compute_dtype, check_values=False)
+                return nn.functional.linear(x, weight, None if bias is None else bias.to(self.compute_dtype))
+            if wants_grad:
+                key = -1 if self.grad_sink is None else self._sink_key
+                return _TracedInt8LinearFunction.apply(x, bias, self.weight_q, self.weight_scales, key,
+                                                       self.block_size)
+        return self._forward_eager(x)
+
+    @torch.compiler.disable(reason="an eager-only Int8Linear feature is on; see lowmem/model/int8_linear.py")
+    def _forward_eager(self, x: Tensor) -> Tensor:
         x = x.to(self.compute_dtype)
         bias = self.bias
         wants_grad = x.requires_grad or (bias is not None and bias.requires_grad)
@@ -245,6 +329,12 @@ class Int8Linear(nn.Module):
         # The anchor makes autograd call backward (so the sink fires) when neither x nor bias requires grad.
         anchor = None if wants_grad else torch.empty(0, device=x.device, requires_grad=True)
         return _Int8LinearFunction.apply(x, bias, anchor, self.weight_q, self.weight_scales, self)
+
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy and pickle restore __dict__ without __init__: the copy gets a registry key of its own (a
+        # shared key would route the copy's weight gradient to the original's sink)
+        super().__setstate__(state)
+        self._sink_key = _register(self)
 
     def extra_repr(self) -> str:
         return (

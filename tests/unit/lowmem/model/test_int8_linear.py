@@ -332,13 +332,14 @@ class _CompiledBlock(nn.Module):
 
 @pytest.mark.slow
 def test_torch_compile():
-    """Documented fallback (module docstring): compile works, each Int8Linear runs eagerly behind one graph break."""
+    """A compiled model traces Int8Linear whole (fullgraph, no break): same outputs, input gradients and sink calls
+    as eager, one sink call per backward."""
     l1, l2 = _two_layer(seed=7)
     counts = {}
     l1.grad_sink = l2.grad_sink = lambda module, op: counts.__setitem__(id(module), counts.get(id(module), 0) + 1)
     model = _CompiledBlock(l1, l2)
     torch._dynamo.reset()
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, fullgraph=True)   # fullgraph: a graph break would raise
     gen = torch.Generator().manual_seed(8)
     for step in range(1, 3):
         x0 = torch.randn(2, 3, IN, generator=gen)
@@ -353,5 +354,91 @@ def test_torch_compile():
 
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(torch.randn(2, IN, requires_grad=True))
-    assert explanation.graph_break_count == 2
-    assert all("Int8Linear.forward" in r.reason for r in explanation.break_reasons)
+    assert explanation.graph_break_count == 0
+
+
+class _CodeWriter:
+    """A sink that records G = Aᵀ X and then rewrites the layer's codes in place (as the runtime's SR write does):
+    a compiled backward must form grad_input before it, and the next forward must read the new codes."""
+
+    def __init__(self):
+        self.grads = []
+
+    def __call__(self, module, op):
+        G = op.dense()
+        self.grads.append(G.clone())
+        with torch.no_grad():
+            module.weight_q.sub_(torch.sign(G[:, : module.in_features]).to(torch.int8)).clamp_(-127, 127)
+
+
+@pytest.mark.slow
+def test_torch_compile_sink_rewriting_codes_matches_eager():
+    """Eager model vs a compiled deep copy, over three steps in which the sinks rewrite the codes: the same outputs,
+    input gradients, weight gradients and codes (the copy's sinks reach the copy's layers, not the original's)."""
+    import copy
+
+    l1, l2 = _two_layer(seed=11)
+    eager = _CompiledBlock(l1, l2)
+    twin = copy.deepcopy(eager)
+    sinks = {}
+    for name, model in (("eager", eager), ("compiled", twin)):
+        sinks[name] = (_CodeWriter(), _CodeWriter())
+        model.l1.grad_sink, model.l2.grad_sink = sinks[name]
+    assert twin.l1._sink_key != eager.l1._sink_key and twin.l2._sink_key != eager.l2._sink_key
+    torch._dynamo.reset()
+    compiled = torch.compile(twin, fullgraph=True)
+    gen = torch.Generator().manual_seed(12)
+    for _ in range(3):
+        x0 = torch.randn(4, IN, generator=gen)
+        x_eager, x_comp = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+        y_eager, y_comp = eager(x_eager), compiled(x_comp)
+        y_eager.pow(2).sum().backward()
+        y_comp.pow(2).sum().backward()
+        torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x_comp.grad, x_eager.grad, rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(sinks["compiled"], sinks["eager"]):
+        assert len(mine.grads) == len(theirs.grads) == 3
+        for g_comp, g_eager in zip(mine.grads, theirs.grads):
+            torch.testing.assert_close(g_comp, g_eager, rtol=1e-4, atol=1e-5)
+    for a, b in ((twin.l1, eager.l1), (twin.l2, eager.l2)):
+        assert not torch.equal(a.weight_q, _two_layer(seed=11)[0 if a is twin.l1 else 1].weight_q)  # rewritten
+        assert torch.equal(a.weight_q, b.weight_q)
+
+
+@pytest.mark.slow
+def test_torch_compile_sink_fires_without_input_grad():
+    """Input and bias need no gradient, a sink is set: the layer falls back to the eager path (one break) and the
+    sink still fires once per backward with the eager gradient."""
+    torch.manual_seed(13)
+    layer = Int8Linear.from_linear(nn.Linear(IN, OUT), block_size=BLOCK)
+    layer.bias.requires_grad_(False)
+    rec = Recorder()
+    layer.grad_sink = rec
+    torch._dynamo.reset()
+    compiled = torch.compile(layer)
+    x = torch.randn(3, IN, generator=torch.Generator().manual_seed(14))
+    grad_out = torch.randn(3, OUT, generator=torch.Generator().manual_seed(15))
+    compiled(x).backward(grad_out)
+    assert len(rec.calls) == 1
+    torch.testing.assert_close(rec.calls[0][3], _reference_grads(layer, x, grad_out)[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("feature", ["int8_matmul", "weight_gather"])
+def test_torch_compile_eager_only_features_break_the_graph(feature):
+    """int8_matmul and ZeRO-3's weight_gather keep the layer eager under torch.compile: graph breaks at the layers
+    (every one for that reason), the same output as the uncompiled layer."""
+    l1, l2 = _two_layer(seed=16)
+    for layer in (l1, l2):
+        if feature == "int8_matmul":
+            layer.int8_matmul = True
+        else:
+            layer.weight_gather = lambda module, phase: (module.weight_q, module.weight_scales)
+    model = _CompiledBlock(l1, l2)
+    x = torch.randn(2, IN, generator=torch.Generator().manual_seed(17))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count >= 2
+    assert all("eager-only Int8Linear feature" in r.reason for r in explanation.break_reasons)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-5, atol=1e-5)
