@@ -240,13 +240,19 @@ def _stochastic_floor(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def _dequantize_kernel(q: torch.Tensor, scales: torch.Tensor, *, block_size: int, dtype: torch.dtype,
                        tail: bool) -> torch.Tensor:
     """q int8 (r, n) * scales fp32 (r, nb), formed in fp32, as (r, n) of dtype; tail: whether n is not a multiple
-    of block_size (then the rows are padded to whole blocks and the padding sliced off)."""
+    of block_size (then each column reads the scale of block column // block_size).
+
+    Why not pad the rows to whole blocks and slice the padding off: inductor (torch 2.13, CPU) miscompiles that form
+    (and a sliced repeat_interleave of the scales) once a pointwise consumer fuses with it, e.g. an embedding lookup
+    followed by tanh in a caller's graph: the last block's values come out as garbage
+    (tests/unit/quant/test_compiled.py::test_dequantize_with_short_block_fused_into_a_consumer)."""
     rows, n = q.shape
+    if tail:
+        column_block = torch.arange(n, device=q.device) // block_size
+        return (q.to(torch.float32) * scales.to(torch.float32)[:, column_block]).to(dtype)
     num_blocks = scales.shape[1]
-    padded = num_blocks * block_size
-    blocks = (F.pad(q, (0, padded - n)) if tail else q).view(rows, num_blocks, block_size)
-    w = blocks.to(torch.float32) * scales[:, :, None].to(torch.float32)
-    return (w.view(rows, padded)[:, :n] if tail else w.view(rows, n)).to(dtype)
+    w = q.view(rows, num_blocks, block_size).to(torch.float32) * scales[:, :, None].to(torch.float32)
+    return w.view(rows, n).to(dtype)
 
 
 def _sr_blocks_values(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, qmax: torch.Tensor,

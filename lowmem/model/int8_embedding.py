@@ -13,6 +13,11 @@ Why low-rank state pays here: the projected gradient R = G P is (V, r), so Adam'
 direction of an r-dim subspace of the hidden space: a rare token's row keeps its own second moment (its update is
 normalised by its own history, not the frequent tokens'), and stochastic rounding keeps its small updates unbiased
 in INT8 (round-to-nearest would drop every update below half a quantisation step).
+
+Under a caller's torch.compile the lookup is traced into the graph (`_TracedInt8EmbeddingFunction`: index_select
+and dequantisation as plain ops, the shared leaf COMPILE_ANCHOR in place of a per-call anchor) and the backward
+hands (ids, grad_out) to the sink through the custom op `lowmem::int8_embedding_grad_sink` (side-effectful, found by
+the module's registry key, as Int8Linear's); ZeRO-3's gathered weights keep the eager path.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from torch import Tensor, nn
 
 from quant.int8 import dequantize_int8, quantize_int8
 
-from lowmem.model.int8_linear import Int8Linear
+from lowmem.model.int8_linear import COMPILE_ANCHOR, Int8Linear, layer_by_key
 from lowmem.optim.linop import DenseGrad
 from lowmem.optim.rowgrad import RowScatterGrad
 
@@ -47,12 +52,50 @@ class _Int8EmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         ids, _, _ = ctx.saved_tensors
-        module = ctx.module
-        if module.grad_sink is not None:
-            op = RowScatterGrad.from_lookup(ids, grad_out, module.out_features, module.padding_idx)
-            module.grad_sink(module, DenseGrad(op.dense()) if module.dense_grad else op)
-            del op
+        if ctx.module.grad_sink is not None:
+            _deliver_rows(ctx.module, ids, grad_out)
         return None, None, None, None, None
+
+
+def _deliver_rows(module: "Int8Embedding", ids: Tensor, grad_out: Tensor) -> None:
+    """Hand the lookup's gradient to module.grad_sink as RowScatterGrad (or its dense form), then drop it."""
+    op = RowScatterGrad.from_lookup(ids, grad_out, module.out_features, module.padding_idx)
+    module.grad_sink(module, DenseGrad(op.dense()) if module.dense_grad else op)
+    del op
+
+
+@torch.library.custom_op("lowmem::int8_embedding_grad_sink", mutates_args=())
+def _grad_sink_op(ids: Tensor, grad_out: Tensor, layer_key: int) -> None:
+    """_deliver_rows for a compiled backward: an opaque call at run time (distinct ids are data-dependent)."""
+    _deliver_rows(layer_by_key(layer_key), ids, grad_out)
+
+
+@_grad_sink_op.register_fake
+def _(ids: Tensor, grad_out: Tensor, layer_key: int) -> None:
+    return None
+
+
+torch.fx.node.has_side_effect(torch.ops.lowmem.int8_embedding_grad_sink.default)
+
+
+class _TracedInt8EmbeddingFunction(torch.autograd.Function):
+    """_Int8EmbeddingFunction for a caller's torch.compile. Inputs: ids (...) int; anchor (COMPILE_ANCHOR);
+    weight_q int8 (V, h), weight_scales fp32 (V, blocks); layer_key; block_size; dtype: the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, ids, anchor, weight_q, weight_scales, layer_key, block_size, dtype):
+        flat = ids.reshape(-1)
+        rows = dequantize_int8(weight_q.index_select(0, flat), weight_scales.index_select(0, flat),
+                               block_size=block_size, dtype=dtype, check_values=False)
+        ctx.save_for_backward(ids)
+        ctx.layer_key = layer_key
+        return rows.reshape(*ids.shape, weight_q.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (ids,) = ctx.saved_tensors
+        torch.ops.lowmem.int8_embedding_grad_sink(ids, grad_out, ctx.layer_key)
+        return None, None, None, None, None, None, None
 
 
 class Int8Embedding(Int8Linear):
@@ -97,6 +140,13 @@ class Int8Embedding(Int8Linear):
             rows = dequantize_int8(q.index_select(0, flat), scales.index_select(0, flat), block_size=self.block_size,
                                    dtype=self.compute_dtype, check_values=False)
             return rows.reshape(*ids.shape, self.in_features)
+        if torch.compiler.is_compiling() and self.weight_gather is None:
+            return _TracedInt8EmbeddingFunction.apply(ids, COMPILE_ANCHOR, self.weight_q, self.weight_scales,
+                                                      self._sink_key, self.block_size, self.compute_dtype)
+        return self._lookup_eager(ids)
+
+    @torch.compiler.disable(reason="ZeRO-3 gathers the embedding's codes eagerly; see lowmem/model/int8_embedding.py")
+    def _lookup_eager(self, ids: Tensor) -> Tensor:
         anchor = torch.empty(0, device=ids.device, requires_grad=True)
         return _Int8EmbeddingFunction.apply(ids, anchor, self.weight_q, self.weight_scales, self)
 

@@ -28,9 +28,11 @@ operand, grad_input is traced the same way, and the weight gradient reaches the 
 grad_input (or grad_out) as an input it does not read, so it runs after grad_input is formed: the sink may rewrite
 the codes it was formed from. The op finds its layer by a per-module key (a registry of weak references), renewed
 when a module is copied or unpickled.
+  - When neither the input nor the bias needs a gradient but a sink is set, the traced path passes the shared leaf
+    COMPILE_ANCHOR (made at import: a compiled graph cannot create a tensor that requires grad) so that autograd
+    still runs the layer's backward.
   - Eager-only features keep the layer out of the graph (torch.compiler.disable on that path, one graph break per
-    layer): ZeRO-3's weight_gather (a collective per use), int8_matmul (torch._int_mm), and a layer whose input
-    and bias need no gradient while a sink is set (autograd needs a leaf created per call to fire the sink).
+    layer): ZeRO-3's weight_gather (a collective per use) and int8_matmul (torch._int_mm).
 """
 from __future__ import annotations
 
@@ -74,12 +76,17 @@ def _register(module: "Int8Linear") -> int:
     return key
 
 
+def layer_by_key(key: int) -> "Int8Linear":
+    """The live Int8Linear (or subclass) registered under `key` (its `_sink_key`)."""
+    return _LAYERS[key]
+
+
 @torch.library.custom_op("lowmem::int8_linear_grad_sink", mutates_args=())
 def _grad_sink_op(A: Tensor, X: Tensor, after: Tensor, layer_key: int) -> None:
     """_deliver(layer, A, X) as an operator a compiled backward calls at run time. `after` is not read: a data
     dependency that orders this call after grad_input (formed from the codes the sink may rewrite)."""
     del after
-    _deliver(_LAYERS[layer_key], A, X)
+    _deliver(layer_by_key(layer_key), A, X)
 
 
 @_grad_sink_op.register_fake
@@ -89,6 +96,11 @@ def _(A: Tensor, X: Tensor, after: Tensor, layer_key: int) -> None:
 
 # An op with no outputs and no declared mutation looks dead to FX and inductor; this keeps every call.
 torch.fx.node.has_side_effect(torch.ops.lowmem.int8_linear_grad_sink.default)
+
+# The traced paths' anchor: a leaf that requires grad, so autograd runs a layer's backward (and its sink) when
+# nothing else of its inputs needs a gradient. One shared empty CPU tensor made here, outside any graph (torch.compile
+# cannot create a tensor that requires grad); its gradient is always None, so it never holds memory.
+COMPILE_ANCHOR = torch.empty(0, requires_grad=True)
 
 
 class _Int8LinearFunction(torch.autograd.Function):
@@ -145,12 +157,13 @@ class _TracedInt8LinearFunction(torch.autograd.Function):
     """_Int8LinearFunction's path for a caller's torch.compile: y = x Wᵀ + b, W = dequant(q, scales), every op
     traceable; backward forms grad_input the same way and hands A, X to the sink through the custom op.
 
-    Inputs: x (..., in) compute dtype; bias (out,) or None; weight_q int8 (out, in), weight_scales fp32
-    (out, blocks); layer_key: the module's registry key, or -1 for no sink; block_size.
+    Inputs: x (..., in) compute dtype; bias (out,) or None; anchor: COMPILE_ANCHOR when neither x nor bias requires
+    grad (else None); weight_q int8 (out, in), weight_scales fp32 (out, blocks); layer_key: the module's registry
+    key, or -1 for no sink; block_size.
     """
 
     @staticmethod
-    def forward(ctx, x, bias, weight_q, weight_scales, layer_key, block_size):
+    def forward(ctx, x, bias, anchor, weight_q, weight_scales, layer_key, block_size):
         weight = dequantize_int8(weight_q, weight_scales, block_size=block_size, dtype=x.dtype, check_values=False)
         y = nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
         ctx.save_for_backward(x, weight_q, weight_scales)
@@ -173,7 +186,7 @@ class _TracedInt8LinearFunction(torch.autograd.Function):
         if ctx.layer_key >= 0:
             torch.ops.lowmem.int8_linear_grad_sink(A, x.reshape(-1, x.shape[-1]),
                                                    grad_x if grad_x is not None else A, ctx.layer_key)
-        return grad_x, grad_bias, None, None, None, None
+        return grad_x, grad_bias, None, None, None, None, None
 
 
 def _int8_forward(module: "Int8Linear", x: Tensor, codes: tuple[Tensor, Tensor]) -> Tensor | None:
@@ -308,10 +321,9 @@ class Int8Linear(nn.Module):
                 weight = dequantize_int8(self.weight_q, self.weight_scales, block_size=self.block_size,
                                          dtype=self.compute_dtype, check_values=False)
                 return nn.functional.linear(x, weight, None if bias is None else bias.to(self.compute_dtype))
-            if wants_grad:
-                key = -1 if self.grad_sink is None else self._sink_key
-                return _TracedInt8LinearFunction.apply(x, bias, self.weight_q, self.weight_scales, key,
-                                                       self.block_size)
+            key = -1 if self.grad_sink is None else self._sink_key
+            return _TracedInt8LinearFunction.apply(x, bias, None if wants_grad else COMPILE_ANCHOR, self.weight_q,
+                                                   self.weight_scales, key, self.block_size)
         return self._forward_eager(x)
 
     @torch.compiler.disable(reason="an eager-only Int8Linear feature is on; see lowmem/model/int8_linear.py")

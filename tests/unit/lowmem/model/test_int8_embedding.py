@@ -59,3 +59,35 @@ def test_empty_gradient_and_no_grad_path():
         assert emb(torch.tensor([1, 2])).shape == (2, 8)
     with pytest.raises(TypeError):
         emb(torch.tensor([1.0]))
+
+
+@pytest.mark.slow
+def test_torch_compile_traces_lookup_and_hands_rows_to_the_sink():
+    """Under torch.compile (fullgraph: no break) the lookup gives the eager rows, and the compiled backward hands the
+    sink the same row gradient as eager (nn.Embedding's dense gradient on the dequantised table, padding row 0)."""
+    torch.manual_seed(5)
+    emb = Int8Embedding.from_embedding(nn.Embedding(30, 24, padding_idx=4), block_size=16)
+    got = []
+    emb.grad_sink = lambda module, op: got.append((module, op))
+
+    def model(ids):
+        return emb(ids).tanh() * 2.0
+
+    ids = torch.tensor([[4, 9, 9, 29], [0, 4, 17, 9]])
+    grad_out = torch.randn(2, 4, 24, generator=torch.Generator().manual_seed(6))
+    eager_out = model(ids)
+    eager_out.backward(grad_out)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    compiled_out = compiled(ids)
+    compiled_out.backward(grad_out)
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-6, atol=1e-6)
+    assert len(got) == 2 and got[0][0] is emb and got[1][0] is emb
+    (_, eager_op), (_, compiled_op) = got
+    assert isinstance(compiled_op, RowScatterGrad)
+    assert compiled_op.touched_rows.tolist() == eager_op.touched_rows.tolist() == [0, 9, 17, 29]
+    check = nn.Embedding(30, 24, padding_idx=4)
+    check.weight.data.copy_(emb.dequantized_weight(torch.float32))
+    (check(ids).tanh() * 2.0).backward(grad_out)
+    _close(compiled_op.dense(), check.weight.grad, rtol=1e-5)
+    _close(compiled_op.dense(), eager_op.dense(), rtol=1e-5)
