@@ -476,15 +476,15 @@ def test_hooks_on_equals_hooks_off_on_a_bf16_model():
 
 @pytest.mark.slow
 def test_compiled_model_trains_like_eager():
-    """torch.compile of a prepared model (its Int8Linear layers traced into the graph, the weight gradients handed
-    to the runtime by the custom op in the compiled backward) trains like the eager model: every INT8 weight is
+    """torch.compile of a prepared model, whole graph (its Int8Linear and Int8Embedding layers traced, the weight
+    gradients handed to the runtime by the custom ops in the compiled backward), trains like the eager model: every INT8 weight is
     rewritten, the losses match within what another summation order and stochastic rounding of slightly
     different gradients allow."""
     eager, compiled_model = tiny_llama(seed=21), tiny_llama(seed=21)
     cfg = small("lowmem")
     rt_eager, rt_compiled = prepare(eager, cfg), prepare(compiled_model, cfg)
     codes_before = {n: b.clone() for n, b in compiled_model.named_buffers() if n.endswith("weight_q")}
-    forward = torch.compile(compiled_model)
+    forward = torch.compile(compiled_model, fullgraph=True)   # a graph break (an untraced INT8 layer) would raise
     torch._dynamo.reset()
     losses = {"eager": [], "compiled": []}
     for ids in token_batches(4, seed=22):
