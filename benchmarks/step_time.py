@@ -71,6 +71,9 @@ def run_method(method: str, args) -> dict:
     dtype = torch.bfloat16 if method == "adamw_bf16" or method in BF16_METHODS else torch.float32
     model = build_model(args, dtype)
     step, state_tensors = make_step(method, model, args)
+    if args.compile_model:
+        # after prepare(): the compiled forward is that of the INT8 model (its layers trace into the graph)
+        model.forward = torch.compile(model.forward)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=gen).to(args.device)
                for _ in range(args.steps + 2)]
@@ -93,6 +96,8 @@ def run_method(method: str, args) -> dict:
         step(batches[0])
         sync(args.device)
         peak = torch.cuda.max_memory_allocated()
+    elif args.compile_model:
+        peak = None  # the live-bytes meter is a dispatch mode, under which a compiled model does not run its graph
     else:
         resident = module_bytes(model) + baseline_bytes(state_tensors())
         with LiveTensorBytes() as counter:
@@ -100,6 +105,14 @@ def run_method(method: str, args) -> dict:
         peak = resident + counter.peak_bytes
     return {"method": method, "step_s": statistics.median(times), "first_step_s": first_s, "peak_bytes": peak,
             "compile_s": compile_s}
+
+
+def _mib(nbytes) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**20:.1f}"
+
+
+def _ratio(value, base) -> str:
+    return "-" if value is None or not base else f"{value / base:.2f}"
 
 
 def main(argv=None) -> int:
@@ -113,11 +126,14 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--steps", type=int, default=6, help="timed steady steps per method (median reported)")
     parser.add_argument("--methods", default="adamw_fp32,adamw_bf16,adamw8bit," + ",".join(LOWMEM_METHODS))
+    parser.add_argument("--compile-model", action="store_true",
+                        help="torch.compile every method's model (after lowmem's prepare); step 0 then includes "
+                             "the model's compile time, and the CPU peak memory is not measured")
     args = parser.parse_args(argv)
 
     print(f"machine: {machine_line(args.device)}")
     print(f"model: LLaMA-shaped hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; batch {args.batch} x "
-          f"seq {args.seq_len}; rank {args.rank}")
+          f"seq {args.seq_len}; rank {args.rank}{'; every model under torch.compile' if args.compile_model else ''}")
     rows = []
     for method in args.methods.split(","):
         if method == "adamw8bit" and torch.device(args.device).type != "cuda":
@@ -135,8 +151,8 @@ def main(argv=None) -> int:
         to_bf16 = f"{r['step_s'] / bf16['step_s']:.2f}" if bf16 else "-"
         compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
         print(f"| {r['method']} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f} | {to_bf16} | "
-              f"{r['first_step_s']:.3f} | {compile_s} | {r['peak_bytes'] / 2**20:.1f} | "
-              f"{r['peak_bytes'] / base['peak_bytes']:.2f} |")
+              f"{r['first_step_s']:.3f} | {compile_s} | {_mib(r['peak_bytes'])} | "
+              f"{_ratio(r['peak_bytes'], base['peak_bytes'])} |")
     print("\ncompile s: kernels compiled during step 0 (runtime.step()['compile_s']; 0 when an earlier method in this "
           "process, or an earlier run via the inductor cache, already compiled them)")
     return 0
