@@ -65,13 +65,13 @@ def _deliver_rows(module: "Int8Embedding", ids: Tensor, grad_out: Tensor) -> Non
 
 
 @torch.library.custom_op("lowmem::int8_embedding_grad_sink", mutates_args=())
-def _grad_sink_op(ids: Tensor, grad_out: Tensor, layer_key: int) -> None:
+def _grad_sink_op(ids: Tensor, grad_out: Tensor, layer_key: Tensor) -> None:
     """_deliver_rows for a compiled backward: an opaque call at run time (distinct ids are data-dependent)."""
-    _deliver_rows(layer_by_key(layer_key), ids, grad_out)
+    _deliver_rows(layer_by_key(int(layer_key)), ids, grad_out)
 
 
 @_grad_sink_op.register_fake
-def _(ids: Tensor, grad_out: Tensor, layer_key: int) -> None:
+def _(ids: Tensor, grad_out: Tensor, layer_key: Tensor) -> None:
     return None
 
 
@@ -80,21 +80,21 @@ torch.fx.node.has_side_effect(torch.ops.lowmem.int8_embedding_grad_sink.default)
 
 class _TracedInt8EmbeddingFunction(torch.autograd.Function):
     """_Int8EmbeddingFunction for a caller's torch.compile. Inputs: ids (...) int; anchor (COMPILE_ANCHOR);
-    weight_q int8 (V, h), weight_scales fp32 (V, blocks); layer_key; block_size; dtype: the compute dtype."""
+    weight_q int8 (V, h), weight_scales fp32 (V, blocks); layer_key (lowmem.model.int8_linear.key_tensor);
+    block_size; dtype: the compute dtype."""
 
     @staticmethod
     def forward(ctx, ids, anchor, weight_q, weight_scales, layer_key, block_size, dtype):
         flat = ids.reshape(-1)
         rows = dequantize_int8(weight_q.index_select(0, flat), weight_scales.index_select(0, flat),
                                block_size=block_size, dtype=dtype, check_values=False)
-        ctx.save_for_backward(ids)
-        ctx.layer_key = layer_key
+        ctx.save_for_backward(ids, layer_key)
         return rows.reshape(*ids.shape, weight_q.shape[1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        (ids,) = ctx.saved_tensors
-        torch.ops.lowmem.int8_embedding_grad_sink(ids, grad_out, ctx.layer_key)
+        ids, layer_key = ctx.saved_tensors
+        torch.ops.lowmem.int8_embedding_grad_sink(ids, grad_out, layer_key)
         return None, None, None, None, None, None, None
 
 
@@ -142,7 +142,7 @@ class Int8Embedding(Int8Linear):
             return rows.reshape(*ids.shape, self.in_features)
         if torch.compiler.is_compiling() and self.weight_gather is None:
             return _TracedInt8EmbeddingFunction.apply(ids, COMPILE_ANCHOR, self.weight_q, self.weight_scales,
-                                                      self._sink_key, self.block_size, self.compute_dtype)
+                                                      self._sink_key_tensor, self.block_size, self.compute_dtype)
         return self._lookup_eager(ids)
 
     @torch.compiler.disable(reason="ZeRO-3 gathers the embedding's codes eagerly; see lowmem/model/int8_embedding.py")

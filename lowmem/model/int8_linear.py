@@ -22,12 +22,12 @@ recomputed graph is never backpropagated, so the sink still fires exactly once p
 
 torch.compile (torch 2.13, CPU, inductor; tests/unit/lowmem/model/test_int8_linear.py::test_torch_compile*): a
 compiled model containing Int8Linear traces each layer into its graph, forward and backward (no graph break; the
-model compiles with fullgraph=True): the dequantisation is plain q * scales ops that inductor fuses with the matmul's
-operand, grad_input is traced the same way, and the weight gradient reaches the sink through one opaque custom op
+model compiles with fullgraph=True): the dequantisation is plain q * scales ops in the graph (one fused kernel forms
+the matmul's operand), grad_input is traced the same way, and the weight gradient reaches the sink through one opaque custom op
 (`lowmem::int8_linear_grad_sink`, registered as side-effectful so no compiler pass drops or hoists it). The op takes
 grad_input (or grad_out) as an input it does not read, so it runs after grad_input is formed: the sink may rewrite
 the codes it was formed from. The op finds its layer by a per-module key (a registry of weak references), renewed
-when a module is copied or unpickled.
+when a module is copied or unpickled, and passed as a CPU tensor so that layers compiled one by one share a graph.
   - When neither the input nor the bias needs a gradient but a sink is set, the traced path passes the shared leaf
     COMPILE_ANCHOR (made at import: a compiled graph cannot create a tensor that requires grad) so that autograd
     still runs the layer's backward.
@@ -81,16 +81,23 @@ def layer_by_key(key: int) -> "Int8Linear":
     return _LAYERS[key]
 
 
+def key_tensor(key: int) -> Tensor:
+    """The registry key as a 0-dim int64 CPU tensor: what the traced paths pass to the custom ops. A tensor, not an
+    int, so that layers compiled one by one (regional compilation) share one graph: torch.compile specialises on
+    a module's int attributes and would recompile per layer. Read on the host, so never a device sync."""
+    return torch.tensor(key, dtype=torch.int64)
+
+
 @torch.library.custom_op("lowmem::int8_linear_grad_sink", mutates_args=())
-def _grad_sink_op(A: Tensor, X: Tensor, after: Tensor, layer_key: int) -> None:
+def _grad_sink_op(A: Tensor, X: Tensor, after: Tensor, layer_key: Tensor) -> None:
     """_deliver(layer, A, X) as an operator a compiled backward calls at run time. `after` is not read: a data
     dependency that orders this call after grad_input (formed from the codes the sink may rewrite)."""
     del after
-    _deliver(layer_by_key(layer_key), A, X)
+    _deliver(layer_by_key(int(layer_key)), A, X)
 
 
 @_grad_sink_op.register_fake
-def _(A: Tensor, X: Tensor, after: Tensor, layer_key: int) -> None:
+def _(A: Tensor, X: Tensor, after: Tensor, layer_key: Tensor) -> None:
     return None
 
 
@@ -159,21 +166,21 @@ class _TracedInt8LinearFunction(torch.autograd.Function):
 
     Inputs: x (..., in) compute dtype; bias (out,) or None; anchor: COMPILE_ANCHOR when neither x nor bias requires
     grad (else None); weight_q int8 (out, in), weight_scales fp32 (out, blocks); layer_key: the module's registry
-    key, or -1 for no sink; block_size.
+    key (key_tensor); has_sink: whether the backward hands the gradient over; block_size.
     """
 
     @staticmethod
-    def forward(ctx, x, bias, anchor, weight_q, weight_scales, layer_key, block_size):
+    def forward(ctx, x, bias, anchor, weight_q, weight_scales, layer_key, has_sink, block_size):
         weight = dequantize_int8(weight_q, weight_scales, block_size=block_size, dtype=x.dtype, check_values=False)
         y = nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
-        ctx.save_for_backward(x, weight_q, weight_scales)
-        ctx.layer_key, ctx.block_size = layer_key, block_size
+        ctx.save_for_backward(x, weight_q, weight_scales, layer_key)
+        ctx.has_sink, ctx.block_size = has_sink, block_size
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight_q, weight_scales = ctx.saved_tensors
+        x, weight_q, weight_scales, layer_key = ctx.saved_tensors
         grad_out = grad_out.to(x.dtype)
         A = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_bias = None
@@ -183,10 +190,10 @@ class _TracedInt8LinearFunction(torch.autograd.Function):
             grad_x = grad_out @ weight
         if ctx.needs_input_grad[1]:
             grad_bias = A.sum(0).to(ctx.bias_dtype)
-        if ctx.layer_key >= 0:
+        if ctx.has_sink:
             torch.ops.lowmem.int8_linear_grad_sink(A, x.reshape(-1, x.shape[-1]),
-                                                   grad_x if grad_x is not None else A, ctx.layer_key)
-        return grad_x, grad_bias, None, None, None, None, None
+                                                   grad_x if grad_x is not None else A, layer_key)
+        return grad_x, grad_bias, None, None, None, None, None, None
 
 
 def _int8_forward(module: "Int8Linear", x: Tensor, codes: tuple[Tensor, Tensor]) -> Tensor | None:
@@ -245,6 +252,7 @@ class Int8Linear(nn.Module):
         self.compute_dtype = compute_dtype
         self.grad_sink: GradSink | None = None
         self._sink_key = _register(self)  # how a compiled backward's custom op finds this layer
+        self._sink_key_tensor = key_tensor(self._sink_key)
         # ZeRO-3: when set, the codes live on another rank and weight_q / weight_scales are empty placeholders;
         # weight_gather(module, phase) returns the full (weight_q, weight_scales) for this use only.
         self.weight_gather: Callable[["Int8Linear", str], tuple[Tensor, Tensor]] | None = None
@@ -321,9 +329,9 @@ class Int8Linear(nn.Module):
                 weight = dequantize_int8(self.weight_q, self.weight_scales, block_size=self.block_size,
                                          dtype=self.compute_dtype, check_values=False)
                 return nn.functional.linear(x, weight, None if bias is None else bias.to(self.compute_dtype))
-            key = -1 if self.grad_sink is None else self._sink_key
             return _TracedInt8LinearFunction.apply(x, bias, None if wants_grad else COMPILE_ANCHOR, self.weight_q,
-                                                   self.weight_scales, key, self.block_size)
+                                                   self.weight_scales, self._sink_key_tensor,
+                                                   self.grad_sink is not None, self.block_size)
         return self._forward_eager(x)
 
     @torch.compiler.disable(reason="an eager-only Int8Linear feature is on; see lowmem/model/int8_linear.py")
@@ -347,6 +355,7 @@ class Int8Linear(nn.Module):
         # shared key would route the copy's weight gradient to the original's sink)
         super().__setstate__(state)
         self._sink_key = _register(self)
+        self._sink_key_tensor = key_tensor(self._sink_key)
 
     def extra_repr(self) -> str:
         return (

@@ -442,3 +442,34 @@ def test_torch_compile_eager_only_features_break_the_graph(feature):
     assert all("eager-only Int8Linear feature" in r.reason for r in explanation.break_reasons)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_layers_compiled_one_by_one_share_a_graph_and_reach_their_own_sinks():
+    """Regional compilation (each layer compiled on its own, more layers than dynamo's recompile limit of 8): one
+    graph serves every layer (the registry key is a tensor input, not a specialised int), and each layer's backward
+    reaches its own sink with the gradient eager autograd gives."""
+    torch.manual_seed(18)
+    layers = [Int8Linear.from_linear(nn.Linear(32, 32), block_size=16) for _ in range(12)]
+    received = []
+    for layer in layers:
+        layer.grad_sink = lambda module, op: received.append((module, op.dense().clone()))
+    x0 = torch.randn(4, 32, generator=torch.Generator().manual_seed(19))
+
+    def run(x):
+        for layer in layers:
+            x = torch.tanh(layer(x))
+        x.pow(2).sum().backward()
+
+    run(x0.clone().requires_grad_(True))
+    eager = dict((id(m), g) for m, g in received)
+    received.clear()
+    torch._dynamo.reset()
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]   # the eager run's own kernels count too
+    for layer in layers:
+        layer.compile()
+    run(x0.clone().requires_grad_(True))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1
+    assert sorted(id(m) for m, _ in received) == sorted(id(layer) for layer in layers)
+    for module, grad in received:
+        torch.testing.assert_close(grad, eager[id(module)], rtol=1e-4, atol=1e-6)
