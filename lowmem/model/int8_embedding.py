@@ -31,6 +31,14 @@ from lowmem.optim.linop import DenseGrad
 from lowmem.optim.rowgrad import RowScatterGrad
 
 
+def _lookup(weight_q: Tensor, weight_scales: Tensor, ids: Tensor, *, block_size: int, dtype: torch.dtype) -> Tensor:
+    """Rows ids (...) of the INT8 table, dequantised: (..., h) in `dtype`; only the looked-up rows are formed."""
+    flat = ids.reshape(-1)
+    rows = dequantize_int8(weight_q.index_select(0, flat), weight_scales.index_select(0, flat), block_size=block_size,
+                           dtype=dtype, check_values=False)
+    return rows.reshape(*ids.shape, weight_q.shape[1])
+
+
 class _Int8EmbeddingFunction(torch.autograd.Function):
     """out = W[ids] with W = dequant(q, scales); backward hands RowScatterGrad to the module's sink.
 
@@ -41,13 +49,10 @@ class _Int8EmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ids, anchor, weight_q, weight_scales, module):
-        q, scales = module.codes("forward")
-        flat = ids.reshape(-1)
-        rows = dequantize_int8(q.index_select(0, flat), scales.index_select(0, flat), block_size=module.block_size,
-                               dtype=module.compute_dtype, check_values=False)
+        rows = _lookup(*module.codes("forward"), ids, block_size=module.block_size, dtype=module.compute_dtype)
         ctx.save_for_backward(ids, weight_q, weight_scales)
         ctx.module = module
-        return rows.reshape(*ids.shape, module.in_features)
+        return rows
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -85,11 +90,8 @@ class _TracedInt8EmbeddingFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ids, anchor, weight_q, weight_scales, layer_key, block_size, dtype):
-        flat = ids.reshape(-1)
-        rows = dequantize_int8(weight_q.index_select(0, flat), weight_scales.index_select(0, flat),
-                               block_size=block_size, dtype=dtype, check_values=False)
         ctx.save_for_backward(ids, layer_key)
-        return rows.reshape(*ids.shape, weight_q.shape[1])
+        return _lookup(weight_q, weight_scales, ids, block_size=block_size, dtype=dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -135,11 +137,7 @@ class Int8Embedding(Int8Linear):
         if ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"Int8Embedding expects integer ids, got {ids.dtype}")
         if not torch.is_grad_enabled() or self.grad_sink is None:
-            q, scales = self.codes("forward")
-            flat = ids.reshape(-1)
-            rows = dequantize_int8(q.index_select(0, flat), scales.index_select(0, flat), block_size=self.block_size,
-                                   dtype=self.compute_dtype, check_values=False)
-            return rows.reshape(*ids.shape, self.in_features)
+            return _lookup(*self.codes("forward"), ids, block_size=self.block_size, dtype=self.compute_dtype)
         if torch.compiler.is_compiling() and self.weight_gather is None:
             return _TracedInt8EmbeddingFunction.apply(ids, COMPILE_ANCHOR, self.weight_q, self.weight_scales,
                                                       self._sink_key_tensor, self.block_size, self.compute_dtype)

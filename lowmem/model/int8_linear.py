@@ -321,21 +321,15 @@ class Int8Linear(nn.Module):
         graph unless an eager-only feature is on (module docstring)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Int8Linear expects input (..., {self.in_features}), got {tuple(x.shape)}")
-        if torch.compiler.is_compiling() and self.weight_gather is None and not self.int8_matmul:
-            x = x.to(self.compute_dtype)
-            bias = self.bias
-            wants_grad = x.requires_grad or (bias is not None and bias.requires_grad)
-            if not torch.is_grad_enabled() or not (wants_grad or self.grad_sink is not None):
-                weight = dequantize_int8(self.weight_q, self.weight_scales, block_size=self.block_size,
-                                         dtype=self.compute_dtype, check_values=False)
-                return nn.functional.linear(x, weight, None if bias is None else bias.to(self.compute_dtype))
-            return _TracedInt8LinearFunction.apply(x, bias, None if wants_grad else COMPILE_ANCHOR, self.weight_q,
-                                                   self.weight_scales, self._sink_key_tensor,
-                                                   self.grad_sink is not None, self.block_size)
-        return self._forward_eager(x)
+        if torch.compiler.is_compiling() and (self.weight_gather is not None or self.int8_matmul):
+            return self._forward_eager(x)
+        return self._forward(x)
 
     @torch.compiler.disable(reason="an eager-only Int8Linear feature is on; see lowmem/model/int8_linear.py")
     def _forward_eager(self, x: Tensor) -> Tensor:
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         x = x.to(self.compute_dtype)
         bias = self.bias
         wants_grad = x.requires_grad or (bias is not None and bias.requires_grad)
@@ -344,8 +338,14 @@ class Int8Linear(nn.Module):
             y = _int8_forward(self, x, self.codes("forward"))
             if y is not None:
                 return y if bias is None else y + bias.to(self.compute_dtype)
-            weight = self.dequantized_weight()
+            # the scales' finiteness check is a host read, which a compiled graph cannot hold
+            weight = dequantize_int8(*self.codes("forward"), block_size=self.block_size, dtype=self.compute_dtype,
+                                     check_values=not torch.compiler.is_compiling())
             return nn.functional.linear(x, weight, None if bias is None else bias.to(self.compute_dtype))
+        if torch.compiler.is_compiling():
+            return _TracedInt8LinearFunction.apply(x, bias, None if wants_grad else COMPILE_ANCHOR, self.weight_q,
+                                                   self.weight_scales, self._sink_key_tensor,
+                                                   self.grad_sink is not None, self.block_size)
         # The anchor makes autograd call backward (so the sink fires) when neither x nor bias requires grad.
         anchor = None if wants_grad else torch.empty(0, device=x.device, requires_grad=True)
         return _Int8LinearFunction.apply(x, bias, anchor, self.weight_q, self.weight_scales, self)
