@@ -318,17 +318,19 @@ _SCHEDULE_FIELDS = ("max_refresh_interval_steps", "geometric_start_step", "resid
 def lowmem_config(preset_name: str, settings: MethodSettings, **overrides) -> LowMemConfig:
     """The preset's config for this comparison: shared lr / rank / interval / schedule / accumulation / seed, the
     schedule fields scaled to the run's interval, then `overrides` (ablations). The override `rank_scale` multiplies
-    the run's rank (rank ablations follow whatever rank the run uses)."""
+    the run's rank (rank ablations follow whatever rank the run uses); `interval_scale` multiplies the run's refresh
+    interval only (the other schedule fields stay scaled to the run's interval, so one thing changes)."""
     overrides = dict(overrides)
     rank = max(1, round(settings.rank * overrides.pop("rank_scale", 1.0)))
     base = preset(preset_name)
     interval = settings.refresh_interval_steps
     ratio = interval / base.refresh_interval_steps
     scaled = {f: max(1, round(getattr(base, f) * ratio)) for f in _SCHEDULE_FIELDS}
-    scaled["max_refresh_interval_steps"] = max(interval, scaled["max_refresh_interval_steps"])
+    interval_used = max(1, round(interval * overrides.pop("interval_scale", 1.0)))
+    scaled["max_refresh_interval_steps"] = max(interval_used, scaled["max_refresh_interval_steps"])
     return preset(preset_name, **{**scaled, "lr": settings.lr, "rank": rank,
-                                  "refresh_interval_steps": interval, "warmup_steps": min(settings.warmup_steps,
-                                                                                          settings.steps),
+                                  "refresh_interval_steps": interval_used,
+                                  "warmup_steps": min(settings.warmup_steps, settings.steps),
                                   "total_steps": settings.steps, "lr_schedule": "cosine",
                                   "grad_accum_steps": settings.grad_accum_steps, "seed": settings.seed, **overrides})
 
@@ -390,6 +392,8 @@ ABLATIONS: dict[str, tuple[dict, str]] = {
     "lowmem-transfer-keep": ({"moment_transfer": "keep"}, "moments kept as they are at a refresh (GaLore)"),
     "lowmem-rank-half": ({"rank_scale": 0.5}, "half the run's rank"),
     "lowmem-rank-double": ({"rank_scale": 2.0}, "twice the run's rank"),
+    "lowmem-interval-half": ({"interval_scale": 0.5}, "half the run's refresh interval"),
+    "lowmem-interval-double": ({"interval_scale": 2.0}, "twice the run's refresh interval"),
 }
 
 ABLATION_METHODS = [

@@ -211,6 +211,16 @@ def test_lowmem_config_keeps_paper_proportions():
         assert config.rank == rank
         assert config == M.lowmem_config("lowmem", run, rank=rank)
     assert M.ABLATIONS["lowmem-rank-half"][0] == {"rank_scale": 0.5}   # the table itself is not rewritten
+    # interval ablations change the refresh interval (20 here) and nothing else: the residual warm-up and the lazy
+    # cap stay scaled to the run's interval (the cap is raised only where it would fall below the new interval)
+    lowmem = M.lowmem_config("lowmem", run)
+    for name, interval in (("lowmem-interval-half", 10), ("lowmem-interval-double", 40)):
+        config = M.lowmem_config("lowmem", run, **M.ABLATIONS[name][0])
+        assert config.refresh_interval_steps == interval
+        assert config == type(lowmem).from_dict(
+            {**lowmem.to_dict(), "refresh_interval_steps": interval})
+    tiny = MethodSettings(**{**run.__dict__, "refresh_interval_steps": 1})
+    assert M.lowmem_config("lowmem", tiny, interval_scale=0.5).refresh_interval_steps == 1   # at least one step
 
 
 def test_select_methods():
