@@ -6,6 +6,7 @@
     python -m benchmarks.quality --out benchmarks/results       # write the committed reports
 
 Interrupted? Run the same command again: finished (method, seed) runs are read back from <out>/runs/.
+`--report-only` rewrites the report from the finished runs without running anything.
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="runs/quality", help="report and run directory (default runs/quality)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the report from the runs already finished under <out>/runs/ and run nothing (the "
+                         "others are listed as pending): e.g. while another process continues the study")
     args = ap.parse_args(argv)
     if args.seeds < 1:
         ap.error("--seeds must be >= 1")
@@ -79,6 +83,8 @@ def main(argv=None) -> int:
             stored = load_run(run_path(out, name, method, seed), settings_key={**key, "method": method, "seed": seed})
             if stored is not None:
                 done.setdefault(method, {})[seed] = stored
+            elif args.report_only:
+                continue
             elif unavailable_reason(specs[method], device) is None:
                 todo.append((method, seed))
             else:

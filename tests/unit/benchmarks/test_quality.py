@@ -112,6 +112,15 @@ def test_an_interrupted_study_continues_where_it_stopped(tmp_path, monkeypatch):
     partial = (tmp_path / "quality-pretrain-cpu.md").read_text()
     assert "Incomplete study" in partial and "adamw-bf16 seed 0" in partial
 
+    # --report-only: the report from the finished runs, nothing run (another process may be continuing the study)
+    reporter = _Recorder()
+    monkeypatch.setattr(quality_main, "run_method", reporter)
+    (tmp_path / "quality-pretrain-cpu.md").unlink()
+    assert quality_main.main(args + ["--report-only"]) == 0 and reporter.calls == []
+    rewritten = (tmp_path / "quality-pretrain-cpu.md").read_text()
+    assert "| adamw-fp32 | 1 |" in rewritten and "| lowmem | 1 |" in rewritten
+    assert "Incomplete study" in rewritten and "lowmem-no-sr seed 0" in rewritten and "lowmem seed 1" in rewritten
+
     second = _Recorder()
     monkeypatch.setattr(quality_main, "run_method", second)
     assert quality_main.main(args) == 0
