@@ -40,6 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="runs/quality", help="report and run directory (default runs/quality)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--seeded", default=None,
+                    help="comma-separated methods run with --seeds seeds (default: adamw-fp32,lowmem,adamw-bf16)")
+    ap.add_argument("--lr-factor", type=float, default=1.0,
+                    help="every method at this multiple of its family's learning rate (default 1); kept in the "
+                         "runs' settings, so give such a study its own --out")
     ap.add_argument("--report-only", action="store_true",
                     help="write the report from the runs already finished under <out>/runs/ and run nothing (the "
                          "others are listed as pending): e.g. while another process continues the study")
@@ -48,14 +53,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--seeds must be >= 1")
     if args.steps is not None and args.steps < 1:
         ap.error("--steps must be >= 1")
+    if not args.lr_factor > 0:
+        ap.error("--lr-factor must be > 0")
     return args
 
 
-def study_runs(workload: str, seeds: int, single: tuple[str, ...]) -> list[tuple[str, int]]:
+def study_runs(workload: str, seeds: int, single: tuple[str, ...],
+               seeded: tuple[str, ...] = plan.SEEDED_METHODS) -> list[tuple[str, int]]:
     """(method, seed) pairs in the order they run: seed 0 of everything first, so a partial study already compares
     every method; then the remaining seeds of the seeded methods."""
-    first = [(m, 0) for m in plan.SEEDED_METHODS] + [(m, 0) for m in single if m not in plan.SEEDED_METHODS]
-    return first + [(m, s) for s in range(1, seeds) for m in plan.SEEDED_METHODS]
+    first = [(m, 0) for m in seeded] + [(m, 0) for m in single if m not in seeded]
+    return first + [(m, s) for s in range(1, seeds) for m in seeded]
 
 
 def main(argv=None) -> int:
@@ -72,11 +80,15 @@ def main(argv=None) -> int:
         if args.steps is not None:
             shape = plan.StudyShape(**{**shape.__dict__, "steps": args.steps})
         single = tuple(args.methods.split(",")) if args.methods else plan.SINGLE_SEED_METHODS[name]
-        unknown = [m for m in single if m not in specs]
+        seeded = tuple(args.seeded.split(",")) if args.seeded else plan.SEEDED_METHODS
+        unknown = [m for m in single + seeded if m not in specs]
         if unknown:
-            raise SystemExit(f"--methods: unknown method(s) {unknown}; `python -m benchmarks.compare --list` names them")
-        runs = study_runs(name, args.seeds, single)
+            raise SystemExit(f"--methods/--seeded: unknown method(s) {unknown}; `python -m benchmarks.compare --list` "
+                             "names them")
+        runs = study_runs(name, args.seeds, single, seeded)
         key = {"workload": name, "quick": args.quick, "device": str(device), **shape.__dict__}
+        if args.lr_factor != 1.0:   # absent at 1: runs stored before the option existed stay valid
+            key["lr_factor"] = args.lr_factor
         done: dict[str, dict[int, object]] = {}
         todo = []
         for method, seed in runs:
@@ -103,7 +115,8 @@ def main(argv=None) -> int:
                 bar.set_postfix_str(f"{method} seed {seed}")
                 initial = evaluate(workload, workload.make_model())
                 result = run_method(specs[method], workload, base, eval_at=eval_at, initial_eval=initial,
-                                    log=lambda line: tqdm.write(line), on_step=lambda _: bar.update(1))
+                                    log=lambda line: tqdm.write(line), on_step=lambda _: bar.update(1),
+                                    lr_factor=args.lr_factor)
                 bar.update(max(0, shape.steps - len(result.step_seconds)))     # a run that stopped early
                 save_run(run_path(out, name, method, seed), result, settings_key={**key, "method": method,
                                                                                    "seed": seed})

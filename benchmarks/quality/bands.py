@@ -8,7 +8,7 @@ band (or B's mean inside A's), and not reproduced otherwise. With one seed a ban
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import mean
 
 from benchmarks.compare.runner import MethodResult
@@ -24,10 +24,11 @@ class Band:
     exact_match: list[float]        # finetune only (empty otherwise)
     tokens_per_second: list[float]
     peak_bytes: list[int]
+    lrs: list[float] = field(default_factory=list)   # learning rate per seed (the same unless a study changed it)
 
     @classmethod
     def empty(cls, method: str) -> "Band":
-        return cls(method, [], [], [], [], [], [])
+        return cls(method, [], [], [], [], [], [], [])
 
     @property
     def n(self) -> int:
@@ -68,6 +69,8 @@ def band_of(method: str, runs: dict[int, MethodResult]) -> Band:
             band.tokens_per_second.append(result.tokens_per_second)
         if result.peak_bytes:
             band.peak_bytes.append(int(result.peak_bytes))
+        if result.lr is not None:
+            band.lrs.append(float(result.lr))
     return band
 
 

@@ -18,13 +18,14 @@ def _fmt(band: Band, key: str, spec: str = ".4f") -> str:
 
 def table(bands: list[Band]) -> str:
     rows = ["| method | seeds | final eval loss (mean [min, max]) | best eval loss | exact match | tokens/s | "
-            "peak MiB |", "|---|---|---|---|---|---|---|"]
+            "peak MiB | lr |", "|---|---|---|---|---|---|---|---|"]
     for band in bands:
         tps = f"{sum(band.tokens_per_second) / len(band.tokens_per_second):.0f}" if band.tokens_per_second else "-"
         peak = f"{max(band.peak_bytes) / 2**20:.0f}" if band.peak_bytes else "-"
         match = _fmt(band, "exact_match", ".3f")
+        lr = ", ".join(f"{value:g}" for value in sorted(set(band.lrs))) or "-"
         rows.append(f"| {band.method} | {band.n} | {_fmt(band, 'final')} | {_fmt(band, 'best')} | {match} | {tps} | "
-                    f"{peak} |")
+                    f"{peak} | {lr} |")
     return "\n".join(rows)
 
 

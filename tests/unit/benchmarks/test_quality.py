@@ -80,17 +80,19 @@ class _Recorder:
 
     def __init__(self, interrupt_at: int | None = None):
         self.calls: list[tuple[str, int]] = []
+        self.lr_factors: list[float] = []
         self.interrupt_at = interrupt_at
 
-    def __call__(self, spec, workload, base, *, eval_at, initial_eval, log, on_step):
+    def __call__(self, spec, workload, base, *, eval_at, initial_eval, log, on_step, lr_factor=1.0):
         if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
             raise KeyboardInterrupt
         self.calls.append((spec.name, base.seed))
+        self.lr_factors.append(lr_factor)
         for step in range(1, base.steps + 1):
             on_step(step)
         loss = {"adamw-fp32": 3.0, "adamw-bf16": 3.05, "lowmem": 3.01}.get(spec.name, 3.2) + 0.01 * base.seed
         r = result(spec.name, [loss + 0.5, loss])
-        r.lr = base.lr
+        r.lr = workload.lr_for(spec.family) * lr_factor   # as benchmarks.compare.runner.settings_for
         return r
 
 
@@ -140,3 +142,25 @@ def test_an_interrupted_study_continues_where_it_stopped(tmp_path, monkeypatch):
     assert quality_main.main(args) == 0 and third.calls == []                  # nothing left to run
     assert quality_main.main(args[:-2] + ["--steps", "3", "--out", str(tmp_path)]) == 0
     assert len(third.calls) == 7                                                # other settings: every run again
+
+
+def test_seeded_methods_and_learning_rate_factor(tmp_path, monkeypatch):
+    """--seeded chooses the methods run with several seeds; --lr-factor scales every method's learning rate, is part
+    of the runs' settings (runs at another factor are run again, not mixed in) and shows in the report's lr column."""
+    monkeypatch.setattr(quality_main.plan, "build_workload", _fake_workload)
+    base = ["--quick", "--workload", "pretrain", "--seeds", "2", "--seeded", "adamw-fp32", "--methods", "adamw-fp32",
+            "--out", str(tmp_path)]
+    first = _Recorder()
+    monkeypatch.setattr(quality_main, "run_method", first)
+    assert quality_main.main(base + ["--lr-factor", "3"]) == 0
+    assert first.calls == [("adamw-fp32", 0), ("adamw-fp32", 1)] and first.lr_factors == [3.0, 3.0]
+    report = (tmp_path / "quality-pretrain-cpu.md").read_text()
+    assert "| adamw-fp32 | 2 |" in report and "| 0.003 |" in report        # the fake workload's family lr is 1e-3
+    second = _Recorder()
+    monkeypatch.setattr(quality_main, "run_method", second)
+    assert quality_main.main(base) == 0 and second.lr_factors == [1.0, 1.0]   # factor 1: other settings, run again
+    assert "| 0.001 |" in (tmp_path / "quality-pretrain-cpu.md").read_text()
+    with pytest.raises(SystemExit):
+        quality_main.main(base + ["--lr-factor", "0"])
+    with pytest.raises(SystemExit, match="unknown method"):
+        quality_main.main(base[:5] + ["--seeded", "adamw-fp33", "--out", str(tmp_path)])
