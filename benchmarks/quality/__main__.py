@@ -122,13 +122,13 @@ def main(argv=None) -> int:
                                                                                    "seed": seed})
                 done.setdefault(method, {})[seed] = result
                 tqdm.write(f"{method} seed {seed}: {result.status}; final eval loss {result.metric('eval_loss')}")
-                _report(name, done, runs, out, device, shape, command)
-        path = _report(name, done, runs, out, device, shape, command)
+                _report(name, done, runs, out, device, shape, command, args.lr_factor)
+        path = _report(name, done, runs, out, device, shape, command, args.lr_factor)
         print(f"report: {path} ({(time.perf_counter() - start) / 60:.1f} min this session)", flush=True)
     return 0
 
 
-def _report(name, done, runs, out, device, shape, command) -> Path:
+def _report(name, done, runs, out, device, shape, command, lr_factor: float) -> Path:
     order = list(dict.fromkeys(m for m, _ in runs))
     ordered = {m: done[m] for m in order if m in done}
     bands = {m: band_of(m, by_seed) for m, by_seed in ordered.items()}
@@ -137,7 +137,8 @@ def _report(name, done, runs, out, device, shape, command) -> Path:
               f"{shape.steps} optimizer steps, rank {shape.rank}, refresh interval {shape.refresh_interval_steps}, "
               f"warm-up {shape.warmup_steps}; evaluation at {eval_steps(shape.steps, min(shape.eval_points, shape.steps))}",
               "seeds change the initial weights (pretrain) and the batch order; the held-out set is the same for every "
-              "seed; learning rates per method family as in benchmarks.compare"]
+              "seed; learning rates per method family as in benchmarks.compare"
+              + ("" if lr_factor == 1.0 else f", times {lr_factor:g} (--lr-factor)")]
     return write_report(ordered, bands, out_dir=out, workload=name, device_tag=device_tag(device),
                         header_lines=header, pending=pending)
 

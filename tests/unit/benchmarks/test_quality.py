@@ -156,6 +156,7 @@ def test_seeded_methods_and_learning_rate_factor(tmp_path, monkeypatch):
     assert first.calls == [("adamw-fp32", 0), ("adamw-fp32", 1)] and first.lr_factors == [3.0, 3.0]
     report = (tmp_path / "quality-pretrain-cpu.md").read_text()
     assert "| adamw-fp32 | 2 |" in report and "| 0.003 |" in report        # the fake workload's family lr is 1e-3
+    assert "times 3 (--lr-factor)" in report
     second = _Recorder()
     monkeypatch.setattr(quality_main, "run_method", second)
     assert quality_main.main(base) == 0 and second.lr_factors == [1.0, 1.0]   # factor 1: other settings, run again
