@@ -74,7 +74,9 @@ def main(argv=None) -> int:
     specs = {s.name: s for s in all_methods()}
     out = Path(args.out)
     print(machine_line(device), flush=True)
-    command = f"python -m benchmarks.quality {shlex.join(sys.argv[1:] if argv is None else list(argv))}".strip()
+    # the command that continues the study (a --report-only run names the command it reports on)
+    given = [a for a in (sys.argv[1:] if argv is None else list(argv)) if a != "--report-only"]
+    command = f"python -m benchmarks.quality {shlex.join(given)}".strip()
     for name in (("pretrain", "finetune") if args.workload == "all" else (args.workload,)):
         shape = plan.SHAPES[(name, args.quick)]
         if args.steps is not None:

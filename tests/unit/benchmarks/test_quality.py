@@ -122,6 +122,7 @@ def test_an_interrupted_study_continues_where_it_stopped(tmp_path, monkeypatch):
     rewritten = (tmp_path / "quality-pretrain-cpu.md").read_text()
     assert "| adamw-fp32 | 1 |" in rewritten and "| lowmem | 1 |" in rewritten
     assert "Incomplete study" in rewritten and "lowmem-no-sr seed 0" in rewritten and "lowmem seed 1" in rewritten
+    assert "--report-only" not in rewritten                                  # the command shown continues the study
 
     second = _Recorder()
     monkeypatch.setattr(quality_main, "run_method", second)
