@@ -115,7 +115,8 @@ def no_worse(a: Band, b: Band, text: str) -> Claim:
 
 
 def ablation_costs(lowmem: Band, ablations: list[Band]) -> list[str]:
-    """One line per ablation: how its final loss compares with lowmem's band (which component costs what)."""
+    """One line per band (an ablation: which component costs what; or another method): how its final loss compares
+    with lowmem's band."""
     lines = []
     for band in ablations:
         if not band.n or not lowmem.n:

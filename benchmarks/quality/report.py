@@ -76,11 +76,17 @@ def write_report(runs: dict[str, dict[int, MethodResult]], bands: dict[str, Band
     lines += ["", "## Results", "", table(ordered), "", f"![eval loss]({stem}-loss.png)", "", "## Reading", ""]
     for claim in reading(bands):
         lines.append(f"- **{claim.verdict}**: {claim.text} — {claim.evidence}")
-    costs = ablation_costs(bands.get("lowmem", Band.empty("lowmem")),
-                           [b for m, b in bands.items() if m.startswith("lowmem-")])
+    lowmem = bands.get("lowmem", Band.empty("lowmem"))
+    costs = ablation_costs(lowmem, [b for m, b in bands.items() if m.startswith("lowmem-")])
     if costs:
         lines += ["", "What each lowmem component costs or gains (ablation minus lowmem, one seed each):", ""]
         lines += [f"- {line}" for line in costs]
+    others = ablation_costs(lowmem, [b for m, b in bands.items()
+                                     if not m.startswith("lowmem") and m not in ("adamw-fp32", "adamw-bf16")])
+    if others:
+        lines += ["", "The other methods against lowmem (each at its family's learning rate, the lr column; a method "
+                  "below lowmem here may owe part of it to that learning rate):", ""]
+        lines += [f"- {line}" for line in others]
     path = out_dir / f"{stem}.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out_dir / f"{stem}.json").write_text(json.dumps(

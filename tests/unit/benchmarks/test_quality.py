@@ -105,7 +105,8 @@ def _fake_workload(name: str, *, seed: int, quick: bool, device) -> Workload:
 
 def test_an_interrupted_study_continues_where_it_stopped(tmp_path, monkeypatch):
     monkeypatch.setattr(quality_main.plan, "build_workload", _fake_workload)
-    args = ["--quick", "--workload", "pretrain", "--seeds", "2", "--methods", "lowmem-no-sr", "--out", str(tmp_path)]
+    args = ["--quick", "--workload", "pretrain", "--seeds", "2", "--methods", "lowmem-no-sr,adafactor", "--out",
+            str(tmp_path)]
     first = _Recorder(interrupt_at=2)
     monkeypatch.setattr(quality_main, "run_method", first)
     with pytest.raises(KeyboardInterrupt):
@@ -128,21 +129,24 @@ def test_an_interrupted_study_continues_where_it_stopped(tmp_path, monkeypatch):
     monkeypatch.setattr(quality_main, "run_method", second)
     assert quality_main.main(args) == 0
     # seed 0 of every method first, then the other seeds of the seeded methods; finished runs are not repeated
-    assert second.calls == [("adamw-bf16", 0), ("lowmem-no-sr", 0), ("adamw-fp32", 1), ("lowmem", 1), ("adamw-bf16", 1)]
+    assert second.calls == [("adamw-bf16", 0), ("lowmem-no-sr", 0), ("adafactor", 0), ("adamw-fp32", 1),
+                            ("lowmem", 1), ("adamw-bf16", 1)]
     report = (tmp_path / "quality-pretrain-cpu.md").read_text()
     assert "Incomplete study" not in report
     assert "| lowmem | 2 | 3.0150 [3.0100, 3.0200]" in report
     assert "**reproduced**: lowmem's final eval loss is within 1% of fp32 AdamW" in report
     assert "lowmem-no-sr: 3.2000" in report
+    # another method against lowmem's band (mean 3.015): (3.2 - 3.015) / 3.015 = +6.14%
+    assert "The other methods against lowmem" in report and "adafactor: 3.2000 (+6.14% vs lowmem" in report
     assert (tmp_path / "quality-pretrain-cpu-loss.png").stat().st_size > 0
     stored = json.loads((tmp_path / "quality-pretrain-cpu.json").read_text())
-    assert sorted(stored) == ["adamw-bf16", "adamw-fp32", "lowmem", "lowmem-no-sr"]
+    assert sorted(stored) == ["adafactor", "adamw-bf16", "adamw-fp32", "lowmem", "lowmem-no-sr"]
 
     third = _Recorder()
     monkeypatch.setattr(quality_main, "run_method", third)
     assert quality_main.main(args) == 0 and third.calls == []                  # nothing left to run
     assert quality_main.main(args[:-2] + ["--steps", "3", "--out", str(tmp_path)]) == 0
-    assert len(third.calls) == 7                                                # other settings: every run again
+    assert len(third.calls) == 8                                                # other settings: every run again
 
 
 def test_seeded_methods_and_learning_rate_factor(tmp_path, monkeypatch):
