@@ -334,12 +334,14 @@ class Int8Linear(nn.Module):
         bias = self.bias
         wants_grad = x.requires_grad or (bias is not None and bias.requires_grad)
         if not torch.is_grad_enabled() or not (wants_grad or self.grad_sink is not None):
-            # Plain path: nothing is saved; the transient weight dies with this call.
-            y = _int8_forward(self, x, self.codes("forward"))
+            # Plain path: nothing is saved; the transient weight dies with this call. The codes are fetched once
+            # (under ZeRO-3 each fetch is a gather).
+            codes = self.codes("forward")
+            y = _int8_forward(self, x, codes)
             if y is not None:
                 return y if bias is None else y + bias.to(self.compute_dtype)
             # the scales' finiteness check is a host read, which a compiled graph cannot hold
-            weight = dequantize_int8(*self.codes("forward"), block_size=self.block_size, dtype=self.compute_dtype,
+            weight = dequantize_int8(*codes, block_size=self.block_size, dtype=self.compute_dtype,
                                      check_values=not torch.compiler.is_compiling())
             return nn.functional.linear(x, weight, None if bias is None else bias.to(self.compute_dtype))
         if torch.compiler.is_compiling():
