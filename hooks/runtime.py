@@ -95,6 +95,23 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+
+def _host_values(tensors: list[Tensor], device: torch.device) -> list[float]:
+    """Python floats of one-element tensors (any dtype and device) in order, from one read: those of one dtype and device
+    are stacked and widened to fp64 together (a few ops per step instead of three per tensor: a step reads about
+    four values per weight)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    with torch.no_grad():   # a loss still attached to its graph
+        parts = [torch.stack([tensors[i].reshape(()) for i in idx]).to(device=device, dtype=torch.float64)
+                 for idx in groups.values()]
+    flat = torch.cat(parts).tolist() if parts else []
+    values = [0.0] * len(tensors)
+    for i, value in zip((i for idx in groups.values() for i in idx), flat):
+        values[i] = value
+    return values
+
 class Runtime(RuntimeState):
     """Attached to one model; owns the optimizer state of every trained tensor. Build it with `prepare`."""
 
@@ -321,8 +338,7 @@ class Runtime(RuntimeState):
         tensors = (losses + [self._sq_norms[k] for k in sq_keys]
                    + [f for _, _, first, after in self._flags for f in (first, after)] + similarities
                    + ([] if extra is None else list(extra.reshape(-1))))
-        parts = [t.detach().to(device=device, dtype=torch.float64).reshape(1) for t in tensors]
-        values = torch.cat(parts).tolist() if parts else []
+        values = _host_values(tensors, device)
         n_loss, n_sq, n_flags = len(losses), len(sq_keys), 2 * len(self._flags)
         self._losses = read_losses + values[:n_loss]
         self._sq_norms.update(zip(sq_keys, values[n_loss:n_loss + n_sq]))

@@ -394,6 +394,7 @@ ABLATIONS: dict[str, tuple[dict, str]] = {
     "lowmem-rank-double": ({"rank_scale": 2.0}, "twice the run's rank"),
     "lowmem-interval-half": ({"interval_scale": 0.5}, "half the run's refresh interval"),
     "lowmem-interval-double": ({"interval_scale": 2.0}, "twice the run's refresh interval"),
+    "lowmem-power-iters-1": ({"power_iters": 1}, "one power iteration per projector refresh instead of two"),
 }
 
 ABLATION_METHODS = [

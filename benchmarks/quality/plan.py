@@ -44,13 +44,13 @@ SINGLE_SEED_METHODS = {
     "pretrain": ("galore-torch", "lowmem-transfer-keep", "lowmem-transfer-rotate", "apollo", "lora", "lowmem-svd",
                  "lowmem-no-cross-head", "lowmem-proj-fp32", "lowmem-fixed-refresh", "lowmem-no-residual",
                  "lowmem-no-sr", "lowmem-float-weights", "lowmem-rank-half", "lowmem-rank-double",
-                 "lowmem-interval-half", "lowmem-interval-double"),
+                 "lowmem-interval-half", "lowmem-interval-double", "lowmem-power-iters-1"),
     # ablations first: they say which component costs lowmem its fine-tune loss; the most telling ones lead (the
     # rank ablations: whether the gap to full-rank AdamW is the rank's)
     "finetune": ("galore-torch", "lowmem-transfer-keep", "lowmem-transfer-rotate", "lowmem-rank-double",
                  "lowmem-rank-half", "lowmem-float-weights", "lowmem-moments-fp32", "lowmem-proj-fp32",
                  "lowmem-fixed-refresh", "lowmem-no-residual", "lowmem-svd", "lora", "apollo", "lowmem-interval-half",
-                 "lowmem-interval-double"),
+                 "lowmem-interval-double", "lowmem-power-iters-1"),
 }
 
 

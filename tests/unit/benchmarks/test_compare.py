@@ -219,6 +219,10 @@ def test_lowmem_config_keeps_paper_proportions():
         assert config.refresh_interval_steps == interval
         assert config == type(lowmem).from_dict(
             {**lowmem.to_dict(), "refresh_interval_steps": interval})
+    # the power-iteration ablation changes the range finder's iteration count and nothing else
+    config = M.lowmem_config("lowmem", run, **M.ABLATIONS["lowmem-power-iters-1"][0])
+    assert lowmem.power_iters == 2 and config.power_iters == 1
+    assert config == type(lowmem).from_dict({**lowmem.to_dict(), "power_iters": 1})
     tiny = MethodSettings(**{**run.__dict__, "refresh_interval_steps": 1})
     assert M.lowmem_config("lowmem", tiny, interval_scale=0.5).refresh_interval_steps == 1   # at least one step
 

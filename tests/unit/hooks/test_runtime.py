@@ -499,3 +499,14 @@ def test_compiled_model_trains_like_eager():
     for name, codes in compiled_model.named_buffers():
         if name.endswith("weight_q"):
             assert not torch.equal(codes, codes_before[name]), name
+
+
+def test_host_values_keeps_the_order_across_dtypes():
+    """step()'s one read stacks the values per dtype: the floats come back in the order given, widened exactly."""
+    from hooks.runtime import _host_values
+    loss = torch.tensor(2.5, requires_grad=True) * 1.0          # still attached to a graph
+    tensors = [torch.tensor(0.1), torch.tensor(True), loss, torch.tensor(1.0 / 3.0, dtype=torch.float64),
+               torch.tensor(False), torch.tensor([7.0]), torch.tensor(3, dtype=torch.int64)]
+    expected = [float(torch.tensor(0.1)), 1.0, 2.5, 1.0 / 3.0, 0.0, 7.0, 3.0]
+    assert _host_values(tensors, torch.device("cpu")) == expected
+    assert _host_values([], torch.device("cpu")) == []
