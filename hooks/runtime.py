@@ -95,11 +95,10 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-
 def _host_values(tensors: list[Tensor], device: torch.device) -> list[float]:
-    """Python floats of one-element tensors (any dtype and device) in order, from one read: those of one dtype and device
-    are stacked and widened to fp64 together (a few ops per step instead of three per tensor: a step reads about
-    four values per weight)."""
+    """Python floats of one-element tensors (any dtype and device) in order, from one read: the tensors of one dtype
+    and device are stacked and widened to fp64 together (a few ops per step instead of three per tensor; a step
+    reads about four values per weight)."""
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.dtype, t.device), []).append(i)
@@ -111,6 +110,7 @@ def _host_values(tensors: list[Tensor], device: torch.device) -> list[float]:
     for i, value in zip((i for idx in groups.values() for i in idx), flat):
         values[i] = value
     return values
+
 
 class Runtime(RuntimeState):
     """Attached to one model; owns the optimizer state of every trained tensor. Build it with `prepare`."""
