@@ -241,7 +241,9 @@ class LowMemConfig:
     projection: str = _f("randomized", "Projector algorithm: 'randomized' (subspace iteration) or 'svd' "
                                        "(exact torch.linalg.svd).", _choice("randomized", "svd"))
     oversampling: int = _f(8, "Extra random columns p in randomized subspace iteration; int >= 0.", _int(0))
-    power_iters: int = _f(2, "Power iterations q in randomized subspace iteration; int >= 0.", _int(0))
+    power_iters: int = _f(2, "Power iterations q in randomized subspace iteration; int >= 0. 1 cuts refresh work "
+                             "~30% and ended a 300-step fine-tune 2.2% worse (benchmarks/results/"
+                             "refresh-power-iters-cpu.md): worth it only when refreshing every few steps.", _int(0))
     rsvd_tol: float | None = _f(1e-3, "Stop power iterations early once successive subspaces have similarity "
                                       "> 1 - rsvd_tol; None always runs all; in (0, 1) or None.",
                                 _optional(_float(0.0, 1.0, lo_open=True, hi_open=True)))
