@@ -264,8 +264,8 @@ class LowMemConfig:
                               "more projector refreshes (benchmarks/results/quality).",
                       _choice("lazy", "fixed", "geometric"))
     refresh_interval_steps: int = _f(200, "Base refresh interval T0 in optimizer steps; int >= 1. In the fine-tune "
-                                          "study twice the interval ended 8.8% worse (0.0811 vs 0.0746, "
-                                          "benchmarks/results/quality).", _int(1))
+                                          "study twice the interval ended 8.8% worse (0.0811 vs 0.0746) and half of it "
+                                          "5.5% worse (0.0787; benchmarks/results/quality).", _int(1))
     max_refresh_interval_steps: int = _f(2500, "Longest refresh interval in optimizer steps (lazy and geometric); "
                                                "int >= refresh_interval_steps.", _int(1))
     lazy_threshold: float = _f(0.4, "Lazy policy: double the interval when the last lazy_window similarities "
