@@ -34,6 +34,7 @@ trace under such modes. `compile_seconds()` is the wall time spent in calls that
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -334,18 +335,13 @@ def device_constants(values: list, *, dtype: torch.dtype, device) -> torch.Tenso
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
-_qmax_by_device: dict[torch.device, torch.Tensor] = {}
-
-
-def _qmax_on(device: torch.device) -> torch.Tensor:
-    """127.0 as a 0-dim fp32 tensor on `device` (see the module docstring: a tensor keeps the scale division a true
-    division), made once per device: the SR write runs once per weight and chunk."""
-    qmax = _qmax_by_device.get(device)
-    if qmax is None:
-        with torch.inference_mode(False):   # an inference tensor could not be used by a later training step
-            qmax = _qmax_by_device.setdefault(device, device_constants([float(_QMAX)], dtype=torch.float32,
-                                                                       device=device)[0])
-    return qmax
+@functools.lru_cache(maxsize=32)
+def cached_constants(values: tuple, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """device_constants(values) made once and shared (read only, never write into it): for constants every weight
+    of a step passes to a kernel (127; one step's Adam scalars), one host-to-device copy instead of one per weight.
+    Made outside inference mode: an inference tensor could not be used by a later training step."""
+    with torch.inference_mode(False):
+        return device_constants(list(values), dtype=dtype, device=device)
 
 
 def _key_words(key: int, counter_start: int, numel: int, mix64: Callable[[int], int], device, *,
@@ -432,7 +428,7 @@ def sr_chunk_(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, *, key
         return
     rows, n = q.shape
     device = q.device
-    qmax = _qmax_on(device)
+    qmax = cached_constants((float(_QMAX),), dtype=torch.float32, device=device)[0]
     # keep as a 1-D tensor: a 0-dim bool argument would be read on the host when dynamo traces a new graph
     kept = () if keep is None else (keep.reshape(1),)
     name, kernel = ("sr_blocks", _sr_blocks_kernel) if keep is None else ("sr_blocks_kept", _sr_blocks_kept_kernel)

@@ -18,7 +18,6 @@ the keys are absent and the global 1 - βᵗ applies: those states are bit-ident
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -111,21 +110,12 @@ def adam8_hyper(*, step: int, beta1: float, beta2: float, eps: float, device, lr
     adam_direction_bound(t): one Adam step's scalars as tensor data, rounded to fp32 once, so an eager twin and a
     compiled kernel multiply by the same values (and a new step or learning rate compiles nothing). The defaults
     (lr -1, no decay) make the last entry 1/(1-β1ᵗ): the bias-corrected direction of the low-rank step."""
-    return _adam8_hyper_cached(step, beta1, beta2, eps, torch.device(device), lr, weight_decay)
-
-
-@functools.lru_cache(maxsize=16)
-def _adam8_hyper_cached(step: int, beta1: float, beta2: float, eps: float, device: torch.device, lr: float,
-                        weight_decay: float) -> Tensor:
-    """adam8_hyper's tensor, made once per step and setting: every low-rank weight of a step shares it (read only;
-    one host-to-device copy per step instead of one per weight)."""
     bias_correction1 = 1.0 - beta1 ** step
     bound = adam_direction_bound(step, beta1, beta2)
-    with torch.inference_mode(False):   # an inference tensor could not be used by a later training step
-        return compiled.device_constants([beta1, 1.0 - beta1, beta2, 1.0 - beta2,
-                                          1.0 / math.sqrt(1.0 - beta2 ** step), eps, 1.0 - lr * weight_decay,
-                                          1.0 / (bias_correction1 * bound), -lr / bias_correction1],
-                                         dtype=torch.float32, device=device)
+    # shared by every weight of a step (read only): one host-to-device copy per step and setting
+    return compiled.cached_constants((beta1, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 / math.sqrt(1.0 - beta2 ** step),
+                                      eps, 1.0 - lr * weight_decay, 1.0 / (bias_correction1 * bound),
+                                      -lr / bias_correction1), dtype=torch.float32, device=torch.device(device))
 
 
 def adam8_ratio(g: Tensor, m: Tensor, v: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -413,3 +413,16 @@ def test_device_constants_do_not_synchronise_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert t.device.type == "cuda" and t.cpu().tolist() == [0.5, 2.0]
+
+
+def test_cached_constants_are_made_once_and_usable_for_training():
+    """The shared kernel constants: the values of device_constants, one tensor per (values, dtype, device), and not
+    an inference tensor even when first made under inference mode (a later training step reads it)."""
+    values = (127.0, 0.1, 1.0 / 3.0)
+    with torch.inference_mode():
+        first = compiled.cached_constants(values, dtype=torch.float32, device=torch.device("cpu"))
+    assert not first.is_inference()
+    assert torch.equal(first, torch.tensor(list(values), dtype=torch.float32))
+    assert compiled.cached_constants(values, dtype=torch.float32, device=torch.device("cpu")) is first
+    other = compiled.cached_constants(values, dtype=torch.float64, device=torch.device("cpu"))
+    assert other is not first and other.dtype == torch.float64
