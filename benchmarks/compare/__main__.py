@@ -8,6 +8,7 @@ workload (benchmarks/results/compare-<workload>-<device>.md with figures and JSO
     python -m benchmarks.compare --device cuda --methods all
     python -m benchmarks.compare --list                   # methods and whether they can run here
     python -m benchmarks.compare --workload pretrain --methods all --lr-sweep   # 3 learning rates per method
+    python -m benchmarks.compare --workload finetune --methods all --lr-sweep --resume   # continues if interrupted
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.compare.api import MethodSettings, MethodSpec
+from benchmarks.compare.ledger import RunStore
 from benchmarks.compare.methods import adapter_methods, all_methods, unavailable_reason
 from benchmarks.compare.report import write_report
-from benchmarks.compare.runner import BASELINE_FP32, run_comparison
+from benchmarks.compare.runner import BASELINE_FP32, eval_steps, run_comparison
 from benchmarks.machine import device_tag, machine_line
 
 WORKLOADS = ("pretrain", "finetune")
@@ -93,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    metavar="FACTORS",
                    help="run each method at these multiples of its family's learning rate (default 1,0.333,3) and "
                         "report the run with the lowest final eval loss; the report lists every value tried")
+    p.add_argument("--resume", action="store_true",
+                   help="keep every finished run under OUT/runs/compare-<workload>-<device>/ and reuse the stored "
+                        "runs made with the same settings: an interrupted comparison (or sweep) continues where it "
+                        "stopped, and the report says which rows were timed by an earlier process")
     args = p.parse_args(argv)
     for name in ("steps", "rank", "refresh_interval_steps", "eval_points", "threads"):
         value = getattr(args, name)
@@ -181,6 +187,27 @@ def settings_lines(workload, settings: MethodSettings, specs: list[MethodSpec], 
     ]
 
 
+def store_key(workload, settings: MethodSettings, eval_points: int, *, quick: bool, measure_memory: bool) -> dict:
+    """What a stored run must have been made with to be reused: the workload (its description names the model,
+    data and family learning rates), the run shape, the evaluation steps, the device and the memory step."""
+    return {"workload": workload.name, "description": workload.description, "quick": quick,
+            "steps": settings.steps, "rank": settings.rank, "refresh_interval_steps": settings.refresh_interval_steps,
+            "warmup_steps": settings.warmup_steps, "grad_accum_steps": settings.grad_accum_steps,
+            "seed": settings.seed, "device": settings.device.type, "dtype": str(settings.dtype),
+            "eval_at": eval_steps(settings.steps, eval_points), "measure_memory": measure_memory}
+
+
+def provenance(store: RunStore | None) -> str:
+    """The caveat's sentence on where the timings come from."""
+    if store is None or not store.reused:
+        return "Timings come from one run on a possibly shared machine."
+    times = sorted(r.finished_at for r in store.reused if r.finished_at)
+    span = f", finished {times[0]} to {times[-1]}" if times else ""
+    return (f"{len(store.reused)} of the runs were reused from earlier processes (--resume{span}; the stored runs "
+            f"are in {store.directory}): their timings, and ratios between rows timed by different processes, also "
+            "carry the difference in machine load between those processes.")
+
+
 def list_methods(specs: list[MethodSpec], device: torch.device) -> None:
     print(f"{'method':24} {'group':9} {'family':10} {'here':40} description")
     for s in specs:
@@ -216,14 +243,19 @@ def main(argv=None) -> int:
         settings = run_settings(name, workload, device, args, getattr(workloads, "RECOMMENDED", {}))
         params = sum(p.numel() for p in workload.make_model().parameters())
         print(f"== {name}: {len(chosen[name])} methods, {settings.steps} steps, rank {settings.rank}", flush=True)
-        eval_points = args.eval_points or DEFAULT_EVAL_POINTS[name]
-        results = run_comparison(chosen[name], workload, settings, eval_points=min(eval_points, settings.steps),
+        eval_points = min(args.eval_points or DEFAULT_EVAL_POINTS[name], settings.steps)
+        store = None
+        if args.resume:
+            store = RunStore(Path(args.out) / "runs" / f"compare-{name}-{device_tag(device)}",
+                             store_key(workload, settings, eval_points, quick=args.quick,
+                                       measure_memory=not args.no_memory))
+        results = run_comparison(chosen[name], workload, settings, eval_points=eval_points,
                                  measure_memory=not args.no_memory, log=lambda line: print(line, flush=True),
-                                 lr_factors=args.lr_sweep)
+                                 lr_factors=args.lr_sweep, store=store)
         caveat = (f"a small model ({params / 1e6:.1f} M parameters) trained {settings.steps} steps on "
                   f"{'a GPU' if device.type == 'cuda' else 'CPU'}; the papers' claims are about 7B-scale models over "
-                  "thousands of steps, where projector cost, refresh savings and loss gaps differ. Timings come from "
-                  "one run on a possibly shared machine.")
+                  "thousands of steps, where projector cost, refresh savings and loss gaps differ. "
+                  + provenance(store))
         path = write_report(results, out_dir=Path(args.out), workload_name=name, device_tag=device_tag(device),
                             machine=machine_line(device), command=command,
                             settings_lines=settings_lines(workload, settings, chosen[name], params, args.lr_sweep),

@@ -22,7 +22,8 @@ import math
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
@@ -31,6 +32,9 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from benchmarks.compare.api import Batch, MethodSettings, MethodSpec, Workload
 from benchmarks.compare.methods import unavailable_reason
 from lowmem.memory.live_bytes import LiveTensorBytes, charged_bytes
+
+if TYPE_CHECKING:   # the ledger reads MethodResult from this module
+    from benchmarks.compare.ledger import RunStore
 
 BASELINE_FP32 = "adamw-fp32"
 BASELINE_BF16 = "adamw-bf16"
@@ -59,6 +63,7 @@ class MethodResult:
     # a learning-rate sweep (run_comparison's lr_factors): (lr, final eval loss or None, status) per value tried,
     # in the order run; this result is the run the sweep chose
     lr_sweep: list[tuple[float, float | None, str]] = field(default_factory=list)
+    finished_at: str = ""   # UTC time the run ended (ISO 8601, seconds): which process timed it, when reused
 
     @property
     def ok(self) -> bool:
@@ -247,6 +252,23 @@ def run_method(spec: MethodSpec, workload: Workload, base: MethodSettings, *, ev
         gc.collect()
         if base.device.type == "cuda":
             torch.cuda.empty_cache()
+    result.finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return result
+
+
+def run_or_reuse(spec: MethodSpec, workload: Workload, base: MethodSettings, *, lr_factor: float,
+                 store: "RunStore | None", **kwargs) -> MethodResult:
+    """`run_method`, unless `store` holds a finished run of `spec` at `lr_factor` with these settings (then that
+    run, logged as reused); a new run is stored if it is worth keeping (`RunStore.save`)."""
+    log = kwargs.get("log", print)
+    stored = store.load(spec.name, lr_factor) if store is not None else None
+    if stored is not None:
+        log(f"  {spec.name} lr x{lr_factor:.3g}: reused the run finished {stored.finished_at or '(time not kept)'} "
+            f"({store.path(spec.name, lr_factor)})")
+        return stored
+    result = run_method(spec, workload, base, lr_factor=lr_factor, **kwargs)
+    if store is not None:
+        store.save(spec.name, lr_factor, result)
     return result
 
 
@@ -278,12 +300,12 @@ def choose_from_sweep(runs: list[MethodResult]) -> MethodResult:
 
 def _sweep(spec: MethodSpec, workload: Workload, base: MethodSettings, lr_factors: tuple[float, ...], *,
            eval_at: list[int], initial_eval: dict, measure_memory: bool,
-           log: Callable[[str], None]) -> MethodResult:
+           log: Callable[[str], None], store: "RunStore | None" = None) -> MethodResult:
     """Run `spec` once per factor of its family's learning rate; the chosen run, carrying the whole sweep."""
     runs = []
     for factor in lr_factors:
-        run = run_method(spec, workload, base, eval_at=eval_at, initial_eval=initial_eval,
-                         measure_memory=measure_memory, log=log, lr_factor=factor)
+        run = run_or_reuse(spec, workload, base, eval_at=eval_at, initial_eval=initial_eval,
+                           measure_memory=measure_memory, log=log, lr_factor=factor, store=store)
         runs.append(run)
         if not run.step_seconds:   # unavailable, or failed before a step: every other value would fail alike
             break
@@ -297,8 +319,12 @@ def _sweep(spec: MethodSpec, workload: Workload, base: MethodSettings, lr_factor
 
 def run_comparison(specs: list[MethodSpec], workload: Workload, base: MethodSettings, *, eval_points: int = 3,
                    measure_memory: bool = True, log: Callable[[str], None] = print,
-                   lr_factors: tuple[float, ...] | None = None) -> list[MethodResult]:
+                   lr_factors: tuple[float, ...] | None = None,
+                   store: "RunStore | None" = None) -> list[MethodResult]:
     """Run every spec on `workload` in order; results in the same order, with ratios attached.
+
+    store: finished runs to reuse and to keep (`benchmarks.compare.ledger.RunStore`), so an interrupted
+    comparison continues; reused runs were timed by the process that ran them.
 
     lr_factors: a learning-rate sweep. Each method runs once per factor of its family's learning rate, and its row
     is the run with the lowest final eval loss (`choose_from_sweep`); MethodResult.lr_sweep records every value
@@ -313,10 +339,10 @@ def run_comparison(specs: list[MethodSpec], workload: Workload, base: MethodSett
         start = time.perf_counter()
         if lr_factors:
             result = _sweep(spec, workload, base, tuple(lr_factors), eval_at=eval_at, initial_eval=initial_eval,
-                            measure_memory=measure_memory, log=log)
+                            measure_memory=measure_memory, log=log, store=store)
         else:
-            result = run_method(spec, workload, base, eval_at=eval_at, initial_eval=initial_eval,
-                                measure_memory=measure_memory, log=log)
+            result = run_or_reuse(spec, workload, base, eval_at=eval_at, initial_eval=initial_eval,
+                                  measure_memory=measure_memory, log=log, lr_factor=1.0, store=store)
         results.append(result)
         summary = result.status
         if result.step_seconds:

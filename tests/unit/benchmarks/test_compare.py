@@ -311,3 +311,62 @@ def test_methods_that_cannot_run_under_the_meter_skip_the_memory_step(monkeypatc
     assert out["no-meter"].memory_note == "not measured: cannot run under it"
     assert len(metered) == 1 and out["adamw-fp32"].peak_bytes == 1   # the other method was measured
     assert all(s.no_cpu_memory for s in M.all_methods() if s.name.startswith("torchao"))
+
+
+def test_an_interrupted_sweep_continues_from_the_stored_runs(tmp_path, monkeypatch):
+    """With a RunStore, a sweep cut off after its second run reruns only the third, and reports the same rows and
+    sweep as one uninterrupted process; a store made with other settings is not reused; a failed run is not kept."""
+    from benchmarks.compare import runner
+    from benchmarks.compare.ledger import RunStore
+    factors = (1.0, 1e-3, 3.0)
+    key = {"workload": "tiny", "steps": 3}
+    kwargs = dict(eval_points=1, log=lambda line: None, lr_factors=factors, measure_memory=False)
+    (whole,) = run_comparison([spec("adamw-fp32")], tiny_workload(), settings(), **kwargs)
+
+    real_run_method, calls = runner.run_method, []
+
+    def counting(spec_, *args, lr_factor, **kw):
+        if len(calls) == 2 and interrupt:
+            raise KeyboardInterrupt
+        calls.append((spec_.name, lr_factor))
+        return real_run_method(spec_, *args, lr_factor=lr_factor, **kw)
+
+    monkeypatch.setattr(runner, "run_method", counting)
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        run_comparison([spec("adamw-fp32")], tiny_workload(), settings(), store=RunStore(tmp_path, key), **kwargs)
+    assert calls == [("adamw-fp32", 1.0), ("adamw-fp32", 1e-3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adamw-fp32-lr0.001.json", "adamw-fp32-lr1.json"]
+
+    interrupt, calls[:] = False, []
+    store = RunStore(tmp_path, key)
+    (resumed,) = run_comparison([spec("adamw-fp32")], tiny_workload(), settings(), store=store, **kwargs)
+    assert calls == [("adamw-fp32", 3.0)] and len(store.reused) == 2 and store.saved == 1
+    assert resumed.lr == whole.lr and resumed.metric("eval_loss") == pytest.approx(whole.metric("eval_loss"),
+                                                                                   rel=1e-6)
+    assert [lr for lr, _, _ in resumed.lr_sweep] == pytest.approx([lr for lr, _, _ in whole.lr_sweep])
+    for (_, mine, _), (_, theirs, _) in zip(resumed.lr_sweep, whole.lr_sweep):
+        assert mine == pytest.approx(theirs, rel=1e-6)
+    assert all(r.finished_at for r in store.reused)
+
+    calls[:] = []                                              # other settings: nothing reused, everything rerun
+    run_comparison([spec("adamw-fp32")], tiny_workload(), settings(), store=RunStore(tmp_path, {**key, "steps": 4}),
+                   **kwargs)
+    assert len(calls) == 3
+
+    broken_store = RunStore(tmp_path / "broken", key)
+    (failed,) = run_comparison([BROKEN], tiny_workload(), settings(), store=broken_store, **kwargs)
+    assert failed.status.startswith("failed") and broken_store.saved == 0 and not (tmp_path / "broken").exists()
+
+
+def test_report_caveat_names_reused_runs(tmp_path):
+    from benchmarks.compare.__main__ import provenance
+    from benchmarks.compare.ledger import RunStore
+    assert provenance(None) == "Timings come from one run on a possibly shared machine."
+    store = RunStore(tmp_path, {})
+    assert "one run" in provenance(store)
+    early, late = _row("a"), _row("b")
+    early.finished_at, late.finished_at = "2026-11-29T10:00:00+00:00", "2026-11-29T12:00:00+00:00"
+    store.reused += [late, early]
+    text = provenance(store)
+    assert text.startswith("2 of the runs were reused") and "2026-11-29T10:00:00+00:00 to 2026-11-29T12:00:00" in text
