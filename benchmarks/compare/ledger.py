@@ -54,7 +54,8 @@ def load_run(path: Path, *, settings_key: dict) -> MethodResult | None:
 class RunStore:
     """The comparison's finished runs: `<directory>/<method>-lr<factor>.json`, each checked against `settings_key`
     (the workload, its description with the family learning rates, the run shape, evaluation steps, device) plus
-    the method and learning-rate factor.
+    the method, its learning-rate factor and its resolved configuration (`methods.resolved_config`: a lowmem preset's
+    LowMemConfig, so a changed default is not mixed with runs made under the old one).
 
     Only runs that trained and ended on their own are kept ("ok" or "diverged ..."): a method that could not run
     here costs nothing to ask again, and one that raised may have met a passing problem. `reused` / `saved` count
@@ -62,27 +63,27 @@ class RunStore:
 
     def __init__(self, directory: Path | str, settings_key: dict):
         self.directory = Path(directory)
-        # as it will read back from JSON (tuples become lists), so that a stored key compares equal
-        self.settings_key = json.loads(json.dumps(settings_key))
+        self.settings_key = settings_key
         self.reused: list[MethodResult] = []
         self.saved = 0
 
     def path(self, method: str, lr_factor: float) -> Path:
         return self.directory / f"{method}-lr{lr_factor:.6g}.json"
 
-    def _key(self, method: str, lr_factor: float) -> dict:
-        return {**self.settings_key, "method": method, "lr_factor": float(lr_factor)}
+    def _key(self, method: str, lr_factor: float, config: dict | None) -> dict:
+        key = {**self.settings_key, "method": method, "lr_factor": float(lr_factor), "config": config}
+        return json.loads(json.dumps(key))   # as it reads back from JSON (tuples become lists)
 
-    def load(self, method: str, lr_factor: float) -> MethodResult | None:
-        result = load_run(self.path(method, lr_factor), settings_key=self._key(method, lr_factor))
+    def load(self, method: str, lr_factor: float, config: dict | None = None) -> MethodResult | None:
+        result = load_run(self.path(method, lr_factor), settings_key=self._key(method, lr_factor, config))
         if result is not None:
             self.reused.append(result)
         return result
 
-    def save(self, method: str, lr_factor: float, result: MethodResult) -> bool:
+    def save(self, method: str, lr_factor: float, result: MethodResult, config: dict | None = None) -> bool:
         """Keep `result` if it is worth reusing (see the class docstring); True when written."""
         if not result.step_seconds or result.status.startswith("failed"):
             return False
-        save_run(self.path(method, lr_factor), result, settings_key=self._key(method, lr_factor))
+        save_run(self.path(method, lr_factor), result, settings_key=self._key(method, lr_factor, config))
         self.saved += 1
         return True

@@ -13,9 +13,11 @@ is installed when a Trainer is built and removed by `close()`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.util
+import json
 import time
 from fnmatch import fnmatchcase
 
@@ -337,6 +339,17 @@ def lowmem_config(preset_name: str, settings: MethodSettings, **overrides) -> Lo
 
 def _build_lowmem(model, settings, *, preset_name: str, name: str, overrides: dict):
     return LowMemTrainer(name, model, lowmem_config(preset_name, settings, **overrides))
+
+
+def resolved_config(spec: MethodSpec, settings: MethodSettings) -> dict | None:
+    """The complete configuration a lowmem preset or ablation runs with under `settings` (its LowMemConfig, as JSON
+    types), or None for the other methods (their settings are the MethodSettings and the library's code). Stored
+    runs carry it so that a changed lowmem default is not mixed with runs made under the old one."""
+    build = spec.build
+    if not (isinstance(build, functools.partial) and build.func is _build_lowmem):
+        return None
+    config = lowmem_config(build.keywords["preset_name"], settings, **build.keywords["overrides"])
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
 # ---- the registry --------------------------------------------------------------------------------------------------

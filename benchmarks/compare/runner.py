@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from benchmarks.compare.api import Batch, MethodSettings, MethodSpec, Workload
-from benchmarks.compare.methods import unavailable_reason
+from benchmarks.compare.methods import resolved_config, unavailable_reason
 from lowmem.memory.live_bytes import LiveTensorBytes, charged_bytes
 
 if TYPE_CHECKING:   # the ledger reads MethodResult from this module
@@ -261,14 +261,15 @@ def run_or_reuse(spec: MethodSpec, workload: Workload, base: MethodSettings, *, 
     """`run_method`, unless `store` holds a finished run of `spec` at `lr_factor` with these settings (then that
     run, logged as reused); a new run is stored if it is worth keeping (`RunStore.save`)."""
     log = kwargs.get("log", print)
-    stored = store.load(spec.name, lr_factor) if store is not None else None
+    config = resolved_config(spec, settings_for(spec, workload, base, lr_factor)) if store is not None else None
+    stored = store.load(spec.name, lr_factor, config) if store is not None else None
     if stored is not None:
         log(f"  {spec.name} lr x{lr_factor:.3g}: reused the run finished {stored.finished_at or '(time not kept)'} "
             f"({store.path(spec.name, lr_factor)})")
         return stored
     result = run_method(spec, workload, base, lr_factor=lr_factor, **kwargs)
     if store is not None:
-        store.save(spec.name, lr_factor, result)
+        store.save(spec.name, lr_factor, result, config)
     return result
 
 

@@ -370,3 +370,18 @@ def test_report_caveat_names_reused_runs(tmp_path):
     store.reused += [late, early]
     text = provenance(store)
     assert text.startswith("2 of the runs were reused") and "2026-11-29T10:00:00+00:00 to 2026-11-29T12:00:00" in text
+
+
+def test_stored_runs_carry_the_lowmem_config(tmp_path):
+    """A lowmem run stored under one resolved LowMemConfig is not reused under another (a changed default)."""
+    from benchmarks.compare.ledger import RunStore
+    from benchmarks.compare.methods import resolved_config
+    lowmem = resolved_config(spec("lowmem"), settings())
+    assert lowmem["rank"] == 8 and lowmem["total_steps"] == 3
+    assert resolved_config(spec("lowmem-rank-half"), settings())["rank"] == 4
+    assert resolved_config(spec("adamw-fp32"), settings()) is None
+    store = RunStore(tmp_path, {"workload": "tiny"})
+    assert store.save("lowmem", 1.0, _row("lowmem"), lowmem)
+    assert store.load("lowmem", 1.0, lowmem) is not None
+    assert store.load("lowmem", 1.0, {**lowmem, "power_iters": lowmem["power_iters"] + 1}) is None
+    assert store.load("lowmem", 3.0, lowmem) is None
