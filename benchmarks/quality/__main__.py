@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks.compare.methods import all_methods, unavailable_reason
-from benchmarks.compare.runner import evaluate, eval_steps, run_method
+from benchmarks.compare.methods import all_methods, resolved_config, unavailable_reason
+from benchmarks.compare.runner import evaluate, eval_steps, run_method, settings_for
 from benchmarks.machine import device_tag, machine_line
 from benchmarks.quality import plan
 from benchmarks.quality.bands import band_of
@@ -93,8 +93,13 @@ def main(argv=None) -> int:
             key["lr_factor"] = args.lr_factor
         done: dict[str, dict[int, object]] = {}
         todo = []
+        def run_key(method: str, seed: int) -> dict:
+            config = plan.planned_config(specs[method], name, shape, quick=args.quick, seed=seed, device=device,
+                                         lr_factor=args.lr_factor)
+            return {**key, "method": method, "seed": seed, "config": config}
+
         for method, seed in runs:
-            stored = load_run(run_path(out, name, method, seed), settings_key={**key, "method": method, "seed": seed})
+            stored = load_run(run_path(out, name, method, seed), settings_key=run_key(method, seed))
             if stored is not None:
                 done.setdefault(method, {})[seed] = stored
             elif args.report_only:
@@ -115,19 +120,30 @@ def main(argv=None) -> int:
                 workload = workloads[seed]
                 base = plan.settings(shape, workload, seed=seed, device=device)
                 bar.set_postfix_str(f"{method} seed {seed}")
+                planned = run_key(method, seed)["config"]
+                actual = resolved_config(specs[method], settings_for(specs[method], workload, base, args.lr_factor))
+                if planned != actual:   # the stored key would not describe the run: refuse rather than mislabel
+                    raise RuntimeError(f"{method} seed {seed}: the configuration planned for the run's key differs "
+                                       f"from the one it would run with ({_first_difference(planned, actual)})")
                 initial = evaluate(workload, workload.make_model())
                 result = run_method(specs[method], workload, base, eval_at=eval_at, initial_eval=initial,
                                     log=lambda line: tqdm.write(line), on_step=lambda _: bar.update(1),
                                     lr_factor=args.lr_factor)
                 bar.update(max(0, shape.steps - len(result.step_seconds)))     # a run that stopped early
-                save_run(run_path(out, name, method, seed), result, settings_key={**key, "method": method,
-                                                                                   "seed": seed})
+                save_run(run_path(out, name, method, seed), result, settings_key=run_key(method, seed))
                 done.setdefault(method, {})[seed] = result
                 tqdm.write(f"{method} seed {seed}: {result.status}; final eval loss {result.metric('eval_loss')}")
                 _report(name, done, runs, out, device, shape, command, args.lr_factor)
         path = _report(name, done, runs, out, device, shape, command, args.lr_factor)
         print(f"report: {path} ({(time.perf_counter() - start) / 60:.1f} min this session)", flush=True)
     return 0
+
+
+def _first_difference(planned: dict | None, actual: dict | None) -> str:
+    if planned is None or actual is None:
+        return f"{planned!r} vs {actual!r}"
+    keys = sorted(k for k in {*planned, *actual} if planned.get(k) != actual.get(k))
+    return ", ".join(f"{k}: {planned.get(k)!r} vs {actual.get(k)!r}" for k in keys[:3])
 
 
 def _report(name, done, runs, out, device, shape, command, lr_factor: float) -> Path:

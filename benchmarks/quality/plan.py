@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.compare.api import MethodSettings, Workload
-from benchmarks.compare.workloads import FINETUNE_SIZES, PRETRAIN_SIZES, Size
+from benchmarks.compare.api import MethodSettings, MethodSpec, Workload
+from benchmarks.compare.methods import resolved_config
+from benchmarks.compare.workloads import FINETUNE_SIZES, LR, PRETRAIN_SIZES, Size
 
 # ~19M parameters (hidden 384, 8 layers, tied embeddings over the ~16k token ids of the text): 2000 steps of 4 x 128
 # tokens take a few minutes per run on 2 CPU cores.
@@ -54,17 +55,25 @@ SINGLE_SEED_METHODS = {
 }
 
 
+def size_of(name: str, quick: bool) -> Size:
+    if name == "pretrain":
+        return PRETRAIN_SIZES[True] if quick else PRETRAIN_SIZE
+    if name == "finetune":
+        return FINETUNE_SIZES[True] if quick else FINETUNE_SIZE
+    raise ValueError(f"unknown workload {name!r}; expected 'pretrain' or 'finetune'")
+
+
 def build_workload(name: str, *, seed: int, quick: bool, device: torch.device) -> Workload:
     """The workload of `name` for one seed; the evaluation set is the same for every seed."""
     from benchmarks.compare import workloads as w
 
     if name == "pretrain":
-        size = PRETRAIN_SIZES[True] if quick else PRETRAIN_SIZE
+        size = size_of(name, quick)
         return w.pretrain_workload(tokenizer=w.smollm2_tokenizer(), data_path=None, size=size, device=device,
                                    seed=seed, split_seed=DATA_SEED)
     if name == "finetune":
         from launch.models import load_model
-        size = FINETUNE_SIZES[True] if quick else FINETUNE_SIZE
+        size = size_of(name, quick)
         loaded = load_model("smollm2-135m", dtype=torch.float32)
         train = w.gsm_symbolic_problems(DATA_SEED, size.train_problems)
         held_out = w.gsm_symbolic_problems(DATA_SEED + 1_000_003, max(200, 8 * size.eval_rows))
@@ -79,3 +88,16 @@ def settings(shape: StudyShape, workload: Workload, *, seed: int, device: torch.
                           refresh_interval_steps=shape.refresh_interval_steps, lr=0.0,
                           warmup_steps=min(shape.warmup_steps, shape.steps), seed=seed, device=device,
                           dtype=torch.float32)
+
+
+def planned_config(spec: MethodSpec, name: str, shape: StudyShape, *, quick: bool, seed: int, device: torch.device,
+                   lr_factor: float = 1.0) -> dict | None:
+    """The resolved configuration `spec` will run with in this study (`methods.resolved_config`: a lowmem preset's
+    LowMemConfig, None for other methods), known without building the workload (the family learning rate from
+    `workloads.LR`, micro-batches per step from the size), so that stored runs can be checked against it before
+    anything is built. The study checks it against the config of the settings it actually runs with."""
+    settings = MethodSettings(steps=shape.steps, grad_accum_steps=size_of(name, quick).accum, rank=shape.rank,
+                              refresh_interval_steps=shape.refresh_interval_steps,
+                              lr=LR[name][spec.family] * lr_factor, warmup_steps=min(shape.warmup_steps, shape.steps),
+                              seed=seed, device=torch.device(device), dtype=torch.float32)
+    return resolved_config(spec, settings)

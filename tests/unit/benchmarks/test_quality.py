@@ -3,6 +3,7 @@ interrupted and continues (the harness's training is replaced by a recorder; ben
 training itself)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -97,10 +98,13 @@ class _Recorder:
 
 
 def _fake_workload(name: str, *, seed: int, quick: bool, device) -> Workload:
+    """As the study's workload looks to the runner: the planned micro-batches per step and family learning rates."""
+    from benchmarks.compare.workloads import LR
     model = nn.Linear(2, 2)
+    accum = quality_main.plan.size_of(name, quick).accum
     return Workload(name=name, description="fake", make_model=lambda: model,
-                    train_batches=lambda step: [{"input_ids": torch.zeros(1, 2, dtype=torch.long)}],
-                    evaluate=lambda m: {"eval_loss": 10.0}, tokens_per_step=100, lr_for=lambda family: 1e-3)
+                    train_batches=lambda step: [{"input_ids": torch.zeros(1, 2, dtype=torch.long)}] * accum,
+                    evaluate=lambda m: {"eval_loss": 10.0}, tokens_per_step=100, lr_for=lambda family: LR[name][family])
 
 
 def test_an_interrupted_study_continues_where_it_stopped(tmp_path, monkeypatch):
@@ -170,3 +174,31 @@ def test_seeded_methods_and_learning_rate_factor(tmp_path, monkeypatch):
         quality_main.main(base + ["--lr-factor", "0"])
     with pytest.raises(SystemExit, match="unknown method"):
         quality_main.main(base[:5] + ["--seeded", "adamw-fp33", "--out", str(tmp_path)])
+
+
+def test_stored_runs_are_keyed_by_the_resolved_lowmem_config(tmp_path, monkeypatch):
+    """A stored lowmem run made under another LowMemConfig (a default changed since) is run again, not mixed in; a
+    workload whose learning rate differs from the plan's is refused before anything runs under a wrong key."""
+    monkeypatch.setattr(quality_main.plan, "build_workload", _fake_workload)
+    args = ["--quick", "--workload", "pretrain", "--seeds", "1", "--seeded", "lowmem", "--methods", "adafactor",
+            "--out", str(tmp_path)]
+    first = _Recorder()
+    monkeypatch.setattr(quality_main, "run_method", first)
+    assert quality_main.main(args) == 0 and ("lowmem", 0) in first.calls
+    path = run_path(tmp_path, "pretrain", "lowmem", 0)
+    payload = json.loads(path.read_text())
+    assert payload["settings"]["config"]["rank"] == 8 and payload["settings"]["config"]["power_iters"] == 2
+    assert json.loads(run_path(tmp_path, "pretrain", "adafactor", 0).read_text())["settings"]["config"] is None
+    payload["settings"]["config"]["power_iters"] = 1                         # as if made under another default
+    path.write_text(json.dumps(payload))
+    second = _Recorder()
+    monkeypatch.setattr(quality_main, "run_method", second)
+    assert quality_main.main(args) == 0 and second.calls == [("lowmem", 0)]
+
+    def wrong_lr(name, **kw):
+        workload = _fake_workload(name, **kw)
+        return dataclasses.replace(workload, lr_for=lambda family: 0.5)
+    monkeypatch.setattr(quality_main.plan, "build_workload", wrong_lr)
+    path.unlink()
+    with pytest.raises(RuntimeError, match="lr: 0.01 vs 0.5"):
+        quality_main.main(args)
