@@ -5,7 +5,10 @@
 Default: a 4096 x 4096 fp32 matrix on CPU (a few minutes on 2 cores). Each kernel runs once to warm up (for the
 compiled kernels that includes compiling them, or loading them from the inductor cache), then R times; the table gives
 the median time, the input elements per second, and the ratio of the kernel's time to the clone's (the clone reads
-and writes 4 bytes per element: a memory-bandwidth yardstick on this machine). The hot kernels (SR update,
+and writes 4 bytes per element: a memory-bandwidth yardstick on this machine). A clone allocates its result, and on
+CPU a fresh 64 MiB tensor is new pages from the kernel (glibc maps blocks above 32 MiB afresh on every call): their
+page faults are most of the clone's time, and every kernel that allocates its output pays them too. The rows "into a
+reused buffer" (the copy, the noise with `out=`) show the same work without them. The hot kernels (SR update,
 dequantisation, noise) are timed twice, compiled (quant.compiled, the default) and eager (the reference twin), side by
 side; `--eager-only` skips the compiled rows. So are the two optimizer steps built on them: the 8-bit float AdamW step
 (lowmem.optim.float_adamw) on an fp32 and on a bf16 param (stochastic rounding), with the runtime's device-side skip
@@ -100,8 +103,11 @@ def main(argv=None) -> None:
         lowrank_steps[0] += 1
         adam_direction_(lowrank_state, lowrank_grad, step=lowrank_steps[0], beta1=0.9, beta2=0.999, eps=1e-8, bits=8)
 
+    noise_buffer = torch.empty(numel, device=device)
     hot = [
         ("counter_uniform (same numel)", lambda: counter_uniform(numel, **key, device=device), lambda: ()),
+        ("counter_uniform into a reused buffer (out=)", lambda: counter_uniform(numel, **key, out=noise_buffer),
+         lambda: ()),
         ("dequantize_int8", lambda a, b: dequantize_int8(a, b), lambda: (q, scales)),
         ("sr_update_int8_ (tensor delta)", lambda a, b: sr_update_int8_(a, b, delta, **key), fresh_weights),
         # the runtime's call: a device-side skip flag (False: written), decided inside the same pass
@@ -122,6 +128,10 @@ def main(argv=None) -> None:
         ("dequantize_moment8 signed", lambda a, b: dequantize_moment8(a, b, signed=True), lambda: (codes, absmax)),
     ]
     results = [("x.clone() (baseline)", time_op(lambda t: t.clone(), lambda: (x,), device, args.repeats))]
+    # the same traffic into a buffer that already exists: what a fresh allocation's page faults add to the clone
+    copy_target = torch.empty_like(x)
+    results.append(("copy_ into a reused buffer", time_op(lambda t: copy_target.copy_(t), lambda: (x,), device,
+                                                          args.repeats)))
     modes = [False] if args.eager_only else [True, False]
     for name, fn, setup in hot:
         for use_compiled in modes:
@@ -136,9 +146,9 @@ def main(argv=None) -> None:
     # the clone again at the end: how much the machine's speed drifted during the run
     results.append(("x.clone() (again, at the end)", time_op(lambda t: t.clone(), lambda: (x,), device, args.repeats)))
     baseline = results[0][1]
-    print(f"{'kernel':<52}{'ms':>10}{'Melem/s':>12}{'x clone':>10}")
+    print(f"{'kernel':<58}{'ms':>10}{'Melem/s':>12}{'x clone':>10}")
     for name, seconds in results:
-        print(f"{name:<52}{seconds * 1e3:>10.1f}{numel / seconds / 1e6:>12.0f}{seconds / baseline:>10.2f}")
+        print(f"{name:<58}{seconds * 1e3:>10.1f}{numel / seconds / 1e6:>12.0f}{seconds / baseline:>10.2f}")
     print(f"\ncompile time of the hot kernels in this process: {compiled.compile_seconds():.1f} s")
 
 

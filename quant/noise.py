@@ -75,16 +75,19 @@ def _segments(start: int, numel: int, chunk: int):
 
 
 def counter_uniform(numel: int, *, seed: int, stream: int, step: int, offset: int = 0,
-                    device: torch.device | str | None = None) -> torch.Tensor:
+                    device: torch.device | str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Uniform noise in [0, 1) from a counter-based hash.
 
     Args:
         numel: number of values (>= 0).
         seed, stream, step: the key, ints in [0, 2**63). Different keys give independent streams.
         offset: counter of the first element (>= 0; offset + numel <= 2**63).
-        device: where to build the result (default CPU).
+        device: where to build the result (default CPU; with `out`, None or out's device).
+        out: optional contiguous fp32 tensor of numel elements to write into (any shape) and return, e.g. a buffer
+            reused across calls: a freshly allocated large tensor costs its page faults on CPU (most of the time of
+            one 64 MiB draw), which a reused buffer pays once.
     Returns:
-        fp32 tensor (numel,) on `device`; element i depends only on (seed, stream, step, offset + i), so
+        fp32 tensor (numel,) on `device` (or `out`); element i depends only on (seed, stream, step, offset + i), so
         counter_uniform(n, ..., offset=a)[k] == counter_uniform(m, ..., offset=b)[a + k - b] whenever both exist,
         on CPU and CUDA alike. Values are multiples of 2**-24 in [0, 1 - 2**-24].
     """
@@ -93,18 +96,35 @@ def counter_uniform(numel: int, *, seed: int, stream: int, step: int, offset: in
     if offset + numel > 2**63:
         raise ValueError(f"offset + numel must be <= 2**63, got {offset} + {numel}")
     key = stream_key(_checks.key(seed, "seed"), _checks.key(stream, "stream"), _checks.key(step, "step"))
-    device = torch.device("cpu") if device is None else torch.device(device)
-    out = torch.empty(numel, dtype=torch.float32, device=device)
+    if out is None:
+        device = torch.device("cpu") if device is None else torch.device(device)
+        out = torch.empty(numel, dtype=torch.float32, device=device)
+    else:
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or out.numel() != numel \
+                or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 tensor of {numel} elements, got "
+                             f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
+        if device is not None and torch.device(device) != out.device:
+            raise ValueError(f"out is on {out.device}, device is {device}")
+        result, out = out, out.view(-1)
+        _fill_uniform_(out, key, offset)
+        return result
+    _fill_uniform_(out, key, offset)
+    return out
+
+
+def _fill_uniform_(out: torch.Tensor, key: int, offset: int) -> None:
+    """Fill fp32 out (numel,) with the draw of `key` (stream_key) at counters offset .. offset + numel - 1."""
+    numel = out.numel()
     if numel == 0:
-        return out
+        return
     if compiled.wanted():
         for pos in range(0, numel, _COMPILED_PIECE):  # a piece spans at most two 2**32 counter segments
             piece = out[pos:pos + _COMPILED_PIECE]
             compiled.uniform_(piece, key=key, offset=offset + pos, mix64=_mix64,
                               eager=lambda out_, at=offset + pos: _uniform_eager_(out_, key, at))
-        return out
+        return
     _uniform_eager_(out, key, offset)
-    return out
 
 
 def _uniform_eager_(out: torch.Tensor, key: int, offset: int) -> None:

@@ -125,6 +125,31 @@ def test_empty_and_device_argument():
     assert counter_uniform(5, seed=0, stream=0, step=0, device="cpu").device.type == "cpu"
 
 
+@pytest.mark.parametrize("use_compiled", [True, False])
+def test_out_buffer_gets_the_same_bits(use_compiled):
+    """out=: the draw written into a caller's buffer (any shape, reused across calls) is the allocated draw's bits,
+    compiled and eager; wrong buffers are refused before anything is written."""
+    from quant import compiled
+    previous = compiled.enabled()
+    compiled.set_enabled(use_compiled)
+    try:
+        buf = torch.full((3, 337), -1.0)
+        for step, offset in ((4, 0), (5, 2**32 - 500)):   # reused; the second draw crosses a 2**32 counter boundary
+            got = counter_uniform(buf.numel(), seed=8, stream=2, step=step, offset=offset, out=buf)
+            assert got is buf and got.shape == (3, 337)
+            want = torch.tensor([ref_uniform(8, 2, step, offset + i) for i in range(buf.numel())], dtype=torch.float32)
+            assert torch.equal(buf.flatten(), want)
+        # wrong dtype, wrong size, not contiguous, not a tensor
+        for numel, bad in ((10, torch.zeros(10, dtype=torch.float64)), (10, torch.zeros(9)),
+                           (20, torch.zeros(4, 5).t()), (10, [0.0] * 10)):
+            with pytest.raises(ValueError, match="out must be"):
+                counter_uniform(numel, seed=0, stream=0, step=0, out=bad)
+        with pytest.raises(ValueError, match="out is on"):
+            counter_uniform(4, seed=0, stream=0, step=0, out=torch.zeros(4), device="meta")
+    finally:
+        compiled.set_enabled(previous)
+
+
 @pytest.mark.parametrize("kwargs,exc", [
     (dict(numel=-1, seed=0, stream=0, step=0), ValueError),
     (dict(numel=3, seed=-1, stream=0, step=0), ValueError),
