@@ -8,10 +8,16 @@ time (no projector refresh), the time of step 0 (every weight refreshes its proj
 stagger exists to avoid), the ratio of the steady step to fp32 AdamW's, and the peak memory of a step (live tensor
 bytes including the model and optimizer state on CPU; the CUDA allocator peak on GPU). Methods that cannot run on the
 device (bitsandbytes 8-bit AdamW needs CUDA) are listed as skipped with the reason.
+
+`--call-overhead` adds, for the lowmem presets, where the compiled kernels' host time goes over two more steps: per
+kernel the calls per step, the host CPU time inside the compiled graph, and the time each call spends outside it
+(dynamo's guards, the AOT wrapper, quant.compiled's dispatch). Thread CPU time, measured apart from the timed steps
+(the instrumentation costs a little itself); on CUDA "inside" is the launch cost, not the kernel's run time.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import time
 
@@ -103,8 +109,52 @@ def run_method(method: str, args) -> dict:
         with LiveTensorBytes() as counter:
             step(batches[0])
         peak = resident + counter.peak_bytes
+    calls = None
+    if args.call_overhead and (method in LOWMEM_METHODS or method in BF16_METHODS):
+        calls = compiled_call_profile(step, batches[:2], args.device)
     return {"method": method, "step_s": statistics.median(times), "first_step_s": first_s, "peak_bytes": peak,
-            "compile_s": compile_s}
+            "compile_s": compile_s, "calls": calls}
+
+
+def compiled_call_profile(step, batches, device) -> dict[str, tuple[float, float, float]] | None:
+    """{kernel name: (calls per step, host CPU ms per step inside the compiled graph, host CPU us per call outside
+    it)} over one step per batch, by wrapping quant.compiled.call and inductor's compiled-graph call (thread CPU
+    time); None when this torch has no CompiledFxGraph to wrap."""
+    from quant import compiled
+    try:
+        from torch._inductor.output_code import CompiledFxGraph
+    except ImportError:
+        return None
+    outer = collections.defaultdict(lambda: [0, 0.0])
+    inner = collections.defaultdict(float)
+    current = [""]
+    real_call, real_graph_call = compiled.call, CompiledFxGraph.__call__
+
+    def timed_call(name, *args, **kwargs):
+        current[0], start = name, time.thread_time()
+        try:
+            return real_call(name, *args, **kwargs)
+        finally:
+            outer[name][0] += 1
+            outer[name][1] += time.thread_time() - start
+
+    def timed_graph_call(self, *args, **kwargs):
+        start = time.thread_time()
+        try:
+            return real_graph_call(self, *args, **kwargs)
+        finally:
+            inner[current[0]] += time.thread_time() - start
+
+    compiled.call, CompiledFxGraph.__call__ = timed_call, timed_graph_call
+    try:
+        for ids in batches:
+            step(ids)
+            sync(device)
+    finally:
+        compiled.call, CompiledFxGraph.__call__ = real_call, real_graph_call
+    steps = len(batches)
+    return {name: (count / steps, inner[name] / steps * 1e3, (seconds - inner[name]) / count * 1e6)
+            for name, (count, seconds) in sorted(outer.items(), key=lambda kv: -kv[1][1])}
 
 
 def _mib(nbytes) -> str:
@@ -129,6 +179,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-model", action="store_true",
                         help="torch.compile every method's model (after lowmem's prepare); step 0 then includes "
                              "the model's compile time, and the CPU peak memory is not measured")
+    parser.add_argument("--call-overhead", action="store_true",
+                        help="for the lowmem presets, also report the compiled kernels' calls per step and the host "
+                             "time each call spends outside its compiled graph (two extra, instrumented steps)")
     args = parser.parse_args(argv)
 
     print(f"machine: {machine_line(args.device)}")
@@ -153,6 +206,18 @@ def main(argv=None) -> int:
         print(f"| {r['method']} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f} | {to_bf16} | "
               f"{r['first_step_s']:.3f} | {compile_s} | {_mib(r['peak_bytes'])} | "
               f"{_ratio(r['peak_bytes'], base['peak_bytes'])} |")
+    for r in rows:
+        if r.get("calls"):
+            step_ms = r["step_s"] * 1e3
+            print(f"\ncompiled kernels of {r['method']} (host CPU time; steady step {step_ms:.0f} ms wall):")
+            print("| kernel | calls per step | inside the graph, ms per step | outside it, us per call | "
+                  "outside, ms per step |")
+            print("| --- | --- | --- | --- | --- |")
+            for name, (calls, inside_ms, outside_us) in r["calls"].items():
+                print(f"| {name} | {calls:.0f} | {inside_ms:.1f} | {outside_us:.0f} | {calls * outside_us / 1e3:.1f} |")
+            total = sum(calls * outside_us / 1e3 for calls, _, outside_us in r["calls"].values())
+            print(f"| all | {sum(c for c, _, _ in r['calls'].values()):.0f} | "
+                  f"{sum(i for _, i, _ in r['calls'].values()):.1f} | | {total:.1f} |")
     print("\ncompile s: kernels compiled during step 0 (runtime.step()['compile_s']; 0 when an earlier method in this "
           "process, or an earlier run via the inductor cache, already compiled them)")
     return 0

@@ -39,3 +39,25 @@ def test_step_time_compile_model_times_compiled_models(capsys, monkeypatch):
             if line.startswith("| ") and not line.startswith("| method") and not line.startswith("| ---")]
     assert [r[1].strip() for r in rows] == ["adamw_fp32", "lowmem"]
     assert all(float(r[2]) > 0 and r[7].strip() == "-" for r in rows)
+
+
+def test_call_overhead_counts_the_compiled_kernel_calls(capsys):
+    """--call-overhead: a table of the lowmem row's compiled kernels (the SR write and the low-rank Adam step run
+    once or more per low-rank weight per step), and the wrapped functions are restored afterwards."""
+    from torch._inductor.output_code import CompiledFxGraph
+
+    from quant import compiled
+    real_call, real_graph_call = compiled.call, CompiledFxGraph.__call__
+    assert step_time.main(["--device", "cpu", "--hidden", "64", "--layers", "1", "--vocab", "128", "--seq-len", "16",
+                           "--batch", "1", "--rank", "8", "--steps", "1", "--methods", "adamw_fp32,lowmem",
+                           "--call-overhead"]) == 0
+    assert compiled.call is real_call and CompiledFxGraph.__call__ is real_graph_call
+    out = capsys.readouterr().out
+    assert compiled.failure() is None   # the suite runs with compilation on (a C++ compiler is part of the setup)
+    assert "compiled kernels of lowmem" in out and "compiled kernels of adamw_fp32" not in out
+    table = out.split("compiled kernels of lowmem")[1]
+    calls = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in table.splitlines()
+             if line.startswith("| ") and not line.startswith(("| kernel", "| ---"))}
+    lowrank_weights = 7   # at least q, k, v, o, gate, up, down of the one layer
+    assert calls["lowrank_adam8"] >= lowrank_weights and calls["sr_blocks_kept"] >= lowrank_weights
+    assert calls["all"] == sum(v for k, v in calls.items() if k != "all")
