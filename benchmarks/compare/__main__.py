@@ -25,7 +25,7 @@ from benchmarks.compare.api import MethodSettings, MethodSpec
 from benchmarks.compare.ledger import RunStore
 from benchmarks.compare.methods import adapter_methods, all_methods, unavailable_reason
 from benchmarks.compare.report import write_report
-from benchmarks.compare.runner import BASELINE_FP32, eval_steps, run_comparison
+from benchmarks.compare.runner import BASELINE_FP32, PENDING, eval_steps, run_comparison
 from benchmarks.machine import device_tag, machine_line
 
 WORKLOADS = ("pretrain", "finetune")
@@ -99,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep every finished run under OUT/runs/compare-<workload>-<device>/ and reuse the stored "
                         "runs made with the same settings: an interrupted comparison (or sweep) continues where it "
                         "stopped, and the report says which rows were timed by an earlier process")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write the report from the runs stored by --resume (the others are listed as "
+                        "pending), e.g. while another process continues the comparison")
     args = p.parse_args(argv)
     for name in ("steps", "rank", "refresh_interval_steps", "eval_points", "threads"):
         value = getattr(args, name)
@@ -208,6 +211,16 @@ def provenance(store: RunStore | None) -> str:
             "carry the difference in machine load between those processes.")
 
 
+def pending_note(results) -> str:
+    """The caveat's sentence on rows whose runs are not stored yet (--report-only), or ''."""
+    pending = [r.name for r in results
+               if r.status == PENDING or any(status == PENDING for _, _, status in r.lr_sweep)]
+    if not pending:
+        return ""
+    return (f" Incomplete: {len(pending)} method(s) still have runs pending ({', '.join(pending)}); the command "
+            "above continues the comparison.")
+
+
 def list_methods(specs: list[MethodSpec], device: torch.device) -> None:
     print(f"{'method':24} {'group':9} {'family':10} {'here':40} description")
     for s in specs:
@@ -236,7 +249,10 @@ def main(argv=None) -> int:
         from benchmarks.compare import workloads
     except ImportError as err:
         raise SystemExit(f"benchmarks.compare.workloads does not import ({err}); it provides the workloads") from err
-    command = f"python -m benchmarks.compare {shlex.join(sys.argv[1:] if argv is None else list(argv))}".strip()
+    given = list(sys.argv[1:] if argv is None else argv)
+    if args.report_only:   # the command the report shows is the one that continues the comparison
+        given = [a for a in given if a != "--report-only"] + ([] if args.resume else ["--resume"])
+    command = f"python -m benchmarks.compare {shlex.join(given)}".strip()
     for name in names:
         start = time.perf_counter()
         workload = workloads.get_workload(name, quick=args.quick, device=device, seed=args.seed)
@@ -245,22 +261,22 @@ def main(argv=None) -> int:
         print(f"== {name}: {len(chosen[name])} methods, {settings.steps} steps, rank {settings.rank}", flush=True)
         eval_points = min(args.eval_points or DEFAULT_EVAL_POINTS[name], settings.steps)
         store = None
-        if args.resume:
+        if args.resume or args.report_only:
             store = RunStore(Path(args.out) / "runs" / f"compare-{name}-{device_tag(device)}",
                              store_key(workload, settings, eval_points, quick=args.quick,
                                        measure_memory=not args.no_memory))
         results = run_comparison(chosen[name], workload, settings, eval_points=eval_points,
                                  measure_memory=not args.no_memory, log=lambda line: print(line, flush=True),
-                                 lr_factors=args.lr_sweep, store=store)
+                                 lr_factors=args.lr_sweep, store=store, report_only=args.report_only)
         caveat = (f"a small model ({params / 1e6:.1f} M parameters) trained {settings.steps} steps on "
                   f"{'a GPU' if device.type == 'cuda' else 'CPU'}; the papers' claims are about 7B-scale models over "
                   "thousands of steps, where projector cost, refresh savings and loss gaps differ. "
-                  + provenance(store))
+                  + provenance(store) + pending_note(results))
         path = write_report(results, out_dir=Path(args.out), workload_name=name, device_tag=device_tag(device),
                             machine=machine_line(device), command=command,
                             settings_lines=settings_lines(workload, settings, chosen[name], params, args.lr_sweep),
                             caveat=caveat,
-                            wall_seconds=time.perf_counter() - start)
+                            wall_seconds=None if args.report_only else time.perf_counter() - start)
         print(f"report: {path} ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
     return 0
 

@@ -256,10 +256,14 @@ def run_method(spec: MethodSpec, workload: Workload, base: MethodSettings, *, ev
     return result
 
 
+PENDING = "pending: not run yet"   # a --report-only row whose run is not in the store
+
+
 def run_or_reuse(spec: MethodSpec, workload: Workload, base: MethodSettings, *, lr_factor: float,
-                 store: "RunStore | None", **kwargs) -> MethodResult:
+                 store: "RunStore | None", report_only: bool = False, **kwargs) -> MethodResult:
     """`run_method`, unless `store` holds a finished run of `spec` at `lr_factor` with these settings (then that
-    run, logged as reused); a new run is stored if it is worth keeping (`RunStore.save`)."""
+    run, logged as reused); a new run is stored if it is worth keeping (`RunStore.save`). report_only: never run;
+    a run that is not stored comes back with status PENDING (and its learning rate, when the method can run here)."""
     log = kwargs.get("log", print)
     config = resolved_config(spec, settings_for(spec, workload, base, lr_factor)) if store is not None else None
     stored = store.load(spec.name, lr_factor, config) if store is not None else None
@@ -267,6 +271,14 @@ def run_or_reuse(spec: MethodSpec, workload: Workload, base: MethodSettings, *, 
         log(f"  {spec.name} lr x{lr_factor:.3g}: reused the run finished {stored.finished_at or '(time not kept)'} "
             f"({store.path(spec.name, lr_factor)})")
         return stored
+    if report_only:
+        result = MethodResult(spec.name, spec.group, spec.family, spec.description,
+                              tokens_per_step=int(workload.tokens_per_step))
+        reason = unavailable_reason(spec, base.device)
+        result.status = reason or PENDING
+        if reason is None:
+            result.lr = settings_for(spec, workload, base, lr_factor).lr
+        return result
     result = run_method(spec, workload, base, lr_factor=lr_factor, **kwargs)
     if store is not None:
         store.save(spec.name, lr_factor, result, config)
@@ -301,15 +313,16 @@ def choose_from_sweep(runs: list[MethodResult]) -> MethodResult:
 
 def _sweep(spec: MethodSpec, workload: Workload, base: MethodSettings, lr_factors: tuple[float, ...], *,
            eval_at: list[int], initial_eval: dict, measure_memory: bool,
-           log: Callable[[str], None], store: "RunStore | None" = None) -> MethodResult:
+           log: Callable[[str], None], store: "RunStore | None" = None, report_only: bool = False) -> MethodResult:
     """Run `spec` once per factor of its family's learning rate; the chosen run, carrying the whole sweep."""
     runs = []
     for factor in lr_factors:
         run = run_or_reuse(spec, workload, base, eval_at=eval_at, initial_eval=initial_eval,
-                           measure_memory=measure_memory, log=log, lr_factor=factor, store=store)
+                           measure_memory=measure_memory, log=log, lr_factor=factor, store=store,
+                           report_only=report_only)
         runs.append(run)
-        if not run.step_seconds:   # unavailable, or failed before a step: every other value would fail alike
-            break
+        if not run.step_seconds and run.status != PENDING:
+            break   # unavailable, or failed before a step: every other value would fail alike
         loss = run.metric("eval_loss")
         log(f"  {spec.name} lr {run.lr:.3g}: {run.status}" + (f", eval loss {loss:.4f}" if loss is not None else ""))
     chosen = choose_from_sweep(runs)
@@ -321,29 +334,33 @@ def _sweep(spec: MethodSpec, workload: Workload, base: MethodSettings, lr_factor
 def run_comparison(specs: list[MethodSpec], workload: Workload, base: MethodSettings, *, eval_points: int = 3,
                    measure_memory: bool = True, log: Callable[[str], None] = print,
                    lr_factors: tuple[float, ...] | None = None,
-                   store: "RunStore | None" = None) -> list[MethodResult]:
+                   store: "RunStore | None" = None, report_only: bool = False) -> list[MethodResult]:
     """Run every spec on `workload` in order; results in the same order, with ratios attached.
 
     store: finished runs to reuse and to keep (`benchmarks.compare.ledger.RunStore`), so an interrupted
-    comparison continues; reused runs were timed by the process that ran them.
+    comparison continues; reused runs were timed by the process that ran them. report_only (with a store): run
+    nothing; the stored runs, and PENDING rows for the others.
 
     lr_factors: a learning-rate sweep. Each method runs once per factor of its family's learning rate, and its row
     is the run with the lowest final eval loss (`choose_from_sweep`); MethodResult.lr_sweep records every value
     tried. The choice uses the same held-out set the report shows, so every method's figure is the best of its
     own few tries: fair between methods, optimistic for all of them."""
     eval_at = eval_steps(base.steps, eval_points)
-    _warm_up(base.device)
-    initial_eval = evaluate(workload, _fresh_model(workload, base))
-    log(f"initial eval: {initial_eval}")
+    initial_eval = None
+    if not report_only:
+        _warm_up(base.device)
+        initial_eval = evaluate(workload, _fresh_model(workload, base))
+        log(f"initial eval: {initial_eval}")
     results = []
     for index, spec in enumerate(specs, 1):
         start = time.perf_counter()
         if lr_factors:
             result = _sweep(spec, workload, base, tuple(lr_factors), eval_at=eval_at, initial_eval=initial_eval,
-                            measure_memory=measure_memory, log=log, store=store)
+                            measure_memory=measure_memory, log=log, store=store, report_only=report_only)
         else:
             result = run_or_reuse(spec, workload, base, eval_at=eval_at, initial_eval=initial_eval,
-                                  measure_memory=measure_memory, log=log, lr_factor=1.0, store=store)
+                                  measure_memory=measure_memory, log=log, lr_factor=1.0, store=store,
+                                  report_only=report_only)
         results.append(result)
         summary = result.status
         if result.step_seconds:

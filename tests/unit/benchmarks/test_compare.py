@@ -338,6 +338,15 @@ def test_an_interrupted_sweep_continues_from_the_stored_runs(tmp_path, monkeypat
     assert calls == [("adamw-fp32", 1.0), ("adamw-fp32", 1e-3)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adamw-fp32-lr0.001.json", "adamw-fp32-lr1.json"]
 
+    # --report-only: nothing runs; the two stored values and the missing one, marked pending
+    from benchmarks.compare.__main__ import pending_note
+    (partial,) = run_comparison([spec("adamw-fp32")], tiny_workload(), settings(), store=RunStore(tmp_path, key),
+                                report_only=True, **kwargs)
+    assert calls == [("adamw-fp32", 1.0), ("adamw-fp32", 1e-3)]
+    assert [status for _, _, status in partial.lr_sweep] == ["ok", "ok", runner.PENDING]
+    assert partial.lr_sweep[2][0] == pytest.approx(3e-3) and partial.ok
+    assert "1 method(s) still have runs pending (adamw-fp32)" in pending_note([partial])
+
     interrupt, calls[:] = False, []
     store = RunStore(tmp_path, key)
     (resumed,) = run_comparison([spec("adamw-fp32")], tiny_workload(), settings(), store=store, **kwargs)
@@ -348,6 +357,7 @@ def test_an_interrupted_sweep_continues_from_the_stored_runs(tmp_path, monkeypat
     for (_, mine, _), (_, theirs, _) in zip(resumed.lr_sweep, whole.lr_sweep):
         assert mine == pytest.approx(theirs, rel=1e-6)
     assert all(r.finished_at for r in store.reused)
+    assert pending_note([resumed]) == ""
 
     calls[:] = []                                              # other settings: nothing reused, everything rerun
     run_comparison([spec("adamw-fp32")], tiny_workload(), settings(), store=RunStore(tmp_path, {**key, "steps": 4}),
