@@ -66,6 +66,11 @@ ALLOCATOR_SLACK = 0.05                 # caching-allocator fragmentation, fracti
 # fp32 buffers of one row chunk of an INT8 update with stochastic rounding (the delta, w, w/s, noise, floor, frac,
 # masks): measured with LiveTensorBytes around quant.int8.sr_update_int8_, 6.5-6.9 chunk-sized fp32 buffers
 UPDATE_FP32_BUFFERS = 7
+# the same with the compiled SR write (quant.compiled, the default where a compiler works), which keeps no
+# chunk-sized intermediate: the back-projected delta and its scaled copy, the dequantised rows that weight decay
+# reads, one spare. From the kernel's structure (the CPU estimate runs under the live-bytes meter, i.e. eagerly,
+# so it keeps the eager count); not measured on a GPU yet.
+UPDATE_FP32_BUFFERS_COMPILED = 4
 
 
 @dataclass
@@ -306,13 +311,18 @@ def _per_rank(s: ModelShape, cfg, c: dict[str, int], zero_stage: int, world: int
     return notes
 
 
-def _update_rows(m: int, n: int) -> int:
+def _update_rows(m: int, n: int, device_type: str) -> int:
     """Rows of one update chunk (lowmem.optim.weights.rows_per_chunk): the update is written chunk by chunk."""
-    from lowmem.optim.weights import DEFAULT_CHUNK_ELEMENTS
-    return max(1, min(m, DEFAULT_CHUNK_ELEMENTS // max(n, 1)))
+    return rows_per_chunk((m, n), device_type)
 
 
-def _head_sink_transient(s: ModelShape, cfg, tok: int, db: int, a_block: int, module: str = "lm_head") -> int:
+def _update_buffers(cfg, device_type: str) -> int:
+    """fp32 chunk-sized buffers of one INT8 update chunk: the compiled write on an accelerator, else the eager one."""
+    return UPDATE_FP32_BUFFERS_COMPILED if device_type != "cpu" and cfg.compile else UPDATE_FP32_BUFFERS
+
+
+def _head_sink_transient(s: ModelShape, cfg, tok: int, db: int, a_block: int, module: str = "lm_head", *,
+                         device_type: str) -> int:
     """The low-rank head's (or INT8 embedding's: `module`) update inside the backward: products with its gradient
     (R = G P (V, r) fp32, X P, one block of the logits' gradient `a_block` bytes), then the commit (R and its two
     decoded moments, fp32, or one update chunk of five fp32 buffers)."""
@@ -325,11 +335,12 @@ def _head_sink_transient(s: ModelShape, cfg, tok: int, db: int, a_block: int, mo
     # the commit's Adam on R: R and both decoded moments (as for a layer's linear), then one update chunk while R,
     # the Adam direction and V' (each the size of R: the whole (V, h) gradient at full rank) are still alive
     commit = max(4 * 3 * r_numel,
-                 (UPDATE_FP32_BUFFERS if cfg.int8_weights else 2) * 4 * _update_rows(V, h) * h + 4 * 3 * r_numel)
+                 (_update_buffers(cfg, device_type) if cfg.int8_weights else 2) * 4 * _update_rows(V, h, device_type)
+                 * h + 4 * 3 * r_numel)
     return max(products, commit)
 
 
-def _lowrank_layer_transient(s: ModelShape, cfg, tok: int, dtype_bytes: int) -> int:
+def _lowrank_layer_transient(s: ModelShape, cfg, tok: int, dtype_bytes: int, *, device_type: str) -> int:
     """Largest one-linear transient of the fused backward: dequantised weight (compute dtype) for grad_input, the
     fp32 update chunk with its noise, the projected gradient and decoded projector (fp32), grad_input itself."""
     worst = 0
@@ -341,11 +352,12 @@ def _lowrank_layer_transient(s: ModelShape, cfg, tok: int, dtype_bytes: int) -> 
         dense = m * n * dtype_bytes if cfg.int8_weights else 0
         # fp32 update of one row chunk on the commit (the update is written chunk by chunk): INT8+SR holds the
         # delta, w' = w + delta, w'/s', the noise and the floor's temporaries; a float weight its fp32 copy and delta
-        update = (UPDATE_FP32_BUFFERS if cfg.int8_weights else 2) * 4 * _update_rows(m, n) * n
+        buffers = _update_buffers(cfg, device_type) if cfg.int8_weights else 2
+        update = buffers * 4 * _update_rows(m, n, device_type) * n
         # device-side skip (lowmem.optim.weights keep_old): one row chunk's old codes + scales and its torch.where
         # result (a float weight: the chunk in its dtype, twice), and the moments before the commit, held until the
         # new ones are chosen
-        chunk = rows_per_chunk((m, n)) * n
+        chunk = rows_per_chunk((m, n), device_type) * n
         update += 2 * chunk * ((1 + 4 / cfg.weight_block_size) if cfg.int8_weights else dtype_bytes)
         moment_numel = m * n if full else max(m, n) * r
         update += int(2 * moment_numel * (1 if cfg.optim_bits == 8 else cfg.optim_bits / 8))
@@ -355,7 +367,7 @@ def _lowrank_layer_transient(s: ModelShape, cfg, tok: int, dtype_bytes: int) -> 
 
 
 def _fused_loss_moments(s: ModelShape, cfg, tok: int, db: int, acts: int, head_lr: bool, head_grad: int,
-                        head_update: int) -> dict[str, dict[str, int]]:
+                        head_update: int, *, device_type: str) -> dict[str, dict[str, int]]:
     """The loss's moments with lowmem.model.fused_loss: one (tok, block_rows) fp32 logits block at a time (plus
     its compute-dtype twin when that is not fp32), the input's gradient in fp32; a float head's weight gradient
     (tied or not) is written block by block into one tensor, a low-rank head's update runs in the backward."""
@@ -372,7 +384,8 @@ def _fused_loss_moments(s: ModelShape, cfg, tok: int, db: int, acts: int, head_l
         x32 = 4 * th if db < 4 else 0     # the operator's fp32 copy of X
         out["head_update"] = {"activations": acts, "logits_and_loss": 0,
                               "layer_transients": 4 * th + x32 + deq
-                              + _head_sink_transient(s, cfg, tok, db, tok * vb * (4 + twin))}
+                              + _head_sink_transient(s, cfg, tok, db, tok * vb * (4 + twin),
+                                                     device_type=device_type)}
     else:
         out["head_update"] = {"activations": acts, "logits_and_loss": 0,
                               "layer_transients": head_grad + th * db + head_update}
@@ -445,7 +458,7 @@ def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, 
             notes += _per_rank(s, cfg, c, zero_stage, world_size, db)
         emb_bits = 8 if cfg.float_optim_bits == 8 and emb >= cfg.float_optim_min_numel else 32
         sr = bool(cfg.stochastic_rounding)   # bf16 float params written with stochastic rounding
-        layer_transient = _lowrank_layer_transient(s, cfg, tok, db)
+        layer_transient = _lowrank_layer_transient(s, cfg, tok, db, device_type=device_type)
     else:
         emb_bits = 32
         lora = method in ("lora", "qlora", "dora")
@@ -505,7 +518,8 @@ def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, 
         head_update = 0 if s.tied or head_lr else _float_update_bytes(emb, emb_param_bytes, emb_bits, sr=sr)
         th = tok * s.hidden
         if fused_loss:
-            moments.update(_fused_loss_moments(s, cfg, tok, db, acts_head, head_lr, head_w_grad, head_update))
+            moments.update(_fused_loss_moments(s, cfg, tok, db, acts_head, head_lr, head_w_grad, head_update,
+                                               device_type=device_type))
         elif head_lr:
             # the model's own loss with an Int8Linear head: its forward dequantises the whole head, its backward
             # again for grad_input, then hands the logits' gradient (and an fp32 copy) with X to the runtime
@@ -517,7 +531,7 @@ def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, 
                                   "layer_transients": emb * db + th * db}
             moments["head_update"] = {"activations": acts_head, "logits_and_loss": btv * db + a32,
                                       "layer_transients": th * db + (4 * th if db < 4 else 0)
-                                      + _head_sink_transient(s, cfg, tok, db, 0)}
+                                      + _head_sink_transient(s, cfg, tok, db, 0, device_type=device_type)}
         else:
             # CE backward: log-softmax, its gradient and the logits' gradient; then lm_head's node holds the logits'
             # gradient, grad_hidden and the weight gradient; its AdamW update runs after the logits' gradient is freed
@@ -535,8 +549,8 @@ def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, 
         if emb_lr:
             # Int8Embedding's backward: the output gradient, its rows summed per distinct id (fp32, ids int64),
             # then the same low-rank products and commit as a (V, h) head
-            update = tok * s.hidden * (db + 4) + 2 * 8 * tok + _head_sink_transient(s, cfg, tok, db, 0,
-                                                                                   "model.embed_tokens")
+            update = tok * s.hidden * (db + 4) + 2 * 8 * tok + _head_sink_transient(
+                s, cfg, tok, db, 0, "model.embed_tokens", device_type=device_type)
         moments["end"] = {"activations": 0, "logits_and_loss": 0, "layer_transients": update}
     else:
         moments["head"] = {"activations": acts, "logits_and_loss": logits_bwd, "layer_transients": 0}

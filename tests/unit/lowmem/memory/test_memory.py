@@ -373,3 +373,24 @@ def test_preflight_reads_world_size_from_the_environment(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE"):
         preflight(cfg, model_cfg, torch.device("cpu"))
+
+
+def test_cuda_update_chunk_follows_the_compiled_write():
+    """On CUDA the update chunk is the accelerator's (16 MiB) and the compiled write keeps fewer chunk-sized fp32
+    buffers than the eager one (cost_model.UPDATE_FP32_BUFFERS_COMPILED vs UPDATE_FP32_BUFFERS): with compile off
+    the estimate's layer transient is larger by exactly the difference for the chunk of the worst linear."""
+    from lowmem.memory import cost_model
+    config = LlamaConfig(vocab_size=1000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
+                         num_attention_heads=32, num_key_value_heads=32)
+    kwargs = dict(method="lowmem", seq_len=8, micro_batch_size=1, gradient_checkpointing=False)
+    on = estimate(config, lowmem_config=preset("lowmem"), **kwargs)
+    off = estimate(config, lowmem_config=preset("lowmem", compile=False), **kwargs)
+    assert off.components["layer_transients"] > on.components["layer_transients"]
+    chunk = max(cost_model.rows_per_chunk((m, n), "cuda") * n for m, n in ((4096, 4096), (11008, 4096), (4096, 11008)))
+    assert chunk == 1 << 22
+    extra = (cost_model.UPDATE_FP32_BUFFERS - cost_model.UPDATE_FP32_BUFFERS_COMPILED) * 4 * chunk
+    assert off.components["layer_transients"] - on.components["layer_transients"] <= extra
+    # on CPU the eager count stays (the CPU estimate is checked against the live-bytes meter, which runs eagerly)
+    cpu_on = estimate(config, lowmem_config=preset("lowmem"), device_type="cpu", **kwargs)
+    cpu_off = estimate(config, lowmem_config=preset("lowmem", compile=False), device_type="cpu", **kwargs)
+    assert cpu_on.components["layer_transients"] == cpu_off.components["layer_transients"]

@@ -61,7 +61,7 @@ def _int8_target(seed=0, m=40, n=70):
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 40])
 def test_int8_weight_keep_old(monkeypatch, chunk_rows):
-    monkeypatch.setattr("lowmem.optim.weights.rows_per_chunk", lambda shape: chunk_rows)
+    monkeypatch.setattr("lowmem.optim.weights.rows_per_chunk", lambda shape, device_type="cpu": chunk_rows)
     q, s, delta = _int8_target()
 
     def apply(keep_old):
