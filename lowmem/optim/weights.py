@@ -18,8 +18,9 @@ DeltaRows = Callable[[int, int, Tensor], Tensor]
 
 # Elements per chunk when applying an update: bounds the fp32 transient to about chunk * 4 bytes per buffer.
 # CPU: 1 MiB chunks stay in cache without making the Python loop dominate on small layers. Accelerators: 16 MiB, so
-# that a 7B model's step makes ~2.5k chunk updates rather than ~38k (each a back-projection matmul and a compiled
-# kernel call, ~0.1-0.3 ms of host time apiece), for ~3 fp32 buffers of 16 MiB on the compiled path.
+# that a Llama-2-7B step makes ~1.6k chunk updates rather than ~25k (each a back-projection matmul and a compiled
+# kernel call, ~0.1-0.3 ms of host time apiece on this project's CPU measurements), for a few fp32 buffers of
+# 16 MiB on the compiled path (lowmem.memory.cost_model.UPDATE_FP32_BUFFERS_COMPILED).
 DEFAULT_CHUNK_ELEMENTS = 1 << 18
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 22
 
