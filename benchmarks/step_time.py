@@ -11,8 +11,7 @@ device (bitsandbytes 8-bit AdamW needs CUDA) are listed as skipped with the reas
 
 `--call-overhead` adds, for the lowmem presets, where the compiled kernels' host time goes over two more steps: per
 kernel the calls per step, the host CPU time inside the compiled graph, and the time each call spends outside it
-(dynamo's guards, the AOT wrapper, quant.compiled's dispatch), beside the same with quant.compiled's full tracing
-set-up on every call (two more steps; a run pays it only until a call's signature has run once). Thread CPU time, measured apart from the timed steps
+(dynamo's guards, the AOT wrapper, quant.compiled's dispatch). Thread CPU time, measured apart from the timed steps
 (the instrumentation costs a little itself); on CUDA "inside" is the launch cost, not the kernel's run time.
 """
 from __future__ import annotations
@@ -110,26 +109,17 @@ def run_method(method: str, args) -> dict:
         with LiveTensorBytes() as counter:
             step(batches[0])
         peak = resident + counter.peak_bytes
-    calls = calls_unsettled = None
+    calls = None
     if args.call_overhead and (method in LOWMEM_METHODS or method in BF16_METHODS):
-        # side by side: every call with quant.compiled's full tracing set-up (as before a signature has settled),
-        # then as a run sees them (settled signatures skip it)
-        calls_unsettled = compiled_call_profile(step, batches[:2], args.device, settled=False)
         calls = compiled_call_profile(step, batches[:2], args.device)
     return {"method": method, "step_s": statistics.median(times), "first_step_s": first_s, "peak_bytes": peak,
-            "compile_s": compile_s, "calls": calls, "calls_unsettled": calls_unsettled}
+            "compile_s": compile_s, "calls": calls}
 
 
-class _NeverSettled(set):
-    def __contains__(self, item) -> bool:
-        return False
-
-
-def compiled_call_profile(step, batches, device, *, settled: bool = True) -> dict[str, tuple[float, float, float]] | None:
+def compiled_call_profile(step, batches, device) -> dict[str, tuple[float, float, float]] | None:
     """{kernel name: (calls per step, host CPU ms per step inside the compiled graph, host CPU us per call outside
     it)} over one step per batch, by wrapping quant.compiled.call and inductor's compiled-graph call (thread CPU
-    time); None when this torch has no CompiledFxGraph to wrap. settled=False: every call takes the full tracing
-    set-up, as if its signature had never run (quant.compiled._settled)."""
+    time); None when this torch has no CompiledFxGraph to wrap."""
     from quant import compiled
     try:
         from torch._inductor.output_code import CompiledFxGraph
@@ -155,17 +145,13 @@ def compiled_call_profile(step, batches, device, *, settled: bool = True) -> dic
         finally:
             inner[current[0]] += time.thread_time() - start
 
-    real_settled = compiled._settled
     compiled.call, CompiledFxGraph.__call__ = timed_call, timed_graph_call
-    if not settled:
-        compiled._settled = _NeverSettled()
     try:
         for ids in batches:
             step(ids)
             sync(device)
     finally:
         compiled.call, CompiledFxGraph.__call__ = real_call, real_graph_call
-        compiled._settled = real_settled
     steps = len(batches)
     return {name: (count / steps, inner[name] / steps * 1e3, (seconds - inner[name]) / count * 1e6)
             for name, (count, seconds) in sorted(outer.items(), key=lambda kv: -kv[1][1])}
@@ -224,19 +210,14 @@ def main(argv=None) -> int:
         if r.get("calls"):
             step_ms = r["step_s"] * 1e3
             print(f"\ncompiled kernels of {r['method']} (host CPU time; steady step {step_ms:.0f} ms wall):")
-            unsettled = r.get("calls_unsettled") or {}
             print("| kernel | calls per step | inside the graph, ms per step | outside it, us per call | "
-                  "outside, ms per step | outside with the full set-up on every call, us per call |")
-            print("| --- | --- | --- | --- | --- | --- |")
+                  "outside, ms per step |")
+            print("| --- | --- | --- | --- | --- |")
             for name, (calls, inside_ms, outside_us) in r["calls"].items():
-                full = f"{unsettled[name][2]:.0f}" if name in unsettled else "-"
-                print(f"| {name} | {calls:.0f} | {inside_ms:.1f} | {outside_us:.0f} | {calls * outside_us / 1e3:.1f} | "
-                      f"{full} |")
+                print(f"| {name} | {calls:.0f} | {inside_ms:.1f} | {outside_us:.0f} | {calls * outside_us / 1e3:.1f} |")
             total = sum(calls * outside_us / 1e3 for calls, _, outside_us in r["calls"].values())
-            total_full = sum(calls * outside_us / 1e3 for calls, _, outside_us in unsettled.values())
             print(f"| all | {sum(c for c, _, _ in r['calls'].values()):.0f} | "
-                  f"{sum(i for _, i, _ in r['calls'].values()):.1f} | | {total:.1f} | "
-                  f"{total_full:.1f} ms per step |")
+                  f"{sum(i for _, i, _ in r['calls'].values()):.1f} | | {total:.1f} |")
     print("\ncompile s: kernels compiled during step 0 (runtime.step()['compile_s']; 0 when an earlier method in this "
           "process, or an earlier run via the inductor cache, already compiled them)")
     return 0

@@ -62,10 +62,6 @@ _failed: str | None = None   # the first compilation error, once one happened
 _compile_s: float = 0.0
 _kernels: dict[tuple, Callable] = {}
 _over_limit: set[tuple] = set()
-# (kernel, per-argument dtype / device / rank / contiguity) of calls that have run their compiled graph once:
-# the graph dynamo made for them (all dimensions dynamic, under _shape_policy) serves every later call of the same
-# signature, so those calls skip the per-call set-up that only matters when dynamo traces (see call)
-_settled: set[tuple] = set()
 
 
 def _specialise(fn: Callable, static: dict) -> Callable:
@@ -118,7 +114,6 @@ def compile_seconds() -> float:
 def _reset_for_tests() -> None:
     global _configured, _failed
     _configured, _failed = True, None
-    _settled.clear()
 
 
 @contextlib.contextmanager
@@ -161,27 +156,15 @@ def call(name: str, fn: Callable, eager: Callable, *args, **static):
     if kernel is None:
         with _lock:
             kernel = _kernels.setdefault(cache_key, _specialise(fn, static))
-    signature = (kernel, *[(a.dtype, a.device, a.dim(), a.is_contiguous()) if isinstance(a, torch.Tensor)
-                           else type(a) for a in args])
-    # A settled signature runs its graph without the tracing set-up (dynamic-dimension marks and the shape policy's
-    # config writes and restores): most of our own per-call cost, ~1% of a CPU step. Should dynamo still trace a
-    # new graph for such a call (a guard the signature does not capture, or torch._dynamo.reset()), it traces with
-    # its own defaults (a more specialised graph, the same values), and every signature goes back to the full
-    # set-up until it has run again.
-    settled = signature in _settled
-    if not settled:
-        for arg in args:
-            if isinstance(arg, torch.Tensor):
-                for dim in range(arg.dim()):
-                    torch._dynamo.maybe_mark_dynamic(arg, dim)
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            for dim in range(arg.dim()):
+                torch._dynamo.maybe_mark_dynamic(arg, dim)
     before = _graphs()
     start = time.perf_counter()
     try:
-        if settled:
+        with _shape_policy():
             out = kernel(*args)
-        else:
-            with _shape_policy():
-                out = kernel(*args)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         # More shape classes than dynamo's recompile limit for one specialisation: this call runs eagerly.
         if cache_key not in _over_limit:
@@ -197,10 +180,6 @@ def call(name: str, fn: Callable, eager: Callable, *args, **static):
         return eager(*args, **static)
     if _graphs() != before:
         _compile_s += time.perf_counter() - start
-        if settled:
-            _settled.clear()
-            return out
-    _settled.add(signature)
     return out
 
 

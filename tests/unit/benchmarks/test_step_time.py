@@ -52,7 +52,6 @@ def test_call_overhead_counts_the_compiled_kernel_calls(capsys):
                            "--batch", "1", "--rank", "8", "--steps", "1", "--methods", "adamw_fp32,lowmem",
                            "--call-overhead"]) == 0
     assert compiled.call is real_call and CompiledFxGraph.__call__ is real_graph_call
-    assert type(compiled._settled) is set                   # the full-set-up pass put the real set back
     out = capsys.readouterr().out
     assert compiled.failure() is None   # the suite runs with compilation on (a C++ compiler is part of the setup)
     assert "compiled kernels of lowmem" in out and "compiled kernels of adamw_fp32" not in out
@@ -62,6 +61,3 @@ def test_call_overhead_counts_the_compiled_kernel_calls(capsys):
     lowrank_weights = 7   # at least q, k, v, o, gate, up, down of the one layer
     assert calls["lowrank_adam8"] >= lowrank_weights and calls["sr_blocks_kept"] >= lowrank_weights
     assert calls["all"] == sum(v for k, v in calls.items() if k != "all")
-    full_setup = [line.split("|")[6].strip() for line in table.splitlines()
-                  if line.startswith("| sr_blocks_kept") or line.startswith("| lowrank_adam8")]
-    assert len(full_setup) == 2 and all(float(v) > 0 for v in full_setup)   # the side-by-side column was measured

@@ -427,38 +427,3 @@ def test_cached_constants_are_made_once_and_usable_for_training():
     other = compiled.cached_constants(values, dtype=torch.float64, device=torch.device("cpu"))
     assert other is not first and other.dtype == torch.float64
 
-
-def test_settled_calls_skip_the_tracing_setup_and_survive_a_dynamo_reset(monkeypatch):
-    """A call whose signature (kernel, dtypes, devices, ranks, contiguity) has run once goes straight to its graph
-    (no shape-policy config writes); other shapes of that signature reuse the graph; a new dtype is a new signature;
-    after torch._dynamo.reset() the results stay the eager twin's bits and the set-up comes back."""
-    compiled.set_enabled(True)
-    entered = []
-    real_policy = compiled._shape_policy
-
-    def counting_policy():
-        entered.append(1)
-        return real_policy()
-
-    monkeypatch.setattr(compiled, "_shape_policy", counting_policy)
-
-    def check(m, n, dtype=torch.float32):
-        q, s = quantize_int8(weights(m, n, seed=m + n)[0])
-        got = dequantize_int8(q, s, dtype=dtype)
-        eager, again = both(lambda: dequantize_int8(q, s, dtype=dtype))
-        assert torch.equal(got, eager) and torch.equal(again, eager)
-
-    check(4, 512)
-    first = len(entered)
-    assert first >= 1
-    check(7, 1024)                     # another shape, same signature: no set-up
-    check(3, 256)
-    assert len(entered) == first
-    check(5, 512, torch.bfloat16)      # a new output dtype: a new kernel specialisation, set up once
-    assert len(entered) == first + 1
-    torch._dynamo.reset()
-    check(6, 768)                      # traced again (with dynamo's defaults), same bits
-    check(2, 512)
-    check(9, 1280)
-    assert len(entered) > first + 1    # the signatures went back to the full set-up after the new trace
-    assert compiled.failure() is None
