@@ -226,14 +226,18 @@ def _train(spec: MethodSpec, workload: Workload, settings: MethodSettings, resul
         trainer.close()
 
 
+def _new_result(spec: MethodSpec, workload: Workload) -> MethodResult:
+    return MethodResult(spec.name, spec.group, spec.family, spec.description,
+                        tokens_per_step=int(workload.tokens_per_step))
+
+
 def run_method(spec: MethodSpec, workload: Workload, base: MethodSettings, *, eval_at: list[int],
                initial_eval: dict | None = None, measure_memory: bool = True,
                log: Callable[[str], None] = print, on_step: Callable[[int], None] | None = None,
                lr_factor: float = 1.0) -> MethodResult:
     """Train and measure one method at its family's learning rate times lr_factor; never raises for a method's own
     failure (see MethodResult.status). `on_step(steps_done)` is called after every optimizer step (progress bars)."""
-    result = MethodResult(spec.name, spec.group, spec.family, spec.description,
-                          tokens_per_step=int(workload.tokens_per_step))
+    result = _new_result(spec, workload)
     reason = unavailable_reason(spec, base.device)
     if reason is not None:
         result.status = reason
@@ -264,24 +268,23 @@ def run_or_reuse(spec: MethodSpec, workload: Workload, base: MethodSettings, *, 
     """`run_method`, unless `store` holds a finished run of `spec` at `lr_factor` with these settings (then that
     run, logged as reused); a new run is stored if it is worth keeping (`RunStore.save`). report_only: never run;
     a run that is not stored comes back with status PENDING (and its learning rate, when the method can run here)."""
-    log = kwargs.get("log", print)
-    config = resolved_config(spec, settings_for(spec, workload, base, lr_factor)) if store is not None else None
-    stored = store.load(spec.name, lr_factor, config) if store is not None else None
+    if store is None:
+        return run_method(spec, workload, base, lr_factor=lr_factor, **kwargs)
+    settings = settings_for(spec, workload, base, lr_factor)
+    config = resolved_config(spec, settings)
+    stored = store.load(spec.name, lr_factor, config)
     if stored is not None:
-        log(f"  {spec.name} lr x{lr_factor:.3g}: reused the run finished {stored.finished_at or '(time not kept)'} "
-            f"({store.path(spec.name, lr_factor)})")
+        kwargs.get("log", print)(f"  {spec.name} lr x{lr_factor:.3g}: reused the run finished "
+                                 f"{stored.finished_at or '(time not kept)'} ({store.path(spec.name, lr_factor)})")
         return stored
     if report_only:
-        result = MethodResult(spec.name, spec.group, spec.family, spec.description,
-                              tokens_per_step=int(workload.tokens_per_step))
+        result = _new_result(spec, workload)
         reason = unavailable_reason(spec, base.device)
         result.status = reason or PENDING
-        if reason is None:
-            result.lr = settings_for(spec, workload, base, lr_factor).lr
+        result.lr = None if reason else settings.lr
         return result
     result = run_method(spec, workload, base, lr_factor=lr_factor, **kwargs)
-    if store is not None:
-        store.save(spec.name, lr_factor, result, config)
+    store.save(spec.name, lr_factor, result, config)
     return result
 
 

@@ -426,4 +426,3 @@ def test_cached_constants_are_made_once_and_usable_for_training():
     assert compiled.cached_constants(values, dtype=torch.float32, device=torch.device("cpu")) is first
     other = compiled.cached_constants(values, dtype=torch.float64, device=torch.device("cpu"))
     assert other is not first and other.dtype == torch.float64
-
