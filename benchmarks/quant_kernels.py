@@ -12,7 +12,8 @@ reused buffer" (the copy, the noise with `out=`) show the same work without them
 dequantisation, noise) are timed twice, compiled (quant.compiled, the default) and eager (the reference twin), side by
 side; `--eager-only` skips the compiled rows. So are the two optimizer steps built on them: the 8-bit float AdamW step
 (lowmem.optim.float_adamw) on an fp32 and on a bf16 param (stochastic rounding), with the runtime's device-side skip
-flag, and the low-rank 8-bit Adam step (lowmem.optim.moments) on an (M, 128) projected gradient.
+flag, and the low-rank 8-bit Adam step (lowmem.optim.moments) on an (M, 128) projected gradient, with the global
+bias correction and with per-coordinate bias masses (the state after a projector refresh that resets the moments).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 
 from benchmarks.machine import machine_line
 from lowmem.optim.float_adamw import float_adamw_update_, init_float_adamw_state
-from lowmem.optim.moments import adam_direction_, init_moments
+from lowmem.optim.moments import adam_direction_, init_moments, transfer_moments_
 from quant import compiled
 from quant import (counter_uniform, dequantize_int8, dequantize_moment8, pack_int4, quantize_int8,
                    quantize_moment8, sr_update_int8_, unpack_int4)
@@ -103,6 +104,19 @@ def main(argv=None) -> None:
         lowrank_steps[0] += 1
         adam_direction_(lowrank_state, lowrank_grad, step=lowrank_steps[0], beta1=0.9, beta2=0.999, eps=1e-8, bits=8)
 
+    # the same step on a state with per-coordinate bias masses: every step after a projector refresh under the
+    # default moment_transfer "reset" (or "rotate")
+    masses_state = init_moments(tuple(lowrank_grad.shape), bits=8)
+    basis = torch.eye(128, device=device)
+    transfer_moments_(masses_state, basis, basis, side="right", mode="reset", bits=8, steps_done=0,
+                      betas=(0.9, 0.999))
+    masses_steps = [0]
+
+    def masses_step():
+        masses_steps[0] += 1
+        adam_direction_(masses_state, lowrank_grad, step=masses_steps[0], beta1=0.9, beta2=0.999, eps=1e-8, bits=8,
+                        coord_dim=1)
+
     noise_buffer = torch.empty(numel, device=device)
     hot = [
         ("counter_uniform (same numel)", lambda: counter_uniform(numel, **key, device=device), lambda: ()),
@@ -119,6 +133,7 @@ def main(argv=None) -> None:
         ("8-bit AdamW step, bf16 param (SR)", lambda: float_adamw_update_(
             params[torch.bfloat16], delta, states[torch.bfloat16], sr_key=(0, 1), **adamw), lambda: ()),
         (f"low-rank 8-bit Adam step ({m} x 128)", lowrank_step, lambda: ()),
+        (f"low-rank 8-bit Adam step, bias masses ({m} x 128)", masses_step, lambda: ()),
     ]
     other = [
         ("quantize_int8 nearest", lambda t: quantize_int8(t), lambda: (x,)),

@@ -74,7 +74,7 @@ def _specialise(fn: Callable, static: dict) -> Callable:
     object across all specialisations.
     """
     clone = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    clone.__kwdefaults__ = dict(static)
+    clone.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), **static}   # fn's own keyword defaults stay
     return torch.compile(clone, dynamic=None, fullgraph=True)
 
 

@@ -118,58 +118,93 @@ def adam8_hyper(*, step: int, beta1: float, beta2: float, eps: float, device, lr
                                       -lr / bias_correction1), dtype=torch.float32, device=torch.device(device))
 
 
-def adam8_ratio(g: Tensor, m: Tensor, v: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def adam8_ratio(g: Tensor, m: Tensor, v: Tensor, h: Tensor,
+                scales: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(m' / denom, m', v') of one Adam step in fp32 (h = adam8_hyper), out of place: the op sequence of the
     compiled 8-bit steps (this module's low-rank one, lowmem.optim.float_adamw's). denom = sqrt(v')/sqrt(1-β2ᵗ) + ε,
     floored at |m'| / ((1-β1ᵗ)·bound) so that the bias-corrected direction (ratio · h[8]) stays within ±bound.
-    `adam8_ratio_` is the eager twins' in-place form; each op is one IEEE rounding, so both give the same bits."""
+    scales: None, or fp32 tensors broadcastable to g that replace h[4] and h[7] element by element (per-coordinate
+    bias masses: mass_scales). `adam8_ratio_` is the eager twins' in-place form; each op is one IEEE rounding, so
+    both give the same bits."""
+    root_scale, floor_scale = (h[4], h[7]) if scales is None else scales
     m = m * h[0] + g * h[1]
     v = v * h[2] + (g * g) * h[3]
     # sqrt through fp64: eager torch.sqrt on fp32 CPU tensors is not correctly rounded (torch 2.13: 443 of 2250
     # values off by an ulp) while inductor's is; the fp64 root rounded to fp32 is the correctly rounded fp32 root
     # (53 >= 2 * 24 + 2 bits: no double-rounding error), the same on every backend.
-    denom = torch.sqrt(v.to(torch.float64)).to(torch.float32) * h[4] + h[5]
-    denom = torch.maximum(denom, torch.abs(m) * h[7])
+    denom = torch.sqrt(v.to(torch.float64)).to(torch.float32) * root_scale + h[5]
+    denom = torch.maximum(denom, torch.abs(m) * floor_scale)
     return m / denom, m, v
 
 
 _SQRT_CHUNK = 1 << 16
 
 
-def adam8_ratio_(g: Tensor, m: Tensor, v: Tensor, h: Tensor) -> Tensor:
-    """adam8_ratio in place on m and v (fresh decoded moments), few full-size temporaries; the fp64 root chunk by
-    chunk. Returns the ratio (a new tensor)."""
+def adam8_ratio_(g: Tensor, m: Tensor, v: Tensor, h: Tensor,
+                 scales: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """adam8_ratio in place on m and v (fresh decoded moments, contiguous, g's shape), few full-size temporaries;
+    the fp64 root chunk by chunk. Returns the ratio (a new tensor)."""
+    root_scale, floor_scale = (h[4], h[7]) if scales is None else scales
     m.mul_(h[0]).add_(g * h[1])
     v.mul_(h[2]).add_((g * g).mul_(h[3]))
     denom = torch.empty_like(v)
     flat_v, flat_d = v.view(-1), denom.view(-1)
     for start in range(0, flat_v.numel(), _SQRT_CHUNK):
         flat_d[start:start + _SQRT_CHUNK].copy_(flat_v[start:start + _SQRT_CHUNK].to(torch.float64).sqrt_())
-    denom.mul_(h[4]).add_(h[5])
-    torch.maximum(denom, m.abs().mul_(h[7]), out=denom)
+    denom.mul_(root_scale).add_(h[5])
+    torch.maximum(denom, m.abs().mul_(floor_scale), out=denom)
     return torch.div(m, denom, out=denom)
+
+
+def mass_scales(bias1: Tensor, bias2: Tensor, *, bound: float, coord_dim: int) -> Tensor:
+    """Per-coordinate counterparts of adam8_hyper's h[4], h[7], h[8] for a state with bias masses b1, b2 fp32 (r,)
+    (after this step's advance, so > 0): fp32 (3, r, 1) for coord_dim 0 (moments (r, n)) or (3, 1, r) for
+    coord_dim 1 (moments (m, r)), rows [1/sqrt(b2), 1/(b1·bound), 1/b1], each formed in fp64 and rounded to fp32
+    once (like adam8_hyper), so the compiled step and its twin multiply by the same values."""
+    b1, b2 = bias1.double(), bias2.double()
+    scales = torch.stack([torch.rsqrt(b2), 1.0 / (b1 * bound), 1.0 / b1]).to(torch.float32)
+    return scales.unsqueeze(2) if coord_dim == 0 else scales.unsqueeze(1)
 
 
 def _lowrank_adam8_kernel(g: Tensor, m_codes: Tensor, m_absmax: Tensor, v_codes: Tensor, v_absmax: Tensor,
                           m_tables: tuple[Tensor, Tensor, Tensor], v_tables: tuple[Tensor, Tensor, Tensor], h: Tensor,
-                          *, block_size: int, tail: bool) -> tuple[Tensor, ...]:
+                          *, block_size: int, tail: bool, scales: tuple[Tensor, Tensor, Tensor] | None = None
+                          ) -> tuple[Tensor, ...]:
     """The 8-bit low-rank Adam step on flat R fp32 (numel,), codes uint8 (numel,), absmax fp32 (nb,): decode,
-    adam8_ratio, encode. Returns (direction fp32, V' fp32, M' codes, M' absmax, V' codes, V' absmax)."""
+    adam8_ratio, encode. Returns (direction fp32, V' fp32, M' codes, M' absmax, V' codes, V' absmax).
+    scales: None (the global bias correction of h), or three fp32 (numel,) tensors replacing h[4], h[7], h[8]."""
     m_old = decode_traceable(m_codes, m_absmax, m_tables[0], block_size=block_size, tail=tail)
     v_old = decode_traceable(v_codes, v_absmax, v_tables[0], block_size=block_size, tail=tail)
-    ratio, m_new, v_new = adam8_ratio(g, m_old, v_old, h)
+    ratio, m_new, v_new = adam8_ratio(g, m_old, v_old, h, None if scales is None else scales[:2])
     m_codes_new, m_absmax_new = encode_traceable(m_new, m_tables[1], m_tables[2], block_size=block_size, tail=tail)
     v_codes_new, v_absmax_new = encode_traceable(v_new, v_tables[1], v_tables[2], block_size=block_size, tail=tail)
-    return ratio * h[8], v_new, m_codes_new, m_absmax_new, v_codes_new, v_absmax_new
+    direction = ratio * (h[8] if scales is None else scales[2])
+    return direction, v_new, m_codes_new, m_absmax_new, v_codes_new, v_absmax_new
+
+
+def _lowrank_adam8_masses_kernel(g: Tensor, m_codes: Tensor, m_absmax: Tensor, v_codes: Tensor, v_absmax: Tensor,
+                                 m_tables: tuple[Tensor, Tensor, Tensor], v_tables: tuple[Tensor, Tensor, Tensor],
+                                 h: Tensor, element_scales: Tensor, *, block_size: int, tail: bool
+                                 ) -> tuple[Tensor, ...]:
+    """_lowrank_adam8_kernel for a state with per-coordinate bias masses: element_scales fp32 (3, numel), mass_scales
+    spread over R's elements. Spread by the caller, not broadcast in the graph: inductor would gather each element's
+    scales through an integer division by a dynamic size (measured 1.8x the global step's time, one thread)."""
+    return _lowrank_adam8_kernel(g, m_codes, m_absmax, v_codes, v_absmax, m_tables, v_tables, h,
+                                 block_size=block_size, tail=tail,
+                                 scales=(element_scales[0], element_scales[1], element_scales[2]))
 
 
 def _lowrank_adam8_twin(g: Tensor, m_codes: Tensor, m_absmax: Tensor, v_codes: Tensor, v_absmax: Tensor,
-                        m_tables, v_tables, h: Tensor, *, block_size: int, tail: bool) -> tuple[Tensor, ...]:
-    """_lowrank_adam8_kernel's eager twin (quant.moments8's codec, adam8_ratio_): the same bits."""
+                        m_tables, v_tables, h: Tensor, element_scales: Tensor | None = None, *, block_size: int,
+                        tail: bool) -> tuple[Tensor, ...]:
+    """The eager twin of both kernels (quant.moments8's codec, adam8_ratio_): the same bits."""
     del m_tables, v_tables, tail   # the eager codec finds its own tables and partial block
     m = dequantize_moment8(m_codes, m_absmax, signed=True, block_size=block_size, check_values=False)
     v = dequantize_moment8(v_codes, v_absmax, signed=False, block_size=block_size, check_values=False, squared=True)
-    direction = adam8_ratio_(g, m, v, h).mul_(h[8])
+    if element_scales is None:
+        direction = adam8_ratio_(g, m, v, h).mul_(h[8])
+    else:
+        direction = adam8_ratio_(g, m, v, h, (element_scales[0], element_scales[1])).mul_(element_scales[2])
     m_codes_new, m_absmax_new = quantize_moment8(m, signed=True, block_size=block_size, check_values=False)
     v_codes_new, v_absmax_new = quantize_moment8(v, signed=False, block_size=block_size, check_values=False,
                                                  squared=True)
@@ -177,20 +212,31 @@ def _lowrank_adam8_twin(g: Tensor, m_codes: Tensor, m_absmax: Tensor, v_codes: T
 
 
 def _adam8_direction_(state: dict[str, Tensor], grad: Tensor, *, step: int, beta1: float, beta2: float, eps: float,
-                      block_size: int) -> tuple[Tensor, Tensor]:
-    """adam_direction_ at 8 bits with the global bias correction: one compiled kernel (decode, Adam, encode) where
-    kernels are in use, else its eager twin; the same bits either way (tests/unit/lowmem/optim)."""
+                      block_size: int, coord_dim: int) -> tuple[Tensor, Tensor]:
+    """adam_direction_ at 8 bits: one compiled kernel (decode, Adam, encode) where kernels are in use, else its
+    eager twin; the same bits either way (tests/unit/lowmem/optim). The bias correction is the global one, or the
+    state's per-coordinate masses (advanced here) when it carries them."""
     shape = grad.shape
     h = adam8_hyper(step=step, beta1=beta1, beta2=beta2, eps=eps, device=grad.device)
-    args = (grad.reshape(-1), state["exp_avg_codes"].reshape(-1), state["exp_avg_absmax"],
-            state["exp_avg_sq_codes"].reshape(-1), state["exp_avg_sq_absmax"])
+    codes = (state["exp_avg_codes"].reshape(-1), state["exp_avg_absmax"],
+             state["exp_avg_sq_codes"].reshape(-1), state["exp_avg_sq_absmax"])
     static = dict(block_size=block_size, tail=grad.numel() % block_size != 0)
+    if "bias1" in state:
+        # Per-coordinate masses since the last reset/rotation: advance them like the moments they describe.
+        state["bias1"].mul_(beta1).add_(1.0 - beta1)
+        state["bias2"].mul_(beta2).add_(1.0 - beta2)
+        coord_scales = mass_scales(state["bias1"], state["bias2"], bound=adam_direction_bound(step, beta1, beta2),
+                                   coord_dim=coord_dim)
+        element_scales = coord_scales.expand(3, *shape).reshape(3, -1)   # a copy: 12 bytes per element
+        name, kernel, extra = "lowrank_adam8_masses", _lowrank_adam8_masses_kernel, (h, element_scales)
+    else:
+        name, kernel, extra = "lowrank_adam8", _lowrank_adam8_kernel, (h,)
+    args = (grad.reshape(-1), *codes)
     if compiled.use_kernels() and grad.numel() > 0:
         tables = (codec_tables(True, grad.device), codec_tables(False, grad.device, squared=True))
-        out = compiled.call("lowrank_adam8", _lowrank_adam8_kernel, _lowrank_adam8_twin, *args, *tables, h,
-                            **static)
+        out = compiled.call(name, kernel, _lowrank_adam8_twin, *args, *tables, *extra, **static)
     else:
-        out = _lowrank_adam8_twin(*args, None, None, h, **static)
+        out = _lowrank_adam8_twin(*args, None, None, *extra, **static)
     direction, exp_avg_sq, m_codes, m_absmax, v_codes, v_absmax = out
     state["exp_avg_codes"], state["exp_avg_absmax"] = m_codes.view(shape), m_absmax
     state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = v_codes.view(shape), v_absmax
@@ -222,12 +268,12 @@ def adam_direction_(state: dict[str, Tensor], grad_lowrank: Tensor, *, step: int
     """
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
-    if bits == 8 and "bias1" not in state:
+    if bits == 8:
         if tuple(state["exp_avg_codes"].shape) != tuple(grad_lowrank.shape):
             raise ValueError(f"moment shape {tuple(state['exp_avg_codes'].shape)} does not match gradient "
                              f"{tuple(grad_lowrank.shape)}")
         return _adam8_direction_(state, grad_lowrank.float(), step=step, beta1=beta1, beta2=beta2, eps=eps,
-                                 block_size=block_size)
+                                 block_size=block_size, coord_dim=coord_dim)
     exp_avg, exp_avg_sq = load_moments(state, bits=bits, block_size=block_size)
     if exp_avg.shape != grad_lowrank.shape:
         raise ValueError(f"moment shape {tuple(exp_avg.shape)} does not match gradient {tuple(grad_lowrank.shape)}")

@@ -336,3 +336,84 @@ def test_8bit_direction_matches_an_fp64_step_from_the_decoded_state(use_compiled
     m_stored = dequantize_moment8(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True,
                                   block_size=256).double()
     assert float((m_stored - m).abs().max()) <= 0.05 * float(m.abs().max())   # the signed map's coarsest step
+
+
+def _eight_bit_after_transfer(side, mode, other, *, use_compiled, steps_after=3):
+    """8-bit moments: 5 steps on the old projector, a `mode` transfer onto a half-new one (per-coordinate bias
+    masses from then on), `steps_after` steps on the new one. Returns (directions and V's after, state)."""
+    from quant import compiled
+    d, r = 40, 8
+    coord_dim = 1 if side == "right" else 0
+    p_old = _orthonormal(d, r, 0)
+    p_new = _new_projector(p_old, "half_new", 1)
+    gen = torch.Generator().manual_seed(11)
+    scale = torch.logspace(-4, 0, d)   # projected gradients spanning decades within a block
+    full = (other, d) if side == "right" else (d, other)
+    compiled.set_enabled(use_compiled)
+    try:
+        state = init_moments((other, r) if side == "right" else (r, other), bits=8)
+        step = lambda g, t, p: adam_direction_(state, _project(g, p, side), step=t, beta1=BETAS[0],  # noqa: E731
+                                               beta2=BETAS[1], eps=EPS, bits=8, coord_dim=coord_dim)
+        for t in range(1, 6):
+            g = torch.randn(full, generator=gen) * (scale if side == "right" else scale[:, None])
+            step(g, t, p_old)
+        transfer_moments_(state, p_old, p_new, side=side, mode=mode, bits=8, steps_done=5, betas=BETAS)
+        out = []
+        for t in range(6, 6 + steps_after):
+            g = torch.randn(full, generator=gen) * (scale if side == "right" else scale[:, None])
+            out.append(step(g, t, p_new))
+        return out, state
+    finally:
+        compiled.set_enabled(True)
+
+
+@pytest.mark.parametrize("mode", ["reset", "rotate"])
+@pytest.mark.parametrize("side, other", [("right", 37), ("right", 64), ("right", 1), ("left", 50), ("left", 32)])
+def test_8bit_compiled_direction_with_bias_masses_is_bit_identical_to_twin(mode, side, other):
+    """After a reset or rotate transfer the state carries per-coordinate bias masses: the compiled 8-bit step
+    (lowrank_adam8_masses) gives its eager twin's direction, V', stored bytes and masses exactly, for both
+    projection sides, a partial last block, whole blocks and one row."""
+    from quant import compiled
+    (got, s_c), (want, s_e) = (_eight_bit_after_transfer(side, mode, other, use_compiled=flag)
+                               for flag in (True, False))
+    assert compiled.failure() is None
+    assert "bias1" in s_c and "bias2" in s_c
+    for (d_c, v_c), (d_e, v_e) in zip(got, want):
+        assert torch.equal(d_c, d_e) and torch.equal(v_c, v_e)
+    assert s_c.keys() == s_e.keys() and all(torch.equal(s_c[k], s_e[k]) for k in s_e)
+
+
+@pytest.mark.parametrize("use_compiled", [True, False])
+@pytest.mark.parametrize("mode", ["reset", "rotate"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_8bit_direction_with_bias_masses_matches_an_fp64_step(use_compiled, mode, side):
+    """Independent reference for a step on a state with bias masses: decode the stored moments and masses, run one
+    Adam step in float64 with each coordinate's own bias correction b <- βb + (1-β) and the direction clamped to
+    Adam's bound; the 8-bit step's direction must match to fp32 rounding and its masses must advance the same way."""
+    from quant import compiled
+    from quant.moments8 import dequantize_moment8
+    other, t = 23, 8
+    (_, state) = _eight_bit_after_transfer(side, mode, other, use_compiled=use_compiled, steps_after=2)
+    shape = tuple(state["exp_avg_codes"].shape)
+    m0 = dequantize_moment8(state["exp_avg_codes"], state["exp_avg_absmax"], signed=True, block_size=256).double()
+    v0 = dequantize_moment8(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], signed=False, block_size=256,
+                            squared=True).double()
+    coord = (1, -1) if side == "right" else (-1, 1)
+    b1 = BETAS[0] * state["bias1"].double() + (1 - BETAS[0])
+    b2 = BETAS[1] * state["bias2"].double() + (1 - BETAS[1])
+    assert float(b1.min()) > 0 and float(b1.max()) < 1   # per-coordinate masses, not the global 1 - βᵗ
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(6))
+    m = BETAS[0] * m0 + (1 - BETAS[0]) * g.double()
+    v = BETAS[1] * v0 + (1 - BETAS[1]) * g.double() ** 2
+    bound = adam_direction_bound(t, *BETAS)
+    expected = ((m / b1.view(coord)) / ((v / b2.view(coord)).sqrt() + EPS)).clamp(-bound, bound)
+    compiled.set_enabled(use_compiled)
+    try:
+        direction, v_new = adam_direction_(state, g, step=t, beta1=BETAS[0], beta2=BETAS[1], eps=EPS, bits=8,
+                                           coord_dim=1 if side == "right" else 0)
+    finally:
+        compiled.set_enabled(True)
+    torch.testing.assert_close(direction.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v_new.double(), v, rtol=1e-5, atol=0)
+    torch.testing.assert_close(state["bias1"].double(), b1, rtol=1e-6, atol=0)
+    torch.testing.assert_close(state["bias2"].double(), b2, rtol=1e-6, atol=0)
