@@ -322,16 +322,17 @@ def _update_buffers(cfg, device_type: str) -> int:
 
 
 def _head_sink_transient(s: ModelShape, cfg, tok: int, db: int, a_block: int, module: str = "lm_head", *,
-                         device_type: str) -> int:
+                         device_type: str, products_extra: int = 0) -> int:
     """The low-rank head's (or INT8 embedding's: `module`) update inside the backward: products with its gradient
-    (R = G P (V, r) fp32, X P, one block of the logits' gradient `a_block` bytes), then the commit (R and its two
+    (R = G P (V, r) fp32, X P, one block of the logits' gradient `a_block` bytes, and `products_extra` bytes alive
+    only while they are formed, such as a fused loss's dequantised head block), then the commit (R and its two
     decoded moments, fp32, or one update chunk of five fp32 buffers)."""
     cfg = cfg.for_module(module)
     V, h = s.vocab, s.hidden
     r = min(cfg.rank, V, h)
     full = cfg.rank >= min(V, h)
     r_numel = V * h if full else V * r
-    products = 4 * r_numel + 4 * tok * r + a_block
+    products = 4 * r_numel + 4 * tok * r + a_block + products_extra
     # the commit's Adam on R: R and both decoded moments (as for a layer's linear), then one update chunk while R,
     # the Adam direction and V' (each the size of R: the whole (V, h) gradient at full rank) are still alive
     commit = max(4 * 3 * r_numel,
@@ -383,9 +384,9 @@ def _fused_loss_moments(s: ModelShape, cfg, tok: int, db: int, acts: int, head_l
     if head_lr:
         x32 = 4 * th if db < 4 else 0     # the operator's fp32 copy of X
         out["head_update"] = {"activations": acts, "logits_and_loss": 0,
-                              "layer_transients": 4 * th + x32 + deq
+                              "layer_transients": 4 * th + x32
                               + _head_sink_transient(s, cfg, tok, db, tok * vb * (4 + twin),
-                                                     device_type=device_type)}
+                                                     device_type=device_type, products_extra=deq)}
     else:
         out["head_update"] = {"activations": acts, "logits_and_loss": 0,
                               "layer_transients": head_grad + th * db + head_update}

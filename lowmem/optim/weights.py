@@ -17,11 +17,13 @@ from quant.int8 import dequantize_int8, sr_update_int8_
 DeltaRows = Callable[[int, int, Tensor], Tensor]
 
 # Elements per chunk when applying an update: bounds the fp32 transient to about chunk * 4 bytes per buffer.
-# CPU: 1 MiB chunks stay in cache without making the Python loop dominate on small layers. Accelerators: 16 MiB, so
-# that a Llama-2-7B step makes ~1.6k chunk updates rather than ~25k (each a back-projection matmul and a compiled
-# kernel call, ~0.1-0.3 ms of host time apiece on this project's CPU measurements), for a few fp32 buffers of
-# 16 MiB on the compiled path (lowmem.memory.cost_model.UPDATE_FP32_BUFFERS_COMPILED).
-DEFAULT_CHUNK_ELEMENTS = 1 << 18
+# CPU: 4 MiB chunks. Each chunk costs a back-projection matmul and a compiled kernel call (~0.2-0.5 ms of host time
+# outside the kernel's graph in a step, benchmarks/results/step-time-cpu.md); against 1 MiB chunks they cut the SR
+# writes of the step_time model from 80 calls to 36 and their time by ~9% (115 -> 105 ms per step, one thread, side
+# by side in one run), the chunk's delta now read from the shared cache rather than the core's own.
+# Accelerators: 16 MiB, so that a Llama-2-7B step makes ~1.6k chunk updates rather than ~25k, for a few fp32 buffers
+# of 16 MiB on the compiled path (lowmem.memory.cost_model.UPDATE_FP32_BUFFERS_COMPILED).
+DEFAULT_CHUNK_ELEMENTS = 1 << 20
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 22
 
 

@@ -43,11 +43,11 @@ def test_bits_do_not_depend_on_row_chunking_and_repeat_for_the_same_key(monkeypa
 
 
 def test_update_chunks_are_larger_on_accelerators():
-    """1 MiB fp32 chunks on CPU, 16 MiB on an accelerator: a Llama-2-7B MLP weight (11008 x 4096 in its update's
-    (m, n)) is written in 11 chunks on a GPU instead of 172, each a back-projection and a kernel call."""
+    """4 MiB fp32 chunks on CPU, 16 MiB on an accelerator: a Llama-2-7B MLP weight (11008 x 4096 in its update's
+    (m, n)) is written in 11 chunks on a GPU and 43 on CPU, each a back-projection and a kernel call."""
     from lowmem.optim.weights import rows_per_chunk
     m, n = 11008, 4096
     cpu, gpu = rows_per_chunk((m, n), "cpu"), rows_per_chunk((m, n), "cuda")
-    assert cpu == (1 << 18) // n == 64 and gpu == (1 << 22) // n == 1024
-    assert -(-m // cpu) == 172 and -(-m // gpu) == 11
+    assert cpu == (1 << 20) // n == 256 and gpu == (1 << 22) // n == 1024
+    assert -(-m // cpu) == 43 and -(-m // gpu) == 11
     assert rows_per_chunk((3, 5), "cuda") == 3 and rows_per_chunk((5, 10**7), "cpu") == 1   # bounded by m, >= 1
