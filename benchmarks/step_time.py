@@ -13,6 +13,11 @@ device (bitsandbytes 8-bit AdamW needs CUDA) are listed as skipped with the reas
 kernel the calls per step, the host CPU time inside the compiled graph, and the time each call spends outside it
 (dynamo's guards, the AOT wrapper, quant.compiled's dispatch). Thread CPU time, measured apart from the timed steps
 (the instrumentation costs a little itself); on CUDA "inside" is the launch cost, not the kernel's run time.
+
+`--update-chunks 262144,1048576` times lowmem's steady step with each update-chunk size (elements per row chunk of a
+weight update, lowmem.optim.weights) on one model, the sizes taking turns step by step so that a busy machine slows
+all of them alike: per size the median step and the median time of the weight updates inside it (the SR writes with
+their back-projections), against the device's current default.
 """
 from __future__ import annotations
 
@@ -157,6 +162,52 @@ def compiled_call_profile(step, batches, device) -> dict[str, tuple[float, float
             for name, (count, seconds) in sorted(outer.items(), key=lambda kv: -kv[1][1])}
 
 
+def chunk_sweep(args, chunk_sizes: list[int], rounds: int) -> list[dict]:
+    """lowmem's steady step at each update-chunk size, interleaved (see the module docstring)."""
+    from lowmem.optim import weights
+    model = build_model(args, torch.float32)
+    step, _ = make_step("lowmem", model, args)
+    update_s = [0.0]
+
+    def timed(apply):
+        def run(self, *a, **k):
+            sync(args.device)
+            start = time.perf_counter()
+            apply(self, *a, **k)
+            sync(args.device)
+            update_s[0] += time.perf_counter() - start
+        return run
+
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=gen).to(args.device)
+               for _ in range(2)]
+    name = "DEFAULT_CHUNK_ELEMENTS" if torch.device(args.device).type == "cpu" else "ACCELERATOR_CHUNK_ELEMENTS"
+    default = getattr(weights, name)
+    originals = {cls: cls.apply_ for cls in (weights.Int8Weight, weights.FloatWeight)}
+    times = {size: ([], []) for size in chunk_sizes}
+    try:
+        for cls, apply in originals.items():
+            cls.apply_ = timed(apply)
+        step(batches[0])                  # optimizer state and projectors
+        for round_index in range(rounds + 1):
+            for size in chunk_sizes:
+                setattr(weights, name, size)
+                update_s[0] = 0.0
+                sync(args.device)
+                start = time.perf_counter()
+                step(batches[round_index % 2])
+                sync(args.device)
+                if round_index:           # round 0 warms every size up (a compile for a new chunk shape)
+                    times[size][0].append(time.perf_counter() - start)
+                    times[size][1].append(update_s[0])
+    finally:
+        setattr(weights, name, default)
+        for cls, apply in originals.items():
+            cls.apply_ = apply
+    return [{"elements": size, "default": size == default, "step_s": statistics.median(times[size][0]),
+             "update_s": statistics.median(times[size][1])} for size in chunk_sizes]
+
+
 def _mib(nbytes) -> str:
     return "-" if nbytes is None else f"{nbytes / 2**20:.1f}"
 
@@ -182,11 +233,26 @@ def main(argv=None) -> int:
     parser.add_argument("--call-overhead", action="store_true",
                         help="for the lowmem presets, also report the compiled kernels' calls per step and the host "
                              "time each call spends outside its compiled graph (two extra, instrumented steps)")
+    parser.add_argument("--update-chunks", default=None,
+                        help="comma-separated update-chunk sizes (elements) to time lowmem's step with, interleaved "
+                             "(replaces the method comparison)")
     args = parser.parse_args(argv)
 
     print(f"machine: {machine_line(args.device)}")
     print(f"model: LLaMA-shaped hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; batch {args.batch} x "
           f"seq {args.seq_len}; rank {args.rank}{'; every model under torch.compile' if args.compile_model else ''}")
+    if args.update_chunks:
+        sizes = [int(v) for v in args.update_chunks.split(",")]
+        rows = chunk_sweep(args, sizes, rounds=args.steps)
+        base = next((r for r in rows if r["default"]), rows[0])
+        print(f"\nlowmem, {args.steps} interleaved rounds (the default chunk is marked *):")
+        print("| update chunk, elements | fp32 MiB | median step s | ratio | median weight updates s | ratio |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            print(f"| {r['elements']}{' *' if r['default'] else ''} | {r['elements'] * 4 / 2**20:g} | "
+                  f"{r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f} | {r['update_s']:.3f} | "
+                  f"{r['update_s'] / base['update_s']:.2f} |")
+        return 0
     rows = []
     for method in args.methods.split(","):
         if method == "adamw8bit" and torch.device(args.device).type != "cuda":
