@@ -61,3 +61,19 @@ def test_call_overhead_counts_the_compiled_kernel_calls(capsys):
     lowrank_weights = 7   # at least q, k, v, o, gate, up, down of the one layer
     assert calls["lowrank_adam8"] >= lowrank_weights and calls["sr_blocks_kept"] >= lowrank_weights
     assert calls["all"] == sum(v for k, v in calls.items() if k != "all")
+
+
+def test_update_chunks_times_each_size_and_restores_the_default(capsys):
+    """--update-chunks: one row per size, the current default marked and the ratio 1 for it, weight updates timed
+    inside the steps (a positive share of them), and the default chunk and the wrapped apply_ methods restored."""
+    from lowmem.optim import weights
+    default, real_apply = weights.DEFAULT_CHUNK_ELEMENTS, weights.Int8Weight.apply_
+    assert step_time.main(["--device", "cpu", "--hidden", "64", "--layers", "1", "--vocab", "128", "--seq-len", "16",
+                           "--batch", "1", "--rank", "8", "--steps", "1",
+                           "--update-chunks", f"64,{default}"]) == 0
+    assert weights.DEFAULT_CHUNK_ELEMENTS == default and weights.Int8Weight.apply_ is real_apply
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith(("| update", "| ---"))]
+    assert [r[1].strip() for r in rows] == ["64", f"{default} *"]
+    assert float(rows[1][4]) == 1.0 and float(rows[1][6]) == 1.0
+    assert all(0 < float(r[5]) < float(r[3]) for r in rows)   # the updates are part of the step
