@@ -14,7 +14,9 @@ b ← β b + (1 - β) (which is 1 - βᵗ for a moment started at zero), and the
 formula. "reset" restarts every coordinate at mass 0 (the next step is a fresh Adam started at the refresh);
 "rotate" maps the mass like the second moment, b_new = (C∘C) b_old, so a direction the old subspace did not hold
 starts afresh and one it held keeps its history. Before any such transfer (and always for "keep", GaLore's rule)
-the keys are absent and the global 1 - βᵗ applies: those states are bit-identical to plain Adam's.
+the keys are absent and the global 1 - βᵗ applies: those states are bit-identical to plain Adam's. At 8 bits both
+kinds of state take one compiled kernel (decode, Adam, encode): with masses, the global step's scalars 1/sqrt(1-β2ᵗ),
+1/((1-β1ᵗ)·bound) and 1/(1-β1ᵗ) become per-element scales (mass_scales), the op sequence is the same.
 """
 from __future__ import annotations
 
