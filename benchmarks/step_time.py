@@ -208,6 +208,17 @@ def chunk_sweep(args, chunk_sizes: list[int], rounds: int) -> list[dict]:
              "update_s": statistics.median(times[size][1])} for size in chunk_sizes]
 
 
+def _chunk_sizes(text: str) -> list[int]:
+    """argparse type of --update-chunks: positive element counts, comma-separated."""
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas (elements), got {text!r}")
+    return sizes
+
+
 def _mib(nbytes) -> str:
     return "-" if nbytes is None else f"{nbytes / 2**20:.1f}"
 
@@ -233,7 +244,7 @@ def main(argv=None) -> int:
     parser.add_argument("--call-overhead", action="store_true",
                         help="for the lowmem presets, also report the compiled kernels' calls per step and the host "
                              "time each call spends outside its compiled graph (two extra, instrumented steps)")
-    parser.add_argument("--update-chunks", default=None,
+    parser.add_argument("--update-chunks", type=_chunk_sizes, default=None,
                         help="comma-separated update-chunk sizes (elements) to time lowmem's step with, interleaved "
                              "(replaces the method comparison)")
     args = parser.parse_args(argv)
@@ -242,8 +253,7 @@ def main(argv=None) -> int:
     print(f"model: LLaMA-shaped hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; batch {args.batch} x "
           f"seq {args.seq_len}; rank {args.rank}{'; every model under torch.compile' if args.compile_model else ''}")
     if args.update_chunks:
-        sizes = [int(v) for v in args.update_chunks.split(",")]
-        rows = chunk_sweep(args, sizes, rounds=args.steps)
+        rows = chunk_sweep(args, args.update_chunks, rounds=args.steps)
         base = next((r for r in rows if r["default"]), rows[0])
         print(f"\nlowmem, {args.steps} interleaved rounds (the default chunk is marked *):")
         print("| update chunk, elements | fp32 MiB | median step s | ratio | median weight updates s | ratio |")

@@ -77,3 +77,12 @@ def test_update_chunks_times_each_size_and_restores_the_default(capsys):
     assert [r[1].strip() for r in rows] == ["64", f"{default} *"]
     assert float(rows[1][4]) == 1.0 and float(rows[1][6]) == 1.0
     assert all(0 < float(r[5]) < float(r[3]) for r in rows)   # the updates are part of the step
+
+
+def test_update_chunks_rejects_a_bad_list(capsys):
+    import pytest
+    for bad in ("abc", "1024,0", ""):
+        with pytest.raises(SystemExit) as exit_info:
+            step_time.main(["--update-chunks", bad])
+        assert exit_info.value.code == 2
+        assert "positive integers separated by commas" in capsys.readouterr().err
