@@ -213,6 +213,13 @@ def _lowrank_adam8_twin(g: Tensor, m_codes: Tensor, m_absmax: Tensor, v_codes: T
     return direction, v, m_codes_new, m_absmax_new, v_codes_new, v_absmax_new
 
 
+def _advance_masses_(state: dict[str, Tensor], beta1: float, beta2: float) -> None:
+    """Per-coordinate masses since the last reset/rotation, advanced in place like the moments they describe:
+    b <- βb + (1 - β)."""
+    state["bias1"].mul_(beta1).add_(1.0 - beta1)
+    state["bias2"].mul_(beta2).add_(1.0 - beta2)
+
+
 def _adam8_direction_(state: dict[str, Tensor], grad: Tensor, *, step: int, beta1: float, beta2: float, eps: float,
                       block_size: int, coord_dim: int) -> tuple[Tensor, Tensor]:
     """adam_direction_ at 8 bits: one compiled kernel (decode, Adam, encode) where kernels are in use, else its
@@ -224,9 +231,7 @@ def _adam8_direction_(state: dict[str, Tensor], grad: Tensor, *, step: int, beta
              state["exp_avg_sq_codes"].reshape(-1), state["exp_avg_sq_absmax"])
     static = dict(block_size=block_size, tail=grad.numel() % block_size != 0)
     if "bias1" in state:
-        # Per-coordinate masses since the last reset/rotation: advance them like the moments they describe.
-        state["bias1"].mul_(beta1).add_(1.0 - beta1)
-        state["bias2"].mul_(beta2).add_(1.0 - beta2)
+        _advance_masses_(state, beta1, beta2)
         coord_scales = mass_scales(state["bias1"], state["bias2"], bound=adam_direction_bound(step, beta1, beta2),
                                    coord_dim=coord_dim)
         element_scales = coord_scales.expand(3, *shape).reshape(3, -1)   # a copy: 12 bytes per element
@@ -283,9 +288,7 @@ def adam_direction_(state: dict[str, Tensor], grad_lowrank: Tensor, *, step: int
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     if "bias1" in state:
-        # Per-coordinate masses since the last reset/rotation: advance them like the moments they describe.
-        state["bias1"].mul_(beta1).add_(1.0 - beta1)
-        state["bias2"].mul_(beta2).add_(1.0 - beta2)
+        _advance_masses_(state, beta1, beta2)
         bias1 = _coordinate_view(state["bias1"], exp_avg.dim(), coord_dim)
         bias2 = _coordinate_view(state["bias2"], exp_avg.dim(), coord_dim)
         denom = (exp_avg_sq.sqrt() / bias2.sqrt()).add_(eps)

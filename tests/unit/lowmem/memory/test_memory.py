@@ -98,15 +98,18 @@ def test_fused_loss_prediction_within_5_percent_at_llama3_vocab_ratio(method, ti
 
 
 def _reset_bias_masses(runtime):
-    """What a `reset` refresh leaves (lowmem.optim.moments.transfer_moments_): per-coordinate bias masses at 0 on
-    every low-rank state, so the measured step runs the bias-mass Adam step (its per-element scales included)."""
+    """A `reset` transfer (lowmem.optim.moments.transfer_moments_) on every low-rank state: moments zeroed and
+    per-coordinate bias masses at 0, so the measured step runs the bias-mass Adam step (its per-element scales
+    included). `reset` reads only the new projector's rank from the bases (the identity of that rank here)."""
+    from lowmem.optim.moments import transfer_moments_
     reset = 0
     for state in runtime.states.values():
         if "proj_data" in state:
-            rank = min(state["exp_avg_codes"].shape)   # the rank is below every dimension in these configs
-            state["bias1"], state["bias2"] = torch.zeros(rank), torch.zeros(rank)
+            basis = torch.eye(min(state["exp_avg_codes"].shape))   # the rank is below every dimension here
+            transfer_moments_(state, basis, basis, side="right", mode="reset", bits=8, steps_done=1,
+                              betas=(0.9, 0.999))
             reset += 1
-    assert reset > 0
+    assert reset > 0 and all("bias1" in s for s in runtime.states.values() if "proj_data" in s)
 
 
 @pytest.mark.parametrize("config, seq, fused_loss", [(tiny_config(), 64, False), (llama3_ratio_config(), 128, True)])
