@@ -2,6 +2,12 @@
 
     python -m benchmarks.gpu_suite                         # on one CUDA GPU, ~1B LLaMA; aims at < 8 minutes
     python -m benchmarks.gpu_suite --device cpu --quick    # the same code end to end on CPU, tiny model (CI)
+    python -m benchmarks.gpu_suite --out "$OUT" --budget-s 420   # a time-limited borrowed GPU: see below
+
+Lent GPU time is short and a killed command returns only the files it already wrote, so the report is rewritten
+after every stage (marked incomplete, listing what has not run yet), the stages run cheapest-first after the tests
+(kernels, then the ~1B model, then the SmolLM2 shape), and `--budget-s` (default 480 s, the 8 minutes above)
+stops starting new measurements once spent: the ones not started are reported as skipped, not silently dropped.
 
 Sections of the report (`benchmarks/results/gpu-<device>.md`, or under --out):
 1. `pytest -m gpu` (the suite's GPU tests; with --quick only tests/unit/hooks/test_no_sync.py, whose gpu variant
@@ -233,15 +239,21 @@ def _mib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f}"
 
 
-def render(device: torch.device, args, tests: dict | None, runs: list[tuple[Workload, list[dict]]],
-           kernels: list[dict], wall_s: float) -> str:
+def render(device: torch.device, args, tests: dict | str | None, runs: list[tuple[Workload, list[dict]]],
+           kernels: list[dict] | str | None, wall_s: float, pending: list[str] = ()) -> str:
+    """The report as Markdown. tests/kernels None: not run yet (listed in `pending`, the stages still to come,
+    which makes the report say it is incomplete); a string: why the stage did not run."""
     lines = [f"# GPU suite: {device_tag(device)}", "",
              f"Machine: {machine_line(device)}", "",
              f"Command: `python -m benchmarks.gpu_suite {' '.join(args.argv)}` (wall time {wall_s:.0f} s)."]
     if device.type != "cuda":
         lines += ["", "**CPU run: a smoke test of this script, not GPU figures.**"]
+    if pending:
+        lines += ["", f"**Incomplete: still to run when this was written: {', '.join(pending)}.**"]
     lines += ["", "## 1. GPU tests", ""]
-    if isinstance(tests, str):
+    if tests is None:
+        lines.append("pending")
+    elif isinstance(tests, str):
         lines.append(tests)
     else:
         lines.append(f"`{tests['command']}`: {tests['summary']} ({tests['seconds']:.0f} s)")
@@ -267,7 +279,9 @@ def render(device: torch.device, args, tests: dict | None, runs: list[tuple[Work
               f"{args.kernel_rows} x {args.kernel_cols} fp32-equivalent matrix; fraction = the kernel's bytes per "
               "second over clone()'s.", "",
               "| kernel | median s | GB/s | fraction of copy bandwidth |", "| --- | --- | --- | --- |"]
-    for k in kernels:
+    if kernels is None or isinstance(kernels, str):
+        lines.append(f"| {kernels or 'pending'} | | | |")
+    for k in kernels if isinstance(kernels, list) else ():
         lines.append(f"| {k['kernel']} | {k['seconds']:.3g} | {k['gb_per_s']:.3g} | {k['fraction_of_copy']:.3g} |")
     return "\n".join(lines) + "\n"
 
@@ -281,7 +295,12 @@ def parse_args(argv):
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
     parser.add_argument("--tests-timeout", type=float, default=240.0, help="seconds allowed for pytest -m gpu")
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="no new measurement starts after this many seconds (default 480); the rest are "
+                             "reported as skipped")
     args = parser.parse_args(argv)
+    if args.budget_s <= 0 or args.tests_timeout <= 0:
+        parser.error("--budget-s and --tests-timeout must be positive numbers of seconds")
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     args.steps = args.steps or (2 if args.quick else 5)
     args.kernel_rows, args.kernel_cols = (256, 512) if args.quick else (8192, 8192)
@@ -296,30 +315,49 @@ def main(argv=None) -> int:
         return 2
     start = time.perf_counter()
     print(f"machine: {machine_line(device)}", flush=True)
+    methods = [m for m in args.methods.split(",") if m]
+    plan = workloads(args.quick)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"gpu-{device_tag(device)}.md"
+    tests, kernels = None, None
+    runs: list[tuple[Workload, list[dict]]] = [(work, []) for work in plan]
+
+    def pending() -> list[str]:
+        left = ([] if tests is not None else ["GPU tests"]) + ([] if kernels is not None else ["kernel bandwidth"])
+        return left + [f"{work.name} {m}" for work, results in runs for m in methods[len(results):]]
+
+    def write() -> str:
+        # after every stage: a command killed at the device's time limit still leaves what it measured
+        report = render(device, args, tests, runs, kernels, time.perf_counter() - start, pending())
+        path.write_text(report, encoding="utf-8")
+        return report
+
+    def over_budget() -> bool:
+        return time.perf_counter() - start > args.budget_s
+
+    write()
     if args.skip_tests:
         tests = "not run (--skip-tests)"
     elif device.type != "cuda":
         tests = "not run: no CUDA device (every test marked gpu would skip)"
     else:
-        paths = ["tests/unit/hooks/test_no_sync.py"] if args.quick else ["tests"]
-        tests = run_gpu_tests(paths, args.tests_timeout)
+        test_paths = ["tests/unit/hooks/test_no_sync.py"] if args.quick else ["tests"]
+        tests = run_gpu_tests(test_paths, min(args.tests_timeout, args.budget_s))
         print(f"pytest -m gpu: {tests['summary']}", flush=True)
-    methods = [m for m in args.methods.split(",") if m]
-    runs = []
-    for work in workloads(args.quick):
-        results = []
+    write()
+    skipped = f"skipped: the {args.budget_s:.0f} s budget was spent"
+    kernels = (skipped if over_budget() else
+               kernel_bandwidth(device, args.kernel_rows, args.kernel_cols, repeats=3 if args.quick else 10))
+    write()
+    for work, results in runs:
         for method in methods:
-            result = measure_method(method, work, device, args.steps)
+            result = ({"method": method, "status": skipped} if over_budget()
+                      else measure_method(method, work, device, args.steps))
             print(f"{work.name} {method}: {result['status']}" + (f", {result['step_s']:.3f} s/step"
                                                                  if result["status"] == "ok" else ""), flush=True)
             results.append(result)
-        runs.append((work, results))
-    kernels = kernel_bandwidth(device, args.kernel_rows, args.kernel_cols, repeats=3 if args.quick else 10)
-    report = render(device, args, tests, runs, kernels, time.perf_counter() - start)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"gpu-{device_tag(device)}.md"
-    path.write_text(report, encoding="utf-8")
-    print(report)
+            write()
+    print(write())
     print(f"written: {path}")
     return 0
 

@@ -27,3 +27,45 @@ def test_gpu_suite_quick_cpu_end_to_end(tmp_path):
 def test_gpu_suite_refuses_cuda_without_a_device(capsys):
     assert gpu_suite.main(["--device", "cuda", "--quick", "--out", "/nonexistent"]) == 2
     assert "--device cpu --quick" in capsys.readouterr().err
+
+
+def test_gpu_suite_budget_skips_what_it_cannot_start(tmp_path):
+    # A spent budget starts no measurement: every one is reported as skipped, and the report is complete.
+    assert gpu_suite.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--budget-s", "1e-9"]) == 0
+    report = (tmp_path / "gpu-cpu.md").read_text(encoding="utf-8")
+    assert "Incomplete" not in report
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    for name in (*gpu_suite.METHODS, "skipped: the 0 s budget was spent"):
+        assert name in rows
+    for method in gpu_suite.METHODS:
+        assert "skipped: the 0 s budget was spent" in rows[method]
+
+
+def test_gpu_suite_report_survives_a_killed_run(tmp_path, monkeypatch):
+    # The device's time limit kills the command: what was measured before must already be on disk.
+    real = gpu_suite.measure_method
+    calls = []
+
+    def measure_then_die(method, work, device, steps):
+        calls.append(method)
+        if len(calls) == 2:
+            raise KeyboardInterrupt   # what a kill mid-measurement looks like from inside
+        return real(method, work, device, steps)
+
+    monkeypatch.setattr(gpu_suite, "measure_method", measure_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_suite.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--methods", "adamw_bf16,lowmem"])
+    report = (tmp_path / "gpu-cpu.md").read_text(encoding="utf-8")
+    assert "**Incomplete: still to run when this was written:" in report
+    assert "tiny LLaMA (hidden 64, 2 layers) lowmem" in report.split("**Incomplete")[1].splitlines()[0]
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    assert float(rows["adamw_bf16"].split("|")[2]) > 0          # the finished method's step time is kept
+    assert "lowmem" not in rows
+    assert float(rows["sr_update_int8_ (SR write)"].split("|")[2]) > 0
+
+
+@pytest.mark.parametrize("flag", ["--budget-s", "--tests-timeout"])
+def test_gpu_suite_rejects_a_non_positive_time(flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        gpu_suite.main(["--device", "cpu", "--quick", flag, "0"])
+    assert exc.value.code == 2 and flag in capsys.readouterr().err
