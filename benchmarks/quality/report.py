@@ -30,9 +30,9 @@ def table(bands: list[Band]) -> str:
 
 
 def plot(runs: dict[str, dict[int, MethodResult]], path: Path, title: str) -> None:
-    """Eval loss against optimizer steps: the mean over seeds as a line, the min-max over seeds shaded; the left panel
-    the whole run, the right one its second half with the y-axis from the lowest final loss to 12% above the median
-    method's (where the ablations differ by a percent or two). Ablations (lowmem-*) are dashed; 20 colours before one repeats."""
+    """Eval loss against optimizer steps: the mean over seeds as a line, the min-max over seeds shaded. Left: the
+    whole run; right: its second half, the y-axis from the lowest final loss to 12% above the median method's final
+    (where the ablations differ by a percent or two). Ablations (lowmem-*) dashed; 20 colours before one repeats."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
