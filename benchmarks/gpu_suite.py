@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,7 +244,7 @@ def _mib(n: int | None) -> str:
 
 
 def render(device: torch.device, args, tests: dict | str | None, runs: list[tuple[Workload, list[dict]]],
-           kernels: list[dict] | str | None, wall_s: float, pending: list[str] = ()) -> str:
+           kernels: list[dict] | str | None, wall_s: float, pending: Sequence[str] = ()) -> str:
     """The report as Markdown. tests/kernels None: not run yet (listed in `pending`, the stages still to come,
     which makes the report say it is incomplete); a string: why the stage did not run."""
     lines = [f"# GPU suite: {device_tag(device)}", "",

@@ -1,4 +1,6 @@
 """benchmarks.step_time end to end on a tiny model: every row is printed, the bf16 lowmem row runs on a bf16 model."""
+import pytest
+
 from benchmarks import step_time
 
 
@@ -80,7 +82,6 @@ def test_update_chunks_times_each_size_and_restores_the_default(capsys):
 
 
 def test_update_chunks_rejects_a_bad_list(capsys):
-    import pytest
     for bad in ("abc", "1024,0", ""):
         with pytest.raises(SystemExit) as exit_info:
             step_time.main(["--update-chunks", bad])
