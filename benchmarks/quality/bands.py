@@ -122,7 +122,10 @@ def ablation_costs(lowmem: Band, ablations: list[Band]) -> list[str]:
         if not band.n or not lowmem.n:
             continue
         delta = (band.mean() - lowmem.mean()) / lowmem.mean() * 100
-        where = "inside lowmem's seed band" if lowmem.contains(band.mean()) else "outside lowmem's seed band"
+        if lowmem.n < 2:   # a one-seed "band" is a point: inside/outside it would say nothing about noise
+            where = "lowmem has one seed: no band"
+        else:
+            where = "inside lowmem's seed band" if lowmem.contains(band.mean()) else "outside lowmem's seed band"
         lines.append(f"{band.method}: {band.mean():.4f} ({delta:+.2f}% vs lowmem, {where})")
     return lines
 

@@ -13,7 +13,7 @@ from torch import nn
 from benchmarks.compare.api import Workload
 from benchmarks.compare.runner import MethodResult
 from benchmarks.quality import __main__ as quality_main
-from benchmarks.quality.bands import Band, band_of, no_worse, reading, within_percent
+from benchmarks.quality.bands import Band, ablation_costs, band_of, no_worse, reading, within_percent
 from benchmarks.quality.ledger import load_run, run_path, save_run
 
 
@@ -38,6 +38,17 @@ def test_band_statistics_over_seeds():
     assert band.mean() == pytest.approx(2.7) and band.low() == 2.6 and band.high() == 2.8
     assert band.tokens_per_second == [200.0, 200.0]   # 100 tokens per 0.5 s step
     assert band.contains(2.75) and not band.contains(2.85)
+
+
+def test_ablation_lines_compare_with_lowmem_band_and_name_a_one_seed_reference():
+    lowmem = Band("lowmem", [0, 1, 2], [3.00, 3.02, 3.04], [], [], [], [])     # mean 3.02, band 3.00-3.04
+    inside, outside = Band("a", [0], [3.03], [], [], [], []), Band("b", [0], [3.1708], [], [], [], [])
+    assert ablation_costs(lowmem, [inside, outside, Band.empty("c")]) == [
+        "a: 3.0300 (+0.33% vs lowmem, inside lowmem's seed band)",
+        "b: 3.1708 (+4.99% vs lowmem, outside lowmem's seed band)"]
+    # one lowmem seed is a point, not a noise band: the line says so instead of "outside"
+    assert ablation_costs(Band("lowmem", [0], [3.00], [], [], [], []), [outside]) == [
+        "b: 3.1708 (+5.69% vs lowmem, lowmem has one seed: no band)"]
 
 
 def test_claims_are_one_sided_and_use_the_seed_band():
