@@ -34,6 +34,11 @@ class Band:
     def n(self) -> int:
         return len(self.final)
 
+    @property
+    def has_spread(self) -> bool:
+        """Two or more seeds: min-max is a noise band (one seed's "band" is a single point)."""
+        return self.n >= 2
+
     @staticmethod
     def _stat(values: list[float], fn) -> float | None:
         return fn(values) if values else None
@@ -83,7 +88,7 @@ class Claim:
 
 def _single_seed_note(a: Band, b: Band) -> str:
     """What a claim from fewer than two seeds on either side is worth: one observation, no noise band."""
-    few = [band.method for band in (a, b) if band.n < 2]
+    few = [band.method for band in (a, b) if not band.has_spread]
     return f"; one seed of {' and '.join(few)}: a single observation, no noise band" if few else ""
 
 
@@ -122,7 +127,7 @@ def ablation_costs(lowmem: Band, ablations: list[Band]) -> list[str]:
         if not band.n or not lowmem.n:
             continue
         delta = (band.mean() - lowmem.mean()) / lowmem.mean() * 100
-        if lowmem.n < 2:   # a one-seed "band" is a point: inside/outside it would say nothing about noise
+        if not lowmem.has_spread:   # inside/outside a single point would say nothing about noise
             where = "lowmem has one seed: no band"
         else:
             where = "inside lowmem's seed band" if lowmem.contains(band.mean()) else "outside lowmem's seed band"
