@@ -209,8 +209,8 @@ class LowMemConfig:
                         "(plain Adam on the full gradient); int >= 1. At 135M scale (hidden 576) the fine-tune study "
                         "measured rank 32 at 0.0746 over three seeds, inside fp32 AdamW's seed band (0.0729-0.0858), "
                         "and rank 64 at 0.0731 (one seed) (benchmarks/results/quality). The norm of a projected Adam "
-                        "step grows about with sqrt(rank): lower lr when raising rank (2000-step pre-train, 19M LLaMA: rank "
-                        "128 at lr 0.01 ended 9.8% above rank 64, at lr 0.005 0.3% above it).", _int(1))
+                        "step grows about with sqrt(rank): lower lr when raising rank (2000-step pre-train, 19M "
+                        "LLaMA: rank 128 at lr 0.01 ended 9.8% above rank 64, at lr 0.005 0.3% above it).", _int(1))
     scale: float = _f(0.25, "GaLore alpha: factor on the back-projected low-rank update (1.0 with full rank equals "
                             "AdamW); number > 0.", _float(0.0, lo_open=True))
     vocab_scale: float = _f(1.0, "GaLore alpha of the vocabulary tables (input embedding, lm_head) when they are "
