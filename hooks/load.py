@@ -36,7 +36,8 @@ def resolve_model_dir(source: str | os.PathLike) -> Path:
         return path
     if path.exists():
         raise LoadError(f"{path} is a file; give a Hugging Face model directory (config.json and weight files)")
-    if "/" in str(source):
+    looks_like_hub_id = isinstance(source, str) and source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    if looks_like_hub_id:
         try:
             from huggingface_hub import snapshot_download
             return Path(snapshot_download(str(source), local_files_only=True))

@@ -518,8 +518,11 @@ def main(argv: list[str] | None = None) -> int:
         from launch.data import DataError
         from launch.models import ModelNotFoundError
         from launch.run_dir import RunDirError
+        from lowmem.checkpoint.hf_files import WeightFileError
         from lowmem.checkpoint.store import CheckpointError
-        if isinstance(err, (DataError, ModelNotFoundError, CheckpointError, RunDirError)):
+        from lowmem.model.loader import LoadError
+        if isinstance(err, (DataError, ModelNotFoundError, CheckpointError, RunDirError, LoadError,
+                            WeightFileError)):
             print(f"error: {err}", file=sys.stderr)
             return EXIT_ERROR
         raise

@@ -254,6 +254,11 @@ def fill_from_files(model: nn.Module, model_dir: str | Path, *, device: torch.de
     """Read the weight files of `model_dir` into the skeleton `model` (build_skeleton), one tensor at a time."""
     files = weight_files(model_dir)
     slots = _slots(model, dtype)
+    adapter = _adapter(model)
+    from lowmem.model.adapters import ModelAdapter
+    if adapter is not None and not hasattr(adapter, "model_tensors_from_hf") and \
+            type(adapter).split_fused is not ModelAdapter.split_fused:
+        raise NeedsConversion(f"the {type(adapter).__name__} re-lays tensors but has no inverse mapping")
     plan = _Plan(model, slots, read_headers(files))
     unexpected = [name for name in plan.unexpected if not _ignored(model, name)]
     if unexpected:
@@ -262,7 +267,7 @@ def fill_from_files(model: nn.Module, model_dir: str | Path, *, device: torch.de
     missing = plan.missing()
     if missing:
         raise LoadError(f"the weight files of {model_dir} lack {len(missing)} tensor(s) the model needs: "
-                        f"{', '.join(missing[:8])} (files read: {', '.join(p.name for p in files[:4])}"
+                        f"{', '.join(missing[:8])} (weight files: {', '.join(p.name for p in files[:4])}"
                         f"{' ...' if len(files) > 4 else ''})")
     for name, tensor, _ in iter_tensors(files):
         for mapped_name, mapped in _model_names(model, plan.adapter, name, tensor):
