@@ -135,6 +135,14 @@ class ActivationOffloader:
         self._waiting: dict[int, list[weakref.ref]] = {}          # layer -> its inputs not unpacked yet
         self.host_buffers_allocated = 0
 
+    def release_host_buffers(self) -> int:
+        """Free the pooled host buffers not in use (a run whose shapes changed keeps one set per shape); returns
+        how many were freed."""
+        freed = sum(len(pool) for pool in self._pools.values())
+        for pool in self._pools.values():
+            pool.clear()
+        return freed
+
     def transfers_for(self, device: torch.device) -> Transfers:
         if self._transfers is not None:
             return self._transfers

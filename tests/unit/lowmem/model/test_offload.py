@@ -82,6 +82,7 @@ def test_layer_inputs_leave_the_device_between_forward_and_backward():
             assert host_after_forward == LAYERS * one_input
             assert meter.host_peak_bytes == meter.host_live_bytes == LAYERS * one_input
             assert offloader.host_buffers_allocated == LAYERS
+            assert offloader.release_host_buffers() == LAYERS
     assert live_after_forward["checkpoint"] - live_after_forward["offload"] == (LAYERS - 1) * one_input
 
 
