@@ -375,6 +375,7 @@ class Int8Linear(nn.Module):
         super().__setstate__(state)
         self._sink_key = _register(self)
         self._sink_key_tensor = key_tensor(self._sink_key)
+        self.codes_for_backward = None      # never carried over (and absent from older pickles)
 
     def extra_repr(self) -> str:
         return (
