@@ -25,8 +25,9 @@ compute kernels):
   and out of a host buffer runs on the one side stream, in issue order. A buffer returns to the pool when autograd
   drops the saved input (after that layer's backward), so a retained graph can unpack it again.
 The compute stream waits only where it must: before a kept input is released (once per layer) and before a copy
-brought back is used (once per layer). At most two layer inputs are on the device at a time (the one being
-computed with and one being copied), plus one during the loss and the head (the last layer's).
+brought back is used (once per layer). At most two layer inputs are on the device at a time: in the forward the
+current layer's input and the output it becomes, in the backward the recomputed layer's input and the prefetched
+one before it; during the loss and the head only the last layer's.
 
 On a device without streams (the CPU, where the host is the device: launch leaves offload off there, the tests use
 it with the live-tensor counter, whose `host_memory` split counts the host copies) the same schedule runs with plain
