@@ -208,3 +208,41 @@ def test_load_pretrained_refuses_what_is_not_a_model_directory(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(LoadError, match="no config.json"):
         load_pretrained(tmp_path / "plain")
+
+
+class PairComm:
+    """Rank `rank` of a pretend pair: enough of lowmem.distributed.Comm for prepare() to assign owners and partition
+    (no collective runs while loading)."""
+
+    world_size, bytes_total = 2, 0
+
+    def __init__(self, rank):
+        self.rank = rank
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_zero3_rank_reads_and_quantises_only_the_weights_it_owns(untied_dir, monkeypatch, rank):
+    """Each rank of a ZeRO-3 pair quantises exactly the INT8 weights it owns (the same owners prepare() picks on the
+    whole model), with the codes the whole model has; the others hold nothing; nothing else differs."""
+    import lowmem.model.loader as loader
+    from lowmem.distributed import DataParallel
+
+    cfg = LowMemConfig(rank=8, weight_block_size=32)
+    whole = reference(untied_dir, cfg, torch.bfloat16)[0].state_dict()           # one process: every weight
+    ref_model = AutoModelForCausalLM.from_pretrained(untied_dir, dtype=torch.bfloat16)
+    ref_runtime = prepare(ref_model, cfg, data_parallel=DataParallel(PairComm(rank), 3))   # today's ZeRO-3 rank
+    quantised = []
+    real = loader._quantise_into
+    monkeypatch.setattr(loader, "_quantise_into", lambda module, *a, **k: quantised.append(module) or
+                        real(module, *a, **k))
+    model, runtime = load_pretrained(untied_dir, cfg, device="cpu", dtype=torch.bfloat16,
+                                     data_parallel=DataParallel(PairComm(rank), 3))
+    assert runtime.dp.owners == ref_runtime.dp.owners
+    owned = [item for item in runtime.trainables if item.kind == "lowrank_int8" and runtime.partition.owns(item.module)]
+    assert 0 < len(owned) < len([i for i in runtime.trainables if i.kind == "lowrank_int8"])
+    assert sorted(map(id, quantised)) == sorted(id(item.module) for item in owned)
+    assert_same_state(ref_model.state_dict(), model.state_dict())   # owned codes equal, the rest empty alike
+    for item in owned:
+        name = item.name[: -len(".weight")]
+        assert torch.equal(item.module.weight_q, whole[f"{name}.weight_q"])
+        assert item.tensor is item.module.weight_q and item.tensor.is_contiguous()
