@@ -69,9 +69,11 @@ class GGUFTensor:
     chunks: Callable[[], Iterator[np.ndarray]]
 
 
-def gguf_architecture(model: nn.Module) -> MODEL_ARCH:
-    """The GGUF architecture of model.config.model_type; ValueError naming the supported types otherwise."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def gguf_architecture(model) -> MODEL_ARCH:
+    """The GGUF architecture of a model (its .config) or a config's model_type; ValueError naming the supported
+    types otherwise."""
+    config = getattr(model, "config", model)
+    model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
         raise ValueError(f"GGUF export does not support model_type {model_type!r}; supported: "
                          f"{', '.join(ARCHITECTURES)} (export a Hugging Face directory instead)")
