@@ -15,7 +15,7 @@ Q8_0 of an INT8 weight comes from its codes and scales (quant.q8_0.q8_0_from_int
 when the block size is a multiple of 32, the default 256 is; only the scales are rounded to fp16). BF16 / F16 of an
 INT8 weight are q * s formed in fp32 and rounded once, as the HF export does. F16 refuses values beyond 65504.
 
-Memory: tensors are written one at a time, each in row chunks of about 4 Mi elements (dequantised, requantised or
+Memory: tensors are written one at a time, each in row chunks of about 1 Mi elements (dequantised, requantised or
 cast, then written): beyond the model, one chunk's buffers live at a time. A float parameter is read in place.
 
 Atomicity: the file is written into a temporary directory beside it, fsync'ed, and renamed onto the target path
@@ -49,7 +49,7 @@ GGUF_FILE_NAME = "model.gguf"
 ARCHITECTURES = {"llama": MODEL_ARCH.LLAMA, "mistral": MODEL_ARCH.LLAMA, "qwen2": MODEL_ARCH.QWEN2,
                  "qwen3": MODEL_ARCH.QWEN3}
 _PERMUTES_QK = {MODEL_ARCH.LLAMA}
-_CHUNK_ELEMS = 1 << 22
+_CHUNK_ELEMS = 1 << 20   # rows per chunk: ~4 MiB per fp32 buffer; Q8_0 holds ~7 such at once
 _FILE_TYPES = {"q8_0": LlamaFileType.MOSTLY_Q8_0, "bf16": LlamaFileType.MOSTLY_BF16, "f16": LlamaFileType.MOSTLY_F16}
 _MATRIX_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "bf16": GGMLQuantizationType.BF16,
                  "f16": GGMLQuantizationType.F16}
@@ -220,7 +220,7 @@ def _add_model_metadata(writer: GGUFWriter, model: nn.Module, arch: MODEL_ARCH, 
     config = model.config
     heads, kv_heads, head_dim = _head_counts(config)
     source = str(getattr(config, "_name_or_path", "") or "").rstrip("/")
-    writer.add_name(Path(source).name or config.model_type)
+    writer.add_name(Path(source).name or f"{config.model_type}-lowmem")
     writer.add_type("model")
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
@@ -229,9 +229,8 @@ def _add_model_metadata(writer: GGUFWriter, model: nn.Module, arch: MODEL_ARCH, 
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    if head_dim * heads != int(config.hidden_size):
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    writer.add_key_length(head_dim)      # as llama.cpp's converter: Qwen3's head_dim is not hidden / heads
+    writer.add_value_length(head_dim)
     if arch == MODEL_ARCH.LLAMA:
         writer.add_vocab_size(int(config.vocab_size))
         writer.add_rope_dimension_count(head_dim)
