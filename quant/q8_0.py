@@ -57,10 +57,12 @@ def _pack(d: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
-    """ggml's roundf as gguf-py writes it (floor(|x|) + floor(2 * frac)), with x's sign; exact in fp32."""
-    a = x.abs()
-    floored = a.floor()
-    return (floored + (2 * (a - floored)).floor()).copysign(x)
+    """ggml's roundf as gguf-py writes it (floor(|x|) + floor(2 * frac)), with x's sign; exact in fp32.
+    In place on two temporaries of x's size (the chunk's peak memory)."""
+    frac = x.abs()
+    out = frac.floor()
+    frac.sub_(out).mul_(2).floor_()
+    return out.add_(frac).copysign_(x)
 
 
 def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +82,9 @@ def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
     if rows and n and d.max() > _FP16_MAX:
         raise ValueError(f"a Q8_0 block scale {float(d.max()):.6g} exceeds float16's largest value {_FP16_MAX}")
     inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    codes = _round_half_away(blocks * inv[..., None]).to(torch.int8)
+    scaled = blocks * inv[..., None]
+    codes = _round_half_away(scaled).to(torch.int8)
+    del scaled
     return _pack(d.to(torch.float16), codes)
 
 

@@ -228,7 +228,7 @@ def test_sentencepiece_tokenizer_round_trips(tmp_path):
 # ---- streaming, atomicity, errors ----
 
 def test_export_holds_one_chunk_beyond_the_model(tmp_path, monkeypatch):
-    """Under the live-tensor meter with 1024-element chunks: the peak stays within a few fp32 chunk buffers,
+    """Under the live-tensor meter with 1024-element chunks: the peak stays within six fp32 chunk buffers (measured: under five),
     well below one float copy of the largest matrix (the 300 x 64 embedding)."""
     chunk_elems = 1024
     monkeypatch.setattr(gguf_export, "_CHUNK_ELEMS", chunk_elems)
@@ -236,7 +236,7 @@ def test_export_holds_one_chunk_beyond_the_model(tmp_path, monkeypatch):
     for gguf_type in ("q8_0", "bf16"):
         with LiveTensorBytes() as meter:
             export_gguf(model, tmp_path / f"{gguf_type}.gguf", gguf_type=gguf_type)
-        assert 0 < meter.peak_bytes <= 8 * 4 * chunk_elems, gguf_type
+        assert 0 < meter.peak_bytes <= 6 * 4 * chunk_elems, gguf_type
         assert meter.peak_bytes < 4 * VOCAB * HIDDEN
 
 
