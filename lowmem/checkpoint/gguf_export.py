@@ -202,21 +202,50 @@ def _float_partial(load, order, ggml_type, name):
     return lambda: _float_chunks(load, order, ggml_type, name)
 
 
-def _rope_metadata(writer: GGUFWriter, config, arch: MODEL_ARCH) -> None:
-    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
-    if theta is not None:
-        writer.add_rope_freq_base(float(theta))
+def _rope(config) -> dict:
+    return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+
+
+def _rope_theta(config) -> float:
+    return float(_rope(config).get("rope_theta", getattr(config, "rope_theta", None) or 10000.0))
+
+
+def llama3_rope_factors(config) -> Tensor:
+    """fp32 (head_dim / 2,): per rotary frequency, by how much Llama 3.1's rope scaling divides it (1 for short
+    wavelengths, `factor` for long ones, a smooth blend between): llama.cpp's `rope_freqs.weight`."""
+    rope = _rope(config)
+    _, _, head_dim = _head_counts(config)
+    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    context = float(rope["original_max_position_embeddings"])
+    inv_freq = 1.0 / _rope_theta(config) ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (context / wavelength - low) / (high - low)
+    factors = 1 / ((1 - smooth) / factor + smooth)
+    factors = torch.where(wavelength < context / high, torch.ones_like(factors), factors)
+    return torch.where(wavelength > context / low, torch.full_like(factors, factor), factors)
+
+
+def _rope_metadata(writer: GGUFWriter, config, arch: MODEL_ARCH) -> list[GGUFTensor]:
+    """Rotary metadata; returns the extra tensors it needs (Llama 3.1's rope_freqs)."""
+    rope = _rope(config)
+    writer.add_rope_freq_base(_rope_theta(config))
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "linear":
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif kind == "llama3" and arch == MODEL_ARCH.LLAMA:
+        factors = llama3_rope_factors(config)
+        return [GGUFTensor("rope_freqs.weight", tuple(factors.shape), GGMLQuantizationType.F32, factors.numel() * 4,
+                           lambda: iter([factors.numpy()]))]
     elif kind != "default":
-        raise ValueError(f"GGUF export writes rotary embeddings of rope_type 'default' or 'linear', not {kind!r} "
-                         f"(config.rope_parameters of this {config.model_type} model)")
+        raise ValueError(f"GGUF export writes rotary embeddings of rope_type 'default', 'linear' or (llama) "
+                         f"'llama3', not {kind!r} (config.rope_parameters of this {config.model_type} model)")
+    return []
 
 
-def _add_model_metadata(writer: GGUFWriter, model: nn.Module, arch: MODEL_ARCH, gguf_type: str) -> None:
+def _add_model_metadata(writer: GGUFWriter, model: nn.Module, arch: MODEL_ARCH,
+                        gguf_type: str) -> list[GGUFTensor]:
+    """Architecture metadata; returns the extra tensors it calls for (rope_freqs)."""
     config = model.config
     heads, kv_heads, head_dim = _head_counts(config)
     source = str(getattr(config, "_name_or_path", "") or "").rstrip("/")
@@ -234,9 +263,10 @@ def _add_model_metadata(writer: GGUFWriter, model: nn.Module, arch: MODEL_ARCH, 
     if arch == MODEL_ARCH.LLAMA:
         writer.add_vocab_size(int(config.vocab_size))
         writer.add_rope_dimension_count(head_dim)
-    _rope_metadata(writer, config, arch)
+    extra = _rope_metadata(writer, config, arch)
     writer.add_file_type(_FILE_TYPES[gguf_type])
     writer.add_quantization_version(GGML_QUANT_VERSION)
+    return extra
 
 
 def gguf_path(out: str | os.PathLike) -> Path:
@@ -282,7 +312,7 @@ def export_gguf(model: nn.Module, out: str | os.PathLike, *, tokenizer=None, ggu
     path = gguf_path(out)
     tensors = plan_gguf_tensors(model, gguf_type)
     writer = GGUFWriter(None, MODEL_ARCH_NAMES[arch])
-    _add_model_metadata(writer, model, arch, gguf_type)
+    tensors += _add_model_metadata(writer, model, arch, gguf_type)
     if tokenizer is not None:
         vocab_rows = next(t.shape[0] for t in tensors if t.name == "token_embd.weight")
         add_tokenizer_metadata(writer, tokenizer_metadata(tokenizer, vocab_rows, pre=tokenizer_pre))

@@ -293,6 +293,28 @@ def test_f16_overflow_and_unsupported_rope_are_clear_errors(tmp_path):
         export_gguf(model, tmp_path / "m.gguf", gguf_type="f16")
     model = _model("llama")
     model.config.rope_parameters = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
-    with pytest.raises(ValueError, match="rope_type 'default' or 'linear', not 'yarn'"):
+    with pytest.raises(ValueError, match=r"rope_type 'default', 'linear' or \(llama\) 'llama3', not 'yarn'"):
         export_gguf(model, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_llama3_rope_scaling_writes_rope_freqs_as_transformers_scales_the_frequencies(tmp_path):
+    """llama.cpp divides rotary frequency i by rope_freqs[i]; transformers' own llama3 rope init is the reference:
+    its scaled inverse frequencies times the factors must give back the unscaled ones."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    model = _model("llama")
+    model.config.max_position_embeddings = 16384
+    model.config.rope_parameters = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+                                    "rope_theta": 500000.0}
+    path = export_gguf(model, tmp_path / "model.gguf")
+    reader = gguf.GGUFReader(path)
+    written = torch.from_numpy(np.array(next(t for t in reader.tensors if t.name == "rope_freqs.weight").data))
+    head_dim = HIDDEN // HEADS
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](model.config, "cpu")
+    plain = 1.0 / 500000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    assert written.shape == (head_dim // 2,)
+    torch.testing.assert_close(plain / written, scaled, rtol=1e-6, atol=0)
+    assert written.min() == 1 and written.max() == 8   # both ends of the blend occur at this head size
+    assert _field(reader, "llama.rope.freq_base") == 500000.0
