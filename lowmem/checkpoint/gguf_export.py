@@ -8,6 +8,10 @@ before anything is written. Names: the HF state dict of lowmem.checkpoint.export
 dropped: a tied lm_head is no "output.weight", llama.cpp then reuses token_embd), mapped by gguf.TensorNameMap.
 LLaMA-family q_proj / k_proj rows (weights and biases) are permuted as llama.cpp's converter does (its rotary
 embedding pairs adjacent elements, HF's pairs the two halves of a head); qwen2 / qwen3 keep HF's order.
+Metadata: sizes, head counts, head_dim (key/value length), norm epsilon, rope base; rope scaling 'linear' as
+metadata and Llama 3.1's 'llama3' as the `rope_freqs.weight` tensor; other rope scalings are refused. A sliding
+window (Mistral v0.1) is not written: llama.cpp's llama architecture attends to the whole context, as it does for
+files from its own converter. The tokenizer: lowmem.checkpoint.gguf_vocab.
 
 Types: 1-D tensors (norms, biases) are F32, as llama.cpp wants them. 2-D tensors are Q8_0, BF16 or F16 per
 gguf_type; a Q8_0 tensor whose rows are not a multiple of 32 long is written F16 (as llama.cpp's converter does).

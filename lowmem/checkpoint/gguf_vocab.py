@@ -45,6 +45,7 @@ class TokenizerMetadata:
     add_bos: bool = False
     add_eos: bool = False
     chat_template: str | list[dict[str, str]] | None = None
+    add_space_prefix: bool = True    # SentencePiece only: "▁" before the first word
 
 
 def _backend_json(tokenizer) -> dict:
@@ -76,6 +77,15 @@ def _merges(model: dict) -> list[str]:
     merges = model.get("merges") or []
     # tokenizers >= 0.20 writes pairs as lists; GGUF keeps "a b" with a space inside a part written as U+0120 + 256
     return [m if isinstance(m, str) else " ".join(p.replace(" ", chr(ord(" ") + 256)) for p in m) for m in merges]
+
+
+def _adds_space_prefix(spec: dict) -> bool:
+    """Whether a SentencePiece tokenizer puts "▁" before the text: a Metaspace pre-tokenizer that prepends, or a
+    Prepend("▁") normalizer (older Llama 2 tokenizer.json files)."""
+    text = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")])
+    prepends = '"type": "Prepend", "prepend": "\u2581"' in text
+    metaspace = re.search(r'"type": "Metaspace"[^}]*"prepend_scheme": "(first|always)"', text)
+    return bool(prepends or metaspace)
 
 
 def _adds(tokenizer, token_id: int | None, first: bool) -> bool:
@@ -142,7 +152,8 @@ def tokenizer_metadata(tokenizer, vocab_rows: int, *, pre: str | None = None) ->
     return TokenizerMetadata(model=kind, pre=pre if kind == "gpt2" else None, tokens=tokens, token_types=types,
                              scores=scores if kind == "llama" else None, merges=_merges(model),
                              special_ids=special_ids, add_bos=_adds(tokenizer, special_ids.get("bos"), first=True),
-                             add_eos=_adds(tokenizer, special_ids.get("eos"), first=False), chat_template=template)
+                             add_eos=_adds(tokenizer, special_ids.get("eos"), first=False), chat_template=template,
+                             add_space_prefix=_adds_space_prefix(spec))
 
 
 def add_tokenizer_metadata(writer: GGUFWriter, meta: TokenizerMetadata) -> None:
@@ -161,6 +172,6 @@ def add_tokenizer_metadata(writer: GGUFWriter, meta: TokenizerMetadata) -> None:
     writer.add_add_bos_token(meta.add_bos)
     writer.add_add_eos_token(meta.add_eos)
     if meta.model == "llama":
-        writer.add_add_space_prefix(True)   # SentencePiece's "▁" before the first word
+        writer.add_add_space_prefix(meta.add_space_prefix)
     if meta.chat_template:
         writer.add_chat_template(meta.chat_template)

@@ -11,11 +11,12 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ bos_token }}{{ m['role'] }}: {{ m['c
                  "{% endfor %}")
 
 
-def byte_level_tokenizer():
+def byte_level_tokenizer(pre_tokenizer=None):
+    """pre_tokenizer: a tokenizers pre-tokenizer (default GPT-2's ByteLevel with its regex)."""
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(SENTENCES * 20, trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
