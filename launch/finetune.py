@@ -577,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report:         {result['report']}")
     if result["export"]:
         print(f"exported model: {result['export']}  (AutoModelForCausalLM.from_pretrained loads it)")
+    if result.get("gguf"):
+        print(f"GGUF:           {result['gguf']}  (llama-cli -m; Ollama: FROM {result['gguf']})")
     print(f"checkpoint:     {result['checkpoint']}")
     print("your own model and data: python -m launch.finetune model=/path/to/hf-model data.path=train.jsonl "
           "output_dir=runs/mine   (see launch/configs/ for 7B/8B/13B examples)")
