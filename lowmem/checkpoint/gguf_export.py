@@ -32,6 +32,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -188,22 +189,14 @@ def plan_gguf_tensors(model: nn.Module, gguf_type: str = "q8_0") -> list[GGUFTen
         module = int8.get(hf_name.removesuffix(".weight"))
         if module is not None and hf_name.endswith(".weight") \
                 and entry.shape == (module.out_features, module.in_features):
-            chunks = _int8_partial(module, order, ggml_type, gguf_name)
+            chunks = partial(_int8_chunks, module, order, ggml_type, gguf_name)
         else:
             tensor = own.get(hf_name)
             load = (lambda tensor=tensor: tensor) if tensor is not None and tuple(tensor.shape) == entry.shape \
                 else entry.load
-            chunks = _float_partial(load, order, ggml_type, gguf_name)
+            chunks = partial(_float_chunks, load, order, ggml_type, gguf_name)
         planned.append(GGUFTensor(gguf_name, entry.shape, ggml_type, _nbytes(entry.shape, ggml_type), chunks))
     return planned
-
-
-def _int8_partial(module, order, ggml_type, name):
-    return lambda: _int8_chunks(module, order, ggml_type, name)
-
-
-def _float_partial(load, order, ggml_type, name):
-    return lambda: _float_chunks(load, order, ggml_type, name)
 
 
 def _rope(config) -> dict:
