@@ -318,3 +318,15 @@ def test_llama3_rope_scaling_writes_rope_freqs_as_transformers_scales_the_freque
     torch.testing.assert_close(plain / written, scaled, rtol=1e-6, atol=0)
     assert written.min() == 1 and written.max() == 8   # both ends of the blend occur at this head size
     assert _field(reader, "llama.rope.freq_base") == 500000.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gguf_type", ["q8_0", "bf16"])
+def test_cuda_model_writes_the_same_file(gguf_type, tmp_path):
+    """Codes and scales are copied or dequantised on the GPU chunk by chunk and come back to the CPU: q8_0 reuses
+    the codes and rounds the scales to fp16 (exact on either device), bf16 rounds one fp32 product to nearest even
+    (the same on either device), so the two files are byte for byte equal."""
+    model = _model("qwen2")
+    on_cpu = export_gguf(model, tmp_path / "cpu.gguf", tokenizer=byte_level_tokenizer(), gguf_type=gguf_type)
+    on_gpu = export_gguf(model.cuda(), tmp_path / "gpu.gguf", tokenizer=byte_level_tokenizer(), gguf_type=gguf_type)
+    assert on_gpu.read_bytes() == on_cpu.read_bytes()
