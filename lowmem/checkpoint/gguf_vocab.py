@@ -9,8 +9,9 @@ Two kinds of vocabulary are written, the ones llama.cpp and transformers' GGUF r
   - SentencePiece BPE (Llama 2, Mistral: a `BPE` model with byte fallback and "▁" for spaces): tokenizer.ggml.model
     "llama", scores -id (a SentencePiece BPE vocabulary lists pieces in merge order, and llama.cpp merges the
     highest score first), `<0xNN>` pieces typed BYTE, plus the merges for readers that use them.
-Token types: an added special token is CONTROL (UNKNOWN for the unk token), any other added token USER_DEFINED,
-ids the tokenizer does not use (the embedding has more rows than the vocabulary) "[PADn]" UNUSED.
+Token types (as llama.cpp's converter writes them): an added special token is CONTROL (in a SentencePiece
+vocabulary the unk token is UNKNOWN), any other added token USER_DEFINED, ids the tokenizer does not use (the
+embedding has more rows than the vocabulary) "[PADn]" UNUSED.
 Special ids (bos, eos, unk, pad), whether encoding adds bos / eos (seen by encoding a word), and the chat template
 (a string, or named templates) come from the tokenizer object.
 """
@@ -132,11 +133,10 @@ def tokenizer_metadata(tokenizer, vocab_rows: int, *, pre: str | None = None) ->
         score = 0.0
         if token is None:
             token, kind_id = f"[PAD{index}]", TokenType.UNUSED
-        elif index in added:
-            special = added[index].special
-            kind_id = TokenType.UNKNOWN if index == unk_id else TokenType.CONTROL if special else TokenType.USER_DEFINED
-        elif index == unk_id:
+        elif index == unk_id and kind == "llama":
             kind_id = TokenType.UNKNOWN
+        elif index in added:
+            kind_id = TokenType.CONTROL if added[index].special else TokenType.USER_DEFINED
         elif kind == "llama" and _BYTE_PIECE.fullmatch(token):
             kind_id = TokenType.BYTE
         else:
