@@ -84,7 +84,7 @@ def _adds_space_prefix(spec: dict) -> bool:
     """Whether a SentencePiece tokenizer puts "▁" before the text: a Metaspace pre-tokenizer that prepends, or a
     Prepend("▁") normalizer (older Llama 2 tokenizer.json files)."""
     text = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")])
-    prepends = '"type": "Prepend", "prepend": "\u2581"' in text
+    prepends = r'"type": "Prepend", "prepend": "\u2581"' in text   # json.dumps writes "▁" escaped
     metaspace = re.search(r'"type": "Metaspace"[^}]*"prepend_scheme": "(first|always)"', text)
     return bool(prepends or metaspace)
 

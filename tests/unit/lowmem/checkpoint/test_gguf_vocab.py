@@ -62,3 +62,15 @@ def test_sentencepiece_types_scores_and_space_prefix():
     assert meta.token_types[:4] == [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL, TokenType.BYTE]
     normal = [i for i, t in enumerate(meta.token_types) if t == TokenType.NORMAL]
     assert normal and all(meta.scores[i] == -i for i in normal)   # merge order: earlier pieces score higher
+
+
+def test_space_prefix_from_a_prepend_normalizer_or_metaspace():
+    from tokenizers import normalizers
+
+    tokenizer = sentencepiece_tokenizer()
+    backend = tokenizer.backend_tokenizer
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    assert not tokenizer_metadata(tokenizer, len(tokenizer)).add_space_prefix
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    backend.pre_tokenizer = None
+    assert tokenizer_metadata(tokenizer, len(tokenizer)).add_space_prefix
