@@ -60,8 +60,12 @@ def shared_weight_ids(model: nn.Module) -> set[int]:
 def is_lowrank_target(module_name: str, module: nn.Module, cfg: LowMemConfig,
                       shared: set[int] = frozenset()) -> bool:
     """A linear or embedding selected by target_modules, not excluded, whose weight is not shared with another module
-    (`shared`: from shared_weight_ids; tied input and output embeddings keep one float weight and full-rank AdamW)."""
+    (`shared`: from shared_weight_ids; tied input and output embeddings keep one float weight and full-rank AdamW).
+    An embedding whose class overrides the lookup (Gemma's scaled embedding multiplies by sqrt(hidden)) stays a
+    float parameter: Int8Embedding is a plain lookup and would drop what the override adds."""
     if not isinstance(module, (nn.Linear, nn.Embedding, Int8Linear)):
+        return False
+    if isinstance(module, nn.Embedding) and type(module).forward is not nn.Embedding.forward:
         return False
     if isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) in shared:
         return False
