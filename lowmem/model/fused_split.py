@@ -85,7 +85,7 @@ class SplitLinear(nn.Module):
 
 def split_linear(linear: nn.Linear, layout: FusedLayout) -> SplitLinear:
     """One fused nn.Linear -> SplitLinear of plain nn.Linear parts with the same output; weights are split rows of
-    the original (copied; on `meta`, no data is touched). dtype and device follow the original's. requires_grad is carried over."""
+    the original (copied; on `meta`, no data is touched), in its dtype and on its device, with its requires_grad."""
     if linear.out_features != layout.out_features:
         raise ValueError(f"linear has out_features {linear.out_features}, the layout {layout} needs "
                          f"{layout.out_features}")

@@ -24,8 +24,8 @@ from tests.unit.lowmem.model.architecture_matrix import (
 STEPS = 5
 # The export rounds every weight once to bf16 (relative error <= u = 2**-9) from the fp32 value the in-memory model
 # computes with. A logit is a chain of ~20 such factors whose first-order errors add with mostly random signs: a few
-# u of max|logits| (measured over this matrix: 0.4 u to 3.6 u, olmo2 the largest). Allowed: 8 u of max|logits| (2**-6): a transposed,
-# swapped or mis-interleaved projection changes logits by about max|logits| itself.
+# u of max|logits| (measured over this matrix: 0.4 u to 3.6 u, olmo2 the largest). Allowed: 8 u of max|logits|
+# (2**-6): a transposed, swapped or mis-interleaved projection changes logits by about max|logits| itself.
 LOGIT_TOL_OF_MAX = 8 * 2.0**-9
 # fp32 fused loss vs the model's loss: the same sums in another order over vocabulary blocks (test_fused_loss.py).
 LOSS_RTOL = 1e-5
@@ -129,3 +129,22 @@ def test_readme_table_is_current():
     table = readme_table()
     assert table in readme, ("README.md's table of supported architectures is stale; regenerate it with "
                              "`python -m tests.unit.lowmem.model.architecture_matrix`:\n" + table)
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "gemma3_text"])
+def test_untied_scaled_embedding_stays_float_and_keeps_its_scale(model_type):
+    """Gemma's embedding multiplies by sqrt(hidden) in its own forward; an INT8 lookup would drop that, so an untied
+    one stays a float parameter (full-rank AdamW) and prepare() leaves the logits as they were."""
+    model = tiny_model(model_type, tie_word_embeddings=False).eval()
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    runtime = prepare(model, _config())
+    kinds = {item.name: item.kind for item in runtime.trainables}
+    assert kinds["model.embed_tokens.weight"] == "float"
+    assert type(model.get_input_embeddings()).__name__.endswith("ScaledWordEmbedding")
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    # Only the linears' INT8 rounding differs (measured 0.0015 and 0.020 of max|logits|); dropping the sqrt(64) = 8x
+    # scale changes the logits by 0.81 and 0.22 of max|logits|.
+    assert float((after - before).abs().max() / before.abs().max()) < 0.1
