@@ -94,16 +94,33 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
+        """The LLaMA-shaped summary of a Hugging Face config (an object or a dict). Other decoders map onto it by
+        their own names: GPT-2's n_inner (None: 4 x hidden), Falcon's ffn_hidden_size, n_head_kv, multi_query /
+        num_kv_heads for key/value heads. MoE experts are not counted (they are float parameters for now)."""
         get = (config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d))
-        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                               "vocab_size") if get(k) is None]
+
+        def first(*keys):
+            return next((get(k) for k in keys if get(k) is not None), None)
+
+        hidden = first("hidden_size", "n_embd", "d_model")
+        heads = first("num_attention_heads", "n_head", "num_heads")
+        layers = first("num_hidden_layers", "n_layer", "num_layers")
+        inter = first("intermediate_size", "n_inner", "ffn_hidden_size", "ffn_dim")
+        if inter is None and hidden is not None and ("n_inner" in _keys(config) or "ffn_hidden_size" in _keys(config)):
+            inter = 4 * int(hidden)   # GPT-2 / Falcon: None means 4 x hidden
+        missing = [name for name, value in (("hidden_size", hidden), ("intermediate_size", inter),
+                                            ("num_hidden_layers", layers), ("num_attention_heads", heads),
+                                            ("vocab_size", get("vocab_size"))) if value is None]
         if missing:
-            raise ValueError(f"model config lacks {missing}; a LLaMA-like Hugging Face config is expected")
-        heads = int(get("num_attention_heads"))
-        hidden = int(get("hidden_size"))
+            raise ValueError(f"model config lacks {missing}; a decoder-only Hugging Face config (LLaMA-like names, or "
+                             "GPT-2's / Falcon's) is expected")
+        heads, hidden = int(heads), int(hidden)
         head_dim = get("head_dim") or hidden // heads
-        return cls(hidden, int(get("intermediate_size")), int(get("num_hidden_layers")), heads,
-                   int(get("num_key_value_heads") or heads), int(head_dim), int(get("vocab_size")),
+        kv_heads = first("num_key_value_heads", "n_head_kv")
+        if kv_heads is None:   # Falcon: multi_query means one key/value head unless the new decoder architecture
+            multi_query = get("multi_query") and not get("new_decoder_architecture")
+            kv_heads = 1 if multi_query else (get("num_kv_heads") or heads)
+        return cls(hidden, int(inter), int(layers), heads, int(kv_heads), int(head_dim), int(get("vocab_size")),
                    bool(get("tie_word_embeddings", False)))
 
     def linears(self) -> list[tuple[str, int, int]]:
@@ -119,6 +136,11 @@ class ModelShape:
         """Non-linear trainable tensors: embedding, lm_head (untied), 2 norms per layer, final norm."""
         sizes = [self.embed_numel()] + ([] if self.tied else [self.embed_numel()])
         return sizes + [self.hidden] * (2 * self.layers + 1)
+
+
+def _keys(config) -> set[str]:
+    """Names a config (object or dict) defines, unset ones included (GPT-2's n_inner is None by default)."""
+    return set(config) if isinstance(config, dict) else set(vars(config))
 
 
 def _cdiv(a: int, b: int) -> int:
