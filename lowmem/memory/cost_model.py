@@ -81,6 +81,10 @@ class MemoryBreakdown:
     notes: list[str] = field(default_factory=list)
 
 
+# Decoders whose MLP is 4 x hidden when the config names no size (GPT-2's n_inner None; BLOOM has no key).
+_FFN_4X_TYPES = ("gpt2", "gpt_bigcode", "bloom", "falcon")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     hidden: int
@@ -95,7 +99,7 @@ class ModelShape:
     @classmethod
     def from_config(cls, config) -> ModelShape:
         """The LLaMA-shaped summary of a Hugging Face config (an object or a dict). Other decoders map onto it by
-        their own names: GPT-2's n_inner (None: 4 x hidden), Falcon's ffn_hidden_size, n_head_kv, multi_query /
+        their own names: GPT-2's n_inner (None: 4 x hidden, as BLOOM's MLP), Falcon's ffn_hidden_size, n_head_kv, multi_query /
         num_kv_heads for key/value heads. MoE experts are not counted (they are float parameters for now)."""
         get = (config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d))
 
@@ -106,8 +110,8 @@ class ModelShape:
         heads = first("num_attention_heads", "n_head", "num_heads")
         layers = first("num_hidden_layers", "n_layer", "num_layers")
         inter = first("intermediate_size", "n_inner", "ffn_hidden_size", "ffn_dim")
-        if inter is None and hidden is not None and ("n_inner" in _keys(config) or "ffn_hidden_size" in _keys(config)):
-            inter = 4 * int(hidden)   # GPT-2 / Falcon: None means 4 x hidden
+        if inter is None and hidden is not None and get("model_type") in _FFN_4X_TYPES:
+            inter = 4 * int(hidden)   # unset means 4 x hidden in these models' MLPs
         missing = [name for name, value in (("hidden_size", hidden), ("intermediate_size", inter),
                                             ("num_hidden_layers", layers), ("num_attention_heads", heads),
                                             ("vocab_size", get("vocab_size"))) if value is None]
@@ -136,11 +140,6 @@ class ModelShape:
         """Non-linear trainable tensors: embedding, lm_head (untied), 2 norms per layer, final norm."""
         sizes = [self.embed_numel()] + ([] if self.tied else [self.embed_numel()])
         return sizes + [self.hidden] * (2 * self.layers + 1)
-
-
-def _keys(config) -> set[str]:
-    """Names a config (object or dict) defines, unset ones included (GPT-2's n_inner is None by default)."""
-    return set(config) if isinstance(config, dict) else set(vars(config))
 
 
 def _cdiv(a: int, b: int) -> int:

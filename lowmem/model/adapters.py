@@ -23,7 +23,7 @@ from lowmem.model.fused_split import FusedLayout, SplitLinear, split_linear
 from lowmem.model.generic_adapter import ROLES, LinearSpec, ModelAdapter, _config, _submodule
 
 __all__ = ["ROLES", "LinearSpec", "ModelAdapter", "SplitLinear", "FusedLayout", "Phi3Adapter", "Glm4Adapter",
-           "GPTNeoXAdapter", "FalconAdapter", "GPT2Adapter", "find_adapter"]
+           "GPTNeoXAdapter", "GPTBigCodeAdapter", "FalconAdapter", "GPT2Adapter", "find_adapter"]
 
 
 class Phi3Adapter(ModelAdapter):
@@ -41,19 +41,29 @@ class Glm4Adapter(ModelAdapter):
 
 
 class GPTNeoXAdapter(ModelAdapter):
-    """GPT-NeoX (Pythia): query_key_value interleaved per head, [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] (its forward views
-    the output as (..., heads, 3 * head_size) and chunks the last dim in three). No grouped-query attention."""
+    """GPT-NeoX (Pythia) and BLOOM: query_key_value interleaved per head, [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] (their
+    forwards view the output as (..., heads, 3, head_dim)). No grouped-query attention."""
 
-    model_types = ("gpt_neox",)
+    model_types = ("gpt_neox", "bloom")
     fused = {"query_key_value": "_qkv_per_head"}
 
     def attention_shape(self, model: nn.Module) -> tuple[int, int, int]:
         head_dim, heads, _ = super().attention_shape(model)
         return head_dim, heads, heads
 
-    def _qkv_per_head(self, model: nn.Module, linear: nn.Linear) -> FusedLayout:
-        head_dim, heads, _ = self.attention_shape(model)
-        return FusedLayout((("q_proj", head_dim), ("k_proj", head_dim), ("v_proj", head_dim)), groups=heads)
+
+class GPTBigCodeAdapter(ModelAdapter):
+    """GPTBigCode (StarCoder 1, SantaCoder): an nn.Linear c_attn, [q | k | v] with one key/value head under
+    multi_query (the default), else interleaved per head as GPT-NeoX."""
+
+    model_types = ("gpt_bigcode",)
+    fused = {"c_attn": "_qkv_blocks_or_per_head"}
+
+    def attention_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        # GPTBigCodeAttention's rule; the config's own num_key_value_heads can disagree (set from the default
+        # n_head before a caller's n_head applies).
+        head_dim, heads, _ = super().attention_shape(model)
+        return head_dim, heads, 1 if getattr(_config(model), "multi_query", True) else heads
 
 
 class FalconAdapter(ModelAdapter):
@@ -81,9 +91,7 @@ class FalconAdapter(ModelAdapter):
                 raise ValueError(f"falcon: {heads} attention heads are not a multiple of {kv_heads} kv heads")
             return FusedLayout((("q_proj", heads // kv_heads * head_dim), ("k_proj", head_dim),
                                 ("v_proj", head_dim)), groups=kv_heads)
-        if kv_heads == 1:
-            return self._qkv_blocks(model, linear)
-        return FusedLayout((("q_proj", head_dim), ("k_proj", head_dim), ("v_proj", head_dim)), groups=heads)
+        return self._qkv_blocks_or_per_head(model, linear)
 
 
 def _conv1d_to_linear(conv: nn.Module) -> nn.Linear:
@@ -167,7 +175,8 @@ def _transposed(entry) -> Tensor:
 _GENERIC = ModelAdapter()
 _ADAPTERS: dict[str, ModelAdapter] = {
     model_type: adapter
-    for adapter in (Phi3Adapter(), Glm4Adapter(), GPTNeoXAdapter(), FalconAdapter(), GPT2Adapter())
+    for adapter in (Phi3Adapter(), Glm4Adapter(), GPTNeoXAdapter(), GPTBigCodeAdapter(), FalconAdapter(),
+                    GPT2Adapter())
     for model_type in adapter.model_types
 }
 

@@ -159,6 +159,16 @@ class ModelAdapter:
         return FusedLayout((("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim),
                             ("v_proj", kv_heads * head_dim)))
 
+    def _qkv_per_head(self, model: nn.Module, linear: nn.Linear) -> FusedLayout:
+        """[q_0 k_0 v_0 | q_1 k_1 v_1 | ...], one group per head (gpt_neox, bloom query_key_value)."""
+        head_dim, heads, _ = self.attention_shape(model)
+        return FusedLayout((("q_proj", head_dim), ("k_proj", head_dim), ("v_proj", head_dim)), groups=heads)
+
+    def _qkv_blocks_or_per_head(self, model: nn.Module, linear: nn.Linear) -> FusedLayout:
+        """Multi-query (one key/value head): [q | k | v]; otherwise per head (falcon, gpt_bigcode)."""
+        _, _, kv_heads = self.attention_shape(model)
+        return self._qkv_blocks(model, linear) if kv_heads == 1 else self._qkv_per_head(model, linear)
+
     def _gate_up_halves(self, model: nn.Module, linear: nn.Linear) -> FusedLayout:
         """[gate | up], halves of the output (phi3 / glm4 gate_up_proj: `gate, up = y.chunk(2, dim=-1)`)."""
         if linear.out_features % 2:

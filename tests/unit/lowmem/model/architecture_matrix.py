@@ -40,6 +40,8 @@ MATRIX: dict[str, dict] = {
     "stablelm": GQA,
     "smollm3": GQA,
     "glm4": {**GQA, "head_dim": 16},
+    "bloom": {},
+    "gpt_bigcode": {},
     "deepseek_v3": {**GQA, **MOE_SIZES, "n_routed_experts": 4, "n_shared_experts": 1, "q_lora_rank": 32,
                     "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 16,
                     "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1},

@@ -1,5 +1,6 @@
 """Model adapters: roles, counts and head shapes of tiny random models; fused projections split exactly (GPT-2's
-Conv1D c_attn, phi3's qkv_proj and gate_up_proj, GPT-NeoX's per-head query_key_value, Falcon's three layouts), the
+Conv1D c_attn, phi3's qkv_proj and gate_up_proj, GPT-NeoX's and BLOOM's per-head query_key_value, Falcon's three
+layouts, GPTBigCode's two), the
 checkpoint mapping both ways on every type of the architecture matrix, the warning when no head layout fits."""
 import warnings
 
@@ -244,22 +245,23 @@ def test_fused_layout_split_and_fuse_against_index_reference(groups, parts):
         layout.split(fused[1:])
 
 
-_FALCON = {"falcon_multi_query": {}, "falcon_classic": {"multi_query": False},
-           "falcon_new_decoder": {"new_decoder_architecture": True, "num_kv_heads": 2}}
+_VARIANTS = {"falcon_multi_query": ("falcon", {}), "falcon_classic": ("falcon", {"multi_query": False}),
+             "falcon_new_decoder": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+             "gpt_bigcode_multi_head": ("gpt_bigcode", {"multi_query": False})}
 
 
 def _variant(name, meta=False):
-    """A tiny model of a MATRIX type or a Falcon layout variant; on the meta device when `meta`."""
+    """A tiny model of a MATRIX type or a layout variant (_VARIANTS); on the meta device when `meta`."""
     from transformers import AutoModelForCausalLM
 
-    model_type, overrides = ("falcon", _FALCON[name]) if name in _FALCON else (name, {})
+    model_type, overrides = _VARIANTS.get(name, (name, {}))
     if not meta:
         return tiny_model(model_type, **overrides).eval()
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
 
 
-@pytest.mark.parametrize("name", ["gpt_neox", "phi3", "glm4", *_FALCON])
+@pytest.mark.parametrize("name", ["gpt_neox", "bloom", "phi3", "glm4", "gpt_bigcode", *_VARIANTS])
 def test_fused_split_preserves_logits_and_gives_cross_head_layouts(name):
     model = _variant(name)
     ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -287,7 +289,7 @@ def test_fused_split_preserves_logits_and_gives_cross_head_layouts(name):
     assert model.get_submodule(k[0].name).out_features == kv_heads * head_dim
 
 
-@pytest.mark.parametrize("name", [*MATRIX, *_FALCON])
+@pytest.mark.parametrize("name", [*MATRIX, *_VARIANTS])
 def test_checkpoint_mapping_round_trips_on_a_meta_skeleton(name):
     """split_fused on meta, then model_tensors_from_hf of every original tensor == the split model's state dict,
     and to_hf_state_dict of that == the original state dict (identity)."""
