@@ -145,7 +145,7 @@ class ModelAdapter:
             for name, module in list(model.named_modules()):
                 for child_name, child in list(module.named_children()):
                     builder = self.fused.get(child_name)
-                    if builder is not None and type(child) is not SplitLinear and isinstance(child, nn.Linear):
+                    if builder is not None and isinstance(child, nn.Linear):   # a SplitLinear is not one
                         setattr(module, child_name, split_linear(child, getattr(self, builder)(model, child)))
 
     def _check_unconverted(self, model: nn.Module) -> None:

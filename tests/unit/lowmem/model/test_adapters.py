@@ -221,30 +221,6 @@ def test_head_layout_read_from_other_config_names():
     assert ModelAdapter().attention_shape(holder) == (16, 4, 1)
 
 
-def _index_reference(groups, parts):
-    """Row indices of each part in the fused weight, written out element by element (the modeling code's views)."""
-    group_rows = sum(parts)
-    out, offset = [], 0
-    for rows in parts:
-        out.append(torch.tensor([g * group_rows + offset + j for g in range(groups) for j in range(rows)]))
-        offset += rows
-    return out
-
-
-@pytest.mark.parametrize("groups,parts", [(1, (64, 32, 32)), (4, (16, 16, 16)), (2, (32, 16, 16)), (1, (128, 128))])
-def test_fused_layout_split_and_fuse_against_index_reference(groups, parts):
-    layout = FusedLayout(tuple((f"p{i}", rows) for i, rows in enumerate(parts)), groups=groups)
-    fused = torch.randn(layout.out_features, 7)
-    pieces = layout.split(fused)
-    for piece, index in zip(pieces, _index_reference(groups, parts)):
-        assert torch.equal(piece, fused[index])
-    assert torch.equal(layout.fuse(pieces), fused)
-    bias = torch.randn(layout.out_features)
-    assert torch.equal(layout.fuse(layout.split(bias)), bias)
-    with pytest.raises(ValueError, match="rows"):
-        layout.split(fused[1:])
-
-
 _VARIANTS = {"falcon_multi_query": ("falcon", {}), "falcon_classic": ("falcon", {"multi_query": False}),
              "falcon_new_decoder": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
              "gpt_bigcode_multi_head": ("gpt_bigcode", {"multi_query": False})}
