@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lowmem.checkpoint.export import LazyTensor
 from lowmem.model.adapters import (FalconAdapter, FusedLayout, GPT2Adapter, GPTNeoXAdapter, LinearSpec, ModelAdapter,
-                                   Phi3Adapter, SplitLinear, find_adapter)
+                                   Phi3Adapter, find_adapter)
 from lowmem.model.fused_split import split_linear
 from tests.unit.lowmem.model.architecture_matrix import MATRIX, tiny_config, tiny_model
 
