@@ -99,8 +99,8 @@ class ModelShape:
     @classmethod
     def from_config(cls, config) -> ModelShape:
         """The LLaMA-shaped summary of a Hugging Face config (an object or a dict). Other decoders map onto it by
-        their own names: GPT-2's n_inner (None: 4 x hidden, as BLOOM's MLP), Falcon's ffn_hidden_size, n_head_kv, multi_query /
-        num_kv_heads for key/value heads. MoE experts are not counted (they are float parameters for now)."""
+        their own names: GPT-2's n_inner (None: 4 x hidden, as BLOOM's MLP), Falcon's ffn_hidden_size, n_head_kv,
+        multi_query / num_kv_heads for key/value heads. MoE experts are not counted (float parameters for now)."""
         get = (config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d))
 
         def first(*keys):

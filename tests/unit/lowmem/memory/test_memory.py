@@ -423,9 +423,10 @@ def test_cuda_update_chunk_follows_the_compiled_write():
 
 
 def test_model_shape_reads_other_decoders_config_names():
-    """GPT-2 (n_inner None: 4 x hidden), BLOOM (no MLP size: 4 x hidden), Falcon (multi-query: one key/value head; the new decoder architecture:
-    num_kv_heads) and GPT-NeoX configs summarise without a LLaMA-only key; the planner estimates them."""
-    from transformers import FalconConfig, GPT2Config, GPTNeoXConfig
+    """GPT-2 (n_inner None: 4 x hidden), BLOOM (no MLP size: 4 x hidden), Falcon (multi-query: one key/value head;
+    the new decoder architecture: num_kv_heads) and GPT-NeoX configs summarise without a LLaMA-only key; the
+    planner estimates them."""
+    from transformers import BloomConfig, FalconConfig, GPT2Config, GPTNeoXConfig
 
     from lowmem.memory.cost_model import ModelShape, estimate
 
@@ -438,7 +439,6 @@ def test_model_shape_reads_other_decoders_config_names():
     assert (falcon40.kv_heads, falcon40.head_dim) == (2, 16)
     neox = ModelShape.from_config(GPTNeoXConfig(hidden_size=128, intermediate_size=384, num_attention_heads=4))
     assert (neox.inter, neox.kv_heads) == (384, 4)
-    from transformers import BloomConfig
     bloom = ModelShape.from_config(BloomConfig(hidden_size=128, n_head=4, n_layer=2))
     assert (bloom.inter, bloom.heads, bloom.layers) == (512, 4, 2)
     assert estimate(GPT2Config(n_embd=128, n_head=4, n_layer=3), method="lowmem", seq_len=64, micro_batch_size=1,

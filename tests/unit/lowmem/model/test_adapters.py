@@ -205,7 +205,8 @@ def test_head_layout_read_from_other_config_names():
     from transformers import FalconConfig, GPT2Config as G2
 
     model = _gpt2()
-    assert find_adapter(model).attention_shape(model) == (HIDDEN // HEADS, HEADS, HEADS)   # n_head, no kv heads: all heads
+    # n_head and no key/value head count: every head is a key/value head
+    assert find_adapter(model).attention_shape(model) == (HIDDEN // HEADS, HEADS, HEADS)
     assert G2(n_embd=HIDDEN, n_head=HEADS).num_attention_heads == HEADS
     holder = nn.Module()
     holder.config = FalconConfig(hidden_size=HIDDEN, num_attention_heads=HEADS)   # multi_query by default
