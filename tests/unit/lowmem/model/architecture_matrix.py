@@ -63,7 +63,7 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
 
 # Expected by the coverage test (and shown in the README table, which is computed from the models themselves).
 NO_CROSS_HEAD = {"deepseek_v3": "multi-head latent attention: no q/k projection"}
-FUSED_LOSS_REFUSED = {"gemma2": "final_logit_softcapping", "phi": "bias"}
+FUSED_LOSS_REFUSED = {"gemma2": "final_logit_softcapping", "phi": "head with a bias"}
 MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"}
 
 _HEADER = ("| model_type | class | trained | exported | fused projections (split to train) | cross-head q/k | "
