@@ -31,6 +31,16 @@ LOGIT_TOL_OF_MAX = 8 * 2.0**-9
 LOSS_RTOL = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def _compiled_kernels_back_on():
+    """_config() runs the eager kernel twins (compile=False, a process-wide switch: quant.compiled.set_enabled);
+    later tests in the same process expect the default back."""
+    yield
+    from quant import compiled
+
+    compiled.set_enabled(True)
+
+
 def _config():
     return LowMemConfig(rank=8, lr=1e-2, warmup_steps=0, lr_schedule="constant", refresh_interval_steps=2,
                         residual_warmup_steps=2, weight_block_size=32, moment_block_size=64, projector_group_size=64,
