@@ -206,7 +206,7 @@ def test_compile_failure_falls_back_with_one_line(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("Failed to find C compiler"), None)
 
-    monkeypatch.setattr(compiled, "_specialise", lambda fn, static: broken)
+    monkeypatch.setattr(compiled, "_specialise", lambda fn, static, options=None: broken)
     monkeypatch.setattr(compiled, "_kernels", {})
     w, delta = weights(3, 300)
     q, s = quantize_int8(w)
