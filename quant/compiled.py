@@ -522,6 +522,25 @@ def sr_chunk_(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, *, key
         scales[:, b0:b1].copy_(s_part)
 
 
+def sr_write_inputs(shape: tuple[int, int], *, key: int, mix64: Callable[[int], int], device
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qmax fp32 0-dim, int32 key words) for writing a whole (m, n) matrix, m * n < 2**31, inside a caller's kernel
+    with sr_write_traceable_: element (i, j) draws the noise of counter i * n + j (sr_update_int8_'s)."""
+    m, n = shape
+    qmax = cached_constants((float(_QMAX),), dtype=torch.float32, device=torch.device(device))[0]
+    return qmax, _key_words(key, 0, m * n, mix64, device, row_stride=n)
+
+
+def sr_write_traceable_(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, qmax: torch.Tensor,
+                        keys: torch.Tensor, keep: torch.Tensor | None, *, stochastic: bool) -> None:
+    """The SR kernel's plain ops for a caller's kernel: q int8 (m, n) and scales fp32 (m, nb), contiguous, n a
+    multiple of the block size, <- requantize(q * s + delta) in place (kept where keep (1,) holds). The same bits as
+    sr_update_int8_ with the (qmax, keys) of sr_write_inputs."""
+    codes, scale = _sr_blocks_values(q, scales, delta, qmax, keys, keep, stochastic=stochastic)
+    q.view(codes.shape).copy_(codes)
+    scales.copy_(scale)
+
+
 def dequantize(q: torch.Tensor, scales: torch.Tensor, *, block_size: int, dtype: torch.dtype,
                eager: Callable) -> torch.Tensor:
     """q int8 (r, n) * scales (r, nb) -> (r, n) of dtype, formed in fp32 (quant.int8.dequantize_int8). Rows with a
