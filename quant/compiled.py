@@ -35,7 +35,7 @@ Inside a caller's own torch.compile the kernels' ops join the caller's graph und
 compiled model traces is dequantisation, an exact product q * s (one rounding, no division, nothing to contract).
 
 Shapes are dynamic (every tensor dimension marked dynamic, sizes 0/1 not specialised, no duck shaping; see
-`_shape_policy`): per kernel and static setting (block size, rounding mode, dtype) a couple of graphs (rows a whole
+`_shape_policy_patchers`): per kernel and static setting (block size, rounding mode, dtype) a couple of graphs (rows a whole
 number of blocks or not) serve every matrix shape and chunk size, so a 7B model does not compile once per weight
 shape (tests/unit/quant/test_compiled.py::test_recompiles_bounded_across_shapes). The inductor FX-graph cache is on by default and lives in
 TORCHINDUCTOR_CACHE_DIR (default /tmp/torchinductor_<user>): a second run, or a second test process, loads the
@@ -49,7 +49,6 @@ trace under such modes. `compile_seconds()` is the wall time spent in calls that
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -60,6 +59,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters as _dynamo_counters
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 log = logging.getLogger(__name__)
@@ -170,25 +170,21 @@ def _reset_for_tests() -> None:
     _configured, _failed = True, None
 
 
-@contextlib.contextmanager
-def _shape_policy():
+@functools.lru_cache(maxsize=1)
+def _shape_policy_patchers() -> tuple[Callable, Callable]:
     """Dynamo settings for our kernels only (the caller's own torch.compile keeps its settings): sizes 0 and 1 are
-    not specialised (size-oblivious), equal sizes are not assumed equal (no duck shaping), and a higher recompile
-    limit for the few shape classes left (block padding or not). Set and restored by hand: config.patch costs
-    several times more per call."""
+    not specialised (size-oblivious), equal sizes are not assumed equal (no duck shaping), and a recompile limit of
+    at least _RECOMPILE_LIMIT (the process's limit when the first kernel ran, if higher) for the few shape classes
+    left (block padding or not). Each patcher sets its values and returns the function that restores the previous
+    ones: torch's low-overhead closure patchers (config.patch costs several times more per call), made once."""
     fx_config, dynamo_config = torch.fx.experimental._config, torch._dynamo.config
-    saved = (fx_config.backed_size_oblivious, fx_config.use_duck_shape, dynamo_config.recompile_limit)
-    fx_config.backed_size_oblivious, fx_config.use_duck_shape = True, False
-    dynamo_config.recompile_limit = max(saved[2], _RECOMPILE_LIMIT)
-    try:
-        yield
-    finally:
-        fx_config.backed_size_oblivious, fx_config.use_duck_shape, dynamo_config.recompile_limit = saved
+    return (fx_config._make_closure_patcher(backed_size_oblivious=True, use_duck_shape=False),
+            dynamo_config._make_closure_patcher(recompile_limit=max(dynamo_config.recompile_limit,
+                                                                    _RECOMPILE_LIMIT)))
 
 
 def _graphs() -> int:
-    from torch._dynamo.utils import counters
-    return int(counters["stats"]["unique_graphs"])
+    return int(_dynamo_counters["stats"]["unique_graphs"])
 
 
 def _device_type(args: tuple) -> str:
@@ -229,15 +225,19 @@ def call(name: str, fn: Callable, eager: Callable, *args, **static):
             return eager(*args, **static)
         with _lock:
             kernel = _kernels.setdefault(cache_key, _specialise(fn, static, options))
-    for arg in args:
-        if isinstance(arg, torch.Tensor):
-            for dim in range(arg.dim()):
-                torch._dynamo.maybe_mark_dynamic(arg, dim)
     before = _graphs()
     start = time.perf_counter()
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and arg.dim():
+            torch._dynamo.maybe_mark_dynamic(arg, list(range(arg.dim())))   # one call per tensor, not per dim
+    shape_policy, recompile_policy = _shape_policy_patchers()
     try:
-        with _shape_policy():
+        restore_shapes, restore_limit = shape_policy(), recompile_policy()
+        try:
             out = kernel(*args)
+        finally:
+            restore_limit()
+            restore_shapes()
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         # More shape classes than dynamo's recompile limit for one specialisation: this call runs eagerly.
         if cache_key not in _over_limit:
@@ -515,9 +515,14 @@ def sr_chunk_(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, *, key
         if c1 == c0:
             continue
         q_part, s_part, d_part = _dense_copy(q[:, c0:c1]), _dense_copy(scales[:, b0:b1]), _dense_copy(delta[:, c0:c1])
-        call(name, kernel, _run_plain(kernel), q_part, s_part, d_part, qmax,
-             _key_words(key, counter_start, rows * n, mix64, device, row_stride=n, col0=c0), *kept,
-             stochastic=stochastic)
+        part_keys = _key_words(key, counter_start, rows * n, mix64, device, row_stride=n, col0=c0)
+        if c1 - c0 == 1:
+            # a one-column block: the kernel's ops run eagerly (same bits), as inductor 2.11 fails to generate code
+            # for the kept form at block length 1 (IndexError), which would turn compilation off for the process
+            _run_plain(kernel)(q_part, s_part, d_part, qmax, part_keys, *kept, stochastic=stochastic)
+        else:
+            call(name, kernel, _run_plain(kernel), q_part, s_part, d_part, qmax, part_keys, *kept,
+                 stochastic=stochastic)
         q[:, c0:c1].copy_(q_part)
         scales[:, b0:b1].copy_(s_part)
 
@@ -564,19 +569,28 @@ def moment8_encode_ops(x: torch.Tensor, midpoints: torch.Tensor, buckets: torch.
     traceable ops: compiled on its own by moment8_encode, or traced into a caller's kernel (lowmem's fused 8-bit
     AdamW)."""
     numel = x.shape[0]
-    padded = (numel + block_size - 1) // block_size * block_size
-    flat = F.pad(x.to(torch.float32), (0, padded - numel)) if tail else x.to(torch.float32)
-    blocks = flat.view(-1, block_size)
-    absmax = torch.amax(blocks.abs(), dim=1)
-    inv = torch.where(absmax == 0, 0.0, torch.reciprocal(absmax))  # all-zero block: v = 0, not 0 * inf
-    v = blocks * inv[:, None]
+    flat = x.to(torch.float32)
+    if tail:
+        # the absmax over zero-padded blocks; v and the codes per element of the unpadded values (element i in
+        # block i // block_size): slicing the padding off a block view does not lower in inductor 2.11
+        padded = (numel + block_size - 1) // block_size * block_size
+        absmax = torch.amax(F.pad(flat, (0, padded - numel)).view(-1, block_size).abs(), dim=1)
+        block_of = torch.arange(numel, device=x.device) // block_size
+        inv = torch.where(absmax == 0, 0.0, torch.reciprocal(absmax))  # all-zero block: v = 0, not 0 * inf
+        v = flat * inv[block_of]
+        empty = absmax[block_of] == 0
+    else:
+        blocks = flat.view(-1, block_size)
+        absmax = torch.amax(blocks.abs(), dim=1)
+        inv = torch.where(absmax == 0, 0.0, torch.reciprocal(absmax))
+        v = blocks * inv[:, None]
+        empty = absmax[:, None] == 0
     bits = v.view(torch.int32)
     bucket = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)) >> bucket_shift) + buckets_half
     below = buckets[bucket.to(torch.int64)]
     mid = midpoints[below.to(torch.int64)]
     codes = below + (v > mid).to(torch.int32) + ((v == mid) & ((below & 1) == 1)).to(torch.int32)
-    codes = torch.where(absmax[:, None] == 0, 0, codes).to(torch.uint8).view(-1)
-    return (codes[:numel] if tail else codes), absmax
+    return torch.where(empty, 0, codes).to(torch.uint8).view(-1), absmax
 
 
 def moment8_encode(x: torch.Tensor, midpoints: torch.Tensor, buckets: torch.Tensor, *, block_size: int,
