@@ -35,8 +35,8 @@ Inside a caller's own torch.compile the kernels' ops join the caller's graph und
 compiled model traces is dequantisation, an exact product q * s (one rounding, no division, nothing to contract).
 
 Shapes are dynamic (every tensor dimension marked dynamic, sizes 0/1 not specialised, no duck shaping; see
-`_shape_policy_patchers`): per kernel and static setting (block size, rounding mode, dtype) a couple of graphs (rows a whole
-number of blocks or not) serve every matrix shape and chunk size, so a 7B model does not compile once per weight
+`_shape_policy_patchers`): per kernel and static setting (block size, rounding mode, dtype) a couple of graphs (rows
+a whole number of blocks or not) serve every matrix shape and chunk size, so a 7B model does not compile once per weight
 shape (tests/unit/quant/test_compiled.py::test_recompiles_bounded_across_shapes). The inductor FX-graph cache is on by default and lives in
 TORCHINDUCTOR_CACHE_DIR (default /tmp/torchinductor_<user>): a second run, or a second test process, loads the
 compiled kernels from disk instead of compiling again.
@@ -44,7 +44,8 @@ compiled kernels from disk instead of compiling again.
 Policy (`enabled()`): on by default where torch.compile works; off when LOWMEM_COMPILE=0 (environment, wins over
 everything), when set_enabled(False) was called (LowMemConfig.compile=False), or after a compilation failed (no C++
 compiler, inductor error): then one warning line is logged and every kernel runs its eager twin for the rest of
-the process. Under a TorchDispatchMode (lowmem.memory's live-bytes meter) the eager twin runs, as dynamo does not
+the process; a kernel inductor cannot lower (a LoweringException) runs its eager twin on its own, the others stay
+compiled. Under a TorchDispatchMode (lowmem.memory's live-bytes meter) the eager twin runs, as dynamo does not
 trace under such modes. `compile_seconds()` is the wall time spent in calls that compiled a new graph (the first-use cost).
 """
 from __future__ import annotations
@@ -79,6 +80,7 @@ _compile_s: float = 0.0
 _kernels: dict[tuple, Callable] = {}
 _over_limit: set[tuple] = set()
 _eager_devices: set[str] = set()   # device types without a bit-identical compile (warned once)
+_uncompilable: set[tuple] = set()  # kernels inductor could not lower (LoweringException): run eagerly
 
 
 # inductor settings that make Triton evaluate float ops as eager CUDA does (module docstring). Each entry lists the
@@ -214,6 +216,8 @@ def call(name: str, fn: Callable, eager: Callable, *args, **static):
     device_type = _device_type(args)
     cache_key = (name, device_type, *static.items())   # each call site passes its static values in one order
     kernel = _kernels.get(cache_key)
+    if cache_key in _uncompilable:
+        return eager(*args, **static)
     if kernel is None:
         options = compile_options(device_type)
         if options is None:
@@ -247,7 +251,14 @@ def call(name: str, fn: Callable, eager: Callable, *args, **static):
     except torch._dynamo.exc.BackendCompilerFailed as exc:
         cause = getattr(exc, "inner_exception", None) or exc
         text = str(cause).strip()
-        _failed = f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+        reason = f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+        if type(cause).__name__ == "LoweringException":
+            # inductor cannot lower this one graph (torch 2.11: the moment encoder's short last block); the other
+            # kernels stay compiled, this specialisation runs its eager twin from now on (the same bits)
+            _uncompilable.add(cache_key)
+            log.warning("lowmem: this torch cannot compile the %s kernel (%s); its calls run eagerly", name, reason)
+            return eager(*args, **static)
+        _failed = reason
         log.warning("lowmem: torch.compile is unavailable here (%s); the quant kernels run eagerly "
                     "(set %s=0 to skip trying)", _failed, ENV_VAR)
         return eager(*args, **static)
@@ -569,28 +580,19 @@ def moment8_encode_ops(x: torch.Tensor, midpoints: torch.Tensor, buckets: torch.
     traceable ops: compiled on its own by moment8_encode, or traced into a caller's kernel (lowmem's fused 8-bit
     AdamW)."""
     numel = x.shape[0]
-    flat = x.to(torch.float32)
-    if tail:
-        # the absmax over zero-padded blocks; v and the codes per element of the unpadded values (element i in
-        # block i // block_size): slicing the padding off a block view does not lower in inductor 2.11
-        padded = (numel + block_size - 1) // block_size * block_size
-        absmax = torch.amax(F.pad(flat, (0, padded - numel)).view(-1, block_size).abs(), dim=1)
-        block_of = torch.arange(numel, device=x.device) // block_size
-        inv = torch.where(absmax == 0, 0.0, torch.reciprocal(absmax))  # all-zero block: v = 0, not 0 * inf
-        v = flat * inv[block_of]
-        empty = absmax[block_of] == 0
-    else:
-        blocks = flat.view(-1, block_size)
-        absmax = torch.amax(blocks.abs(), dim=1)
-        inv = torch.where(absmax == 0, 0.0, torch.reciprocal(absmax))
-        v = blocks * inv[:, None]
-        empty = absmax[:, None] == 0
+    padded = (numel + block_size - 1) // block_size * block_size
+    flat = F.pad(x.to(torch.float32), (0, padded - numel)) if tail else x.to(torch.float32)
+    blocks = flat.view(-1, block_size)
+    absmax = torch.amax(blocks.abs(), dim=1)
+    inv = torch.where(absmax == 0, 0.0, torch.reciprocal(absmax))  # all-zero block: v = 0, not 0 * inf
+    v = blocks * inv[:, None]
     bits = v.view(torch.int32)
     bucket = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)) >> bucket_shift) + buckets_half
     below = buckets[bucket.to(torch.int64)]
     mid = midpoints[below.to(torch.int64)]
     codes = below + (v > mid).to(torch.int32) + ((v == mid) & ((below & 1) == 1)).to(torch.int32)
-    return torch.where(empty, 0, codes).to(torch.uint8).view(-1), absmax
+    codes = torch.where(absmax[:, None] == 0, 0, codes).to(torch.uint8).view(-1)
+    return (codes[:numel] if tail else codes), absmax
 
 
 def moment8_encode(x: torch.Tensor, midpoints: torch.Tensor, buckets: torch.Tensor, *, block_size: int,

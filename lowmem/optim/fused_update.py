@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowmem.optim.moments import (_lowrank_adam8_kernel, adam8_step_inputs, moment_codes, store_moment_codes_)
+from lowmem.optim.moments import _lowrank_adam8_kernel, adam8_step_inputs, moment_codes, store_moment_codes_
 from lowmem.optim.weights import FUSED_UPDATE_CHUNKS, Int8Weight, chunk_elements
 from quant import compiled
 from quant.int8 import sr_write_inputs
@@ -56,8 +56,8 @@ def _update_kernel(q: Tensor, scales: Tensor, g: Tensor, m_codes: Tensor, m_absm
                    keys: Tensor, keep: Tensor | None, *, moment_block: int, tail: bool, side: str, stochastic: bool,
                    decay: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The whole update (module docstring) on q int8 (m, n) and scales fp32 (m, nb) in place; g fp32 R (m, r) for
-    side "right" (P (n, r)) or (r, n) for "left" (P (m, r)), (m, n) for "full" (proj None); lr_terms fp32 (2,) [-lr·scale, -lr·λ]. Returns the new
-    moment codes and absmax (M' codes, M' absmax, V' codes, V' absmax), flat."""
+    side "right" (P (n, r)) or (r, n) for "left" (P (m, r)), (m, n) for "full" (proj None); lr_terms fp32 (2,)
+    [-lr·scale, -lr·λ]. Returns the new moment codes and absmax (M' codes, M' absmax, V' codes, V' absmax), flat."""
     scales3 = None if element_scales is None else (element_scales[0], element_scales[1], element_scales[2])
     direction, _, *codes = _lowrank_adam8_kernel(g.reshape(-1), m_codes, m_absmax, v_codes, v_absmax, m_tables,
                                                  v_tables, h, block_size=moment_block, tail=tail, scales=scales3)
