@@ -16,12 +16,12 @@ from lowmem.presets import preset
 from quant import compiled
 
 
-def _model():
+def _model(device="cpu"):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(cfg).to(device)
 
 
 def _train(model, *, compile, steps, counts=None, **overrides):
@@ -49,7 +49,7 @@ def _train(model, *, compile, steps, counts=None, **overrides):
         return run
 
     for _ in range(steps):
-        ids = torch.randint(0, 512, (2, 32), generator=gen)
+        ids = torch.randint(0, 512, (2, 32), generator=gen).to(next(model.parameters()).device)
         if counts is not None:
             counts.append(collections.Counter())
             compiled.call = counting
@@ -90,17 +90,20 @@ def _bytes(model, runtime):
     return out
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
 @pytest.mark.parametrize("overrides", [{}, {"stochastic_rounding": False, "weight_decay": 0.0, "rank": 256}])
-def test_one_call_update_gives_the_eager_twins_bits(overrides):
+def test_one_call_update_gives_the_eager_twins_bits(overrides, device):
     """Four steps (two with projector refreshes, whose moment reset brings per-coordinate bias masses) with
     compilation on (the one-call update for most weights) and off (the eager split path): every weight byte and
-    every state tensor equal. Rank 64 (left and right projections), and full rank without decay or SR."""
+    every state tensor equal. Rank 64 (left and right projections), and full rank without decay or SR. On CUDA the
+    compiled graph (Triton, with its eager-numerics options, and cuBLAS for the back-projection) against eager CUDA."""
     compiled._reset_for_tests()
     counts = []
-    model_c = _model()
+    model_c = _model(device)
     runtime_c = _train(model_c, compile=True, steps=4, counts=counts, **overrides)
     assert compiled.failure() is None and sum(c["lowrank_update"] for c in counts) > 0
-    model_e = _model()
+    model_e = _model(device)
     runtime_e = _train(model_e, compile=False, steps=4, **overrides)
     got, want = _bytes(model_c, runtime_c), _bytes(model_e, runtime_e)
     assert got.keys() == want.keys()
@@ -109,7 +112,7 @@ def test_one_call_update_gives_the_eager_twins_bits(overrides):
                  and not (got[k].is_floating_point() and torch.allclose(got[k], want[k], rtol=0, atol=0,
                                                                         equal_nan=True))]
     assert not different, different[:5]
-    start = _model().state_dict()
+    start = _model(device).state_dict()
     assert any(not torch.equal(v, start[k.split(" ", 1)[1]]) for k, v in want.items()
                if k.startswith("buffer") and k.split(" ", 1)[1] in start)
     compiled._reset_for_tests()
