@@ -366,7 +366,7 @@ def transfer_moments_(state: dict[str, Tensor], proj_old: Tensor, proj_new: Tens
         raise ValueError(f"moment_transfer must be 'keep', 'rotate' or 'reset', got {mode!r}")
     rank = proj_new.shape[1]
     if mode == "reset":   # every coordinate restarts at mass 0 with zero moments: nothing to decode or encode
-        device = proj_new.device
+        device = state["exp_avg_codes" if bits == 8 else "exp_avg"].device
         state["bias1"] = torch.zeros(rank, dtype=torch.float32, device=device)
         state["bias2"] = torch.zeros(rank, dtype=torch.float32, device=device)
         _store_zero_moments_(state, moment_shape(state), bits=bits, block_size=block_size, device=device)
