@@ -13,6 +13,11 @@ adam_direction_ then _apply_update with compilation off; tests/unit/hooks/test_u
     delta     = (N Pᵀ or P N) · fp32(-lr·scale)  [+ W · fp32(-lr·λ)]
     W'        = requantize(W + delta) with the counter noise of sr_update_int8_, kept where `keep` holds
 
+The split path back-projects row chunk by row chunk (left[rows] @ rightᵀ), this path the whole weight in one matrix
+product: the same bits as long as a row block of a product equals those rows of the whole product, which holds for
+CPU BLAS at one and two threads (the test cuts the weights into four chunks) and is asserted on CUDA (cuBLAS) by the
+same test's `gpu` variant, not yet run on a GPU.
+
 Memory: the back-projection is formed for the whole weight (one fp32 (m, n) transient), so a weight takes this path
 only when m·n <= fused_elements(device type): as many elements as the compiled split path's chunk buffers hold
 (lowmem.memory counts 4 update chunks for it): 4 Mi elements (16 MiB) on CPU, 16 Mi (64 MiB) on accelerators, which

@@ -92,12 +92,20 @@ def _bytes(model, runtime):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+@pytest.mark.parametrize("chunk_elements", [None, 1 << 15])
 @pytest.mark.parametrize("overrides", [{}, {"stochastic_rounding": False, "weight_decay": 0.0, "rank": 256}])
-def test_one_call_update_gives_the_eager_twins_bits(overrides, device):
+def test_one_call_update_gives_the_eager_twins_bits(overrides, device, chunk_elements, monkeypatch):
     """Four steps (two with projector refreshes, whose moment reset brings per-coordinate bias masses) with
     compilation on (the one-call update for most weights) and off (the eager split path): every weight byte and
-    every state tensor equal. Rank 64 (left and right projections), and full rank without decay or SR. On CUDA the
+    every state tensor equal. Rank 64 (left and right projections), and full rank without decay or SR; with the
+    default update chunks and with chunks that cut the larger weights into four on the split path. On CUDA the
     compiled graph (Triton, with its eager-numerics options, and cuBLAS for the back-projection) against eager CUDA."""
+    if chunk_elements is not None:
+        # update chunks of 32 Ki elements: the 512 x 256 weights take four row chunks on the eager split path and
+        # one call (a whole-weight back-projection) on the compiled path
+        from lowmem.optim import weights
+        monkeypatch.setattr(weights, "DEFAULT_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(weights, "ACCELERATOR_CHUNK_ELEMENTS", chunk_elements)
     compiled._reset_for_tests()
     counts = []
     model_c = _model(device)
