@@ -22,8 +22,16 @@ Sections of the report (`benchmarks/results/gpu-<device>.md`, or under --out):
 3. The fused kernels' bandwidth: `quant.sr_update_int8_` (the SR write) and `quant.dequantize_int8` against
    `clone()` of the same fp32 matrix, as a fraction of that copy bandwidth (bytes each must move: SR write 6 per
    element (int8 codes in and out, fp32 delta in, scales), dequantise 5 (codes in, fp32 out), clone 8).
-4. Peak memory of the same runs (CUDA allocator peak; on CPU the live-tensor counter) against
-   `lowmem.memory.estimate` for the same model, method, batch and sequence length.
+4. Peak memory of the same runs (CUDA allocator peak, `max_memory_allocated`; on CPU the live-tensor counter)
+   against `lowmem.memory.estimate` for the same model, method, batch and sequence length, like with like: the
+   estimate's CUDA context and allocator slack (which the allocator's peak does not count) are left out. Between
+   methods everything the last one built is released (lowmem's runtime detached, optimizer state cleared,
+   gc.collect, empty_cache) and the peak statistics reset, so a later method's peak is its own; the bytes still
+   allocated when a method starts are reported beside it.
+
+Optional methods (bitsandbytes, torchao): a missing library is reported "not installed", one that imports or
+builds with an error (compiled for another CUDA, an incompatible torch) "broken, skipped: <error>"; the suite goes
+on. The pytest stage streams its output into `gpu-tests-<device>.log` beside the report, so a timeout keeps it.
 
 Figures are only ever written for the device they were measured on: a CPU run writes gpu-cpu.md (a smoke test of
 this script, not GPU figures), and nothing here invents a number for a device that is absent.
@@ -31,6 +39,8 @@ this script, not GPU figures), and nothing here invents a number for a device th
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
 import statistics
 import subprocess
 import sys
@@ -47,6 +57,7 @@ from benchmarks.machine import device_tag, machine_line
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("lowmem", "adamw_bf16", "bnb_adamw8bit", "torchao_adamw8bit")
+NOT_ALLOCATED = ("cuda_context", "allocator_slack")   # estimate components the allocator's peak does not count
 
 
 @dataclass(frozen=True)
@@ -83,20 +94,27 @@ def workloads(quick: bool) -> list[Workload]:
 
 
 # -- 1. the GPU tests --------------------------------------------------------------------------------------------
-def run_gpu_tests(paths: list[str], timeout_s: float) -> dict:
+def run_gpu_tests(paths: list[str], timeout_s: float, log_path: Path) -> dict:
+    """pytest -m gpu on `paths`, its output streamed into `log_path` as it runs: a timeout (or a kill of the whole
+    suite at the device's time limit) keeps every line written so far, and the report quotes the last ones."""
     # A lent GPU machine may lack an optional test dependency: one module failing to import must not stop the
     # GPU tests of every other module.
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-m", "gpu", "-p", "no:cacheprovider",
            "--continue-on-collection-errors", *paths]
     start = time.perf_counter()
-    try:
-        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"command": " ".join(cmd[1:]), "summary": f"timed out after {timeout_s:.0f} s", "rc": None,
-                "seconds": time.perf_counter() - start}
-    lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
-    summary = lines[-1].strip("= ") if lines else done.stderr.strip()[-200:]
-    return {"command": "python " + " ".join(cmd[1:]), "summary": summary, "rc": done.returncode,
+    with open(log_path, "w", encoding="utf-8") as log_file:
+        try:
+            done = subprocess.run(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, text=True,
+                                  timeout=timeout_s)
+            rc, timed_out = done.returncode, False
+        except subprocess.TimeoutExpired:
+            rc, timed_out = None, True
+    lines = [line for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    if timed_out:
+        summary = f"timed out after {timeout_s:.0f} s; last lines: " + " / ".join(lines[-3:])[-300:]
+    else:
+        summary = lines[-1].strip("= ") if lines else f"no output (exit code {rc})"
+    return {"command": "python " + " ".join(cmd[1:]), "summary": summary, "rc": rc, "log": log_path.name,
             "seconds": time.perf_counter() - start}
 
 
@@ -112,9 +130,15 @@ def _dtype(method: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+# the optional library behind a method: absent -> "not installed"; present but failing (built for another CUDA, an
+# incompatible torch) -> "broken: <error>"; either way the suite goes on with the other methods
+OPTIONAL_PACKAGES = {"bnb_adamw8bit": "bitsandbytes", "torchao_adamw8bit": "torchao"}
+
+
 def _optimizer_step(method: str, model, device: torch.device):
-    """(step(ids), lowmem config or None, state_tensors()) for one method; raises ImportError when its library is
-    absent."""
+    """(step(ids), lowmem config or None, state_tensors(), close()) for one method. close() drops what ties the
+    model to the optimizer (lowmem's runtime hooks: the model <-> runtime cycle; an optimizer's state), so the model
+    is freed once the caller drops it. Raises whatever importing or building the method's library raises."""
     if method == "lowmem":
         from hooks.runtime import prepare
         from lowmem.presets import preset
@@ -125,7 +149,11 @@ def _optimizer_step(method: str, model, device: torch.device):
             with runtime.micro_batch():
                 runtime.backward(model(input_ids=ids, labels=ids).loss)
             runtime.step()
-        return step, cfg, lambda: [t for s in runtime.states.values() for t in s.values()]
+
+        def close():
+            runtime.detach()
+            runtime.states.clear()
+        return step, cfg, lambda: [t for s in runtime.states.values() for t in s.values()], close
     if method == "adamw_bf16":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     elif method == "bnb_adamw8bit":
@@ -141,20 +169,59 @@ def _optimizer_step(method: str, model, device: torch.device):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return step, None, lambda: [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    return step, None, lambda: [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)], \
+        opt.state.clear
+
+
+def _unavailable(method: str, err: BaseException) -> str:
+    """The status line of a method whose library could not be set up: not installed, or installed but broken."""
+    package = OPTIONAL_PACKAGES.get(method)
+    if package is not None and importlib.util.find_spec(package) is None:
+        return f"not installed ({package})"
+    text = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+    return f"broken, skipped: {type(err).__name__}: {text}"
+
+
+def _release(device: torch.device) -> None:
+    """Free what the last method left (its model, runtime and state were dropped by the caller) and start the next
+    method's peak from here: gc collects reference cycles the del left, empty_cache returns cached blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def measure_method(method: str, work: Workload, device: torch.device, steps: int) -> dict:
-    """Median steady step time, tokens/s, the first step (compile, state creation, refreshes) and peak bytes."""
-    from lowmem.memory.live_bytes import LiveTensorBytes, baseline_bytes, module_bytes
-
+    """Median steady step time, tokens/s, the first step (compile, state creation, refreshes) and peak bytes.
+    Everything the method built is released before returning (the next method's peak starts clean)."""
+    _release(device)
+    left_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     torch.manual_seed(0)
     dtype = _dtype(method, device)
     model = LlamaForCausalLM(work.config).to(device=device, dtype=dtype)
     try:
-        step, cfg, state_tensors = _optimizer_step(method, model, device)
-    except ImportError as err:
-        return {"method": method, "status": f"not installed ({err.name or err})"}
+        step, cfg, state_tensors, close = _optimizer_step(method, model, device)
+    except Exception as err:  # noqa: BLE001 - a missing or broken optional library must not stop the suite
+        del model
+        _release(device)
+        return {"method": method, "status": _unavailable(method, err)}
+    try:
+        result = _timed_steps(method, work, device, steps, model, step, state_tensors)
+    finally:
+        close()
+        del model, step, state_tensors
+        _release(device)
+    if result["status"] == "ok":
+        result["dtype"] = dtype
+        result["left_bytes"] = left_bytes
+        result["estimate_bytes"] = _estimate(method, work, cfg, dtype, device)
+    return result
+
+
+def _timed_steps(method: str, work: Workload, device: torch.device, steps: int, model, step, state_tensors) -> dict:
+    from lowmem.memory.live_bytes import LiveTensorBytes, baseline_bytes, module_bytes
+
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, work.config.vocab_size, (work.batch, work.seq_len), generator=gen).to(device)
                for _ in range(steps + 2)]
@@ -188,13 +255,8 @@ def measure_method(method: str, work: Workload, device: torch.device, steps: int
         # model + optimizer state that lived before the counted step + what that step held at its peak
         peak = resident + baseline_bytes(state_tensors()) + counter.peak_bytes
     step_s = statistics.median(times)
-    result = {"method": method, "status": "ok", "step_s": step_s, "first_step_s": first_s,
-              "tokens_per_s": work.batch * work.seq_len / step_s, "peak_bytes": peak, "dtype": dtype}
-    result["estimate_bytes"] = _estimate(method, work, cfg, dtype, device)
-    del model, step, state_tensors
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
+    return {"method": method, "status": "ok", "step_s": step_s, "first_step_s": first_s,
+            "tokens_per_s": work.batch * work.seq_len / step_s, "peak_bytes": peak}
 
 
 def _estimate(method: str, work: Workload, cfg, dtype: torch.dtype, device: torch.device) -> int | None:
@@ -204,7 +266,9 @@ def _estimate(method: str, work: Workload, cfg, dtype: torch.dtype, device: torc
         return None
     breakdown = estimate(work.config, method=planned, seq_len=work.seq_len, micro_batch_size=work.batch,
                          gradient_checkpointing=False, lowmem_config=cfg, dtype=dtype, device_type=device.type)
-    return breakdown.peak_bytes
+    # like with like: torch.cuda.max_memory_allocated counts tensors only, not the CUDA context (and cuBLAS
+    # workspace) nor the caching allocator's slack, which the estimate adds on CUDA for a fit decision
+    return breakdown.peak_bytes - sum(breakdown.components.get(k, 0) for k in NOT_ALLOCATED)
 
 
 # -- 3. kernel bandwidth -----------------------------------------------------------------------------------------
@@ -260,24 +324,30 @@ def render(device: torch.device, args, tests: dict | str | None, runs: list[tupl
     elif isinstance(tests, str):
         lines.append(tests)
     else:
-        lines.append(f"`{tests['command']}`: {tests['summary']} ({tests['seconds']:.0f} s)")
+        lines.append(f"`{tests['command']}`: {tests['summary']} ({tests['seconds']:.0f} s; full output in "
+                     f"`{tests['log']}`)")
     lines += ["", "## 2. Step time, tokens/s and peak memory vs lowmem.memory.estimate", "",
               "Measured side by side in this run; steady steps (median of the timed steps) after one warm-up; the "
-              "first step includes state creation, compilation and (lowmem) the projector refreshes.", ""]
+              "first step includes state creation, compilation and (lowmem) the projector refreshes. Peak: the "
+              "allocator's peak over the timed steps (CPU: live tensor bytes). Estimate: lowmem.memory.estimate "
+              "without its CUDA context and allocator slack, which the allocator's peak does not count. Allocated "
+              "at start: what earlier methods left behind (0 when they were freed).", ""]
     for work, results in runs:
         lines += [f"### {work.name}: batch {work.batch} x seq {work.seq_len}", "",
                   "| method | steady step s | tokens/s | ratio to adamw_bf16 | first step s | peak MiB | estimate MiB "
-                  "| measured / estimate |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| measured / estimate | allocated at start MiB |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         base = next((r for r in results if r["method"] == "adamw_bf16" and r["status"] == "ok"), None)
         for r in results:
             if r["status"] != "ok":
-                lines.append(f"| {r['method']} | {r['status']} | | | | | | |")
+                lines.append(f"| {r['method']} | {r['status']} | | | | | | | |")
                 continue
             ratio = f"{r['step_s'] / base['step_s']:.2f}" if base else "n/a"
             est = r.get("estimate_bytes")
             vs = f"{r['peak_bytes'] / est:.2f}" if est else "n/a"
             lines.append(f"| {r['method']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {ratio} | "
-                         f"{r['first_step_s']:.2f} | {_mib(r['peak_bytes'])} | {_mib(est)} | {vs} |")
+                         f"{r['first_step_s']:.2f} | {_mib(r['peak_bytes'])} | {_mib(est)} | {vs} | "
+                         f"{_mib(r.get('left_bytes'))} |")
         lines.append("")
     lines += ["## 3. Kernel bandwidth", "",
               f"{args.kernel_rows} x {args.kernel_cols} fp32-equivalent matrix; fraction = the kernel's bytes per "
@@ -346,7 +416,8 @@ def main(argv=None) -> int:
         tests = "not run: no CUDA device (every test marked gpu would skip)"
     else:
         test_paths = ["tests/unit/hooks/test_no_sync.py"] if args.quick else ["tests"]
-        tests = run_gpu_tests(test_paths, min(args.tests_timeout, args.budget_s))
+        tests = run_gpu_tests(test_paths, min(args.tests_timeout, args.budget_s),
+                              args.out / f"gpu-tests-{device_tag(device)}.log")
         print(f"pytest -m gpu: {tests['summary']}", flush=True)
     write()
     skipped = f"skipped: the {args.budget_s:.0f} s budget was spent"

@@ -294,6 +294,8 @@ def main(argv=None) -> int:
             total = sum(calls * outside_us / 1e3 for calls, _, outside_us in r["calls"].values())
             print(f"| all | {sum(c for c, _, _ in r['calls'].values()):.0f} | "
                   f"{sum(i for _, i, _ in r['calls'].values()):.1f} | | {total:.1f} |")
+            print(f"\nhost time outside the compiled graphs: {total:.1f} ms per step = {total / step_ms:.1%} of the "
+                  f"steady step (target <= 2%)")
     print("\ncompile s: kernels compiled during step 0 (runtime.step()['compile_s']; 0 when an earlier method in this "
           "process, or an earlier run via the inductor cache, already compiled them)")
     return 0

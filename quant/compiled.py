@@ -11,16 +11,32 @@ What is compiled (torch.compile, inductor: C++ on CPU, Triton on CUDA, from the 
 The counter hash runs on int32 words (wrapping multiply; logical shifts as masked arithmetic shifts), the same bits
 as the eager twin's int64 arithmetic with half the vector lanes' cost. The eager functions in quant.int8 /
 quant.noise / quant.moments8 are the reference twins; every compiled kernel gives the same bits
-(tests/unit/quant/test_compiled.py). Two things make that hold under inductor:
-  - 127 enters the kernels as a 0-dim tensor, so the scale division stays a true division whatever a backend does
-    with division by a literal (a multiplication by a rounded reciprocal would change bits). On CPU (torch 2.13) a
-    literal divisor was checked to give the same bits too; on CUDA this is covered by the `gpu` test only;
-  - every float op is a single correctly rounded IEEE op (mul, add, div, abs, floor, compare, max), which C++ and
-    Triton evaluate like eager torch; the stochastic floor is the exact no-rounding form of quant.int8.
+(tests/unit/quant/test_compiled.py), on CPU and on CUDA. Why that holds:
+  - every float op is a single correctly rounded IEEE op (mul, add, div, abs, floor, compare, max, the fp64 root of
+    lowmem.optim.moments), which C++ evaluates like eager torch; the stochastic floor is the exact no-rounding form
+    of quant.int8; 127 enters the kernels as a 0-dim tensor, so the scale division stays a true division whatever a
+    backend does with division by a literal (a multiplication by a rounded reciprocal would change bits);
+  - on CUDA (Triton) three of inductor's defaults would not: `/` (and reciprocal) lowers to the approximate
+    `div.full`, `a * b + c` is contracted to one fused multiply-add, and subnormals may be flushed to zero. Eager
+    CUDA kernels divide with IEEE rounding, run each op as its own kernel and keep subnormals, so lowmem compiles its
+    own kernels for a non-CPU device with inductor's eager-numerics settings (`triton_numerics_options`: torch
+    2.11-2.13 `eager_numerics.division_rounding` (env TORCHINDUCTOR_EMULATE_DIVISION_ROUNDING), older releases
+    `emulate_divison_rounding`; `emulate_precision_casts`, which also turns Triton's fp fusion off;
+    `eager_numerics.disable_ftz` where it exists), passed as torch.compile options: they apply to these compiles
+    only, never to the caller's own torch.compile or to the process's config. A torch without a division-rounding
+    setting runs the eager twins on CUDA (one warning line) rather than claim bits it cannot give;
+  - the twin on CUDA is the pure-torch code on the same device, not bitsandbytes: quant.moments8 encodes moments with
+    its own nearest-code search on every device (bitsandbytes' blockwise quantiser, built with fast math, can move a
+    value lying within an ulp of a code midpoint to the neighbouring code: a third variant). So CPU, CUDA eager and
+    CUDA compiled give one set of bits for these kernels, and an eager fallback mid-run (a recompile limit, a
+    compiler failure) does not change them. (bitsandbytes remains an explicit choice: lowmem.optim.float_adamw's
+    backend="bnb".)
+Inside a caller's own torch.compile the kernels' ops join the caller's graph under the caller's settings; what a
+compiled model traces is dequantisation, an exact product q * s (one rounding, no division, nothing to contract).
 
 Shapes are dynamic (every tensor dimension marked dynamic, sizes 0/1 not specialised, no duck shaping; see
-`_shape_policy`): per kernel and static setting (block size, rounding mode, dtype) a couple of graphs (rows a whole
-number of blocks or not) serve every matrix shape and chunk size, so a 7B model does not compile once per weight
+`_shape_policy_patchers`): per kernel and static setting (block size, rounding mode, dtype) a couple of graphs (rows
+a whole number of blocks or not) serve every matrix shape and chunk size, so a 7B model does not compile once per weight
 shape (tests/unit/quant/test_compiled.py::test_recompiles_bounded_across_shapes). The inductor FX-graph cache is on by default and lives in
 TORCHINDUCTOR_CACHE_DIR (default /tmp/torchinductor_<user>): a second run, or a second test process, loads the
 compiled kernels from disk instead of compiling again.
@@ -28,12 +44,12 @@ compiled kernels from disk instead of compiling again.
 Policy (`enabled()`): on by default where torch.compile works; off when LOWMEM_COMPILE=0 (environment, wins over
 everything), when set_enabled(False) was called (LowMemConfig.compile=False), or after a compilation failed (no C++
 compiler, inductor error): then one warning line is logged and every kernel runs its eager twin for the rest of
-the process. Under a TorchDispatchMode (lowmem.memory's live-bytes meter) the eager twin runs, as dynamo does not
+the process; a kernel inductor cannot lower (a LoweringException) runs its eager twin on its own, the others stay
+compiled. Under a TorchDispatchMode (lowmem.memory's live-bytes meter) the eager twin runs, as dynamo does not
 trace under such modes. `compile_seconds()` is the wall time spent in calls that compiled a new graph (the first-use cost).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -44,6 +60,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters as _dynamo_counters
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 log = logging.getLogger(__name__)
@@ -62,11 +79,50 @@ _failed: str | None = None   # the first compilation error, once one happened
 _compile_s: float = 0.0
 _kernels: dict[tuple, Callable] = {}
 _over_limit: set[tuple] = set()
+_eager_devices: set[str] = set()   # device types without a bit-identical compile (warned once)
+_uncompilable: set[tuple] = set()  # kernels inductor could not lower (LoweringException): run eagerly
 
 
-def _specialise(fn: Callable, static: dict) -> Callable:
+# inductor settings that make Triton evaluate float ops as eager CUDA does (module docstring). Each entry lists the
+# names one setting has had across torch releases, newest first; `required` ones must exist for the bits to hold.
+_EAGER_NUMERICS = (
+    (("eager_numerics.division_rounding", "emulate_divison_rounding"), True),  # `/` as div_rn, not div.full
+    (("emulate_precision_casts",), True),           # also enable_fp_fusion=False: no a * b + c -> fma
+    (("eager_numerics.disable_ftz",), False),       # keep subnormals (absent before torch 2.11: then best effort)
+)
+
+
+def _inductor_option_names() -> set[str]:
+    """Every option name this torch's inductor config knows (nested ones dotted, as torch.compile takes them)."""
+    from torch._inductor import config as inductor_config
+    return set(inductor_config.get_config_copy())
+
+
+@functools.lru_cache(maxsize=None)
+def triton_numerics_options() -> dict[str, bool] | None:
+    """{inductor option: True} that make this torch's Triton kernels round like eager CUDA (module docstring), as
+    torch.compile(options=...) takes them; None when this torch lacks a required one (no division-rounding
+    setting): then no compiled kernel can be bit-identical on CUDA."""
+    known = _inductor_option_names()
+    options = {}
+    for names, required in _EAGER_NUMERICS:
+        name = next((n for n in names if n in known), None)
+        if name is None and required:
+            return None
+        if name is not None:
+            options[name] = True
+    return options
+
+
+def compile_options(device_type: str) -> dict[str, bool] | None:
+    """The inductor options lowmem's kernels are compiled with on a device of `device_type`: none on CPU (C++ is
+    already eager's arithmetic), triton_numerics_options() elsewhere (None: no bit-identical compile possible)."""
+    return {} if device_type == "cpu" else triton_numerics_options()
+
+
+def _specialise(fn: Callable, static: dict, options: dict | None = None) -> Callable:
     """torch.compile of fn with the keyword-only `static` values baked in as constants (block size, rounding mode,
-    dtype), and every tensor dimension dynamic.
+    dtype), every tensor dimension dynamic, and inductor `options` (compile_options) for these graphs only.
 
     The function gets its own copy of fn's code object: dynamo keeps its graphs (and its recompile limit) per code
     object, so each specialisation has its own few shape classes instead of all of them sharing one limit. Ints
@@ -75,7 +131,7 @@ def _specialise(fn: Callable, static: dict) -> Callable:
     """
     clone = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     clone.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), **static}   # fn's own keyword defaults stay
-    return torch.compile(clone, dynamic=None, fullgraph=True)
+    return torch.compile(clone, dynamic=None, fullgraph=True, options=options or None)
 
 
 def set_enabled(flag: bool) -> None:
@@ -116,33 +172,39 @@ def _reset_for_tests() -> None:
     _configured, _failed = True, None
 
 
-@contextlib.contextmanager
-def _shape_policy():
+@functools.lru_cache(maxsize=1)
+def _shape_policy_patchers() -> tuple[Callable, Callable]:
     """Dynamo settings for our kernels only (the caller's own torch.compile keeps its settings): sizes 0 and 1 are
-    not specialised (size-oblivious), equal sizes are not assumed equal (no duck shaping), and a higher recompile
-    limit for the few shape classes left (block padding or not). Set and restored by hand: config.patch costs
-    several times more per call."""
+    not specialised (size-oblivious), equal sizes are not assumed equal (no duck shaping), and a recompile limit of
+    at least _RECOMPILE_LIMIT (the process's limit when the first kernel ran, if higher) for the few shape classes
+    left (block padding or not). Each patcher sets its values and returns the function that restores the previous
+    ones: torch's low-overhead closure patchers (config.patch costs several times more per call), made once."""
     fx_config, dynamo_config = torch.fx.experimental._config, torch._dynamo.config
-    saved = (fx_config.backed_size_oblivious, fx_config.use_duck_shape, dynamo_config.recompile_limit)
-    fx_config.backed_size_oblivious, fx_config.use_duck_shape = True, False
-    dynamo_config.recompile_limit = max(saved[2], _RECOMPILE_LIMIT)
-    try:
-        yield
-    finally:
-        fx_config.backed_size_oblivious, fx_config.use_duck_shape, dynamo_config.recompile_limit = saved
+    return (fx_config._make_closure_patcher(backed_size_oblivious=True, use_duck_shape=False),
+            dynamo_config._make_closure_patcher(recompile_limit=max(dynamo_config.recompile_limit,
+                                                                    _RECOMPILE_LIMIT)))
 
 
 def _graphs() -> int:
-    from torch._dynamo.utils import counters
-    return int(counters["stats"]["unique_graphs"])
+    return int(_dynamo_counters["stats"]["unique_graphs"])
+
+
+def _device_type(args: tuple) -> str:
+    """The device type ("cpu", "cuda", ...) of a kernel call: that of its first tensor argument."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg.device.type
+    return "cpu"
 
 
 def call(name: str, fn: Callable, eager: Callable, *args, **static):
-    """fn compiled (once, dynamic shapes) applied to args; eager(*args) when compilation is off or fails.
+    """fn compiled (once per device type and static values, dynamic shapes) applied to args; eager(*args) when
+    compilation is off or fails.
 
     Called while the caller's own model is being traced by torch.compile, fn is traced inline (no nested compile).
     A compilation failure (BackendCompilerFailed: no C++ compiler, an inductor error) is logged as one warning
-    line and turns compilation off for the process; errors raised by the kernel's own inputs propagate.
+    line and turns compilation off for the process; errors raised by the kernel's own inputs propagate. On a device
+    whose compiler cannot give the eager twin's bits (compile_options is None) the eager twin runs.
     """
     global _failed, _compile_s
     if torch.compiler.is_compiling() and _configured and not env_disabled():
@@ -151,20 +213,35 @@ def call(name: str, fn: Callable, eager: Callable, *args, **static):
         # A TorchDispatchMode (lowmem.memory's live-bytes meter, a profiler mode) sees each aten op: the eager twin
         # gives it the ops it expects, and dynamo does not trace under such modes.
         return eager(*args, **static)
-    cache_key = (name, *sorted(static.items(), key=lambda item: item[0]))
+    device_type = _device_type(args)
+    cache_key = (name, device_type, *static.items())   # each call site passes its static values in one order
     kernel = _kernels.get(cache_key)
+    if cache_key in _uncompilable:
+        return eager(*args, **static)
     if kernel is None:
+        options = compile_options(device_type)
+        if options is None:
+            if device_type not in _eager_devices:
+                _eager_devices.add(device_type)
+                log.warning("lowmem: this torch %s has no inductor setting for IEEE division in Triton; the quant "
+                            "kernels run eagerly on %s (compiled ones would not give the eager bits)",
+                            torch.__version__, device_type)
+            return eager(*args, **static)
         with _lock:
-            kernel = _kernels.setdefault(cache_key, _specialise(fn, static))
-    for arg in args:
-        if isinstance(arg, torch.Tensor):
-            for dim in range(arg.dim()):
-                torch._dynamo.maybe_mark_dynamic(arg, dim)
+            kernel = _kernels.setdefault(cache_key, _specialise(fn, static, options))
     before = _graphs()
     start = time.perf_counter()
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and arg.dim():
+            torch._dynamo.maybe_mark_dynamic(arg, list(range(arg.dim())))   # one call per tensor, not per dim
+    shape_policy, recompile_policy = _shape_policy_patchers()
     try:
-        with _shape_policy():
+        restore_shapes, restore_limit = shape_policy(), recompile_policy()
+        try:
             out = kernel(*args)
+        finally:
+            restore_limit()
+            restore_shapes()
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         # More shape classes than dynamo's recompile limit for one specialisation: this call runs eagerly.
         if cache_key not in _over_limit:
@@ -174,7 +251,14 @@ def call(name: str, fn: Callable, eager: Callable, *args, **static):
     except torch._dynamo.exc.BackendCompilerFailed as exc:
         cause = getattr(exc, "inner_exception", None) or exc
         text = str(cause).strip()
-        _failed = f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+        reason = f"{type(cause).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+        if type(cause).__name__ == "LoweringException":
+            # inductor cannot lower this one graph (torch 2.11: the moment encoder's short last block); the other
+            # kernels stay compiled, this specialisation runs its eager twin from now on (the same bits)
+            _uncompilable.add(cache_key)
+            log.warning("lowmem: this torch cannot compile the %s kernel (%s); its calls run eagerly", name, reason)
+            return eager(*args, **static)
+        _failed = reason
         log.warning("lowmem: torch.compile is unavailable here (%s); the quant kernels run eagerly "
                     "(set %s=0 to skip trying)", _failed, ENV_VAR)
         return eager(*args, **static)
@@ -442,11 +526,35 @@ def sr_chunk_(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, *, key
         if c1 == c0:
             continue
         q_part, s_part, d_part = _dense_copy(q[:, c0:c1]), _dense_copy(scales[:, b0:b1]), _dense_copy(delta[:, c0:c1])
-        call(name, kernel, _run_plain(kernel), q_part, s_part, d_part, qmax,
-             _key_words(key, counter_start, rows * n, mix64, device, row_stride=n, col0=c0), *kept,
-             stochastic=stochastic)
+        part_keys = _key_words(key, counter_start, rows * n, mix64, device, row_stride=n, col0=c0)
+        if c1 - c0 == 1:
+            # a one-column block: the kernel's ops run eagerly (same bits), as inductor 2.11 fails to generate code
+            # for the kept form at block length 1 (IndexError), which would turn compilation off for the process
+            _run_plain(kernel)(q_part, s_part, d_part, qmax, part_keys, *kept, stochastic=stochastic)
+        else:
+            call(name, kernel, _run_plain(kernel), q_part, s_part, d_part, qmax, part_keys, *kept,
+                 stochastic=stochastic)
         q[:, c0:c1].copy_(q_part)
         scales[:, b0:b1].copy_(s_part)
+
+
+def sr_write_inputs(shape: tuple[int, int], *, key: int, mix64: Callable[[int], int], device
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qmax fp32 0-dim, int32 key words) for writing a whole (m, n) matrix, m * n < 2**31, inside a caller's kernel
+    with sr_write_traceable_: element (i, j) draws the noise of counter i * n + j (sr_update_int8_'s)."""
+    m, n = shape
+    qmax = cached_constants((float(_QMAX),), dtype=torch.float32, device=torch.device(device))[0]
+    return qmax, _key_words(key, 0, m * n, mix64, device, row_stride=n)
+
+
+def sr_write_traceable_(q: torch.Tensor, scales: torch.Tensor, delta: torch.Tensor, qmax: torch.Tensor,
+                        keys: torch.Tensor, keep: torch.Tensor | None, *, stochastic: bool) -> None:
+    """The SR kernel's plain ops for a caller's kernel: q int8 (m, n) and scales fp32 (m, nb), contiguous, n a
+    multiple of the block size, <- requantize(q * s + delta) in place (kept where keep (1,) holds). The same bits as
+    sr_update_int8_ with the (qmax, keys) of sr_write_inputs."""
+    codes, scale = _sr_blocks_values(q, scales, delta, qmax, keys, keep, stochastic=stochastic)
+    q.view(codes.shape).copy_(codes)
+    scales.copy_(scale)
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, *, block_size: int, dtype: torch.dtype,

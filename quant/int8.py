@@ -273,9 +273,8 @@ def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Te
         if from_callable:
             w = None
             if reads_weight:
-                w = (compiled.dequantize(q[r0:r1], scales[r0:r1], block_size=block_size, dtype=torch.float32,
-                                         eager=_dequantize_eager) if use_compiled
-                     else _dequantize_rows(q[r0:r1], scales[r0:r1], block_size))
+                # eager even with kernels on: one product (the same bits), without a compiled call's host cost
+                w = _dequantize_rows(q[r0:r1], scales[r0:r1], block_size)
             d = delta(r0, r1, w)
             name = f"delta_rows({r0}, {r1})"
             _check_delta(d, q, name, (r1 - r0, n))
@@ -295,6 +294,13 @@ def sr_update_int8_(q: torch.Tensor, scales: torch.Tensor, delta: Union[torch.Te
         else:
             _sr_rows_eager_(q[r0:r1], scales[r0:r1], d, block_size=block_size, stochastic=stochastic, seed=seed,
                             stream=stream, step=step, row_start=r0, w=w, keep=keep)
+
+
+def sr_write_inputs(q: torch.Tensor, *, seed: int, stream: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qmax, key words) of a whole-matrix SR write of q int8 (m, n) traced into a caller's compiled kernel
+    (quant.compiled.sr_write_traceable_): the noise sr_update_int8_ draws under (seed, stream, step)."""
+    return compiled.sr_write_inputs(tuple(q.shape), key=stream_key(seed, stream, step), mix64=_mix64,
+                                    device=q.device)
 
 
 def _sr_rows_eager_(q: torch.Tensor, scales: torch.Tensor, d: torch.Tensor, *, block_size: int, stochastic: bool,

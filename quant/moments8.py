@@ -7,18 +7,20 @@ Per block, absmax = max|x| (fp32); each value is stored as the uint8 index of th
 relative precision. The signed map serves first moments; the unsigned one (twice the resolution, no negatives)
 second moments.
 
-Devices: on CUDA, when bitsandbytes is importable and block_size is one it supports (64 .. 4096, powers of two),
-the bitsandbytes kernels run; everywhere else a pure-torch twin produces the same codes:
+Devices: the same pure-torch code on every device (compiled where quant.compiled is on, bit-identical to its eager
+form), so a moment has the same codes on CPU and CUDA, compiled or not:
   v = x * (1 / absmax)            (fp32, the product bitsandbytes forms too)
   code = index of the nearest map entry to v; at an exact midpoint between entries k and k + 1 the even index wins
          (this is what bitsandbytes' CUDA binary search returns);
-  an all-zero block has absmax 0 and codes 0 (on every path; bitsandbytes returns 0 there as well).
-Known differences, none of which changes the format: bitsandbytes' CUDA build uses --use_fast_math, whose
-approximate reciprocal can move v by an ulp and so flip a value lying within an ulp of a midpoint to the neighbouring
-code; and bitsandbytes' own CPU kernel (0.50.x) rounds v to a 65536-point grid on [-1, 1] before the lookup, so
-for |v| below about 1e-3 it often picks a code that is not the nearest (measured in the tests: 1.4% of the codes of
-a signed tensor with a wide dynamic range, 35% of its squares with the unsigned map). The twin always picks the
-nearest, so the CPU twin deliberately does not follow bitsandbytes' CPU kernel.
+  an all-zero block has absmax 0 and codes 0 (bitsandbytes returns 0 there as well).
+Why not bitsandbytes' own blockwise kernels on CUDA: they are a third variant. Its CUDA build uses --use_fast_math,
+whose approximate reciprocal can move v by an ulp and so flip a value lying within an ulp of a midpoint to the
+neighbouring code (the compiled twin and an eager fallback mid-run would then disagree, and the bits would depend on
+whether bitsandbytes is installed); and its CPU kernel (0.50.x) rounds v to a 65536-point grid on [-1, 1] before
+the lookup, so for |v| below about 1e-3 it often picks a code that is not the nearest (measured in the tests: 1.4%
+of the codes of a signed tensor with a wide dynamic range, 35% of its squares with the unsigned map). The format is
+bitsandbytes', so its fused 8-bit Adam kernel reads and writes the same state (lowmem.optim.float_adamw's
+backend="bnb", an explicit choice).
 
 Error: |x - decode(code)| <= absmax * (largest gap between adjacent map entries) / 2, since the nearest entry is at
 most half a gap away; tests derive the gap from the map itself.
@@ -40,7 +42,6 @@ import torch
 from quant import _checks, compiled
 
 BLOCK_SIZE = 256
-_BNB_BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 # Twin's elements per step on CPU: temporaries stay in cache, and at torch's grain size (32768) each op runs on one
 # thread, which avoids fork/join stalls that cost more than they gain at this size (measured on a busy 2-core box).
 _CHUNK_ELEMS = 1 << 15
@@ -89,16 +90,6 @@ def dynamic_map(signed: bool = True, *, squared: bool = False) -> torch.Tensor:
     bitsandbytes.functional.create_dynamic_map(signed=signed). squared=True (unsigned only): that map's values
     squared, the second-moment map (module docstring)."""
     return _cached(_check_signed(signed, squared), torch.device("cpu"), squared)[0].clone()
-
-
-def _use_bnb(device: torch.device, block_size: int):
-    if device.type != "cuda" or block_size not in _BNB_BLOCK_SIZES:
-        return None
-    try:
-        import bitsandbytes.functional as bnb_functional
-    except ImportError:
-        return None
-    return bnb_functional
 
 
 def _check_signed(signed, squared=False) -> bool:
@@ -179,13 +170,6 @@ def quantize_moment8(x: torch.Tensor, *, signed: bool, block_size: int = BLOCK_S
     if numel == 0:
         return (torch.empty(x.shape, dtype=torch.uint8, device=x.device),
                 torch.empty(0, dtype=torch.float32, device=x.device))
-    bnb_functional = _use_bnb(x.device, block_size)
-    if bnb_functional is not None:
-        table = _cached(signed, x.device, squared)[0]
-        codes, state = bnb_functional.quantize_blockwise(x.contiguous(), code=table, blocksize=block_size)
-        absmax = state.absmax
-        _zero_empty_blocks_(codes.view(-1), absmax, block_size)
-        return codes, absmax
     return _quantize_twin(x, signed, block_size, n_blocks, squared)
 
 
@@ -271,11 +255,6 @@ def dequantize_moment8(codes: torch.Tensor, absmax: torch.Tensor, *, signed: boo
         return torch.empty(codes.shape, dtype=dtype, device=codes.device)
     absmax = absmax.float()
     table = _cached(signed, codes.device, squared)[0]
-    bnb_functional = _use_bnb(codes.device, block_size)
-    if bnb_functional is not None and dtype in (torch.float32, torch.float16, torch.bfloat16):
-        state = bnb_functional.QuantState(absmax=absmax, code=table, blocksize=block_size, dtype=dtype)
-        return bnb_functional.dequantize_blockwise(codes.contiguous(), quant_state=state)
-
     out = _dequantize_twin_eager(codes.reshape(-1), absmax, table, block_size).view(codes.shape)
     return out if dtype == torch.float32 else out.to(dtype)
 

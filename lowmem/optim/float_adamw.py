@@ -92,7 +92,7 @@ def float_adamw_update_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *
     above with the direction m̂ / (√v̂ + ε) clamped to ±`adam_direction_bound(t)` (exact Adam never exceeds it; it
     caps what a second moment quantised to 0 beside a surviving first moment would make of m / ε), re-quantize
     (new absmax per block; the second moment on the squared map, quant.moments8). `backend`: "auto" and "torch" run
-    this pure-torch twin (on CUDA its quantisation is bitsandbytes' blockwise kernels); "bnb" runs bitsandbytes'
+    this pure-torch twin (the same code and bits on every device, quant.moments8); "bnb" runs bitsandbytes'
     fused blockwise 8-bit Adam kernel (`optimizer_update_8bit_blockwise("adam", ...)`, same state layout: the
     squared map is handed to it as qmap2; block_size 256, grad dtype == param dtype, contiguous; ValueError
     otherwise). bits=32 always uses torch.
@@ -108,8 +108,8 @@ def float_adamw_update_(param: Tensor, grad: Tensor, state: dict[str, Tensor], *
         lr²·λ·|u| per step; for a bf16 param it rounds to bf16 twice (after the step and after the decay);
       - the kernel's code search (`quantize_2D`) is a binary search with midpoint tests on fast-math
         (`__fdividef`, `__powf`) values, and it nudges a first-moment code by one when rounding flipped its sign;
-        the twin re-quantizes through `quant.moments8` (nearest code on CPU, bnb's standalone blockwise quantizer
-        on CUDA), so a code can differ near a midpoint;
+        the twin re-quantizes through `quant.moments8` (the nearest code, on every device), so a code can differ
+        near a midpoint;
       - no direction bound (above);
       - for NaN/Inf gradient elements the kernel zeroes both moments and leaves the param element untouched; the
         8-bit twin raises ValueError (quant.moments8 refuses non-finite moments) before changing param or state,

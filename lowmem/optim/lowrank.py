@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from lowmem.config import LowMemConfig
+from lowmem.optim import fused_update
 from lowmem.optim.linop import DenseGrad, GradOperator, ReducedGrad, SumGrad
 from lowmem.optim.moments import BIAS_KEYS, adam_direction_, init_moments, load_moments, transfer_moments_
 from lowmem.optim.projector import (CrossHead, backproject, backproject_gather, backproject_rows, compute_projector,
@@ -399,7 +400,9 @@ def _apply_update(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor]
             values = torch.where(inside, sparse, torch.zeros((), dtype=sparse.dtype, device=sparse.device))
             delta.view(-1).index_add_(0, torch.where(inside, local, 0), values, alpha=-lr)
         if decay:
-            delta.add_(w_rows, alpha=-decay)
+            # the product rounded on its own, then the sum (add's alpha form is one fused multiply-add on some
+            # backends): the ops of the one-call path (lowmem.optim.fused_update), so both give the same bits
+            delta.add_(w_rows * -decay)
         return delta
 
     delta_rows.reads_weight = bool(decay)  # without decay the SR write need not dequantize the rows for us
@@ -474,20 +477,29 @@ def commit_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accu
     expects_sparse = _expects_sparse(spec, cfg, state, accum, proj)
     had_indices = "res_idx" in state
     step = int(state["step"]) + 1
-    direction, exp_avg_sq = adam_direction_(state, grad_lowrank, step=step, beta1=cfg.betas[0], beta2=cfg.betas[1],
-                                            eps=cfg.eps, bits=cfg.optim_bits, block_size=cfg.moment_block_size,
-                                            coord_dim=1 if side == "right" else 0)
-    sparse = _sparse_residual(spec, cfg, state, grad_lowrank, grad_at_idx, proj, direction, exp_avg_sq, side,
-                              step)
-    if exchange is not None:
-        # Collective order, mirrored by _follow_: the update (or the skip) first, then newly selected indices.
-        exchange.share_update(direction, sparse, False, direction_shape=shape,
-                              sparse_numel=sparse.numel() if expects_sparse else 0)
-        if not had_indices and "res_idx" in state:
-            exchange.share_indices(state["res_idx"])
-    if exchange is None or exchange.writes_weight:
-        _apply_update(spec, cfg, state, weight, direction, sparse, proj, lr=lr, global_step=global_step,
-                      keep_old=skip if guarded else None)
+    plain = exchange is None and not uses_residual(spec, cfg) and not uses_error_feedback(spec, cfg)
+    if fused_update.applies(weight, optim_bits=cfg.optim_bits, plain=plain):
+        # Adam, back-projection, decay and the INT8 write as one compiled call: the bits of the path below
+        fused_update.lowrank_update_(state, grad_lowrank, proj, weight, side=side, step=step, global_step=global_step,
+                                     beta1=cfg.betas[0], beta2=cfg.betas[1], eps=cfg.eps,
+                                     moment_block=cfg.moment_block_size, low_rank_lr=lr * cfg.scale,
+                                     decay=lr * cfg.weight_decay, keep=skip if guarded else None)
+    else:
+        direction, exp_avg_sq = adam_direction_(state, grad_lowrank, step=step, beta1=cfg.betas[0],
+                                                beta2=cfg.betas[1], eps=cfg.eps, bits=cfg.optim_bits,
+                                                block_size=cfg.moment_block_size,
+                                                coord_dim=1 if side == "right" else 0)
+        sparse = _sparse_residual(spec, cfg, state, grad_lowrank, grad_at_idx, proj, direction, exp_avg_sq, side,
+                                  step)
+        if exchange is not None:
+            # Collective order, mirrored by _follow_: the update (or the skip) first, then newly selected indices.
+            exchange.share_update(direction, sparse, False, direction_shape=shape,
+                                  sparse_numel=sparse.numel() if expects_sparse else 0)
+            if not had_indices and "res_idx" in state:
+                exchange.share_indices(state["res_idx"])
+        if exchange is None or exchange.writes_weight:
+            _apply_update(spec, cfg, state, weight, direction, sparse, proj, lr=lr, global_step=global_step,
+                          keep_old=skip if guarded else None)
 
     if uses_error_feedback(spec, cfg):
         grad_dense = accum["grad_dense"] * clip_coef

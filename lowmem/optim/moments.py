@@ -43,10 +43,23 @@ def init_moments(shape: tuple[int, ...], *, bits: int, block_size: int = 256,
                  device: torch.device | str | None = None) -> dict[str, Tensor]:
     """Zero moments of `shape`. Keys: exp_avg / exp_avg_sq (16/32 bit) or *_codes uint8 + *_absmax fp32 (8 bit)."""
     _check_bits(bits)
-    zeros = torch.zeros(shape, dtype=torch.float32, device=device)
     state: dict[str, Tensor] = {}
-    store_moments_(state, zeros, zeros, bits=bits, block_size=block_size)
+    _store_zero_moments_(state, tuple(shape), bits=bits, block_size=block_size, device=device)
     return state
+
+
+def _store_zero_moments_(state: dict[str, Tensor], shape: tuple[int, ...], *, bits: int, block_size: int,
+                         device) -> None:
+    """Zero moments of `shape` into `state`: at 8 bits the codes and absmax an encoding of zeros gives (all-zero
+    blocks: absmax 0, codes 0), written directly (no encoder call)."""
+    if bits != 8:
+        zeros = torch.zeros(shape, dtype=torch.float32, device=device)
+        store_moments_(state, zeros, zeros, bits=bits, block_size=block_size)
+        return
+    num_blocks = -(-math.prod(shape) // block_size)
+    for name in _NAMES:
+        state[f"{name}_codes"] = torch.zeros(shape, dtype=torch.uint8, device=device)
+        state[f"{name}_absmax"] = torch.zeros(num_blocks, dtype=torch.float32, device=device)
 
 
 def load_moments(state: dict[str, Tensor], *, bits: int, block_size: int = 256) -> tuple[Tensor, Tensor]:
@@ -220,33 +233,54 @@ def _advance_masses_(state: dict[str, Tensor], beta1: float, beta2: float) -> No
     state["bias2"].mul_(beta2).add_(1.0 - beta2)
 
 
+def adam8_step_inputs(state: dict[str, Tensor], grad: Tensor, *, step: int, beta1: float, beta2: float, eps: float,
+                      coord_dim: int) -> tuple[Tensor, Tensor | None]:
+    """(h, element_scales) of one 8-bit low-rank Adam step on R of grad's shape: h = adam8_hyper; element_scales
+    None (global bias correction) or fp32 (3, numel) per-element mass scales when the state carries bias masses,
+    which this advances (call it once per step)."""
+    h = adam8_hyper(step=step, beta1=beta1, beta2=beta2, eps=eps, device=grad.device)
+    if "bias1" not in state:
+        return h, None
+    _advance_masses_(state, beta1, beta2)
+    coord_scales = mass_scales(state["bias1"], state["bias2"], bound=adam_direction_bound(step, beta1, beta2),
+                               coord_dim=coord_dim)
+    return h, coord_scales.expand(3, *grad.shape).reshape(3, -1)   # a copy: 12 bytes per element
+
+
+def moment_codes(state: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The 8-bit state's (M' codes flat, M' absmax, V' codes flat, V' absmax), as the kernels take them."""
+    return (state["exp_avg_codes"].reshape(-1), state["exp_avg_absmax"],
+            state["exp_avg_sq_codes"].reshape(-1), state["exp_avg_sq_absmax"])
+
+
+def store_moment_codes_(state: dict[str, Tensor], shape, m_codes: Tensor, m_absmax: Tensor, v_codes: Tensor,
+                        v_absmax: Tensor) -> None:
+    """Put a kernel's new flat codes (viewed as `shape`) and absmax into the 8-bit state."""
+    state["exp_avg_codes"], state["exp_avg_absmax"] = m_codes.view(shape), m_absmax
+    state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = v_codes.view(shape), v_absmax
+
+
 def _adam8_direction_(state: dict[str, Tensor], grad: Tensor, *, step: int, beta1: float, beta2: float, eps: float,
                       block_size: int, coord_dim: int) -> tuple[Tensor, Tensor]:
     """adam_direction_ at 8 bits: one compiled kernel (decode, Adam, encode) where kernels are in use, else its
     eager twin; the same bits either way (tests/unit/lowmem/optim). The bias correction is the global one, or the
     state's per-coordinate masses (advanced here) when it carries them."""
     shape = grad.shape
-    h = adam8_hyper(step=step, beta1=beta1, beta2=beta2, eps=eps, device=grad.device)
-    codes = (state["exp_avg_codes"].reshape(-1), state["exp_avg_absmax"],
-             state["exp_avg_sq_codes"].reshape(-1), state["exp_avg_sq_absmax"])
+    h, element_scales = adam8_step_inputs(state, grad, step=step, beta1=beta1, beta2=beta2, eps=eps,
+                                          coord_dim=coord_dim)
     static = dict(block_size=block_size, tail=grad.numel() % block_size != 0)
-    if "bias1" in state:
-        _advance_masses_(state, beta1, beta2)
-        coord_scales = mass_scales(state["bias1"], state["bias2"], bound=adam_direction_bound(step, beta1, beta2),
-                                   coord_dim=coord_dim)
-        element_scales = coord_scales.expand(3, *shape).reshape(3, -1)   # a copy: 12 bytes per element
+    if element_scales is not None:
         name, kernel, extra = "lowrank_adam8_masses", _lowrank_adam8_masses_kernel, (h, element_scales)
     else:
         name, kernel, extra = "lowrank_adam8", _lowrank_adam8_kernel, (h,)
-    args = (grad.reshape(-1), *codes)
+    args = (grad.reshape(-1), *moment_codes(state))
     if compiled.use_kernels() and grad.numel() > 0:
         tables = (codec_tables(True, grad.device), codec_tables(False, grad.device, squared=True))
         out = compiled.call(name, kernel, _lowrank_adam8_twin, *args, *tables, *extra, **static)
     else:
         out = _lowrank_adam8_twin(*args, None, None, *extra, **static)
-    direction, exp_avg_sq, m_codes, m_absmax, v_codes, v_absmax = out
-    state["exp_avg_codes"], state["exp_avg_absmax"] = m_codes.view(shape), m_absmax
-    state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = v_codes.view(shape), v_absmax
+    direction, exp_avg_sq, *codes = out
+    store_moment_codes_(state, shape, *codes)
     return direction.view(shape), exp_avg_sq.view(shape)
 
 
@@ -331,6 +365,12 @@ def transfer_moments_(state: dict[str, Tensor], proj_old: Tensor, proj_new: Tens
     if mode not in ("rotate", "reset"):
         raise ValueError(f"moment_transfer must be 'keep', 'rotate' or 'reset', got {mode!r}")
     rank = proj_new.shape[1]
+    if mode == "reset":   # every coordinate restarts at mass 0 with zero moments: nothing to decode or encode
+        device = state["exp_avg_codes" if bits == 8 else "exp_avg"].device
+        state["bias1"] = torch.zeros(rank, dtype=torch.float32, device=device)
+        state["bias2"] = torch.zeros(rank, dtype=torch.float32, device=device)
+        _store_zero_moments_(state, moment_shape(state), bits=bits, block_size=block_size, device=device)
+        return
     exp_avg, exp_avg_sq = load_moments(state, bits=bits, block_size=block_size)
     coord_dim = 1 if side == "right" else 0
     if "bias1" in state:
@@ -338,24 +378,19 @@ def transfer_moments_(state: dict[str, Tensor], proj_old: Tensor, proj_new: Tens
     else:
         mass1 = torch.full((rank,), 1.0 - betas[0] ** steps_done, dtype=torch.float32, device=exp_avg.device)
         mass2 = torch.full((rank,), 1.0 - betas[1] ** steps_done, dtype=torch.float32, device=exp_avg.device)
-    if mode == "reset":
-        exp_avg.zero_()
-        exp_avg_sq.zero_()
-        mass1, mass2 = torch.zeros_like(mass1), torch.zeros_like(mass2)
+    coupling = proj_new.float().T @ proj_old.float()
+    coupling_sq = coupling * coupling
+    old1 = _coordinate_view(mass1, exp_avg.dim(), coord_dim)
+    old2 = _coordinate_view(mass2, exp_avg.dim(), coord_dim)
+    m_hat = torch.where(old1 > 0, exp_avg / old1.clamp(min=1e-30), 0.0)
+    v_hat = torch.where(old2 > 0, exp_avg_sq / old2.clamp(min=1e-30), 0.0)
+    if side == "left":
+        m_hat, v_hat = coupling @ m_hat, coupling_sq @ v_hat
     else:
-        coupling = proj_new.float().T @ proj_old.float()
-        coupling_sq = coupling * coupling
-        old1 = _coordinate_view(mass1, exp_avg.dim(), coord_dim)
-        old2 = _coordinate_view(mass2, exp_avg.dim(), coord_dim)
-        m_hat = torch.where(old1 > 0, exp_avg / old1.clamp(min=1e-30), 0.0)
-        v_hat = torch.where(old2 > 0, exp_avg_sq / old2.clamp(min=1e-30), 0.0)
-        if side == "left":
-            m_hat, v_hat = coupling @ m_hat, coupling_sq @ v_hat
-        else:
-            m_hat, v_hat = m_hat @ coupling.T, v_hat @ coupling_sq.T
-        v_hat = torch.maximum(v_hat.clamp_(min=0.0), m_hat.square())
-        mass1, mass2 = coupling_sq @ mass1, coupling_sq @ mass2
-        exp_avg = m_hat * _coordinate_view(mass1, exp_avg.dim(), coord_dim)
-        exp_avg_sq = v_hat * _coordinate_view(mass2, exp_avg.dim(), coord_dim)
+        m_hat, v_hat = m_hat @ coupling.T, v_hat @ coupling_sq.T
+    v_hat = torch.maximum(v_hat.clamp_(min=0.0), m_hat.square())
+    mass1, mass2 = coupling_sq @ mass1, coupling_sq @ mass2
+    exp_avg = m_hat * _coordinate_view(mass1, exp_avg.dim(), coord_dim)
+    exp_avg_sq = v_hat * _coordinate_view(mass2, exp_avg.dim(), coord_dim)
     state["bias1"], state["bias2"] = mass1.contiguous(), mass2.contiguous()
     store_moments_(state, exp_avg, exp_avg_sq, bits=bits, block_size=block_size)

@@ -25,6 +25,10 @@ DeltaRows = Callable[[int, int, Tensor], Tensor]
 # of 16 MiB on the compiled path (lowmem.memory.cost_model.UPDATE_FP32_BUFFERS_COMPILED).
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 22
+# A whole-weight update in one compiled call (lowmem.optim.fused_update) may hold as many fp32 elements as this many
+# chunks: the compiled split path's chunk buffers (lowmem.memory.cost_model.UPDATE_FP32_BUFFERS_COMPILED), so the
+# planner's bound holds for both.
+FUSED_UPDATE_CHUNKS = 4
 
 
 def chunk_elements(device_type: str) -> int:

@@ -1,4 +1,8 @@
 """`python -m benchmarks.gpu_suite --device cpu --quick` runs end to end, so the GPU suite cannot rot on CPU-only CI."""
+import subprocess
+import sys
+import weakref
+
 import pytest
 import torch
 
@@ -69,3 +73,74 @@ def test_gpu_suite_rejects_a_non_positive_time(flag, capsys):
     with pytest.raises(SystemExit) as exc:
         gpu_suite.main(["--device", "cpu", "--quick", flag, "0"])
     assert exc.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_gpu_suite_reports_a_broken_library_and_goes_on(tmp_path, monkeypatch):
+    """A torchao that is installed but fails on import (built for another CUDA) is reported as broken and skipped;
+    a missing bitsandbytes as not installed; the other methods are measured and the suite finishes."""
+    package = tmp_path / "fake_site" / "torchao"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text('raise RuntimeError("torchao was built for CUDA 11.8")\n')
+    monkeypatch.syspath_prepend(str(tmp_path / "fake_site"))
+    for name in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)   # what an absent package looks like to import
+    out = tmp_path / "out"
+    assert gpu_suite.main(["--device", "cpu", "--quick", "--out", str(out), "--methods",
+                           "adamw_bf16,torchao_adamw8bit,bnb_adamw8bit"]) == 0
+    rows = {line.split("|")[1].strip(): line for line in (out / "gpu-cpu.md").read_text().splitlines()
+            if line.startswith("| ")}
+    assert "broken, skipped: RuntimeError: torchao was built for CUDA 11.8" in rows["torchao_adamw8bit"]
+    assert "not installed (bitsandbytes)" in rows["bnb_adamw8bit"]
+    assert float(rows["adamw_bf16"].split("|")[2]) > 0
+
+
+def test_measure_method_frees_the_model(monkeypatch):
+    """lowmem's runtime and the model hold each other (hooks, sinks): the method's model must be gone when
+    measure_method returns, or later methods' peaks would include it."""
+    made = []
+    real = gpu_suite.LlamaForCausalLM
+
+    def tracked(config):
+        model = real(config)
+        made.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(gpu_suite, "LlamaForCausalLM", tracked)
+    work = gpu_suite.workloads(quick=True)[0]
+    result = gpu_suite.measure_method("lowmem", work, torch.device("cpu"), steps=1)
+    assert result["status"] == "ok" and len(made) == 1
+    assert made[0]() is None
+
+
+def test_estimate_is_compared_like_with_like():
+    """On CUDA the estimate beside the allocator's peak leaves out the CUDA context and allocator slack (the
+    allocator counts tensors only); on CPU there is nothing to leave out."""
+    from lowmem.memory import estimate
+    from lowmem.memory.cost_model import CUDA_CONTEXT_BYTES
+    from lowmem.presets import preset
+    work = gpu_suite.workloads(quick=True)[0]
+    cfg = preset("lowmem", lr=1e-4, stagger=True)
+    kw = dict(seq_len=work.seq_len, micro_batch_size=work.batch, gradient_checkpointing=False, lowmem_config=cfg,
+              dtype=torch.bfloat16)
+    full = estimate(work.config, method="lowmem", device_type="cuda", **kw)
+    compared = gpu_suite._estimate("lowmem", work, cfg, torch.bfloat16, torch.device("cuda"))
+    assert compared == full.peak_bytes - full.components["cuda_context"] - full.components["allocator_slack"]
+    assert full.components["cuda_context"] == CUDA_CONTEXT_BYTES and full.peak_bytes - compared > CUDA_CONTEXT_BYTES
+    cpu = estimate(work.config, method="lowmem", device_type="cpu", **kw)
+    assert gpu_suite._estimate("lowmem", work, cfg, torch.bfloat16, torch.device("cpu")) == cpu.peak_bytes
+
+
+def test_gpu_tests_timeout_keeps_the_output(tmp_path, monkeypatch):
+    """pytest -m gpu killed at its timeout: the lines it wrote are in the log file and quoted in the summary."""
+    def run_until_timeout(cmd, *, stdout, timeout, **kwargs):
+        stdout.write("tests/unit/quant/test_compiled_numerics.py ....\nFAILED tests/x.py::test_y - AssertionError\n")
+        stdout.flush()
+        raise subprocess.TimeoutExpired(cmd, timeout)
+
+    monkeypatch.setattr(gpu_suite.subprocess, "run", run_until_timeout)
+    log = tmp_path / "gpu-tests-cuda.log"
+    result = gpu_suite.run_gpu_tests(["tests"], 42.0, log)
+    assert result["rc"] is None and result["summary"].startswith("timed out after 42 s")
+    assert "FAILED tests/x.py::test_y" in result["summary"]
+    assert "test_compiled_numerics.py ...." in log.read_text()

@@ -206,7 +206,7 @@ def test_compile_failure_falls_back_with_one_line(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("Failed to find C compiler"), None)
 
-    monkeypatch.setattr(compiled, "_specialise", lambda fn, static: broken)
+    monkeypatch.setattr(compiled, "_specialise", lambda fn, static, options=None: broken)
     monkeypatch.setattr(compiled, "_kernels", {})
     w, delta = weights(3, 300)
     q, s = quantize_int8(w)
@@ -426,3 +426,36 @@ def test_cached_constants_are_made_once_and_usable_for_training():
     assert compiled.cached_constants(values, dtype=torch.float32, device=torch.device("cpu")) is first
     other = compiled.cached_constants(values, dtype=torch.float64, device=torch.device("cpu"))
     assert other is not first and other.dtype == torch.float64
+
+
+def test_a_graph_inductor_cannot_lower_runs_eagerly_alone(monkeypatch, caplog):
+    """A LoweringException (inductor cannot lower one graph: torch 2.11's moment encoder with a short last block)
+    makes that kernel run its eager twin, with one warning line; compilation stays on for every other kernel."""
+    class LoweringException(Exception):   # inductor's class name is what the policy reads
+        pass
+
+    def unlowerable(*args, **kwargs):
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, LoweringException("NotImplementedError: View"),
+                                                      None)
+
+    real = compiled._specialise
+    monkeypatch.setattr(compiled, "_kernels", {})
+    monkeypatch.setattr(compiled, "_uncompilable", set())
+    monkeypatch.setattr(compiled, "_specialise",
+                        lambda fn, static, options=None: unlowerable if fn is compiled.moment8_encode_ops
+                        else real(fn, static, options))
+    from quant.moments8 import quantize_moment8
+    x = torch.randn(3, 300, generator=torch.Generator().manual_seed(4))
+    compiled.set_enabled(False)
+    want = quantize_moment8(x, signed=True)
+    compiled.set_enabled(True)
+    with caplog.at_level(logging.WARNING, logger="quant.compiled"):
+        got = [quantize_moment8(x, signed=True) for _ in range(2)]
+    assert all(torch.equal(g[0], want[0]) and torch.equal(g[1], want[1]) for g in got)
+    lines = [r.getMessage() for r in caplog.records if r.name == "quant.compiled"]
+    assert len(lines) == 1 and "moment8_encode" in lines[0] and "View" in lines[0]
+    assert compiled.enabled() and compiled.failure() is None
+    w, delta = weights(3, 512)
+    q, s = quantize_int8(w)
+    sr_update_int8_(q, s, delta, **KEY)
+    assert any(key[0] == "sr_blocks" for key in compiled._kernels)   # the SR write still compiled

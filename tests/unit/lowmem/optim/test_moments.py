@@ -417,3 +417,25 @@ def test_8bit_direction_with_bias_masses_matches_an_fp64_step(use_compiled, mode
     torch.testing.assert_close(v_new.double(), v, rtol=1e-5, atol=0)
     torch.testing.assert_close(state["bias1"].double(), b1, rtol=1e-6, atol=0)
     torch.testing.assert_close(state["bias2"].double(), b2, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (3, 300), (1, 1)])
+def test_8bit_zero_moments_are_the_encoders_zeros(shape):
+    """init_moments and a 'reset' transfer write zero codes and absmax directly: exactly what encoding zeros gives
+    (independent reference: quant.moments8's encoder on a zero tensor), on the moments' device, masses reset."""
+    from lowmem.optim.moments import store_moments_, transfer_moments_
+    zeros = torch.zeros(shape)
+    encoded = {}
+    store_moments_(encoded, zeros, zeros, bits=8)
+    fresh = init_moments(shape, bits=8)
+    assert fresh.keys() == encoded.keys()
+    assert all(fresh[k].dtype == encoded[k].dtype and torch.equal(fresh[k], encoded[k]) for k in encoded)
+    state = init_moments(shape, bits=8)
+    for t in range(1, 4):
+        adam_direction_(state, torch.randn(shape), step=t, beta1=0.9, beta2=0.999, eps=1e-8, bits=8)
+    assert any(bool(state[k].ne(0).any()) for k in encoded)
+    rank = shape[1]
+    proj = torch.linalg.qr(torch.randn(rank + 3, rank)).Q
+    transfer_moments_(state, proj, proj, side="right", mode="reset", bits=8, steps_done=3, betas=(0.9, 0.999))
+    assert all(torch.equal(state[k], encoded[k]) for k in encoded)
+    assert torch.equal(state["bias1"], torch.zeros(rank)) and torch.equal(state["bias2"], torch.zeros(rank))
