@@ -62,7 +62,6 @@ the step's single read) over the same per-step fields; split apart, each piece w
 from __future__ import annotations
 
 import math
-import resource
 from contextlib import contextmanager
 from functools import partial
 
@@ -73,6 +72,7 @@ from quant import compiled
 
 from lowmem.config import LowMemConfig
 from lowmem.distributed import DataParallel
+from lowmem.memory.step_peak import reset_step_peak, step_peak_bytes
 from lowmem.optim.float_adamw import float_adamw_update_, init_float_adamw_state
 from lowmem.optim.linop import DenseGrad, squared_norm
 from lowmem.optim.lowrank import (accumulate_, clip_coefficient, commit_, follower_state, init_lowrank_state, settle_,
@@ -86,13 +86,6 @@ from hooks.state import RuntimeState
 from hooks.zero3 import WeightPartition
 
 _RUNTIME_ATTR = "_lowmem_runtime"
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA allocator peak on GPU; the process's peak resident set on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _host_values(tensors: list[Tensor], device: torch.device) -> list[float]:
@@ -236,8 +229,9 @@ class Runtime(RuntimeState):
             raise RuntimeError(f"{self._micro_done} micro-batches already ran (grad_accum_steps="
                                f"{self.grad_accum_steps}); call runtime.step() to finish the step")
         self._check_placement()
-        if self._lr is None:
+        if self._lr is None:   # the step's first micro-batch
             self._lr = lr_at(self.global_step, self.config)
+            reset_step_peak(self.trainables[0].tensor.device)
         self._inside = True
         try:
             yield self
@@ -285,7 +279,7 @@ class Runtime(RuntimeState):
         grad_sq = global_squared_norm(self._sq_norms)
         loss = sum(self._losses) / len(self._losses) if self._losses else None
         device = self.trainables[0].tensor.device
-        peak_bytes = peak_memory_bytes(device)
+        peak_bytes = step_peak_bytes(device)   # since this step's first micro-batch (lowmem.memory.step_peak)
         comm_bytes = None
         if self.dp is not None:
             loss, grad_sq, skipped, peak_bytes = self._agree_on_stats(loss, grad_sq, skipped, peak_bytes)
