@@ -7,8 +7,9 @@ Per block, absmax = max|x| (fp32); each value is stored as the uint8 index of th
 relative precision. The signed map serves first moments; the unsigned one (twice the resolution, no negatives)
 second moments.
 
-Devices: on CUDA, when bitsandbytes is importable and block_size is one it supports (64 .. 4096, powers of two),
-the bitsandbytes kernels run; everywhere else a pure-torch twin produces the same codes:
+Devices: on CUDA, when bitsandbytes is importable, runs there (probed once per device: a build for another CUDA
+imports and then fails; it is then left aside with one warning line) and block_size is one it supports (64 .. 4096,
+powers of two), the bitsandbytes kernels run; everywhere else a pure-torch twin produces the same codes:
   v = x * (1 / absmax)            (fp32, the product bitsandbytes forms too)
   code = index of the nearest map entry to v; at an exact midpoint between entries k and k + 1 the even index wins
          (this is what bitsandbytes' CUDA binary search returns);
@@ -35,6 +36,8 @@ state works on both paths.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from quant import _checks, compiled
@@ -49,6 +52,10 @@ _EXPONENT_BITS = 7
 _MAP_SIZE = 256
 
 _maps: dict[tuple[bool, bool, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+# bitsandbytes runs on CUDA only here (its CPU kernel rounds differently: module docstring); probed once per device
+_BNB_DEVICE_TYPES = ("cuda",)
+_bnb_by_device: dict[str, object] = {}
+log = logging.getLogger(__name__)
 
 
 def _build_map(signed: bool, squared: bool = False) -> torch.Tensor:
@@ -92,13 +99,38 @@ def dynamic_map(signed: bool = True, *, squared: bool = False) -> torch.Tensor:
 
 
 def _use_bnb(device: torch.device, block_size: int):
-    if device.type != "cuda" or block_size not in _BNB_BLOCK_SIZES:
+    """bitsandbytes.functional when it runs on `device` (probed once per device), else None (the twin runs)."""
+    if device.type not in _BNB_DEVICE_TYPES or block_size not in _BNB_BLOCK_SIZES:
         return None
+    key = str(device)
+    if key not in _bnb_by_device:
+        _bnb_by_device[key] = _probe_bnb(device)
+    return _bnb_by_device[key]
+
+
+def _probe_bnb(device: torch.device):
+    """Import bitsandbytes and run its blockwise codec once on `device`. A build for another CUDA (or a missing
+    native library) imports fine and raises on first use, with RuntimeError, OSError or its own errors: any
+    failure of the round trip means the pure-torch twin runs, said in one warning line."""
     try:
         import bitsandbytes.functional as bnb_functional
     except ImportError:
         return None
+    try:
+        sample = _bnb_probe_input(device)
+        table = _cached(True, device, False)[0]
+        codes, state = bnb_functional.quantize_blockwise(sample, code=table, blocksize=BLOCK_SIZE)
+        bnb_functional.dequantize_blockwise(codes, quant_state=state)
+    except Exception as err:   # noqa: BLE001 -- whatever a broken build raises, the twin is the answer
+        log.warning("lowmem: bitsandbytes is installed but does not run on %s (%s: %s); the 8-bit moments use "
+                    "the pure-torch codec (same format)", device, type(err).__name__, str(err).splitlines()[0]
+                    if str(err) else "")
+        return None
     return bnb_functional
+
+
+def _bnb_probe_input(device: torch.device) -> torch.Tensor:
+    return torch.linspace(-1.0, 1.0, BLOCK_SIZE, device=device)
 
 
 def _check_signed(signed, squared=False) -> bool:

@@ -287,3 +287,55 @@ def test_cuda_ties_and_zero_blocks_match_twin(signed, squared):
     codes_cpu, _ = quantize_moment8(x, signed=signed, squared=squared)
     codes_gpu, _ = quantize_moment8(x.cuda(), signed=signed, squared=squared)
     assert torch.equal(codes_gpu.cpu(), codes_cpu)
+
+
+class _BrokenBnbFunctional:
+    """Stands in for bitsandbytes.functional of a build for another CUDA: it imports, then fails on first use."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def quantize_blockwise(self, *args, **kwargs):
+        self.calls += 1
+        raise RuntimeError("CUDA Setup failed despite GPU being available.\nmore lines")
+
+    def dequantize_blockwise(self, *args, **kwargs):
+        raise AssertionError("never reached")
+
+
+def test_broken_bitsandbytes_falls_back_to_the_twin_once_with_one_line(monkeypatch, caplog):
+    """A bitsandbytes that imports but raises on use: probed once per device, one warning line, and the codec
+    gives the twin's codes (the device type is opened to the CPU here so the probe runs on this machine)."""
+    import sys
+    import types
+    from quant import moments8
+    broken = _BrokenBnbFunctional()
+    package = types.ModuleType("bitsandbytes")
+    package.functional = broken
+    monkeypatch.setitem(sys.modules, "bitsandbytes", package)
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", broken)
+    monkeypatch.setattr(moments8, "_BNB_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(moments8, "_bnb_by_device", {})
+    x = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING", logger="quant.moments8"):
+        codes, absmax = moments8.quantize_moment8(x, signed=True)
+        again = moments8.quantize_moment8(x, signed=True)
+        decoded = moments8.dequantize_moment8(codes, absmax, signed=True)
+    assert broken.calls == 1                         # probed once for the device
+    lines = [r.getMessage() for r in caplog.records if "bitsandbytes" in r.getMessage()]
+    assert len(lines) == 1 and "RuntimeError: CUDA Setup failed" in lines[0] and "\n" not in lines[0]
+    monkeypatch.setattr(moments8, "_BNB_DEVICE_TYPES", ("cuda",))   # the twin's own result, bnb never asked
+    ref_codes, ref_absmax = moments8.quantize_moment8(x, signed=True)
+    assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_absmax) and torch.equal(again[0], ref_codes)
+    assert torch.equal(decoded, moments8.dequantize_moment8(ref_codes, ref_absmax, signed=True))
+
+
+def test_missing_bitsandbytes_is_silent(monkeypatch, caplog):
+    import sys
+    from quant import moments8
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)          # import raises ImportError
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    monkeypatch.setattr(moments8, "_bnb_by_device", {})
+    with caplog.at_level("WARNING", logger="quant.moments8"):
+        assert moments8._use_bnb(torch.device("cuda", 0), 256) is None
+    assert not [r for r in caplog.records if "bitsandbytes" in r.getMessage()]
