@@ -28,6 +28,8 @@ def allowed_waits():
     from lowmem.diagnostics import AllowedWait
     return (AllowedWait("tolist", "hooks/runtime.py:_host_values"),          # step(): the step's one read
             AllowedWait("tolist", "hooks/runtime.py:_agree_on_stats"),       # step(): the agreed statistics
+            AllowedWait("_local_scalar_dense", "lowmem/distributed.py:total_over_owners"),   # two_pass's norm
+            AllowedWait("_local_scalar_dense", "lowmem/optim/rsvd.py:subspace_similarity"),  # two_pass refresh
             AllowedWait("tolist", "lowmem/optim/rsvd.py:resolve_subspaces"),  # refresh: fallback decision
             AllowedWait("_linalg_svd", "lowmem/optim/rsvd.py:_top_right"),    # refresh: small SVD
             AllowedWait("_linalg_svd", "lowmem/optim/lowrank.py:_settle_projection"))   # Rayleigh-Ritz

@@ -4,7 +4,8 @@ lowmem.diagnostics.DeviceWaitAuditor (device_wait_worker.py).
 
 Ordinary steps: no hit; the allowed waits are step()'s reads: the step's one read of its statistics (losses, norms,
 flags) and the agreed statistics after their all-reduce (two_pass adds the global norm's agreement). A refresh
-step adds the range finder's fallback decision and small SVDs (as in one process). The skip decision of each
+step adds the range finder's fallback decision and small SVDs (as in one process) and, with two_pass (whose
+commits run in step(), without the deferred bookkeeping), the old-versus-new projector similarity per weight. The skip decision of each
 layer travels as data (the owner's flag in the broadcast update), so no rank reads it inside the backward.
 """
 from __future__ import annotations
@@ -24,7 +25,9 @@ pytestmark = [pytest.mark.multi_gpu, pytest.mark.timeout(2 * SCENARIO_TIMEOUT_S 
 STEP_READS = {"tolist at hooks/runtime.py:_host_values", "tolist at hooks/runtime.py:_agree_on_stats",
               "_local_scalar_dense at lowmem/distributed.py:total_over_owners"}
 REFRESH_READS = {"tolist at lowmem/optim/rsvd.py:resolve_subspaces", "_linalg_svd at lowmem/optim/rsvd.py:_top_right",
-                 "_linalg_svd at lowmem/optim/lowrank.py:_settle_projection"}
+                 "_linalg_svd at lowmem/optim/lowrank.py:_settle_projection",
+                 # two_pass commits in step(), unguarded: the lazy policy's similarity is read per refreshed weight
+                 "_local_scalar_dense at lowmem/optim/rsvd.py:subspace_similarity"}
 
 
 @pytest.mark.parametrize("scenario", ["0", "1", "2", "3", "accum", "none"])

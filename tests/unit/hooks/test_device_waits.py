@@ -127,6 +127,33 @@ def test_activation_offload():
     run_three_steps(model, config("per_tensor", 2), fused=True)
 
 
+@pytest.mark.parametrize("clip_mode", ["per_tensor", "two_pass"])
+def test_refresh_with_a_previous_projector(clip_mode):
+    """Every weight refreshes every step: the second refresh compares the new projector with the old one (the
+    lazy policy's similarity). per_tensor defers it to step()'s one read; two_pass commits in step() and reads it
+    once per refreshed weight (listed by name)."""
+    similarity = AllowedWait("_local_scalar_dense", "lowmem/optim/rsvd.py:subspace_similarity")
+    model = tiny_llama()
+    runtime = prepare(model, config(clip_mode, 1, refresh="fixed", refresh_interval_steps=1))
+    batches = token_batches(2)
+    audited_step(runtime, model, batches[:1], fused=False)
+    audit = DeviceWaitAuditor(host_state_tensors(runtime), allowed=ALLOWED + (similarity,))
+    with audit:
+        with runtime.micro_batch():
+            runtime.backward(model(input_ids=batches[1], labels=batches[1]).loss)
+        stats = runtime.step()
+    assert audit.hits == [], audit.report()
+    refreshed = len(stats["refreshed"])
+    assert refreshed == sum(item.kind != "float" for item in runtime.trainables)
+    counts = {}
+    for wait in audit.allowed_hits:
+        counts[(wait.op, wait.where)] = counts.get((wait.op, wait.where), 0) + 1
+    assert counts.pop(("tolist", REFRESH_FALLBACK_READ.where)) == refreshed
+    assert counts.pop(("tolist", STEP_READ.where)) == 1
+    assert counts.pop(("_local_scalar_dense", similarity.where), 0) == (refreshed if clip_mode == "two_pass" else 0)
+    assert set(counts) == {("_linalg_svd", REFRESH_SMALL_SVD.where)}, audit.report()
+
+
 def test_an_injected_nonzero_in_the_backward_is_caught(monkeypatch):
     """The audit is not vacuous: one `nonzero` slipped into every low-rank commit shows up, with its caller."""
     import hooks.runtime as runtime_module
