@@ -44,9 +44,9 @@ detection is per layer: the first layer whose gradient is non-finite and every l
 skipped and the step is reported skipped, with how many layers were written ("layers_written": those before it).
 A non-finite loss writes nothing (`runtime.backward(loss)`).
 
-No host synchronisation inside forward or backward (one process and data parallel): norms, clipping coefficients and non-finite flags stay
-0-dim device tensors. A running device flag ("poisoned") holds whether the loss or any layer so far in this step
-was non-finite; each commit computes its update from a gradient zeroed where the flag holds and keeps its old
+No host synchronisation inside forward or backward (one process and data parallel): norms, clipping coefficients
+and non-finite flags stay 0-dim device tensors. A running device flag ("poisoned") holds whether the loss or any
+layer so far in this step was non-finite (one process; data parallel: each layer's own flag); each commit computes its update from a gradient zeroed where the flag holds and keeps its old
 weight bytes and state by torch.where (lowmem.optim.lowrank.commit_, skip=...), so the semantics above hold
 without the host knowing. A non-finite loss therefore still runs its backward (with every layer discarded on the
 device) instead of returning early. `step()` reads everything once (one synchronisation: losses, squared norms,
@@ -308,7 +308,7 @@ class Runtime(RuntimeState):
         self._reset_step()
         return stats
 
-    # -- device-side flags (one process) ---------------------------------------------------------------------------
+    # -- device-side flags ----------------------------------------------------------------------------------------
     def _flag(self, name: str, item: Trainable | None, nonfinite: Tensor) -> Tensor:
         """Record `name`'s non-finite flag; returns the skip flag in force before it (what its commit must obey).
         Data parallel: per layer (ZeRO >= 1 ranks see only the layers they own: a chain would differ between
