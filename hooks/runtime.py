@@ -46,8 +46,8 @@ A non-finite loss writes nothing (`runtime.backward(loss)`).
 
 No host synchronisation inside forward or backward (one process and data parallel): norms, clipping coefficients
 and non-finite flags stay 0-dim device tensors. A running device flag ("poisoned") holds whether the loss or any
-layer so far in this step was non-finite (one process; data parallel: each layer's own flag); each commit computes its update from a gradient zeroed where the flag holds and keeps its old
-weight bytes and state by torch.where (lowmem.optim.lowrank.commit_, skip=...), so the semantics above hold
+layer so far in this step was non-finite (one process; data parallel: each layer's own flag); each commit
+computes its update from a gradient zeroed where the flag holds and keeps its old weight bytes and state by torch.where (lowmem.optim.lowrank.commit_, skip=...), so the semantics above hold
 without the host knowing. A non-finite loss therefore still runs its backward (with every layer discarded on the
 device) instead of returning early. `step()` reads everything once (one synchronisation: losses, squared norms,
 flags; two_pass reads its global norm in the same one) and then puts back the host-side update counters of the
