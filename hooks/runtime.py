@@ -44,22 +44,23 @@ detection is per layer: the first layer whose gradient is non-finite and every l
 skipped and the step is reported skipped, with how many layers were written ("layers_written": those before it).
 A non-finite loss writes nothing (`runtime.backward(loss)`).
 
-No host synchronisation inside forward or backward (one process and data parallel): norms, clipping coefficients
-and non-finite flags stay 0-dim device tensors. A running device flag ("poisoned") holds whether the loss or any
-layer so far in this step was non-finite (one process; data parallel: each layer's own flag); each commit
-computes its update from a gradient zeroed where the flag holds and keeps its old weight bytes and state by torch.where (lowmem.optim.lowrank.commit_, skip=...), so the semantics above hold
-without the host knowing. A non-finite loss therefore still runs its backward (with every layer discarded on the
-device) instead of returning early. `step()` reads everything once (one synchronisation: losses, squared norms,
-flags; two_pass reads its global norm in the same one) and then puts back the host-side update counters of the
-skipped layers. A refresh step reads the device once per refreshed weight: the range finder's fallback decision
-(lowmem.optim.rsvd; early stopping is decided on the device). The refresh's host bookkeeping that depends on the
-skip flag (the policy's record, or putting back the projector, counters and a residual selection of a skipped
-weight) waits for step()'s read (commit_'s stats["pending"]). Data parallel adds step()'s reads of the agreed
-statistics (and two_pass's global norm). Tested in tests/unit/hooks/test_no_sync.py (Python-side reads counted on
-CPU; the CUDA variant runs ordinary steps under torch.cuda.set_sync_debug_mode("error")) and by the device-wait
-auditor (lowmem.diagnostics: every op that waits for a GPU, seen on the CPU) over whole steps of every path in
-tests/unit/hooks/test_device_waits.py and tests/integration/distributed/test_device_waits_distributed.py; the
-latter also lists a refresh step's waits inside torch.linalg (the small SVDs of the range finder, Rayleigh-Ritz).
+No host synchronisation inside forward or backward (one process and data parallel): norms, clipping coefficients and
+non-finite flags stay 0-dim device tensors. A running device flag ("poisoned") holds whether the loss or any layer
+so far in this step was non-finite (one process; data parallel: each layer's own flag); each commit computes its
+update from a gradient zeroed where the flag holds and keeps its old weight bytes and state by torch.where
+(lowmem.optim.lowrank.commit_, skip=...), so the semantics above hold without the host knowing. A non-finite loss
+therefore still runs its backward (with every layer discarded on the device) instead of returning early. `step()`
+reads everything once (one synchronisation: losses, squared norms, flags; two_pass reads its global norm in the same
+one) and then puts back the host-side update counters of the skipped layers. A refresh step reads the device once
+per refreshed weight: the range finder's fallback decision (lowmem.optim.rsvd; early stopping is decided on the
+device). The refresh's host bookkeeping that depends on the skip flag (the policy's record, or putting back the
+projector, counters and a residual selection of a skipped weight) waits for step()'s read (commit_'s
+stats["pending"]). Data parallel adds step()'s reads of the agreed statistics (and two_pass's global norm). Tested
+in tests/unit/hooks/test_no_sync.py (Python-side reads counted on CPU; the CUDA variant runs ordinary steps under
+torch.cuda.set_sync_debug_mode("error")) and by the device-wait auditor (lowmem.diagnostics: every op that waits for
+a GPU, seen on the CPU) over whole steps of every path in tests/unit/hooks/test_device_waits.py and
+tests/integration/distributed/test_device_waits_distributed.py; the latter also lists a refresh step's waits inside
+torch.linalg (the small SVDs of the range finder, Rayleigh-Ritz).
 
 Length: one class, the step's state machine (micro-batches, arrival of gradients, commits, the device-side flags and
 the step's single read) over the same per-step fields; split apart, each piece would need all of them passed in.
