@@ -170,19 +170,23 @@ class SoftmaxCEGrad(GradOperator):
         return self._x.T @ am
 
     def gather(self, flat_idx: Tensor, *, check: bool = True) -> Tensor:
-        """G.flatten()[flat_idx] (L,) fp32. Block by block, the block's dense rows Aᵀ X (k, n) are formed and every
-        index reads its entry there, kept where its row lies in the block: static shapes (which indices fall in a
-        block is a device value), at the cost of one dense() worth of matmul and one (k, n) fp32 block."""
+        """G.flatten()[flat_idx] (L,) fp32. Block by block, dense rows of G = Aᵀ X are formed (at most
+        `block_elements` fp32 at a time) and every index reads its entry there, kept where its row lies in them:
+        static shapes (which indices fall in a block is a device value), at the cost of one dense() worth of matmul
+        and L-element selects per row group."""
         i, j = _split_flat_index(flat_idx, self.shape, self.device, check=check)
         out = torch.zeros(i.numel(), dtype=torch.float32, device=self.device)
         n = self.shape[1]
+        group = max(1, self._block_elements // max(n, 1))
         for s, e, a in self._blocks():
-            block = a.T @ self._x
+            for lo in range(s, e, group):
+                hi = min(e, lo + group)
+                rows = a[:, lo - s:hi - s].T @ self._x          # G[lo:hi] (hi - lo, n)
+                in_rows = (i >= lo) & (i < hi)
+                local = (i - lo).clamp(0, hi - lo - 1) * n + j
+                out = torch.where(in_rows, rows.reshape(-1).index_select(0, local), out)
+                del rows
             del a
-            in_block = (i >= s) & (i < e)
-            local = ((i - s).clamp(0, e - s - 1) * n + j)
-            out = torch.where(in_block, block.reshape(-1).index_select(0, local), out)
-            del block
         return out
 
     def rows(self, row_start: int, row_end: int) -> "SoftmaxCEGrad":

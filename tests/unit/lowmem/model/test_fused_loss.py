@@ -209,3 +209,8 @@ def test_int8_head_gather_with_and_without_the_range_check():
     _close(op.gather(idx, check=False), G.flatten()[idx])
     _close(op.t().gather(idx, check=False), G.T.flatten()[idx])
     _close(op.take_rows(torch.tensor([5, 300]), check=False).dense(), G[[5, 300]])
+    # a right factor wider than the token count: each vocabulary block is read in several row groups
+    wide = SoftmaxCEGrad(hidden, op._lse, op._labels, op._weight, HeadRows(module=head), block_elements=37 * 40,
+                         x=torch.randn(37, 100, generator=torch.Generator().manual_seed(4)))
+    idx = torch.randint(0, 301 * 100, (700,), generator=torch.Generator().manual_seed(5))
+    _close(wide.gather(idx), wide.dense().flatten()[idx])
