@@ -81,9 +81,7 @@ class RowScatterGrad(GradOperator):
     def touched_rows(self) -> Tensor:
         """The looked-up rows' ids (k,) int64, sorted. Its size is a device value: a host read (diagnostics and
         tests only)."""
-        live = (self._ids >= 0) & (self._ids < self.shape[0])
-        if self._present is not None:
-            live &= self._present
+        live = self._live() if self._present is None else self._live() & self._present
         return self._ids[live]
 
     def _live(self) -> Tensor:
