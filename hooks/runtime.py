@@ -33,28 +33,34 @@ the range finder (ReducedGrad), so all ranks compute the same projector. Float p
 (to their owner at ZeRO >= 1, which broadcasts the new values). `step()` agrees on the statistics with one small
 all-reduce (mean loss, global norm, skipped anywhere, largest peak) and reports the payload bytes moved
 ("comm_bytes"). Non-finite gradients are then handled per layer (a layer whose reduced gradient is not finite is not
-written on any rank; the step is reported skipped everywhere).
+written on any rank; the step is reported skipped everywhere), decided on the device as in one process: every rank
+of ZeRO 0 computes the same flag from the same reduced R, and at ZeRO >= 1 the owner's flag rides in the buffer
+that broadcasts its update (lowmem.distributed); a non-finite loss on one rank makes that rank's whole backward NaN
+(runtime.backward), so every layer's reduced gradient is non-finite on every rank.
 
 Non-finite gradients: no NaN/Inf is ever written into a weight or a moment. With `two_pass` the whole step is skipped
 (nothing is written: measure-then-commit). With `per_tensor`/`none` layers are committed during backward, so the
 detection is per layer: the first layer whose gradient is non-finite and every layer after it in that backward are
 skipped and the step is reported skipped, with how many layers were written ("layers_written": those before it).
-A non-finite loss writes nothing (`runtime.backward(loss)`; with data parallelism its backward does not even run).
+A non-finite loss writes nothing (`runtime.backward(loss)`).
 
-No host synchronisation inside backward (one process): norms, clipping coefficients and non-finite flags stay
-0-dim device tensors. A running device flag ("poisoned") holds whether the loss or any layer so far in this step
-was non-finite; each commit computes its update from a gradient zeroed where the flag holds and keeps its old
-weight bytes and state by torch.where (lowmem.optim.lowrank.commit_, skip=...), so the semantics above hold
-without the host knowing. A non-finite loss therefore still runs its backward (with every layer discarded on the
-device) instead of returning early. `step()` reads everything once (one synchronisation: losses, squared norms,
-flags; two_pass reads its global norm in the same one) and then puts back the host-side update counters of the
-skipped layers. A refresh step reads the device once per refreshed weight: the range finder's fallback decision
-(lowmem.optim.rsvd; early stopping is decided on the device). The refresh's host bookkeeping that depends on the
-skip flag (the policy's record, or putting back the projector, counters and a residual selection of a skipped
-weight) waits for step()'s read (commit_'s stats["pending"]). Data parallel keeps the host-side decisions (and their
-synchronisations), since the ranks must agree on them. Tested in tests/unit/hooks/test_no_sync.py (Python-side
-reads counted on CPU; the CUDA variant runs ordinary steps under torch.cuda.set_sync_debug_mode("error")). On CUDA
-a refresh step may also wait inside torch.linalg (QR/SVD error checks of the range finder), not counted here.
+No host synchronisation inside forward or backward (one process and data parallel): norms, clipping coefficients and
+non-finite flags stay 0-dim device tensors. A running device flag ("poisoned") holds whether the loss or any layer
+so far in this step was non-finite (one process; data parallel: each layer's own flag); each commit computes its
+update from a gradient zeroed where the flag holds and keeps its old weight bytes and state by torch.where
+(lowmem.optim.lowrank.commit_, skip=...), so the semantics above hold without the host knowing. A non-finite loss
+therefore still runs its backward (with every layer discarded on the device) instead of returning early. `step()`
+reads everything once (one synchronisation: losses, squared norms, flags; two_pass reads its global norm in the same
+one) and then puts back the host-side update counters of the skipped layers. A refresh step reads the device once
+per refreshed weight: the range finder's fallback decision (lowmem.optim.rsvd; early stopping is decided on the
+device). The refresh's host bookkeeping that depends on the skip flag (the policy's record, or putting back the
+projector, counters and a residual selection of a skipped weight) waits for step()'s read (commit_'s
+stats["pending"]). Data parallel adds step()'s reads of the agreed statistics (and two_pass's global norm). Tested
+in tests/unit/hooks/test_no_sync.py (Python-side reads counted on CPU; the CUDA variant runs ordinary steps under
+torch.cuda.set_sync_debug_mode("error")) and by the device-wait auditor (lowmem.diagnostics: every op that waits for
+a GPU, seen on the CPU) over whole steps of every path in tests/unit/hooks/test_device_waits.py and
+tests/integration/distributed/test_device_waits_distributed.py; the latter also lists a refresh step's waits inside
+torch.linalg (the small SVDs of the range finder, Rayleigh-Ritz).
 
 Length: one class, the step's state machine (micro-batches, arrival of gradients, commits, the device-side flags and
 the step's single read) over the same per-step fields; split apart, each piece would need all of them passed in.
@@ -62,7 +68,6 @@ the step's single read) over the same per-step fields; split apart, each piece w
 from __future__ import annotations
 
 import math
-import resource
 from contextlib import contextmanager
 from functools import partial
 
@@ -73,6 +78,7 @@ from quant import compiled
 
 from lowmem.config import LowMemConfig
 from lowmem.distributed import DataParallel
+from lowmem.memory.step_peak import reset_step_peak, step_peak_bytes
 from lowmem.optim.float_adamw import float_adamw_update_, init_float_adamw_state
 from lowmem.optim.linop import DenseGrad, squared_norm
 from lowmem.optim.lowrank import (accumulate_, clip_coefficient, commit_, follower_state, init_lowrank_state, settle_,
@@ -86,13 +92,6 @@ from hooks.state import RuntimeState
 from hooks.zero3 import WeightPartition
 
 _RUNTIME_ATTR = "_lowmem_runtime"
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA allocator peak on GPU; the process's peak resident set on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _host_values(tensors: list[Tensor], device: torch.device) -> list[float]:
@@ -236,8 +235,9 @@ class Runtime(RuntimeState):
             raise RuntimeError(f"{self._micro_done} micro-batches already ran (grad_accum_steps="
                                f"{self.grad_accum_steps}); call runtime.step() to finish the step")
         self._check_placement()
-        if self._lr is None:
+        if self._lr is None:   # the step's first micro-batch
             self._lr = lr_at(self.global_step, self.config)
+            reset_step_peak(self.trainables[0].tensor.device)
         self._inside = True
         try:
             yield self
@@ -246,10 +246,9 @@ class Runtime(RuntimeState):
             self._micro_done += 1
 
     def backward(self, loss: Tensor) -> None:
-        """`loss.backward()` with a guard: after a non-finite loss nothing of this step is written. One process:
-        decided on the device (the backward still runs; every commit discards its update). Data parallel: the ranks
-        agree first and skip the backward together (a lone skip would leave the others waiting in the backward's
-        collectives)."""
+        """`loss.backward()` with a guard: after a non-finite loss nothing of this step is written, decided on the
+        device (the backward still runs; every commit discards its update). Data parallel: every rank runs its
+        backward (the collectives stay matched), a non-finite loss through loss · NaN (module docstring)."""
         if not self._inside:
             raise RuntimeError("call runtime.backward(loss) inside `with runtime.micro_batch():`")
         if self.dp is None:
@@ -260,16 +259,14 @@ class Runtime(RuntimeState):
             self._flag("loss", None, ~torch.isfinite(detached))
             loss.backward()
             return
-        value = float(loss.detach())
-        self._losses.append(value)
-        finite = math.isfinite(value)
-        if self.dp is not None and self.dp.any_(not finite):
-            self._nonfinite.append("loss" if not finite else "loss (on another rank)")
-            return
-        if not finite:
-            self._nonfinite.append("loss")
-            return
-        loss.backward()
+        # Data parallel: no read either. The backward runs on loss · (1 or NaN): a non-finite loss on this rank makes
+        # every gradient it contributes NaN, so every reduced gradient is non-finite on every rank and each layer is
+        # skipped everywhere by its own flag (the ranks' collectives stay matched: every rank runs the backward).
+        detached = loss.detach()
+        self._losses.append(detached)
+        finite = torch.isfinite(detached)
+        self._flag("loss", None, ~finite)
+        (loss * torch.where(finite, 1.0, float("nan")).to(loss.dtype)).backward()
 
     def step(self) -> dict:
         """Finish the optimizer step: commit deferred updates, advance the schedule, return the step's stats."""
@@ -279,13 +276,12 @@ class Runtime(RuntimeState):
         self._finish_inflight()
         if self._deferred:
             self._commit_deferred()
-        if self.dp is None:
-            self._read_device_stats()
+        self._read_device_stats()
         skipped = bool(self._nonfinite)
         grad_sq = global_squared_norm(self._sq_norms)
         loss = sum(self._losses) / len(self._losses) if self._losses else None
         device = self.trainables[0].tensor.device
-        peak_bytes = peak_memory_bytes(device)
+        peak_bytes = step_peak_bytes(device)   # since this step's first micro-batch (lowmem.memory.step_peak)
         comm_bytes = None
         if self.dp is not None:
             loss, grad_sq, skipped, peak_bytes = self._agree_on_stats(loss, grad_sq, skipped, peak_bytes)
@@ -313,9 +309,14 @@ class Runtime(RuntimeState):
         self._reset_step()
         return stats
 
-    # -- device-side flags (one process) ---------------------------------------------------------------------------
+    # -- device-side flags ----------------------------------------------------------------------------------------
     def _flag(self, name: str, item: Trainable | None, nonfinite: Tensor) -> Tensor:
-        """Record `name`'s non-finite flag; returns the skip flag in force before it (what its commit must obey)."""
+        """Record `name`'s non-finite flag; returns the skip flag in force before it (what its commit must obey).
+        Data parallel: per layer (ZeRO >= 1 ranks see only the layers they own: a chain would differ between
+        ranks), so nothing is in force before it."""
+        if self.dp is not None:
+            self._flags.append((name, item, nonfinite, nonfinite))
+            return torch.zeros((), dtype=torch.bool, device=nonfinite.device)
         before = self._poisoned_on(nonfinite.device)
         self._poisoned = before | nonfinite
         self._flags.append((name, item, nonfinite & ~before, self._poisoned))
@@ -351,6 +352,7 @@ class Runtime(RuntimeState):
             if not after:
                 self._layers_written += 1
             else:
+                self._committed.discard(item.index)
                 undo_skipped_commit_(self.states[item.index])
         n_sim = len(similarities)
         sim_values = iter(values[n_loss + n_sq + n_flags:n_loss + n_sq + n_flags + n_sim])
@@ -375,10 +377,11 @@ class Runtime(RuntimeState):
         maxes = torch.tensor([float(skipped), float(peak_bytes)], dtype=torch.float64, device=dp.comm.device)
         dp.sum_(sums)
         dp.max_(maxes)
-        loss = None if loss is None else float(sums[0]) / dp.world_size
+        loss_sum, grad_sq_sum, any_skipped, peak = torch.cat([sums, maxes]).tolist()   # one read
+        loss = None if loss is None else loss_sum / dp.world_size
         if dp.partitioned:
-            grad_sq = float(sums[1])
-        return loss, grad_sq, bool(maxes[0]), int(maxes[1])
+            grad_sq = grad_sq_sum
+        return loss, grad_sq, bool(any_skipped), int(peak)
 
     # -- guards ----------------------------------------------------------------------------------------------------
     def _check_placement(self) -> None:
@@ -448,20 +451,25 @@ class Runtime(RuntimeState):
         if self.dp is None:
             self._commit_lowrank_on_device(item, accum, clip_coef)
             return
-        exchange = None if self.dp is None else self.dp.exchange(item.index, item.tensor.device)
+        # Data parallel: each layer's own device-side flag (agreed through the data: the reduced R is the same on
+        # every rank at ZeRO 0, the owner ships its flag at ZeRO >= 1); read with the step's statistics.
+        exchange = self.dp.exchange(item.index, item.tensor.device)
         writes = exchange is None or exchange.writes_weight
+        device = item.tensor.device
+        skip = torch.zeros((), dtype=torch.bool, device=device) if clip_coef is None else False
         stats = commit_(item.spec, item.config, self.states[item.index], accum,
                         weight_target(item) if writes else None, global_step=self.global_step, lr=self._lr,
-                        clip_coef=clip_coef, exchange=exchange)
-        if stats["skipped"]:
-            self._nonfinite.append(item.name)
-            self._committed.discard(item.index)
-            return
-        if self.dp is None or self.dp.owns(item.index):
-            self._sq_norms[item.index] = stats["grad_sq"]
+                        clip_coef=clip_coef, exchange=exchange, skip=skip)
+        if clip_coef is None:
+            flag = stats["skipped"]
+            self._flags.append((item.name, item, flag, flag))
+            if stats.get("pending") is not None:
+                self._pending.append((item, len(self._flags) - 1, *stats["pending"]))
+            if self.dp.owns(item.index):
+                self._sq_norms[item.index] = stats["grad_sq"]
         if stats["refreshed"]:
             self._refreshed.append(item.name)
-            if self.dp is not None and self.dp.debug:
+            if self.dp.debug:
                 self.dp.check_identical(f"{item.name} projector", self.states[item.index]["proj_data"])
 
     def _commit_lowrank_on_device(self, item: Trainable, accum: dict, clip_coef: float | None) -> None:
@@ -485,9 +493,9 @@ class Runtime(RuntimeState):
     def _commit_float_on_device(self, item: Trainable, grad: Tensor, clip_coef: float | None) -> None:
         if clip_coef is None:
             sq_norm = squared_norm(grad)
-            self._flag(item.name, item, ~torch.isfinite(sq_norm))
+            nonfinite = ~torch.isfinite(sq_norm)
+            skip = self._flag(item.name, item, nonfinite).to(grad.device) | nonfinite   # its own flag included
             self._sq_norms[item.index] = sq_norm
-            skip = self._poisoned.to(grad.device)   # this layer's own flag included
         else:   # two_pass: found finite by the host already
             skip = torch.zeros((), dtype=torch.bool, device=grad.device)
             self._layers_written += 1
@@ -506,30 +514,10 @@ class Runtime(RuntimeState):
     def _commit_float(self, item: Trainable, clip_coef: float | None) -> None:
         grad = self._float_grads.pop(item.index)
         self._committed.add(item.index)
-        if self.dp is None:
-            self._commit_float_on_device(item, grad, clip_coef)
-            return
         if self.dp is not None and not self.dp.owns(item.index):
-            self.dp.broadcast_param_(item.index, item.tensor)   # the owner's new values
+            self.dp.broadcast_param_(item.index, item.tensor)   # the owner's new (or kept) values
             return
-        if self._nonfinite and self.dp is None:
-            return
-        sq_norm = float(squared_norm(grad))
-        if not math.isfinite(sq_norm):
-            self._nonfinite.append(item.name)
-            self._committed.discard(item.index)
-            if self.dp is not None:
-                self.dp.broadcast_param_(item.index, item.tensor)   # unchanged values: the others wait for them
-            return
-        cfg = item.config
-        if clip_coef is None:
-            clip_coef = 1.0
-            if cfg.clip_mode == "per_tensor" and cfg.grad_clip is not None:
-                clip_coef = min(1.0, cfg.grad_clip / (math.sqrt(sq_norm) + 1e-6))
-        float_adamw_update_(item.tensor.data, grad if clip_coef == 1.0 else grad.mul_(clip_coef),
-                            self.states[item.index], lr=self._lr, beta1=cfg.betas[0], beta2=cfg.betas[1],
-                            eps=cfg.eps, weight_decay=float_param_weight_decay(item), sr_key=sr_key(item))
-        self._sq_norms[item.index] = sq_norm
+        self._commit_float_on_device(item, grad, clip_coef)
         if self.dp is not None:
             self.dp.broadcast_param_(item.index, item.tensor)
 
@@ -539,18 +527,24 @@ class Runtime(RuntimeState):
         if self.dp is None:
             self._commit_deferred_on_device(by_index)
             return
-        # The norm both paths clip (LowMemOptimizer too): the exactly rounded sum of this rank's owned squared norms.
-        sq_norms: dict[int, float] = {}
+        # The norm both paths clip (LowMemOptimizer too): the exactly rounded sum of this rank's owned squared norms,
+        # read in one go with the step's other statistics.
+        owned: dict[int, Tensor] = {}
         for index, accum in self._accum.items():
             sq = settle_(by_index[index].spec, by_index[index].config, accum)
             if self.dp.owns(index):
-                sq_norms[index] = float(sq)
+                owned[index] = sq
         for index, grad in self._float_grads.items():
             if self.dp.owns(index):
-                sq_norms[index] = float(squared_norm(grad))
+                owned[index] = squared_norm(grad)
+        parts = list(owned.values())
+        values = self._read_device_stats(None if not parts else
+                                         torch.stack([p.double().to(parts[0].device) for p in parts]))
+        sq_norms = dict(zip(owned, values))
         # A non-finite local sum poisons the global one, so every rank takes the same decision below.
         sq_total = self.dp.total_over_owners(global_squared_norm(sq_norms))
         if self._two_pass_writes(sq_total):
+            self._sq_norms.update(sq_norms)
             self._commit_all_clipped(by_index, sq_total)
 
     def _commit_deferred_on_device(self, by_index: dict[int, Trainable]) -> None:

@@ -18,8 +18,10 @@ __all__ = ["Preflight", "check", "device_memory_bytes", "fit_automatically"]
 
 
 def device_memory_bytes(device: torch.device) -> int | None:
+    """Memory a run can take on a CUDA device (lowmem.memory.fit: free memory, not the total); None elsewhere."""
     if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
+        from lowmem.memory.fit import _device_bytes
+        return _device_bytes(device)
     return None
 
 

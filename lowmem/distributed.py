@@ -169,33 +169,32 @@ class _Exchange(UpdateExchange):
         self.device = device
 
     def share_update(self, direction, sparse, skipped, *, direction_shape, sparse_numel):
+        # The skip flag travels as data (the last element of one buffer, or the only one at ZeRO 3), so no rank
+        # reads the device: a follower gets it as a 0-dim bool tensor (UpdateExchange).
+        flag = (skipped.float().reshape(1).to(self.device) if isinstance(skipped, Tensor)
+                else torch.full((1,), 1.0 if skipped else 0.0, device=self.device))
         if not self.ship_direction:
-            flag = torch.tensor([1.0 if skipped else 0.0], device=self.device)
             self.comm.broadcast_(flag, src=self.owner_rank)
-            return direction, sparse, bool(flag.item())
+            return direction, sparse, (skipped if self.owner else flag[0] != 0)
         numel = math.prod(direction_shape)
         if self.owner:
-            # A skip is announced by a non-finite buffer: one collective whatever happened.
-            buffer = torch.full((numel + sparse_numel,), float("nan"), device=self.device) if skipped else \
-                torch.cat([direction.reshape(-1).float()] + ([sparse.float()] if sparse_numel else []))
+            payload = (torch.zeros(numel + sparse_numel, device=self.device) if direction is None else
+                       torch.cat([direction.reshape(-1).float()] + ([sparse.float()] if sparse_numel else [])))
+            buffer = torch.cat([payload, flag])
         else:
-            buffer = torch.empty(numel + sparse_numel, device=self.device)
+            buffer = torch.empty(numel + sparse_numel + 1, device=self.device)
         self.comm.broadcast_(buffer, src=self.owner_rank)
         if self.owner:
             return direction, sparse, skipped
-        if not bool(torch.isfinite(buffer).all()):
-            return None, None, True
-        return buffer[:numel].view(direction_shape), (buffer[numel:] if sparse_numel else None), False
+        return (buffer[:numel].view(direction_shape), (buffer[numel:numel + sparse_numel] if sparse_numel else None),
+                buffer[-1] != 0)
 
-    def share_indices(self, idx):
-        count = torch.tensor([idx.numel() if self.owner else 0], dtype=torch.int64, device=self.device)
-        self.comm.broadcast_(count, src=self.owner_rank)
-        if not self.owner:
-            idx = torch.empty(int(count.item()), dtype=torch.int64, device=self.device)
-            self.comm.broadcast_(idx, src=self.owner_rank)
+    def share_indices(self, idx, count: int):
+        if self.owner:
+            self.comm.broadcast_(idx.to(torch.int64), src=self.owner_rank)
             return idx
-        shipped = idx.to(torch.int64)
-        self.comm.broadcast_(shipped, src=self.owner_rank)
+        idx = torch.empty(count, dtype=torch.int64, device=self.device)
+        self.comm.broadcast_(idx, src=self.owner_rank)
         return idx
 
 

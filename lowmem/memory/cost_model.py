@@ -63,6 +63,24 @@ DISTRIBUTED_METHODS = ("lowmem", "q_galore")
 ADAPTER_RANK = 16
 CUDA_CONTEXT_BYTES = 500 * (1 << 20)   # CUDA context + cuBLAS workspace, typical of torch 2.x on one GPU
 ALLOCATOR_SLACK = 0.05                 # caching-allocator fragmentation, fraction of the allocated peak
+# NCCL's own device buffers on each rank (not the payload, which comm_buffers counts), from NCCL's defaults: each
+# connection to a peer holds one buffer per protocol, Simple = NCCL_BUFFSIZE (4 MiB), LL128 = 120 x 640 x 8 x 8 B
+# (4.69 MiB), LL = 8 x 512 x 8 x 16 B (0.5 MiB); ring and tree connect about 4 peers per channel; channels: 8
+# assumed (2-4 over PCIe, 16-32 over NVLink; NCCL_MAX_NCHANNELS caps it). An estimate, not a measurement.
+NCCL_LL128_BYTES = 120 * 640 * 8 * 8
+NCCL_LL_BYTES = 8 * 512 * 8 * 16
+NCCL_CONNECTIONS_PER_CHANNEL = 4
+NCCL_CHANNELS = 8
+
+
+def nccl_buffer_bytes(environ=None) -> int:
+    """Device bytes NCCL allocates for its buffers on one rank (comment above); honours NCCL_BUFFSIZE and
+    NCCL_MAX_NCHANNELS from `environ` (default os.environ)."""
+    import os
+    env = os.environ if environ is None else environ
+    simple = int(env.get("NCCL_BUFFSIZE", 4 << 20))
+    channels = min(NCCL_CHANNELS, int(env.get("NCCL_MAX_NCHANNELS", NCCL_CHANNELS)))
+    return channels * NCCL_CONNECTIONS_PER_CHANNEL * (simple + NCCL_LL128_BYTES + NCCL_LL_BYTES)
 # fp32 buffers of one row chunk of an INT8 update with stochastic rounding (the delta, w, w/s, noise, floor, frac,
 # masks): measured with LiveTensorBytes around quant.int8.sr_update_int8_, 6.5-6.9 chunk-sized fp32 buffers
 UPDATE_FP32_BUFFERS = 7
@@ -600,6 +618,10 @@ def estimate(model_config, *, method: str, seq_len: int, micro_batch_size: int, 
     if device_type == "cuda":
         c["cuda_context"] = CUDA_CONTEXT_BYTES
         c["allocator_slack"] = int(ALLOCATOR_SLACK * allocated)
+        if world_size > 1:   # NCCL on CUDA (gloo on the CPU keeps its buffers in host memory)
+            nccl = nccl_buffer_bytes()
+            c["comm_buffers"] = c.get("comm_buffers", 0) + nccl
+            notes.append(f"NCCL's buffers: {nccl / 2**20:.0f} MiB per rank (estimated from NCCL's defaults)")
     notes.insert(0, f"peak at '{winner}' ({', '.join(f'{k} {sum(v.values()) / 2**20:.1f} MiB' for k, v in moments.items())}"
                     f" of transients beyond the resident state)")
     if fused and cfg.residual_ratio > 0:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowmem.memory.cost_model import COMPONENTS, GIB, MemoryBreakdown, estimate
+from lowmem.memory.cost_model import COMPONENTS, CUDA_CONTEXT_BYTES, GIB, MemoryBreakdown, estimate
 
 __all__ = ["GPUS", "FitPlan", "Preflight", "auto_fit", "format_breakdown", "preflight"]
 
@@ -44,8 +44,14 @@ def format_breakdown(b: MemoryBreakdown) -> str:
 
 
 def _device_bytes(device: torch.device) -> int:
+    """Memory the run can still take on `device`. CUDA: the free memory (torch.cuda.mem_get_info: what other
+    processes hold is not available) plus what this process's caching allocator already reserved (the estimate
+    counts this run's tensors) plus one CUDA context (the query creates this process's context if there was none,
+    and the estimate charges it as cuda_context), at most the total. CPU: the available RAM."""
     if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
+        free, total = torch.cuda.mem_get_info(device)
+        reserved = torch.cuda.memory_reserved(device)
+        return int(min(total, free + reserved + CUDA_CONTEXT_BYTES))
     import psutil
     return int(psutil.virtual_memory().available)
 
@@ -115,7 +121,7 @@ def preflight(cfg, model_config, device: torch.device, *, zero_stage: int = 0,
     if predicted <= limit:
         return Preflight(True, predicted, total, None,
                          f"memory preflight: predicted peak {predicted / GIB:.2f} GiB of {total / GIB:.2f} GiB "
-                         f"({where}); fits")
+                         f"available ({where}); fits")
     # cheapest first: a ZeRO stage that partitions optimizer state costs no compute; stage 3 adds weight gathers
     zero2 = [("deepspeed=launch/configs/ds_zero2.json", optim, settings, 2)] if world > 1 and zero_stage < 1 else []
     zero3 = [("deepspeed=launch/configs/ds_zero3.json", optim, settings, 3)] if world > 1 and zero_stage < 3 else []
@@ -144,7 +150,7 @@ def preflight(cfg, model_config, device: torch.device, *, zero_stage: int = 0,
             fix = f"{label} (saves {(predicted - new_peak) / GIB:.2f} GiB)"
             break
     detail = (f"memory preflight: predicted peak {predicted / GIB:.2f} GiB exceeds {FIT_FRACTION:.0%} of "
-              f"{total / GIB:.2f} GiB ({where}); "
+              f"{total / GIB:.2f} GiB available ({where}); "
               + (f"cheapest fix: {fix}" if fix else "no single cheap change fits; use a larger device or a "
                                                  "smaller model"))
     return Preflight(False, predicted, total, fix, detail)

@@ -44,8 +44,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         T, V = hidden.shape[0], head.shape[0]
         valid = labels != ignore_index
         safe = torch.where(valid, labels, torch.zeros_like(labels))
-        if valid.any() and (int(safe.min()) < 0 or int(safe.max()) >= V):
-            raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")
+        _check_labels(safe, V, ignore_index)
         lse = torch.full((T,), float("-inf"), dtype=torch.float32, device=hidden.device)
         target = torch.zeros(T, dtype=torch.float32, device=hidden.device)
         step = block_rows_for(T, V, block_elements)
@@ -100,6 +99,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             del op
         grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
         return grad_hidden, grad_weight, None, None, None, None
+
+
+def _check_labels(safe: Tensor, vocab: int, ignore_index: int) -> None:
+    """Labels (T,) int64 (ignored ones already 0) must lie in [0, vocab). Checked on the device: an asynchronous
+    assertion, so the forward never waits for it. On the CPU it raises here (ValueError); on CUDA a bad label stops
+    the run with a device-side assertion, as F.cross_entropy's does."""
+    in_range = ((safe >= 0) & (safe < vocab)).all()
+    message = f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}"
+    try:
+        torch._assert_async(in_range, message)
+    except RuntimeError as err:   # raised at once on the CPU only
+        raise ValueError(message) from err
 
 
 def linear_cross_entropy(hidden: Tensor, head: nn.Module, labels: Tensor, *, ignore_index: int = -100,

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from quant.int8 import dequantize_int8
 
-from lowmem.optim.linop import CHUNK_ELEMENTS, GradOperator, _check_operand, _split_flat_index
+from lowmem.optim.linop import GradOperator, _check_operand, _split_flat_index
 from lowmem.optim.rowgrad import TransposedGrad
 
 # Elements of one (T, block_rows) fp32 logits block of the fused loss and of this operator: 16 MiB, as linop's
@@ -89,9 +89,13 @@ def logits_gradient(hidden: Tensor, w_rows: Tensor, lse: Tensor, labels: Tensor,
     a = (hidden @ w_rows.T).float()
     a.sub_(lse[:, None]).exp_()
     if row_ids is None:
+        # -1 at each token's label column when the label falls in this block: a scatter over every token (the
+        # others add +0.0 somewhere in their row, which changes no value: exp() is never -0.0), so the shapes do
+        # not depend on the labels and nothing waits for the device
         pos = labels - row_start
-        hit = ((pos >= 0) & (pos < a.shape[1])).nonzero().squeeze(1)
-        a.index_put_((hit, pos[hit]), torch.tensor(-1.0, device=a.device), accumulate=True)
+        in_block = (pos >= 0) & (pos < a.shape[1])
+        minus_one = torch.where(in_block, -1.0, 0.0).to(a.dtype)
+        a.scatter_add_(1, pos.clamp(0, a.shape[1] - 1)[:, None], minus_one[:, None])
     else:
         a.sub_((labels[:, None] == row_ids[None, :]).to(a.dtype))
     a.mul_(token_weight[:, None])
@@ -165,15 +169,23 @@ class SoftmaxCEGrad(GradOperator):
             del a
         return self._x.T @ am
 
-    def gather(self, flat_idx: Tensor) -> Tensor:
-        i, j = _split_flat_index(flat_idx, self.shape, self.device)
+    def gather(self, flat_idx: Tensor, *, check: bool = True) -> Tensor:
+        """G.flatten()[flat_idx] (L,) fp32. Block by block, dense rows of G = Aᵀ X are formed (at most
+        `block_elements` fp32 at a time) and every index reads its entry there, kept where its row lies in them:
+        static shapes (which indices fall in a block is a device value), at the cost of one dense() worth of matmul
+        and L-element selects per row group."""
+        i, j = _split_flat_index(flat_idx, self.shape, self.device, check=check)
         out = torch.zeros(i.numel(), dtype=torch.float32, device=self.device)
+        n = self.shape[1]
+        group = max(1, self._block_elements // max(n, 1))
         for s, e, a in self._blocks():
-            hit = ((i >= s) & (i < e)).nonzero().squeeze(1)
-            chunk = max(1, CHUNK_ELEMENTS // max(a.shape[0], 1))
-            for c in range(0, hit.numel(), chunk):
-                sel = hit[c:c + chunk]
-                out[sel] = (a.index_select(1, i[sel] - s) * self._x.index_select(1, j[sel])).sum(0)
+            for lo in range(s, e, group):
+                hi = min(e, lo + group)
+                rows = a[:, lo - s:hi - s].T @ self._x          # G[lo:hi] (hi - lo, n)
+                in_rows = (i >= lo) & (i < hi)
+                local = (i - lo).clamp(0, hi - lo - 1) * n + j
+                out = torch.where(in_rows, rows.reshape(-1).index_select(0, local), out)
+                del rows
             del a
         return out
 
@@ -184,8 +196,8 @@ class SoftmaxCEGrad(GradOperator):
         lo = self._range[0]
         return self._derive(row_range=(lo + row_start, lo + row_end))
 
-    def take_rows(self, row_index: Tensor) -> "SoftmaxCEGrad":
-        local = self._check_row_index(row_index)
+    def take_rows(self, row_index: Tensor, *, check: bool = True) -> "SoftmaxCEGrad":
+        local = self._check_row_index(row_index, check=check)
         ids = self._ids[local] if self._ids is not None else local + self._range[0]
         return self._derive(row_ids=ids, row_range=None)
 

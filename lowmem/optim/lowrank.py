@@ -43,8 +43,8 @@ from lowmem.optim.projector import (CrossHead, backproject, backproject_gather, 
                                    decode_projector, encode_projector, is_full_rank, project, projection_side,
                                    select_heads)
 from lowmem.optim.refresh import REFRESH_STATE_KEYS, init_refresh_state, make_policy
-from lowmem.optim.residual import (exact_residual_step, init_exact_residual, residual_index_dtype, residual_step,
-                             select_residual_indices)
+from lowmem.optim.residual import (exact_residual_step, init_exact_residual, num_selected, residual_index_dtype,
+                                   residual_step, select_residual_indices)
 from lowmem.optim.rsvd import resolve_subspaces, subspace_similarity, subspace_similarity_t
 from lowmem.optim.weights import WeightTarget
 from quant.int8 import dequantize_int8, quantize_int8
@@ -313,9 +313,11 @@ class UpdateExchange(abc.ABC):
     the partition at ZeRO 3).
     share_update(direction, sparse, skipped, *, direction_shape, sparse_numel) -> (direction, sparse, skipped):
     called by every rank; the owner passes its values, the others None, and all get the owner's (direction fp32 of
-    `direction_shape`, sparse fp32 (sparse_numel,) or None, skipped bool). Ranks that do not write the weight may
-    receive only `skipped`.
-    share_indices(idx) -> idx: the owner's newly selected residual indices, on every rank.
+    `direction_shape`, sparse fp32 (sparse_numel,) or None, skipped). The owner's `skipped` is a bool decided on
+    the host or a 0-dim bool device tensor (commit_'s skip=...); the others receive it as a 0-dim bool tensor,
+    so no rank waits for the device. Ranks that do not write the weight may receive only `skipped`.
+    share_indices(idx, count) -> idx: the owner's newly selected residual indices (count of them: a static number,
+    so the others allocate without a read), on every rank.
     """
 
     owner: bool = True
@@ -326,7 +328,7 @@ class UpdateExchange(abc.ABC):
         """See the class docstring."""
 
     @abc.abstractmethod
-    def share_indices(self, idx):
+    def share_indices(self, idx, count: int):
         """See the class docstring."""
 
 
@@ -427,8 +429,8 @@ def commit_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accu
     owner's decision and direction (`_follow_`); the owner shares them once computed.
 
     Two ways to treat a non-finite gradient:
-    - skip=None (host decision): ||R||² is read on the host (a synchronisation); a non-finite gradient writes
-      nothing (state and weight untouched) and returns skipped=True.
+    - skip=None (host decision, one process only): ||R||² is read on the host (a synchronisation); a non-finite
+      gradient writes nothing (state and weight untouched) and returns skipped=True.
     - skip = a 0-dim bool tensor on R's device (the fused runtime: True when an earlier layer of this backward was
       non-finite): no synchronisation on an ordinary step. The update is computed from a gradient zeroed where
       `skip | ~isfinite(||R||²)` holds, and the new moments, residual values, error feedback and weight bytes are
@@ -441,15 +443,19 @@ def commit_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accu
       counters and residual selection of a skipped weight. stats["refreshed"] is then provisional.
     - skip=False: the caller has verified the gradient finite (two-pass clipping): no check, no synchronisation.
     """
+    if exchange is not None and skip is None:
+        raise ValueError("commit_ with an exchange needs skip= a 0-dim bool device tensor or False (every rank must "
+                         "take the same decision without reading the device)")
     if exchange is not None and not exchange.owner:
-        return _follow_(spec, cfg, state, accum, weight, global_step=global_step, lr=lr, exchange=exchange)
+        return _follow_(spec, cfg, state, accum, weight, global_step=global_step, lr=lr, exchange=exchange,
+                        guarded=isinstance(skip, Tensor))
     grad_sq = settle_(spec, cfg, accum)
     shape = lowrank_moment_shape(spec, cfg)
     nonfinite = ~torch.isfinite(grad_sq)
     similarity = None
     if skip is None:
         if not math.isfinite(float(grad_sq)):
-            return _skipped(accum, grad_sq, exchange, shape)
+            return _skipped(accum, grad_sq)
     elif skip is not False:
         skip = skip.to(grad_sq.device) | nonfinite
     side = projection_side_for(spec, cfg)
@@ -493,10 +499,10 @@ def commit_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accu
                                   step)
         if exchange is not None:
             # Collective order, mirrored by _follow_: the update (or the skip) first, then newly selected indices.
-            exchange.share_update(direction, sparse, False, direction_shape=shape,
+            exchange.share_update(direction, sparse, skip if guarded else False, direction_shape=shape,
                                   sparse_numel=sparse.numel() if expects_sparse else 0)
             if not had_indices and "res_idx" in state:
-                exchange.share_indices(state["res_idx"])
+                exchange.share_indices(state["res_idx"], state["res_idx"].numel())
         if exchange is None or exchange.writes_weight:
             _apply_update(spec, cfg, state, weight, direction, sparse, proj, lr=lr, global_step=global_step,
                           keep_old=skip if guarded else None)
@@ -515,10 +521,7 @@ def commit_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accu
             "clip_coef": clip_coef, "pending": pending}
 
 
-def _skipped(accum: dict, grad_sq: Tensor, exchange: UpdateExchange | None, shape: tuple[int, int], *,
-             nonfinite: bool | Tensor = True) -> dict:
-    if exchange is not None:
-        exchange.share_update(None, None, True, direction_shape=shape, sparse_numel=0)
+def _skipped(accum: dict, grad_sq: Tensor, *, nonfinite: bool | Tensor = True) -> dict:
     accum.clear()
     return {"grad_sq": grad_sq, "refreshed": False, "similarity": None, "skipped": True, "nonfinite": nonfinite,
             "clip_coef": 0.0}
@@ -586,10 +589,13 @@ def undo_skipped_commit_(state: dict[str, Tensor]) -> None:
 
 
 def _follow_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, weight: WeightTarget, *,
-             global_step: int, lr: float, exchange: UpdateExchange) -> dict:
+             global_step: int, lr: float, exchange: UpdateExchange, guarded: bool = False) -> dict:
     """commit_ on a rank that does not own the weight's moments: take the owner's decision and direction, keep the
     replicated state (projector, refresh bookkeeping, residual indices, step counter) in lockstep, write the weight
-    when this rank holds it. grad_sq is not known here (reported as 0; the owner reports it)."""
+    when this rank holds it. grad_sq is not known here (reported as 0; the owner reports it).
+    guarded (the owner committed with a skip tensor): the owner's skip flag arrives as a device tensor; the weight
+    write keeps its old bytes where it holds, "step" advances as if written (the caller undoes it), and the
+    refresh bookkeeping is deferred as in commit_ (stats["pending"])."""
     settle_(spec, cfg, accum)   # fixes this step's projector (identical on every rank); the local R is not used
     proj = accum["proj_step"]
     refreshed = bool(accum["refresh"])
@@ -598,18 +604,22 @@ def _follow_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], acc
     direction, sparse, skipped = exchange.share_update(
         None, None, False, direction_shape=lowrank_moment_shape(spec, cfg),
         sparse_numel=state["res_idx"].numel() if expects_sparse else 0)
-    if skipped:
-        accum.clear()
-        return {"grad_sq": 0.0, "refreshed": False, "similarity": None, "skipped": True, "clip_coef": 0.0}
-    proj, similarity = _record_refresh(spec, cfg, state, accum, accum["proj_step"], global_step, transfer=False)
+    pending = None   # not guarded: the owner was told the gradient is finite (skip=False), so it did not skip
+    if guarded and (accum["refresh"] or (uses_residual(spec, cfg) and "res_idx" not in state)):
+        pending = _deferred_bookkeeping(spec, cfg, state, accum, global_step)
+    proj, similarity = _record_refresh(spec, cfg, state, accum, accum["proj_step"], global_step, transfer=False,
+                                       book=pending is None)
     if uses_residual(spec, cfg) and proj is not None and "res_idx" not in state and step >= cfg.residual_warmup_steps:
-        state["res_idx"] = exchange.share_indices(None).to(residual_index_dtype(spec.shape[0] * spec.shape[1]))
+        numel = spec.shape[0] * spec.shape[1]
+        state["res_idx"] = exchange.share_indices(None, num_selected(float(cfg.residual_ratio), numel)).to(
+            residual_index_dtype(numel))
     if exchange.writes_weight:
         _apply_update(spec, cfg, state, weight, direction, sparse if expects_sparse else None, proj, lr=lr,
-                      global_step=global_step)
+                      global_step=global_step, keep_old=skipped if guarded else None)
     state["step"] += 1
     accum.clear()
-    return {"grad_sq": 0.0, "refreshed": refreshed, "similarity": similarity, "skipped": False, "clip_coef": None}
+    return {"grad_sq": 0.0, "refreshed": refreshed, "similarity": similarity,
+            "skipped": skipped if guarded else False, "clip_coef": None, "pending": pending}
 
 
 def finish_(spec: LowRankSpec, cfg: LowMemConfig, state: dict[str, Tensor], accum: dict, weight: WeightTarget, *,

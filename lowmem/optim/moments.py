@@ -144,10 +144,7 @@ def adam8_ratio(g: Tensor, m: Tensor, v: Tensor, h: Tensor,
     root_scale, floor_scale = (h[4], h[7]) if scales is None else scales
     m = m * h[0] + g * h[1]
     v = v * h[2] + (g * g) * h[3]
-    # sqrt through fp64: eager torch.sqrt on fp32 CPU tensors is not correctly rounded (torch 2.13: 443 of 2250
-    # values off by an ulp) while inductor's is; the fp64 root rounded to fp32 is the correctly rounded fp32 root
-    # (53 >= 2 * 24 + 2 bits: no double-rounding error), the same on every backend.
-    denom = torch.sqrt(v.to(torch.float64)).to(torch.float32) * root_scale + h[5]
+    denom = correctly_rounded_sqrt(v) * root_scale + h[5]
     denom = torch.maximum(denom, torch.abs(m) * floor_scale)
     return m / denom, m, v
 
@@ -155,17 +152,34 @@ def adam8_ratio(g: Tensor, m: Tensor, v: Tensor, h: Tensor,
 _SQRT_CHUNK = 1 << 16
 
 
+def correctly_rounded_sqrt(v: Tensor) -> Tensor:
+    """sqrt of an fp32 tensor, correctly rounded (the same bits on every backend), fp32.
+
+    CPU: through fp64. Eager torch.sqrt on fp32 CPU tensors is not correctly rounded (torch 2.13: 443 of 2250
+    values off by an ulp; inductor's C++ root is); the fp64 root rounded to fp32 is the correctly rounded fp32 root
+    (53 >= 2 * 24 + 2 bits: no double-rounding error). Other devices: the fp32 root itself. CUDA's sqrtf is
+    correctly rounded unless built with fast math (PyTorch is not: -prec-sqrt=true is nvcc's default) and inductor
+    lowers sqrt to Triton's tl.sqrt_rn (round to nearest), while fp64 runs at 1/64 of the fp32 rate on consumer
+    GPUs. The branch is on the device type, static for torch.compile."""
+    if v.device.type == "cpu":
+        return torch.sqrt(v.to(torch.float64)).to(torch.float32)
+    return torch.sqrt(v)
+
+
 def adam8_ratio_(g: Tensor, m: Tensor, v: Tensor, h: Tensor,
                  scales: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """adam8_ratio in place on m and v (fresh decoded moments, contiguous, g's shape), few full-size temporaries;
-    the fp64 root chunk by chunk. Returns the ratio (a new tensor)."""
+    on the CPU the fp64 root chunk by chunk. Returns the ratio (a new tensor)."""
     root_scale, floor_scale = (h[4], h[7]) if scales is None else scales
     m.mul_(h[0]).add_(g * h[1])
     v.mul_(h[2]).add_((g * g).mul_(h[3]))
     denom = torch.empty_like(v)
     flat_v, flat_d = v.view(-1), denom.view(-1)
-    for start in range(0, flat_v.numel(), _SQRT_CHUNK):
-        flat_d[start:start + _SQRT_CHUNK].copy_(flat_v[start:start + _SQRT_CHUNK].to(torch.float64).sqrt_())
+    if v.device.type == "cpu":   # the fp64 root chunk by chunk (correctly_rounded_sqrt)
+        for start in range(0, flat_v.numel(), _SQRT_CHUNK):
+            flat_d[start:start + _SQRT_CHUNK].copy_(flat_v[start:start + _SQRT_CHUNK].to(torch.float64).sqrt_())
+    else:
+        torch.sqrt(v, out=denom)
     denom.mul_(root_scale).add_(h[5])
     torch.maximum(denom, m.abs().mul_(floor_scale), out=denom)
     return torch.div(m, denom, out=denom)

@@ -42,7 +42,9 @@ def residual_index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < _INT32_LIMIT else torch.int64
 
 
-def _num_selected(ratio: float, numel: int) -> int:
+def num_selected(ratio: float, numel: int) -> int:
+    """How many residual indices a weight of `numel` entries gets: ceil(ratio·numel), at least 1 (static: every
+    data-parallel rank knows it without asking the owner)."""
     # The tiny slack keeps float noise (0.07 * 100 = 7.000000000000001) from adding an index.
     return min(numel, max(1, math.ceil(ratio * numel - 1e-9)))
 
@@ -68,7 +70,7 @@ def select_residual_indices(first_moment_back: Tensor, ratio: float, *, check_fi
     magnitude = first_moment_back.detach().reshape(-1).float().abs()
     if check_finite and not bool(torch.isfinite(magnitude).all()):   # a host synchronisation on CUDA
         raise ValueError("first_moment_back has NaN/Inf entries; cannot rank them")
-    k = _num_selected(float(ratio), numel)
+    k = num_selected(float(ratio), numel)
     flat = torch.topk(magnitude, k, sorted=False).indices
     return torch.sort(flat).values.to(residual_index_dtype(numel))
 

@@ -144,7 +144,9 @@ def test_rayleigh_ritz_refresh_under_accumulation_matches_in_loss(two_rank_resul
 
 
 def test_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(two_rank_results):
-    """The ranks agree before any backward: both skip step 2 (no hang in the backward's collectives), both train
+    """Rank 1's NaN loss makes its whole backward NaN (runtime.backward scales by NaN), so every reduced gradient is
+    non-finite on both ranks: both skip step 2 without reading the device in the backward (every rank runs the
+    backward, so the collectives stay matched), both train
     on afterwards with the same losses."""
     two_rank_results = two_rank_results("nan_loss")
     ranks = [load_rank(two_rank_results, "nan_loss", r) for r in (0, 1)]
@@ -181,8 +183,8 @@ def test_optimizer_state_and_weights_are_partitioned(two_rank_results, reference
 
 def test_bytes_moved_per_step_versus_dense_allreduce(two_rank_results, capsys):
     """ZeRO 1 steps without a refresh (nor residuals): exactly R reduced + N broadcast per low-rank weight, gradient
-    reduced + value broadcast per float parameter, 32 bytes of step statistics, 8 bytes agreeing that the loss is
-    finite. Printed as a ratio to a dense
+    reduced + value broadcast per float parameter, 32 bytes of step statistics, and each low-rank weight's skip flag
+    (4 bytes riding with its update direction). Printed as a ratio to a dense
     all-reduce."""
     from hooks.runtime import prepare
     from lowmem.distributed import dense_allreduce_wire_bytes
@@ -193,7 +195,8 @@ def test_bytes_moved_per_step_versus_dense_allreduce(two_rank_results, capsys):
     floats = [item for item in runtime.trainables if item.kind == "float"]
     lowrank_payload = sum(2 * 4 * torch.Size(lowrank_moment_shape(i.spec, i.config)).numel() for i in lowrank)
     float_payload = sum(4 * i.tensor.numel() + i.tensor.numel() * i.tensor.element_size() for i in floats)
-    expected = lowrank_payload + float_payload + 32 + 8    # + step statistics + the loss-finiteness agreement
+    # + each low-rank weight's skip flag (4 bytes, shipped with its update direction) + step statistics
+    expected = lowrank_payload + 4 * len(lowrank) + float_payload + 32
     assert record["refreshed"][1] == 0
     assert record["comm_bytes"][1] == expected
     # Wire bytes (reduce and broadcast send (W-1)/W of the payload, a ring all-reduce twice that).

@@ -207,3 +207,42 @@ def test_router_auxiliary_loss_and_soft_capping_are_refused_with_the_setting_to_
     with torch.no_grad():
         reference = gemma2(input_ids=ids, labels=ids).loss
         assert abs(float(causal_lm_loss(gemma2, ids)) - float(reference)) <= RTOL * float(reference)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_gradient_block_equals_the_former_nonzero_version_bit_for_bit(dtype):
+    """The label's -1 is now a scatter over every token (no nonzero): bit-identical to the former index_put_ of the
+    tokens whose label falls in the block, block by block."""
+    from lowmem.model.head_grad import logits_gradient
+    hidden, labels = _data()
+    hidden = hidden.to(dtype)
+    safe = labels.clamp(min=0)
+    weight = torch.randn(301, 24, generator=torch.Generator().manual_seed(3)).to(dtype)
+    lse = torch.logsumexp((hidden @ weight.T).float(), dim=1)
+    token_weight = (labels >= 0).float() / 30
+    for start, end in [(0, 16), (16, 200), (290, 301), (0, 301)]:
+        got = logits_gradient(hidden, weight[start:end], lse, safe, token_weight, row_start=start)
+        a = (hidden @ weight[start:end].T).float()
+        a.sub_(lse[:, None]).exp_()
+        pos = safe - start
+        hit = ((pos >= 0) & (pos < a.shape[1])).nonzero().squeeze(1)
+        a.index_put_((hit, pos[hit]), torch.tensor(-1.0), accumulate=True)
+        a.mul_(token_weight[:, None])
+        assert torch.equal(got, a.to(dtype)), (start, end)
+
+
+def test_int8_head_gather_with_and_without_the_range_check():
+    """SoftmaxCEGrad.gather takes check=False (the runtime's residual gather passes it) and agrees with dense()."""
+    hidden, labels = _data()
+    head = Int8Linear.from_linear(nn.Linear(24, 301, bias=False), block_size=8)
+    op = SoftmaxCEGrad(hidden, torch.logsumexp(hidden @ head.dequantized_weight(torch.float32).T, dim=1),
+                       labels.clamp(min=0), (labels >= 0).float() / 30, HeadRows(module=head),
+                       block_elements=37 * 40)
+    idx = torch.randint(0, 301 * 24, (500,), generator=torch.Generator().manual_seed(2))
+    G = op.dense()
+    _close(op.gather(idx, check=False), G.flatten()[idx])
+    _close(op.t().gather(idx, check=False), G.T.flatten()[idx])
+    _close(op.take_rows(torch.tensor([5, 300]), check=False).dense(), G[[5, 300]])
+    # a right factor wider than the token count: each vocabulary block is read in several row groups
+    wide = SoftmaxCEGrad(hidden, op._lse, op._labels, op._weight, HeadRows(module=head), block_elements=37 * 40,
+                         x=torch.randn(37, 100, generator=torch.Generator().manual_seed(4)))
+    idx = torch.randint(0, 301 * 100, (700,), generator=torch.Generator().manual_seed(5))
+    _close(wide.gather(idx), wide.dense().flatten()[idx])

@@ -91,3 +91,44 @@ def test_torch_compile_traces_lookup_and_hands_rows_to_the_sink():
     (check(ids).tanh() * 2.0).backward(grad_out)
     _close(compiled_op.dense(), check.weight.grad, rtol=1e-5)
     _close(compiled_op.dense(), eager_op.dense(), rtol=1e-5)
+
+
+def _unique_reference(ids, grad_out, num_rows, padding_idx):
+    """The former algorithm (torch.unique + index_add_ of the kept tokens): (sorted distinct ids, summed rows)."""
+    ids = ids.reshape(-1).long()
+    grad_out = grad_out.reshape(ids.numel(), -1)
+    if padding_idx is not None:
+        keep = ids != padding_idx
+        ids, grad_out = ids[keep], grad_out[keep]
+    unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    rows = torch.zeros(unique.numel(), grad_out.shape[1]).index_add_(0, inverse, grad_out.float())
+    dense = torch.zeros(num_rows, grad_out.shape[1]).index_copy_(0, unique, rows)
+    return unique, dense
+
+
+@pytest.mark.parametrize("tokens,vocab,padding_idx", [(64, 50, None), (64, 50, 3), (12, 500, 7), (5, 5, None),
+                                                      (1, 9, 0)])
+def test_static_shape_lookup_gradient_equals_the_unique_based_one_bit_for_bit(tokens, vocab, padding_idx):
+    """Sort-free static slots (min(T, V) of them) sum each row's tokens in the same order as unique + index_add_
+    did: the dense gradient is bit-identical, every batch id has a slot, extra slots are zero rows."""
+    g = torch.Generator().manual_seed(tokens + vocab)
+    ids = torch.randint(0, min(vocab, 20), (tokens,), generator=g)       # many repeats
+    if padding_idx is not None:
+        ids[::4] = padding_idx
+    grad_out = torch.randn(tokens, 16, generator=g)
+    op = RowScatterGrad.from_lookup(ids, grad_out, vocab, padding_idx)
+    unique, dense = _unique_reference(ids, grad_out, vocab, padding_idx)
+    assert torch.equal(op.dense(), dense)
+    assert op.touched_rows.tolist() == unique.tolist()
+    assert op._ids.numel() == min(tokens, vocab)
+    assert torch.equal(op._ids, op._ids.sort().values) and op._ids.unique().numel() == op._ids.numel()
+    idx = torch.randint(0, vocab * 16, (200,), generator=g)
+    assert torch.equal(op.gather(idx), dense.flatten()[idx])
+    assert torch.equal(op.rows(2, vocab - 1).dense(), dense[2:vocab - 1])
+    rows = torch.tensor([0, vocab - 1, int(ids[0]), 0])
+    assert torch.equal(op.take_rows(rows).dense(), dense[rows])
+    M = torch.randn(16, 3, generator=g)
+    _close(op.matmul(M), dense @ M)
+    N = torch.randn(vocab - 1, 4, generator=g)
+    _close(op.rows(1, vocab).rmatmul(N), dense[1:].T @ N)
+    _close(op.sq_norm(), (dense * dense).sum())

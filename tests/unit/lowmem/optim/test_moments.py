@@ -439,3 +439,56 @@ def test_8bit_zero_moments_are_the_encoders_zeros(shape):
     transfer_moments_(state, proj, proj, side="right", mode="reset", bits=8, steps_done=3, betas=(0.9, 0.999))
     assert all(torch.equal(state[k], encoded[k]) for k in encoded)
     assert torch.equal(state["bias1"], torch.zeros(rank)) and torch.equal(state["bias2"], torch.zeros(rank))
+def _sqrt_samples() -> torch.Tensor:
+    g = torch.Generator().manual_seed(11)
+    wide = torch.exp(torch.empty(20000).uniform_(-80, 80, generator=g))     # second moments span many decades
+    edges = torch.tensor([0.0, 1.0, 2.0, 4.0, 1e-38, 3.4e38, 1.1754944e-38, 1.0000001, 0.99999994])
+    return torch.cat([wide, edges]).float()
+
+
+def test_sqrt_on_the_cpu_is_correctly_rounded():
+    """The CPU branch of correctly_rounded_sqrt: every value equals the fp32 rounding of the exact root (numpy's
+    fp64 root, then one rounding to fp32; 53 >= 2·24 + 2 bits, so no double-rounding error)."""
+    import numpy as np
+    from lowmem.optim.moments import correctly_rounded_sqrt
+    v = _sqrt_samples()
+    reference = torch.from_numpy(np.sqrt(v.numpy().astype(np.float64)).astype(np.float32))
+    assert torch.equal(correctly_rounded_sqrt(v), reference)
+
+
+def test_sqrt_off_the_cpu_stays_in_fp32():
+    """On any other device (meta stands in for CUDA here) the root is one fp32 sqrt: no fp64 tensor is made (fp64
+    runs at 1/64 rate on consumer GPUs), in the functional and in the in-place (eager twin) form."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from lowmem.optim.moments import adam8_hyper, adam8_ratio, adam8_ratio_, correctly_rounded_sqrt
+
+    class Dtypes(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    self.seen.add(t.dtype)
+            return out
+
+    v = torch.empty(1000, device="meta")
+    h = torch.empty(9, device="meta")
+    with Dtypes() as mode:
+        correctly_rounded_sqrt(v)
+        adam8_ratio(v, v, v, h)
+        adam8_ratio_(v, v.clone(), v.clone(), h)
+    assert torch.float64 not in mode.seen and torch.float32 in mode.seen
+    with Dtypes() as mode:
+        correctly_rounded_sqrt(torch.ones(10))
+    assert torch.float64 in mode.seen       # the CPU branch: through fp64
+    assert adam8_hyper(step=1, beta1=0.9, beta2=0.999, eps=1e-8, device="cpu").dtype == torch.float32
+
+
+@pytest.mark.gpu
+def test_sqrt_on_cuda_equals_the_cpu_bits():
+    from lowmem.optim.moments import correctly_rounded_sqrt
+    v = _sqrt_samples()
+    assert torch.equal(correctly_rounded_sqrt(v.cuda()).cpu(), correctly_rounded_sqrt(v))
+    compiled_sqrt = torch.compile(correctly_rounded_sqrt)
+    assert torch.equal(compiled_sqrt(v.cuda()).cpu(), correctly_rounded_sqrt(v))
