@@ -1,0 +1,180 @@
+"""Predict the peak memory of loading a checkpoint and building the runtime, from the model config alone: DESIGN §5.
+
+The streaming loader (`lowmem.load_pretrained`) builds the model skeleton on `meta`, turns the target linears and
+embeddings into Int8Linear / Int8Embedding, then takes the checkpoint one tensor at a time in file order: read it
+(safetensors, memory-mapped, on the host, in the file's dtype) -> `.to(device, dtype)` -> a target weight goes
+through `quant.int8.quantize_int8(t.float(), block_size)` into its codes and scales and its float copies are
+dropped; a float parameter (norms, a float or tied head, biases) stays in `dtype`. Then `hooks.runtime.prepare`
+builds the Runtime, whose constructor allocates the optimizer state (moments, error feedback; projectors and
+residuals only come with the first refresh).
+
+The device peak is the larger of two moments, each = what is resident then + what is alive:
+  stream   every other weight resident (INT8 codes + scales, float params: an upper bound, since the checkpoint's
+           order is not in the config) + the one tensor being loaded, at the worst step of the worst tensor:
+             a target (m, n): converted, its copy in the load dtype (on a CPU device the read tensor is that copy
+               when the file dtype is the load dtype, since `.to` returns it, and is alive beside it until the copy
+               is made otherwise); quantised, the copy, its fp32 copy (none when the load dtype is fp32),
+               quantize_int8's workspace (one fp32 row chunk w / s plus its block absmax: QUANTIZE_FP32_BUFFERS)
+               and the codes and scales it writes;
+             a float parameter: its bytes in the load dtype, and on a CPU its read tensor beside them when the
+               dtypes differ.
+  prepare  every weight + the optimizer state the Runtime's constructor allocates (the step estimate's
+           optimizer_moments and error_feedback, plus the fp32 zeros one error-feedback buffer is made from). Every
+           rank of a data-parallel run loads the whole model and builds every state before dropping what it does
+           not own (hooks.runtime.Runtime), so the load peak of a rank is this single-process figure at any ZeRO
+           stage.
+On a CUDA device the CUDA context and allocator slack are added as in the step estimate (cost_model). The host
+holds the tensor being read (memory-mapped pages, file dtype): `host_peak_bytes` is the largest tensor's file bytes
+on a GPU run; on a CPU run host and device are the same memory and it equals `peak_bytes`. Scalar counters of the
+optimizer state (< 100 bytes per trained tensor) are not counted.
+
+Checked against lowmem.memory.live_bytes.LiveTensorBytes around a streamed load + prepare of sharded safetensors
+(tests/unit/lowmem/memory/test_load_cost.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lowmem.memory.cost_model import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, ModelShape, embedding_is_lowrank, estimate,
+                                      head_is_lowrank)
+from quant.int8 import quantize_chunk_rows
+
+__all__ = ["LOAD_COMPONENTS", "LoadBreakdown", "estimate_load", "format_load_breakdown"]
+
+LOAD_COMPONENTS = ("weights_int8", "weight_scales", "float_params", "optimizer_moments", "error_feedback",
+                   "read_tensor", "load_dtype_copy", "fp32_copy", "quantize_workspace", "cuda_context",
+                   "allocator_slack")
+# quantize_int8's workspace per row chunk, measured with LiveTensorBytes around quant.int8.quantize_int8 (fp32
+# input, CPU, shapes 64x64 to 32000x1024): exactly one fp32 chunk (|w| for the block maxima, then w / s, rounded
+# and clamped in place) plus the chunk's fp32 block absmax, beyond its input and its codes and scales
+QUANTIZE_FP32_BUFFERS = 1
+
+
+@dataclass
+class LoadBreakdown:
+    """The load phase's predicted device peak (`components` at the winning moment, keys LOAD_COMPONENTS; their sum is
+    `peak_bytes`), the host's (`host_peak_bytes`), which moment wins ("stream" or "prepare"), each moment's
+    components (`moment_components`, before CUDA context and slack), the tensor whose load the stream moment
+    carries and its bytes then, and notes."""
+    components: dict[str, int]
+    peak_bytes: int
+    host_peak_bytes: int
+    moment: str
+    moment_components: dict[str, dict[str, int]]
+    largest_tensor: str
+    tensor_peak_bytes: int     # the largest_tensor's own bytes at the worst step of its load (stream - the others)
+    notes: list[str] = field(default_factory=list)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _file_dtype(model_config, file_dtype: torch.dtype | None) -> torch.dtype:
+    """The checkpoint's dtype: given, else the config's `dtype` / `torch_dtype` (Hugging Face writes it), else bf16."""
+    if file_dtype is not None:
+        return file_dtype
+    get = model_config.get if isinstance(model_config, dict) else (lambda k: getattr(model_config, k, None))
+    named = get("dtype") or get("torch_dtype")
+    if isinstance(named, torch.dtype):
+        return named
+    if isinstance(named, str) and isinstance(getattr(torch, named.replace("torch.", ""), None), torch.dtype):
+        return getattr(torch, named.replace("torch.", ""))
+    return torch.bfloat16
+
+
+def _target_phases(m: int, n: int, fb: int, db: int, block_size: int,
+                   device_type: str) -> tuple[dict[str, int], list[dict[str, int]]]:
+    """(its final bytes, its device bytes at each step of its load) of one target weight (m, n): converted to the
+    load dtype (the read tensor alive beside its copy on a CPU when the dtypes differ, then dropped), then its fp32
+    copy and quantize_int8 with its codes and scales (module docstring)."""
+    numel = m * n
+    rows = min(m, quantize_chunk_rows(n, device_type))
+    codes = {"weights_int8": numel, "weight_scales": 4 * m * _cdiv(n, block_size)}
+    converted = {"read_tensor": fb * numel if device_type == "cpu" and fb != db else 0, "load_dtype_copy": db * numel}
+    quantised = {"load_dtype_copy": db * numel, "fp32_copy": 4 * numel if db != 4 else 0,
+                 "quantize_workspace": 4 * QUANTIZE_FP32_BUFFERS * rows * n + 4 * rows * _cdiv(n, block_size),
+                 **codes}
+    return codes, [converted, quantised]
+
+
+def _float_phases(numel: int, fb: int, db: int, device_type: str) -> tuple[dict[str, int], list[dict[str, int]]]:
+    """(its final bytes, its device bytes while it is placed) of one float parameter: its bytes in the load dtype
+    and, on a CPU when the dtypes differ, the read tensor beside them."""
+    final = {"float_params": db * numel}
+    return final, [{**final, "read_tensor": fb * numel if device_type == "cpu" and fb != db else 0}]
+
+
+def estimate_load(model_config, lowmem_config=None, *, dtype: torch.dtype = torch.bfloat16,
+                  device_type: str = "cuda", file_dtype: torch.dtype | None = None) -> LoadBreakdown:
+    """Predicted peak bytes of `lowmem.load_pretrained` + the Runtime it builds, on the device and on the host.
+
+    model_config: a LLaMA-like Hugging Face config (object or dict). lowmem_config: the LowMemConfig of the run
+    (None: the defaults). dtype: the load (compute) dtype. device_type: "cuda" or "cpu". file_dtype: the
+    checkpoint's dtype (None: the config's `dtype` / `torch_dtype`, else bf16). See the module docstring."""
+    from lowmem.config import LowMemConfig
+    if device_type not in ("cuda", "cpu"):
+        raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
+    cfg = lowmem_config if lowmem_config is not None else LowMemConfig()
+    fdtype = _file_dtype(model_config, file_dtype)
+    if not fdtype.is_floating_point:
+        raise TypeError(f"file_dtype must be a float dtype, got {fdtype}")
+    # the resident state does not depend on the batch shape: the step estimate's components at one token
+    step = estimate(model_config, method="lowmem", seq_len=1, micro_batch_size=1, gradient_checkpointing=False,
+                    lowmem_config=cfg, dtype=dtype, device_type="cpu")
+    weights = {k: step.components[k] for k in ("weights_int8", "weight_scales", "float_params")}
+    s = ModelShape.from_config(model_config)
+    db, fb = torch.finfo(dtype).bits // 8, torch.finfo(fdtype).bits // 8
+    head_lr, emb_lr = head_is_lowrank(s, cfg), embedding_is_lowrank(s, cfg)
+    targets = [(f"layer {name}", m, n) for name, m, n in s.linears()]
+    targets += [("lm_head", s.vocab, s.hidden)] * head_lr + [("embed_tokens", s.vocab, s.hidden)] * emb_lr
+    floats = [("embed_tokens", s.embed_numel())] * (not emb_lr) + [("lm_head", s.embed_numel())] * (
+        not s.tied and not head_lr) + [("norm", s.hidden)]
+    # (name, (its final bytes, its load phases)): the stream moment is the other weights + the worst phase
+    candidates = []
+    if cfg.int8_weights:
+        candidates += [(name, _target_phases(m, n, fb, db, cfg.weight_block_size, device_type))
+                       for name, m, n in targets]
+    else:   # float linear weights: placed like any float parameter
+        floats += [(name, m * n) for name, m, n in targets]
+    candidates += [(name, _float_phases(numel, fb, db, device_type)) for name, numel in floats]
+    streams = []
+    for name, (final, phases) in candidates:
+        others = {k: v - final.get(k, 0) for k, v in weights.items()}
+        for phase in phases:
+            streams.append((sum(others.values()) + sum(phase.values()), sum(phase.values()), name,
+                            {k: others.get(k, 0) + phase.get(k, 0) for k in {*others, *phase}}))
+    _, tensor_peak, largest_name, stream = max(streams, key=lambda c: c[0])
+    ef_zeros = 4 * max(m * n for _, m, n in targets) if cfg.error_feedback != "off" else 0
+    state = {"optimizer_moments": step.components["optimizer_moments"],
+             "error_feedback": step.components["error_feedback"] + ef_zeros}
+    moments = {name: {k: parts.get(k, 0) for k in LOAD_COMPONENTS}
+               for name, parts in (("stream", stream), ("prepare", {**weights, **state}))}
+    moment = max(moments, key=lambda k: sum(moments[k].values()))
+    components = dict.fromkeys(LOAD_COMPONENTS, 0)
+    components.update(moments[moment])
+    if device_type == "cuda":
+        components["allocator_slack"] = int(ALLOCATOR_SLACK * sum(components.values()))
+        components["cuda_context"] = CUDA_CONTEXT_BYTES
+    peak = sum(components.values())
+    largest_file = fb * max([m * n for _, m, n in targets] + [numel for _, numel in floats])
+    host = peak if device_type == "cpu" else largest_file
+    notes = [f"peak at '{moment}' (stream {sum(moments['stream'].values()) / 2**20:.1f} MiB: every weight + "
+             f"{largest_name} being loaded; prepare {sum(moments['prepare'].values()) / 2**20:.1f} MiB: every weight "
+             f"+ the optimizer state; before CUDA context and slack)",
+             f"checkpoint read in {str(fdtype).replace('torch.', '')}, memory-mapped: the host holds "
+             f"{largest_file / 2**20:.1f} MiB (the largest tensor) at a time"
+             + ("; on a CPU device host and device are the same memory" if device_type == "cpu" else "")]
+    return LoadBreakdown(components, peak, host, moment, moments, largest_name, tensor_peak, notes)
+
+
+def format_load_breakdown(b: LoadBreakdown) -> str:
+    """A fixed-width table of the load phase's components in GiB, the device and host peaks, then the notes."""
+    width = max(len(k) for k in LOAD_COMPONENTS)
+    lines = ["memory breakdown: load + prepare", f"  {'component':<{width}}  {'GiB':>8}"]
+    lines += [f"  {key:<{width}}  {b.components.get(key, 0) / 2**30:8.3f}" for key in LOAD_COMPONENTS]
+    lines += [f"  {'peak':<{width}}  {b.peak_bytes / 2**30:8.3f}", f"  {'host peak':<{width}}  "
+              f"{b.host_peak_bytes / 2**30:8.3f}"]
+    return "\n".join(lines + [f"  note: {n}" for n in b.notes])
