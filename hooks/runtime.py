@@ -79,7 +79,7 @@ from lowmem.optim.lowrank import (accumulate_, clip_coefficient, commit_, follow
                                   undo_skipped_commit_)
 from lowmem.optimizer import float_param_bits, float_param_weight_decay, global_squared_norm
 from lowmem.schedule import lr_at
-from lowmem.model.surgery import convert_int8_to_linears, convert_linears_to_int8, split_fused_projections
+from lowmem.model.surgery import convert_int8_to_linears, convert_model
 from lowmem.model.trainables import Trainable, collect_trainables, sr_key, weight_target
 
 from hooks.state import RuntimeState
@@ -595,9 +595,7 @@ def prepare(model: nn.Module, config: LowMemConfig | None = None, *,
     prepare on an identical model); None for one process.
     """
     cfg = config if config is not None else LowMemConfig()
-    split_fused_projections(model)
-    if cfg.int8_weights:
-        convert_linears_to_int8(model, cfg)
+    convert_model(model, cfg)
     return Runtime(model, cfg, collect_trainables(model, cfg), data_parallel)
 
 

@@ -189,7 +189,7 @@ def _train(par, progress: dict) -> dict:
 
     from hooks.runtime import prepare
     from launch.data import BatchSampler, build_data
-    from launch.models import cache_root, load_model, load_model_config
+    from launch.models import cache_root, load_int8_model, load_model_config
     from launch.preflight import check as preflight
     from launch.loggers import RunLogger
     from launch.preflight import fit_automatically
@@ -229,10 +229,13 @@ def _train(par, progress: dict) -> dict:
         verdict = preflight(cfg, model_config, device, zero_stage=par.zero_stage, world_size=par.world_size)
     if verdict.fits is False and not cfg.force:
         raise UsageError(f"{verdict.detail}. Apply the fix as an override, or run anyway with force=true.")
-    with phase("loading the model and tokenizer", short="model"):
-        loaded = load_model(cfg.model, dtype=dtype, tokenizer=cfg.tokenizer, seed=cfg.seed)
+    # Streamed into INT8 on the device, one tensor at a time (lowmem.model.loader): the float model never exists
+    # whole. A resume reads no base weight: the checkpoint overwrites every tensor.
+    with phase("loading the model into INT8" + (" (weights from the checkpoint)" if resume_from else "")
+               + " and the tokenizer", short="model"):
+        loaded = load_int8_model(cfg.model, cfg.lowmem_config(), dtype=dtype, device=device,
+                                 tokenizer=cfg.tokenizer, seed=cfg.seed, empty=resume_from is not None)
     model, tokenizer = loaded.model, loaded.tokenizer
-    model.to(device)
     if cfg.gradient_checkpointing and cfg.activation_offload and device.type == "cuda":
         from lowmem.model.offload import enable_offloaded_checkpointing
         enable_offloaded_checkpointing(model)
@@ -435,7 +438,7 @@ def write_card(export_dir: Path, cfg: TrainConfig, *, steps: int, eval_loss: flo
 def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
     """`launch.finetune export CHECKPOINT OUT`: rebuild the run's model, load the checkpoint, write bf16 HF."""
     from hooks.runtime import prepare
-    from launch.models import load_model
+    from launch.models import load_int8_model
     from lowmem.checkpoint.distributed import load_any_checkpoint
 
     path = Path(checkpoint)
@@ -443,9 +446,11 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
         raise UsageError(f"checkpoint {path} does not exist; checkpoints live in <output_dir>/checkpoints/step-N")
     model_state, runtime_state, meta = load_any_checkpoint(path)   # verifies every file's sha256 first
     cfg = config_from_dict(meta["meta"]["config"])
-    loaded = load_model(cfg.model, dtype=torch.float32, tokenizer=cfg.tokenizer, seed=cfg.seed)
+    # The checkpoint supplies every tensor: the model is built empty (no base weight is read) and filled from it.
+    loaded = load_int8_model(cfg.model, cfg.lowmem_config(), dtype=torch.float32, device=torch.device("cpu"),
+                             tokenizer=cfg.tokenizer, seed=cfg.seed, empty=True)
     runtime = prepare(loaded.model, cfg.lowmem_config())
-    loaded.model.load_state_dict(model_state)
+    runtime.load_model_state(model_state)
     exported = runtime.export(out_dir, tokenizer=loaded.tokenizer)
     write_card(exported, cfg, steps=runtime_state["lowmem"]["global_step"], eval_loss=None,
                extra={"exported from": str(path)})

@@ -95,8 +95,10 @@ def _from_hf_dir(folder: Path, dtype: torch.dtype, source: str) -> LoadedModel:
     return LoadedModel(model, tokenizer, source, from_scratch=False)
 
 
-def _from_config_file(config_file: Path, dtype: torch.dtype, tokenizer_spec: str | None, seed: int) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _scratch_config(config_file: Path, tokenizer_spec: str | None):
+    """(model config, tokenizer) of a from-scratch model: the config.json with the tokenizer's vocabulary size and
+    special token ids (default tokenizer: the embedded SmolLM2's)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     spec_path = Path(tokenizer_spec).expanduser() if tokenizer_spec else None
     if spec_path is not None and spec_path.is_dir() and not (spec_path / "config.json").exists():
@@ -110,6 +112,13 @@ def _from_config_file(config_file: Path, dtype: torch.dtype, tokenizer_spec: str
         value = getattr(tokenizer, name, None)
         if value is not None:
             setattr(config, name, value)
+    return config, tokenizer
+
+
+def _from_config_file(config_file: Path, dtype: torch.dtype, tokenizer_spec: str | None, seed: int) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    config, tokenizer = _scratch_config(config_file, tokenizer_spec)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     return LoadedModel(model, tokenizer, f"{config_file} (random init, seed {seed})", from_scratch=True)
@@ -165,7 +174,8 @@ def _hub_problem(spec: str, err: Exception) -> str:
 
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, tokenizer: str | None = None,
                seed: int = 0) -> LoadedModel:
-    """Load model + tokenizer for `spec` (see module docstring)."""
+    """Load the float model + tokenizer for `spec` (see module docstring) through transformers, whole, on the host:
+    for comparisons and benchmarks. Training runs use load_int8_model."""
     path = Path(spec).expanduser()
     if path.suffix == ".json":
         if not path.is_file():
@@ -174,6 +184,32 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, tokenizer: str 
     folder = resolve_model_dir(spec)
     source = f"{spec} ({folder})" if str(folder) != spec else spec
     return _from_hf_dir(folder, dtype, source)
+
+
+def load_int8_model(spec: str, lowmem_config, *, dtype: torch.dtype, device: torch.device,
+                    tokenizer: str | None = None, seed: int = 0, empty: bool = False) -> LoadedModel:
+    """Model + tokenizer for `spec` with lowmem's INT8 layers already in place on `device`, streamed from disk
+    (lowmem.model.loader: the float model is never held whole, on the device or the host); not yet prepared.
+
+    A config.json spec is initialised module by module under `seed`. empty=True leaves every tensor uninitialised
+    (a resume that overwrites all of them from a lowmem checkpoint: the base weights are not read)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lowmem.model.loader import load_int8_model as stream
+
+    path = Path(spec).expanduser()
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ModelNotFoundError(f"model config {path} does not exist (a config.json trains from scratch)")
+        config, tok = _scratch_config(path, tokenizer)
+        torch.manual_seed(seed)
+        model = stream(config, lowmem_config, device=device, dtype=dtype, weights="empty" if empty else "scratch")
+        return LoadedModel(model, tok, f"{path} (random init, seed {seed})", from_scratch=True)
+    folder = resolve_model_dir(spec)
+    source = f"{spec} ({folder})" if str(folder) != spec else spec
+    model = stream(AutoConfig.from_pretrained(folder), lowmem_config, device=device, dtype=dtype,
+                   weights="empty" if empty else folder)
+    return LoadedModel(model, AutoTokenizer.from_pretrained(folder), source, from_scratch=False)
 
 
 def load_model_config(spec: str):

@@ -1,11 +1,12 @@
 """lowmem: full-parameter LLM training on one consumer GPU.
 
-Public names: `LowMemConfig`, `preset`, `LowMemOptimizer`, and `prepare` (the fused-backward runtime).
+Public names: `LowMemConfig`, `preset`, `LowMemOptimizer`, `prepare` (the fused-backward runtime) and
+`load_pretrained` (a model streamed from disk into INT8 on its device, with its runtime).
 """
 from lowmem.config import ConfigError, LowMemConfig
 from lowmem.presets import PRESETS, preset
 
-__all__ = ["ConfigError", "LowMemConfig", "PRESETS", "preset", "LowMemOptimizer", "prepare"]
+__all__ = ["ConfigError", "LowMemConfig", "PRESETS", "preset", "LowMemOptimizer", "prepare", "load_pretrained"]
 __version__ = "0.1.0"
 
 
@@ -19,4 +20,7 @@ def __getattr__(name):
         # this one name is resolved lazily, never at import time.
         from hooks.runtime import prepare
         return prepare
+    if name == "load_pretrained":
+        from hooks.load import load_pretrained   # lazily, like prepare
+        return load_pretrained
     raise AttributeError(f"module 'lowmem' has no attribute {name!r}")

@@ -225,6 +225,25 @@ class _RuntimeSchedule:
         return None
 
 
+def _int8_before_placement(model: nn.Module, config: LowMemConfig) -> None:
+    """Make `model` what the Trainer may move to its device: INT8 layers, never the float model.
+
+    A model from `lowmem.load_pretrained` is already INT8 on its device with a runtime attached: the runtime is
+    detached (the INT8 layers stay, nothing is copied) so that `prepare` can attach one with the Trainer's run-wide
+    settings. A float model is converted layer by layer where it lies (the host, as from_pretrained leaves it)
+    before transformers.Trainer moves it, so the device receives only the INT8 model."""
+    attached = getattr(model, "_lowmem_runtime", None)
+    if attached is not None:
+        if attached.global_step:
+            raise ValueError("LowMemTrainer: the model's lowmem runtime has already trained "
+                             f"{attached.global_step} step(s); pass a model fresh from lowmem.load_pretrained, or "
+                             "resume with trainer.train(resume_from_checkpoint=...)")
+        attached.detach()
+        return
+    from lowmem.model.surgery import convert_model
+    convert_model(model, config)
+
+
 class LowMemTrainerMixin:
     """The lowmem part of LowMemTrainer; put it before a transformers.Trainer subclass (see `lowmem_trainer`)."""
 
@@ -243,10 +262,13 @@ class LowMemTrainerMixin:
         train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if train_args is not None:
             check_trainer_args(train_args)
-        super().__init__(*args, **kwargs)
+        self.lowmem_config = lowmem_config if lowmem_config is not None else LowMemConfig()
+        model = kwargs.get("model", args[0] if args else None)
+        if isinstance(model, nn.Module):
+            _int8_before_placement(model, self.lowmem_config)
+        super().__init__(*args, **kwargs)   # places the model on its device: only INT8 weights move
         check_trainer_args(self.args)
         from hooks.runtime import prepare   # lazily: lowmem must not import hooks at import time
-        self.lowmem_config = lowmem_config if lowmem_config is not None else LowMemConfig()
         self.runtime = prepare(self.model, runtime_config(self.args, self.lowmem_config))
 
     # -- optimizer and schedule: views of the runtime ---------------------------------------------------------------

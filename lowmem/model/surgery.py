@@ -25,9 +25,18 @@ def split_fused_projections(model: nn.Module) -> None:
     adapter.split_fused(model)
 
 
+def convert_model(model: nn.Module, cfg: LowMemConfig) -> None:
+    """What prepare() does to the modules, in place and on the model's current device: split fused projections,
+    then (cfg.int8_weights) turn the targets into INT8 layers. Idempotent: converted layers are left as they are."""
+    split_fused_projections(model)
+    if cfg.int8_weights:
+        convert_linears_to_int8(model, cfg)
+
+
 def convert_linears_to_int8(model: nn.Module, cfg: LowMemConfig) -> list[str]:
-    """Replace every target nn.Linear (cfg.target_modules minus exclude_modules, trainable, not frozen) by an
-    Int8Linear holding the round-to-nearest quantised weight. Returns the converted module names."""
+    """Replace every target nn.Linear / nn.Embedding (cfg.target_modules minus exclude_modules, trainable, not
+    frozen) by an Int8Linear / Int8Embedding holding the round-to-nearest quantised weight (an empty one for a
+    weight on `meta`: int8_module_for). Returns the converted module names."""
     shared = shared_weight_ids(model)
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, (nn.Linear, nn.Embedding)) and is_lowrank_target(name, module, cfg, shared)]
@@ -35,17 +44,32 @@ def convert_linears_to_int8(model: nn.Module, cfg: LowMemConfig) -> list[str]:
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if isinstance(linear, nn.Embedding):
-            quantised = Int8Embedding.from_embedding(linear, block_size=cfg.weight_block_size)
-        else:
-            quantised = Int8Linear.from_linear(linear, block_size=cfg.weight_block_size,
-                                               compute_dtype=linear.weight.dtype)
-            quantised.int8_matmul = cfg.int8_matmul
-        setattr(parent, child, quantised)
+        setattr(parent, child, int8_module_for(linear, cfg))
         # Release the float weight now (the module may still be referenced elsewhere, e.g. by a hook list).
         linear.weight = None
         converted.append(name)
     return converted
+
+
+def int8_module_for(module: nn.Linear | nn.Embedding, cfg: LowMemConfig) -> Int8Linear:
+    """The Int8Linear (or Int8Embedding) that replaces `module`: its weight quantised round-to-nearest, or, when the
+    weight is on the `meta` device (a skeleton that the streaming loader fills later), an empty meta module of the
+    same shape, compute dtype and bias."""
+    block = cfg.weight_block_size
+    if module.weight.device.type == "meta":
+        if isinstance(module, nn.Embedding):
+            quantised = Int8Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
+                                      block_size=block, compute_dtype=module.weight.dtype, device="meta")
+        else:
+            quantised = Int8Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                   block_size=block, compute_dtype=module.weight.dtype, device="meta")
+    elif isinstance(module, nn.Embedding):
+        quantised = Int8Embedding.from_embedding(module, block_size=block)
+    else:
+        quantised = Int8Linear.from_linear(module, block_size=block, compute_dtype=module.weight.dtype)
+    if isinstance(module, nn.Linear):
+        quantised.int8_matmul = cfg.int8_matmul
+    return quantised
 
 
 def convert_int8_to_linears(model: nn.Module) -> list[str]:

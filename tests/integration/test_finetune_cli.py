@@ -179,8 +179,8 @@ def test_preflight_refuses_a_run_that_does_not_fit_before_loading_weights(tiny_a
 
     monkeypatch.setattr(lowmem.memory.fit, "_device_bytes", lambda device: 64 * 2**10)
     built = []
-    real_load = launch.models.load_model
-    monkeypatch.setattr(launch.models, "load_model", lambda *a, **k: built.append(1) or real_load(*a, **k))
+    real_load = launch.models.load_int8_model
+    monkeypatch.setattr(launch.models, "load_int8_model", lambda *a, **k: built.append(1) or real_load(*a, **k))
     err = expect_error(tiny_args + ["eval_every=0", "export=false"], capsys, "memory preflight", "exceeds",
                        "force=true")
     assert not built

@@ -6,7 +6,7 @@ from transformers import TrainingArguments
 from launch.config_loader import load_train_config
 from launch.data import BatchSampler, build_data
 from launch.finetune import main
-from launch.models import load_model
+from launch.models import load_int8_model
 from lowmem.checkpoint.store import list_checkpoints, load_checkpoint
 from lowmem.integrations.transformers import LowMemTrainer
 
@@ -23,13 +23,16 @@ def test_trainer_equals_finetune_cli(tiny_args, tmp_path):
     assert cli_runtime["lowmem"]["global_step"] == STEPS
 
     cfg = load_train_config(None, overrides)
-    loaded = load_model(cfg.model, dtype=torch.float32, tokenizer=cfg.tokenizer, seed=cfg.seed)
+    lowmem = cfg.lowmem_config()
+    # The CLI's own loader (INT8 layers on the device, initialised module by module under the run seed): the
+    # Trainer takes the INT8 model as it is.
+    loaded = load_int8_model(cfg.model, lowmem, dtype=torch.float32, device=torch.device("cpu"),
+                             tokenizer=cfg.tokenizer, seed=cfg.seed)
     data = build_data(cfg.data, loaded.tokenizer, seq_len=cfg.seq_len, seed=cfg.seed, cache_dir=cfg.data.cache_dir)
     sampler = BatchSampler(data.train.shape[0], cfg.micro_batch_size, cfg.seed)
     order = torch.cat([sampler.next_batch() for _ in range(STEPS * ACCUM)])
     rows = [{"input_ids": data.train[i], "labels": data.train_labels[i]} for i in order.tolist()]
 
-    lowmem = cfg.lowmem_config()
     args = TrainingArguments(
         output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=ACCUM, max_steps=STEPS, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
@@ -44,7 +47,8 @@ def test_trainer_equals_finetune_cli(tiny_args, tmp_path):
     assert mine.keys() == cli_state.keys()
     differ = [k for k in mine if not torch.equal(mine[k], cli_state[k])]
     assert differ == []
-    initial = load_model(cfg.model, dtype=torch.float32, tokenizer=cfg.tokenizer, seed=cfg.seed).model
+    initial = load_int8_model(cfg.model, lowmem, dtype=torch.float32, device=torch.device("cpu"),
+                              tokenizer=cfg.tokenizer, seed=cfg.seed).model
     assert not torch.equal(initial.state_dict()["model.embed_tokens.weight"], mine["model.embed_tokens.weight"])
     ours = trainer.runtime.state_dict()["state"]
     for index, tensors in cli_runtime["state"].items():
