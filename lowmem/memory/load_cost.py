@@ -10,16 +10,16 @@ residuals only come with the first refresh).
 
 The device peak is the larger of two moments, each = what is resident then + what is alive:
   stream   every other weight resident (INT8 codes + scales, float params: an upper bound, since the checkpoint's
-           order is not in the config) + the one tensor being loaded, at the worst step of the worst tensor:
-             a target (m, n): converted, its copy in the load dtype (on a CPU device the read tensor is that copy
-               when the file dtype is the load dtype, since `.to` returns it, and is alive beside it until the copy
-               is made otherwise); quantised, the copy, its fp32 copy (none when the load dtype is fp32),
+           order is not in the config) + the one tensor being loaded, the worst over the tensors:
+             a target (m, n): its copy in the load dtype, its fp32 copy (none when the load dtype is fp32),
                quantize_int8's workspace (one fp32 row chunk w / s plus its block absmax: QUANTIZE_FP32_BUFFERS)
-               and the codes and scales it writes;
-             a float parameter: its bytes in the load dtype, and on a CPU its read tensor beside them when the
-               dtypes differ.
+               and the codes and scales it writes; on a CPU device also the read tensor, which the loader holds
+               until the tensor is placed, unless it is itself the load-dtype copy (same dtype: `.to` returns it);
+             a float parameter: its copy in the load dtype (the loader always copies, so a parameter never views
+               the file), and on a CPU device the read tensor beside it.
   prepare  every weight + the optimizer state the Runtime's constructor allocates (the step estimate's
-           optimizer_moments and error_feedback, plus the fp32 zeros one error-feedback buffer is made from). Every
+           optimizer_moments and error_feedback: an upper bound, each state is made in turn) + the largest transient
+           of making one tensor's state (fp32 zeros, then stored: STATE_INIT_* below). Every
            rank of a data-parallel run loads the whole model and builds every state before dropping what it does
            not own (hooks.runtime.Runtime), so the load peak of a rank is this single-process figure at any ZeRO
            stage.
@@ -37,19 +37,29 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lowmem.memory.cost_model import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, ModelShape, embedding_is_lowrank, estimate,
+from lowmem.memory.cost_model import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, QUANT_CHUNK_BYTES_PER_ELEMENT,
+                                      QUANT_CHUNK_ELEMENTS, ModelShape, embedding_is_lowrank, estimate,
                                       head_is_lowrank)
 from quant.int8 import quantize_chunk_rows
 
 __all__ = ["LOAD_COMPONENTS", "LoadBreakdown", "estimate_load", "format_load_breakdown"]
 
 LOAD_COMPONENTS = ("weights_int8", "weight_scales", "float_params", "optimizer_moments", "error_feedback",
-                   "read_tensor", "load_dtype_copy", "fp32_copy", "quantize_workspace", "cuda_context",
-                   "allocator_slack")
+                   "state_init", "read_tensor", "load_dtype_copy", "fp32_copy", "quantize_workspace",
+                   "cuda_context", "allocator_slack")
 # quantize_int8's workspace per row chunk, measured with LiveTensorBytes around quant.int8.quantize_int8 (fp32
 # input, CPU, shapes 64x64 to 32000x1024): exactly one fp32 chunk (|w| for the block maxima, then w / s, rounded
 # and clamped in place) plus the chunk's fp32 block absmax, beyond its input and its codes and scales
 QUANTIZE_FP32_BUFFERS = 1
+# Zero moments are made in fp32, then stored (lowmem.optim.moments.init_moments, optim.float_adamw.
+# init_float_adamw_state). Measured with LiveTensorBytes around both (shapes 64x64 to 32000x1024), beyond the state
+# they leave, per element k of the moment: 8-bit, the fp32 zeros and the moment codec's block workspace
+# (cost_model's QUANT_CHUNK_BYTES_PER_ELEMENT per element of one QUANT_CHUNK_ELEMENTS block) plus 512 bytes; 16-bit,
+# the zeros and their bf16 form (6 bytes); 32-bit, the zeros (4 bytes) of a low-rank moment, nothing for a float
+# parameter (its zeros become exp_avg). The first 8-bit call of a process also builds the codec's lookup tables
+# (about 1 MiB kept), not counted.
+STATE_INIT_FP32_BYTES = 4
+STATE_INIT_CODEC_EXTRA_BYTES = 512
 
 
 @dataclass
@@ -85,26 +95,56 @@ def _file_dtype(model_config, file_dtype: torch.dtype | None) -> torch.dtype:
     return torch.bfloat16
 
 
-def _target_phases(m: int, n: int, fb: int, db: int, block_size: int,
-                   device_type: str) -> tuple[dict[str, int], list[dict[str, int]]]:
-    """(its final bytes, its device bytes at each step of its load) of one target weight (m, n): converted to the
-    load dtype (the read tensor alive beside its copy on a CPU when the dtypes differ, then dropped), then its fp32
-    copy and quantize_int8 with its codes and scales (module docstring)."""
+def _target_bytes(m: int, n: int, fb: int, db: int, block_size: int,
+                  device_type: str) -> tuple[dict[str, int], dict[str, int]]:
+    """(its final bytes, its device bytes while it is quantised) of one target weight (m, n): the read tensor (on a
+    CPU device, when it is not itself the load-dtype copy), the copy in the load dtype, its fp32 copy,
+    quantize_int8's workspace and the codes and scales it writes (module docstring)."""
     numel = m * n
     rows = min(m, quantize_chunk_rows(n, device_type))
     codes = {"weights_int8": numel, "weight_scales": 4 * m * _cdiv(n, block_size)}
-    converted = {"read_tensor": fb * numel if device_type == "cpu" and fb != db else 0, "load_dtype_copy": db * numel}
-    quantised = {"load_dtype_copy": db * numel, "fp32_copy": 4 * numel if db != 4 else 0,
-                 "quantize_workspace": 4 * QUANTIZE_FP32_BUFFERS * rows * n + 4 * rows * _cdiv(n, block_size),
-                 **codes}
-    return codes, [converted, quantised]
+    return codes, {"read_tensor": fb * numel if device_type == "cpu" and fb != db else 0,
+                   "load_dtype_copy": db * numel, "fp32_copy": 4 * numel if db != 4 else 0,
+                   "quantize_workspace": 4 * QUANTIZE_FP32_BUFFERS * rows * n + 4 * rows * _cdiv(n, block_size),
+                   **codes}
 
 
-def _float_phases(numel: int, fb: int, db: int, device_type: str) -> tuple[dict[str, int], list[dict[str, int]]]:
-    """(its final bytes, its device bytes while it is placed) of one float parameter: its bytes in the load dtype
-    and, on a CPU when the dtypes differ, the read tensor beside them."""
+def _float_bytes(numel: int, fb: int, db: int, device_type: str) -> tuple[dict[str, int], dict[str, int]]:
+    """(its final bytes, its device bytes while it is placed) of one float parameter: its copy in the load dtype
+    and, on a CPU device, the read tensor beside it (the loader always copies: a parameter never views the file)."""
     final = {"float_params": db * numel}
-    return final, [{**final, "read_tensor": fb * numel if device_type == "cpu" and fb != db else 0}]
+    return final, {**final, "read_tensor": fb * numel if device_type == "cpu" else 0}
+
+
+def _state_init_bytes(numel: int, bits: int, lowrank: bool) -> int:
+    """Transient bytes of making one tensor's zero moments of `numel` elements at `bits` (the comment above)."""
+    if bits == 8:
+        return (STATE_INIT_FP32_BYTES * numel + QUANT_CHUNK_BYTES_PER_ELEMENT * min(numel, QUANT_CHUNK_ELEMENTS)
+                + STATE_INIT_CODEC_EXTRA_BYTES)
+    if bits == 16:
+        return (STATE_INIT_FP32_BYTES + 2) * numel
+    return STATE_INIT_FP32_BYTES * numel if lowrank else 0
+
+
+def _largest_state_init(s: ModelShape, cfg, targets: list[tuple[str, int, int]],
+                        floats: list[tuple[str, int]]) -> int:
+    """The largest transient of the Runtime's constructor making one trained tensor's zero state: a low-rank
+    weight's moments ((m, n) at full rank, else max(m, n) x rank), a float parameter's AdamW moments, or an
+    error-feedback buffer (fp32 zeros of the weight, then stored)."""
+    worst = 0
+    for name, m, n in targets:
+        module = (f"model.layers.0.{'self_attn' if name[6] in 'qkvo' else 'mlp'}.{name[6:]}"
+                  if name.startswith("layer ") else ("lm_head" if name == "lm_head" else "model.embed_tokens"))
+        unit = cfg.for_module(module)
+        full = unit.rank >= min(m, n)
+        numel = m * n if full else max(m, n) * min(unit.rank, m, n)
+        worst = max(worst, _state_init_bytes(numel, unit.optim_bits, lowrank=True))
+        if unit.error_feedback != "off" and not full:
+            worst = max(worst, STATE_INIT_FP32_BYTES * m * n)
+    for _, numel in floats:
+        bits = 8 if cfg.float_optim_bits == 8 and numel >= cfg.float_optim_min_numel else 32
+        worst = max(worst, _state_init_bytes(numel, bits, lowrank=False))
+    return worst
 
 
 def estimate_load(model_config, lowmem_config=None, *, dtype: torch.dtype = torch.bfloat16,
@@ -129,27 +169,28 @@ def estimate_load(model_config, lowmem_config=None, *, dtype: torch.dtype = torc
     db, fb = torch.finfo(dtype).bits // 8, torch.finfo(fdtype).bits // 8
     head_lr, emb_lr = head_is_lowrank(s, cfg), embedding_is_lowrank(s, cfg)
     targets = [(f"layer {name}", m, n) for name, m, n in s.linears()]
-    targets += [("lm_head", s.vocab, s.hidden)] * head_lr + [("embed_tokens", s.vocab, s.hidden)] * emb_lr
-    floats = [("embed_tokens", s.embed_numel())] * (not emb_lr) + [("lm_head", s.embed_numel())] * (
-        not s.tied and not head_lr) + [("norm", s.hidden)]
-    # (name, (its final bytes, its load phases)): the stream moment is the other weights + the worst phase
-    candidates = []
+    if head_lr:
+        targets.append(("lm_head", s.vocab, s.hidden))
+    if emb_lr:
+        targets.append(("embed_tokens", s.vocab, s.hidden))
+    floats = ([] if emb_lr else [("embed_tokens", s.embed_numel())]) + (
+        [] if s.tied or head_lr else [("lm_head", s.embed_numel())]) + [("norm", s.hidden)]
+    # (name, (its final bytes, its bytes while it loads)): the stream moment is the other weights + the worst one
     if cfg.int8_weights:
-        candidates += [(name, _target_phases(m, n, fb, db, cfg.weight_block_size, device_type))
-                       for name, m, n in targets]
-    else:   # float linear weights: placed like any float parameter
-        floats += [(name, m * n) for name, m, n in targets]
-    candidates += [(name, _float_phases(numel, fb, db, device_type)) for name, numel in floats]
+        candidates = [(name, _target_bytes(m, n, fb, db, cfg.weight_block_size, device_type))
+                      for name, m, n in targets]
+    else:   # float linear weights (still low-rank trained): placed like any float parameter
+        candidates = [(name, _float_bytes(m * n, fb, db, device_type)) for name, m, n in targets]
+    candidates += [(name, _float_bytes(numel, fb, db, device_type)) for name, numel in floats]
     streams = []
-    for name, (final, phases) in candidates:
+    for name, (final, during) in candidates:
         others = {k: v - final.get(k, 0) for k, v in weights.items()}
-        for phase in phases:
-            streams.append((sum(others.values()) + sum(phase.values()), sum(phase.values()), name,
-                            {k: others.get(k, 0) + phase.get(k, 0) for k in {*others, *phase}}))
+        streams.append((sum(others.values()) + sum(during.values()), sum(during.values()), name,
+                        {k: others.get(k, 0) + during.get(k, 0) for k in {*others, *during}}))
     _, tensor_peak, largest_name, stream = max(streams, key=lambda c: c[0])
-    ef_zeros = 4 * max(m * n for _, m, n in targets) if cfg.error_feedback != "off" else 0
     state = {"optimizer_moments": step.components["optimizer_moments"],
-             "error_feedback": step.components["error_feedback"] + ef_zeros}
+             "error_feedback": step.components["error_feedback"],
+             "state_init": _largest_state_init(s, cfg, targets, floats)}
     moments = {name: {k: parts.get(k, 0) for k in LOAD_COMPONENTS}
                for name, parts in (("stream", stream), ("prepare", {**weights, **state}))}
     moment = max(moments, key=lambda k: sum(moments[k].values()))
