@@ -3,17 +3,17 @@
 The streaming loader (`lowmem.load_pretrained`) builds the model skeleton on `meta`, turns the target linears and
 embeddings into Int8Linear / Int8Embedding, then takes the checkpoint one tensor at a time in file order: read it
 (safetensors, memory-mapped, on the host, in the file's dtype) -> `.to(device, dtype)` -> a target weight goes
-through `quant.int8.quantize_int8(t.float(), block_size)` into its codes and scales and its float copies are
-dropped; a float parameter (norms, a float or tied head, biases) stays in `dtype`. Then `hooks.runtime.prepare`
+through `quant.int8.quantize_int8(t, block_size)` (fp32 one row chunk at a time) into its codes and scales and its
+float copy is dropped; a float parameter (norms, a float or tied head, biases) stays in `dtype`. Then `hooks.runtime.prepare`
 builds the Runtime, whose constructor allocates the optimizer state (moments, error feedback; projectors and
 residuals only come with the first refresh).
 
 The device peak is the larger of two moments, each = what is resident then + what is alive:
   stream   every other weight resident (INT8 codes + scales, float params: an upper bound, since the checkpoint's
            order is not in the config) + the one tensor being loaded, the worst over the tensors:
-             a target (m, n): its copy in the load dtype, its fp32 copy (none when the load dtype is fp32),
-               quantize_int8's workspace (one fp32 row chunk w / s plus its block absmax: QUANTIZE_FP32_BUFFERS)
-               and the codes and scales it writes; on a CPU device also the read tensor, which the loader holds
+             a target (m, n): its copy in the load dtype, quantize_int8's workspace (one row chunk in fp32 and
+               w / s, or w / s alone for an fp32 copy, plus the chunk's block absmax) and the codes and scales it
+               writes; on a CPU device also the read tensor, which the loader holds
                until the tensor is placed, unless it is itself the load-dtype copy (same dtype: `.to` returns it);
              a float parameter: its copy in the load dtype (the loader always copies, so a parameter never views
                the file), and on a CPU device the read tensor beside it.
@@ -45,12 +45,14 @@ from quant.int8 import quantize_chunk_rows
 __all__ = ["LOAD_COMPONENTS", "LoadBreakdown", "estimate_load", "format_load_breakdown"]
 
 LOAD_COMPONENTS = ("weights_int8", "weight_scales", "float_params", "optimizer_moments", "error_feedback",
-                   "state_init", "read_tensor", "load_dtype_copy", "fp32_copy", "quantize_workspace",
-                   "cuda_context", "allocator_slack")
-# quantize_int8's workspace per row chunk, measured with LiveTensorBytes around quant.int8.quantize_int8 (fp32
-# input, CPU, shapes 64x64 to 32000x1024): exactly one fp32 chunk (|w| for the block maxima, then w / s, rounded
-# and clamped in place) plus the chunk's fp32 block absmax, beyond its input and its codes and scales
+                   "state_init", "read_tensor", "load_dtype_copy", "quantize_workspace", "cuda_context",
+                   "allocator_slack")
+# quantize_int8's workspace per row chunk (quant.int8.quantize_chunk_rows rows), measured with LiveTensorBytes around
+# quant.int8.quantize_int8 on CPU (shapes 64x64 to 32000x1024), beyond its input and its codes and scales: fp32
+# input, one fp32 chunk (|w| for the block maxima, then w / s, rounded and clamped in place); bf16 / fp16 input, one
+# more (the chunk converted to fp32); plus the chunk's fp32 block absmax
 QUANTIZE_FP32_BUFFERS = 1
+QUANTIZE_FP32_BUFFERS_HALF_INPUT = 2
 # Zero moments are made in fp32, then stored (lowmem.optim.moments.init_moments, optim.float_adamw.
 # init_float_adamw_state). Measured with LiveTensorBytes around both (shapes 64x64 to 32000x1024), beyond the state
 # they leave, per element k of the moment: 8-bit, the fp32 zeros and the moment codec's block workspace
@@ -98,15 +100,15 @@ def _file_dtype(model_config, file_dtype: torch.dtype | None) -> torch.dtype:
 def _target_bytes(m: int, n: int, fb: int, db: int, block_size: int,
                   device_type: str) -> tuple[dict[str, int], dict[str, int]]:
     """(its final bytes, its device bytes while it is quantised) of one target weight (m, n): the read tensor (on a
-    CPU device, when it is not itself the load-dtype copy), the copy in the load dtype, its fp32 copy,
-    quantize_int8's workspace and the codes and scales it writes (module docstring)."""
+    CPU device, when it is not itself the load-dtype copy), the copy in the load dtype, quantize_int8's workspace
+    and the codes and scales it writes (module docstring)."""
     numel = m * n
     rows = min(m, quantize_chunk_rows(n, device_type))
     codes = {"weights_int8": numel, "weight_scales": 4 * m * _cdiv(n, block_size)}
+    buffers = QUANTIZE_FP32_BUFFERS if db == 4 else QUANTIZE_FP32_BUFFERS_HALF_INPUT
     return codes, {"read_tensor": fb * numel if device_type == "cpu" and fb != db else 0,
-                   "load_dtype_copy": db * numel, "fp32_copy": 4 * numel if db != 4 else 0,
-                   "quantize_workspace": 4 * QUANTIZE_FP32_BUFFERS * rows * n + 4 * rows * _cdiv(n, block_size),
-                   **codes}
+                   "load_dtype_copy": db * numel,
+                   "quantize_workspace": 4 * buffers * rows * n + 4 * rows * _cdiv(n, block_size), **codes}
 
 
 def _float_bytes(numel: int, fb: int, db: int, device_type: str) -> tuple[dict[str, int], dict[str, int]]:
