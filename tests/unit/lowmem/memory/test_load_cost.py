@@ -163,3 +163,58 @@ def test_preflight_judges_the_larger_of_load_and_step(monkeypatch):
         in verdict.detail
     monkeypatch.setattr(fit, "_device_bytes", lambda device: int(load.peak_bytes / 0.95) + 1)
     assert preflight(cfg, model_cfg, torch.device("cpu")).fits is True
+
+
+# ---- the issue's measurement: a 374M-parameter LLaMA from sharded safetensors ---------------------------------------
+
+def llama_374m():
+    return LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+                       num_key_value_heads=16, vocab_size=32000)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_374m(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama374m")
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)     # made in bf16: no fp32 model of 1.5 GB on the way
+    try:
+        model = LlamaForCausalLM(llama_374m())
+    finally:
+        torch.set_default_dtype(default)
+    assert sum(p.numel() for p in model.parameters()) >= 300_000_000
+    model.save_pretrained(path, max_shard_size="200MB")
+    assert len(list(path.glob("*.safetensors"))) > 1
+    return path
+
+
+@pytest.mark.slow
+def test_streamed_load_of_374m_stays_near_what_it_keeps_and_matches_the_planner(checkpoint_374m):
+    """Peak of load + prepare <= (what the run keeps + the largest tensor in fp32) + 5%, far below today's path
+    (from_pretrained in bf16, then prepare), and the planner's load prediction within 5% of it."""
+    from transformers import AutoModelForCausalLM
+
+    from hooks.load import load_pretrained
+    cfg = preset("lowmem")
+    meter = LiveTensorBytes()
+    with meter:
+        model, runtime = load_pretrained(checkpoint_374m, cfg, device="cpu", dtype=torch.bfloat16)
+    streamed_peak = meter.peak_bytes
+    kept = baseline_bytes([*model.parameters(), *model.buffers()]
+                          + [t for state in runtime.states.values() for t in state.values()])
+    runtime.detach()
+    del model, runtime
+    largest_fp32 = 4 * 32000 * 1024          # the (V, h) tables are the largest tensors
+    assert streamed_peak <= 1.05 * (kept + largest_fp32), (streamed_peak, kept)
+    predicted = estimate_load(llama_374m(), cfg, dtype=torch.bfloat16, device_type="cpu").peak_bytes
+    assert abs(predicted - streamed_peak) <= 0.05 * streamed_peak, (predicted, streamed_peak)
+
+    meter = LiveTensorBytes()
+    with meter:           # today's path: the whole bf16 model first (from_pretrained counted: tensor_sources)
+        model = AutoModelForCausalLM.from_pretrained(checkpoint_374m, dtype=torch.bfloat16)
+        runtime = prepare(model, cfg)
+    today_peak = meter.peak_bytes
+    print(f"\n374M LLaMA, load + prepare, live tensor bytes: streamed {streamed_peak / 2**20:.0f} MiB (predicted "
+          f"{predicted / 2**20:.0f} MiB, kept {kept / 2**20:.0f} MiB); from_pretrained + prepare "
+          f"{today_peak / 2**20:.0f} MiB")
+    assert today_peak > streamed_peak + 2 * 32000 * 1024     # at least the float model's extra bf16 tables
