@@ -3,6 +3,7 @@
     python -m benchmarks.load_time                                  # 374M LLaMA (hidden 1024, 24 layers), CPU
     python -m benchmarks.load_time --device cuda                    # + CUDA peak allocated vs lowmem's prediction
     python -m benchmarks.load_time --out benchmarks/results         # writes load-time-<device>.md there
+    python -m benchmarks.load_time --malloc-mmap-threshold 65536    # RssAnon without glibc's heap retention
 
 A random LLaMA (bf16) is saved as sharded safetensors (`save_pretrained(max_shard_size=...)`) in a temporary
 directory; then each path runs in its own fresh Python process, alternately, `--repeats` times:
@@ -15,6 +16,13 @@ when loading starts) and its peak resident set (`resource.getrusage` ru_maxrss: 
 CUDA also `torch.cuda.max_memory_allocated()` during load + prepare, beside `lowmem.memory.estimate_load`'s
 prediction without the CUDA context and allocator slack (the allocator's own view). Times are the best of the
 repeats; the ratio streamed / today is what to compare across machines.
+
+RssAnon also holds freed memory that glibc keeps in its heap: after large buffers are freed its mmap threshold
+grows (up to 32 MiB), later buffers come from the heap and it cannot shrink under live ones. The streaming loader
+frees many chunk-sized buffers, so its RssAnon can exceed its live tensors by hundreds of MiB where a fixed
+threshold (--malloc-mmap-threshold) shows the live bytes. On a CPU device today's path keeps its float parameters
+as views of the memory-mapped files (page cache, not RssAnon) while the loader copies them; on a GPU both paths
+copy, and today's holds the whole float model on the device first.
 """
 from __future__ import annotations
 
@@ -130,8 +138,10 @@ def run_path(path: str, directory: Path, device: str, rank: int) -> dict:
     return out
 
 
-def _child(path: str, directory: Path, device: str, rank: int) -> dict:
+def _child(path: str, directory: Path, device: str, rank: int, mmap_threshold: int | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     cmd = [sys.executable, "-m", "benchmarks.load_time", "--child", path, "--dir", str(directory), "--device",
            device, "--rank", str(rank)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
@@ -140,11 +150,12 @@ def _child(path: str, directory: Path, device: str, rank: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(directory: Path, device: str, rank: int, repeats: int) -> dict[str, list[dict]]:
+def measure(directory: Path, device: str, rank: int, repeats: int,
+            mmap_threshold: int | None = None) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {"today": [], "streamed": []}
     for _ in range(repeats):
         for path in runs:      # alternated, so drift on a shared machine hits both
-            runs[path].append(_child(path, directory, device, rank))
+            runs[path].append(_child(path, directory, device, rank, mmap_threshold))
     return runs
 
 
@@ -189,6 +200,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=None, help="directory for load-time-<device>.md (default: print only)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="glibc MALLOC_MMAP_THRESHOLD_ for both paths (fixed: freed large buffers go back to the "
+                             "system instead of staying in the heap, so RssAnon follows the live tensors); the "
+                             "report is then load-time-<device>-mmap<BYTES>.md")
     parser.add_argument("--child", choices=("today", "streamed"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -207,13 +222,14 @@ def main(argv=None) -> int:
     config = model_config(args.hidden, args.layers, args.vocab)
     with tempfile.TemporaryDirectory(prefix="lowmem-load-time-") as tmp:
         params = build(Path(tmp), args.hidden, args.layers, args.vocab)
-        runs = measure(Path(tmp), args.device, args.rank, args.repeats)
+        runs = measure(Path(tmp), args.device, args.rank, args.repeats, args.malloc_mmap_threshold)
     command = ("python -m benchmarks.load_time " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     lines = summarise(runs, params=params, config=config, device=args.device, rank=args.rank, machine=machine,
                       command=command)
     print("\n".join(lines[1:]))
     if args.out:
-        path = Path(args.out) / f"load-time-{device_tag(args.device)}.md"
+        suffix = f"-mmap{args.malloc_mmap_threshold}" if args.malloc_mmap_threshold is not None else ""
+        path = Path(args.out) / f"load-time-{device_tag(args.device)}{suffix}.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("# Load + prepare: today's path vs the streaming loader\n\n" + __doc__.split("\n\n", 2)[2]
                         + "\n```\n" + "\n".join(lines) + "\n```\n", encoding="utf-8")

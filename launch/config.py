@@ -326,9 +326,9 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations during backward (non-reentrant) to save "
                                              "activation memory; true or false.", _bool)
     activation_offload: bool = _f(False, "With gradient_checkpointing: keep the checkpointed layer inputs in pinned "
-                                         "host memory between forward and backward (one layer's input on the GPU "
-                                         "at a time; lowmem.model.offload); no effect on a CPU device; true or "
-                                         "false.", _bool)
+                                         "host memory between forward and backward (copied on a side stream, the "
+                                         "next layer's input prefetched during each backward; lowmem.model."
+                                         "offload); no effect on a CPU device; true or false.", _bool)
     fused_loss: bool = _f(True, "Compute the loss with lowmem's fused linear + cross-entropy (vocabulary blocks, no "
                                 "(tokens, vocab) fp32 logits; lowmem.model.fused_loss) instead of the model's own "
                                 "loss; true or false.", _bool)

@@ -187,6 +187,7 @@ def train(cfg: TrainConfig) -> dict:
 def _train(par, progress: dict) -> dict:
     from tqdm.auto import tqdm
 
+    from hooks.load import complete_deferred_int8, partitions_weights
     from hooks.runtime import prepare
     from launch.data import BatchSampler, build_data
     from launch.models import cache_root, load_int8_model, load_model_config
@@ -235,7 +236,8 @@ def _train(par, progress: dict) -> dict:
     with phase("loading the model into INT8" + (" (weights from the checkpoint)" if resume_from else "")
                + " and the tokenizer", short="model"):
         loaded = load_int8_model(cfg.model, cfg.lowmem_config(), dtype=dtype, device=device,
-                                 tokenizer=cfg.tokenizer, seed=cfg.seed, empty=resume_from is not None)
+                                 tokenizer=cfg.tokenizer, seed=cfg.seed, empty=resume_from is not None,
+                                 defer_int8=partitions_weights(par.data_parallel))
     model, tokenizer = loaded.model, loaded.tokenizer
     if cfg.gradient_checkpointing and cfg.activation_offload and device.type == "cuda":
         from lowmem.model.offload import enable_offloaded_checkpointing
@@ -264,6 +266,9 @@ def _train(par, progress: dict) -> dict:
                          "micro_batch_size")
     with phase("preparing the lowmem runtime (INT8 weights, optimizer state, backward hooks)", short="runtime"):
         runtime = prepare(model, cfg.lowmem_config(), data_parallel=par.data_parallel)
+        if partitions_weights(par.data_parallel):   # ZeRO-3: this rank reads the INT8 weights it owns, no others
+            complete_deferred_int8(runtime, "empty" if resume_from is not None else loaded.weights_dir,
+                                   device=device, dtype=dtype)
     sampler = BatchSampler(data.train.shape[0], global_rows, cfg.seed)
     if resume_from is not None:
         with phase(f"loading checkpoint {resume_from}", short="checkpoint"):
@@ -520,8 +525,11 @@ def main(argv: list[str] | None = None) -> int:
         from launch.data import DataError
         from launch.models import ModelNotFoundError
         from launch.run_dir import RunDirError
+        from lowmem.checkpoint.hf_files import WeightFileError
         from lowmem.checkpoint.store import CheckpointError
-        if isinstance(err, (DataError, ModelNotFoundError, CheckpointError, RunDirError)):
+        from lowmem.model.loader import LoadError
+        if isinstance(err, (DataError, ModelNotFoundError, CheckpointError, RunDirError, LoadError,
+                            WeightFileError)):
             print(f"error: {err}", file=sys.stderr)
             return EXIT_ERROR
         raise

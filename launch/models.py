@@ -37,6 +37,7 @@ class LoadedModel:
     tokenizer: object
     source: str          # what was loaded, for logs and reports
     from_scratch: bool
+    weights_dir: Path | None = None   # the Hugging Face directory the weights stream from (None: from scratch)
 
 
 def cache_root() -> Path:
@@ -187,12 +188,14 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, tokenizer: str 
 
 
 def load_int8_model(spec: str, lowmem_config, *, dtype: torch.dtype, device: torch.device,
-                    tokenizer: str | None = None, seed: int = 0, empty: bool = False) -> LoadedModel:
+                    tokenizer: str | None = None, seed: int = 0, empty: bool = False,
+                    defer_int8: bool = False) -> LoadedModel:
     """Model + tokenizer for `spec` with lowmem's INT8 layers already in place on `device`, streamed from disk
     (lowmem.model.loader: the float model is never held whole, on the device or the host); not yet prepared.
 
     A config.json spec is initialised module by module under `seed`. empty=True leaves every tensor uninitialised
-    (a resume that overwrites all of them from a lowmem checkpoint: the base weights are not read)."""
+    (a resume that overwrites all of them from a lowmem checkpoint: the base weights are not read). defer_int8
+    (ZeRO-3): INT8 weights stay placeholders until hooks.load.complete_deferred_int8 after prepare."""
     from transformers import AutoConfig, AutoTokenizer
 
     from lowmem.model.loader import load_int8_model as stream
@@ -203,13 +206,14 @@ def load_int8_model(spec: str, lowmem_config, *, dtype: torch.dtype, device: tor
             raise ModelNotFoundError(f"model config {path} does not exist (a config.json trains from scratch)")
         config, tok = _scratch_config(path, tokenizer)
         torch.manual_seed(seed)
-        model = stream(config, lowmem_config, device=device, dtype=dtype, weights="empty" if empty else "scratch")
+        model = stream(config, lowmem_config, device=device, dtype=dtype, weights="empty" if empty else "scratch",
+                       defer_int8=defer_int8 and empty)
         return LoadedModel(model, tok, f"{path} (random init, seed {seed})", from_scratch=True)
     folder = resolve_model_dir(spec)
     source = f"{spec} ({folder})" if str(folder) != spec else spec
     model = stream(AutoConfig.from_pretrained(folder), lowmem_config, device=device, dtype=dtype,
-                   weights="empty" if empty else folder)
-    return LoadedModel(model, AutoTokenizer.from_pretrained(folder), source, from_scratch=False)
+                   weights="empty" if empty else folder, defer_int8=defer_int8)
+    return LoadedModel(model, AutoTokenizer.from_pretrained(folder), source, from_scratch=False, weights_dir=folder)
 
 
 def load_model_config(spec: str):

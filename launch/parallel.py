@@ -11,7 +11,15 @@ grad_accum_steps x world_size sequences: every rank draws the same global batch 
 
 Failure: a collective that cannot complete (a rank died, the network broke, `dist_timeout_s` passed) raises on the
 surviving ranks; `describe_failure` turns that into one paragraph naming the rank and what to do, and the launcher
-exits without waiting for the dead peer.
+exits without waiting for the dead peer. gloo raises by itself. NCCL does not: by default (torch 2.11-2.13,
+TORCH_NCCL_ASYNC_ERROR_HANDLING=3) its watchdog thread kills the process once a collective outlives the timeout, so
+nothing is printed, and before that the main thread waits in whatever device read follows the stuck collective.
+`nccl_failure_env` therefore asks for mode 2 (the watchdog aborts the communicators and leaves the process alive):
+the device read returns, and the next collective raises DistBackendError ("NCCL communicator was aborted ...") in
+the main thread, which `is_comm_failure` recognises. Blocking wait (TORCH_NCCL_BLOCKING_WAIT=1) would raise at
+the stuck `wait()` itself, but it makes the host wait for every collective to finish, which ends the overlap of
+communication with the backward (DESIGN 3.7: no host waits in the hot path), and it protects only collectives
+someone waits on; it is left as the user sets it.
 """
 from __future__ import annotations
 
@@ -110,6 +118,12 @@ def setup(cfg: TrainConfig, resolve_device) -> Parallel:
             raise ConfigError("error feedback (optim.error_feedback) needs each weight's dense gradient and is not "
                              "available with several processes; set optim.error_feedback=off")
         from lowmem.distributed import DataParallel, init_distributed
+        if device.type == "cuda":
+            settings, notices = nccl_failure_env(os.environ)
+            os.environ.update(settings)     # read when the NCCL process group is built, just below
+            if rank == 0:
+                for notice in notices:
+                    print(f"nccl: {notice}", flush=True)
         par.comm = init_distributed(device=device, timeout_s=cfg.dist_timeout_s)
         par.data_parallel = DataParallel(par.comm, plan.zero_stage, debug=cfg.dist_debug)
         if par.is_main:
@@ -117,6 +131,30 @@ def setup(cfg: TrainConfig, resolve_device) -> Parallel:
                   f"{cfg.micro_batch_size} x {cfg.grad_accum_steps} sequences per process per step, "
                   f"{'NCCL' if device.type == 'cuda' else 'gloo'} on {device.type}", flush=True)
     return par
+
+
+# TORCH_NCCL_ASYNC_ERROR_HANDLING: 0 no handling, 1 abort communicators and kill the process, 2 abort communicators
+# only, 3 kill the process without aborting (torch's default since 2.2; the same names in 2.11-2.13).
+NCCL_ABORT_COMMUNICATORS_ONLY = "2"
+_NCCL_KILLS_PROCESS = {"1": "aborts the communicators, then kills the process",
+                       "3": "kills the process without aborting the communicators"}
+
+
+def nccl_failure_env(environ) -> tuple[dict[str, str], list[str]]:
+    """The environment a NCCL process group needs so that a dead peer raises in the main thread (module docstring):
+    returns (variables to set, notices for the user). A value the user set is kept; one that would kill the
+    process instead of raising gets a notice saying what it costs."""
+    settings: dict[str, str] = {}
+    notices: list[str] = []
+    mode = environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING")
+    if mode is None:
+        settings["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = NCCL_ABORT_COMMUNICATORS_ONLY
+    elif mode.strip() in _NCCL_KILLS_PROCESS and environ.get("TORCH_NCCL_BLOCKING_WAIT", "0").strip() != "1":
+        notices.append(f"TORCH_NCCL_ASYNC_ERROR_HANDLING={mode.strip()} (set in the environment) "
+                       f"{_NCCL_KILLS_PROCESS[mode.strip()]} when a collective times out: a dead rank then ends "
+                       "this process without naming the last complete checkpoint; unset it (lowmem uses "
+                       f"{NCCL_ABORT_COMMUNICATORS_ONLY}) to get that message")
+    return settings, notices
 
 
 _COMM_FAILURE_WORDS = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout", "gloo",

@@ -112,15 +112,18 @@ def _safetensors_dtype(view) -> torch.dtype:
     return _SAFETENSORS_DTYPES[name]
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Tensor, Path]]:
-    """(name, tensor, file) for every tensor, file by file: CPU tensors in the file's dtype, one alive at a time
-    if the caller drops each before asking for the next."""
+def iter_tensors(files: list[Path], wanted: set[str] | None = None) -> Iterator[tuple[str, Tensor, Path]]:
+    """(name, tensor, file) for every tensor (or only the names in `wanted`: the others' data is never read), file
+    by file: CPU tensors in the file's dtype, one alive at a time if the caller drops each before asking for the
+    next."""
     from safetensors import safe_open
 
     for path in files:
         if _is_safetensors(path):
             with safe_open(path, framework="pt", device="cpu") as handle:
                 for name in handle.keys():
+                    if wanted is not None and name not in wanted:
+                        continue
                     try:
                         tensor = handle.get_tensor(name)
                     except Exception as err:  # noqa: BLE001
@@ -131,4 +134,6 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Tensor, Path]]:
         else:
             state = _open_bin(path)
             for name in list(state):
-                yield name, state.pop(name), path
+                tensor = state.pop(name)
+                if wanted is None or name in wanted:
+                    yield name, tensor, path

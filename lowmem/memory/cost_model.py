@@ -133,8 +133,9 @@ def _activations(s: ModelShape, tok: int, dtype_bytes: int, checkpointing: bool,
                  recompute: bool = True) -> int:
     """Saved-for-backward bytes of the whole forward (layers + embedding output + final norm + RoPE tables).
     With checkpointing, `recompute`: during a layer's backward, one layer rebuilt (otherwise, at the loss and the
-    head, only the kept inputs). offload (lowmem.model.offload): the layer inputs wait in host memory; one is on the
-    device at a time, copied back for its layer's recompute."""
+    head, only the kept inputs). offload (lowmem.model.offload): the layer inputs wait in host memory; one stays on
+    the device: the last layer's (kept for its recompute) at the loss and the head, the previous layer's (prefetched
+    while this layer runs its backward) during a layer's backward."""
     per_layer = tok * (dtype_bytes * (8 * s.hidden + 2 * s.kv_heads * s.head_dim + 4 * s.inter)
                        + 4 * (s.heads + 2))
     if dtype_bytes < 4:   # HF RMSNorm upcasts to fp32: input copy and normalised value kept in fp32 (2 norms)
@@ -142,13 +143,13 @@ def _activations(s: ModelShape, tok: int, dtype_bytes: int, checkpointing: bool,
     outer = tok * (dtype_bytes * 3 * s.hidden + 4) + 2 * 4 * tok * s.head_dim
     if checkpointing:   # layer inputs only, plus one layer rebuilt during its backward
         if not recompute:
-            return (0 if offload else s.layers * tok * s.hidden * dtype_bytes) + outer
+            return (1 if offload else s.layers) * tok * s.hidden * dtype_bytes + outer
         # in a layer's backward the final norm's and the head's saved tensors are gone (their backward ran) and the
         # embedding's output is layer 0's kept input: RoPE tables and the loss's per-token scalar remain. Kept inputs:
-        # all L on the device; none with offload, the copy brought back being the rebuilt layer's saved input (in
-        # per_layer). Measured with LiveTensorBytes around a lowmem step (tests/unit/lowmem/memory/test_memory.py):
-        # offload frees L inputs' bytes, not L - 1
-        kept_inputs = 0 if offload else s.layers
+        # all L on the device; with offload the copy brought back is the rebuilt layer's saved input (in per_layer)
+        # and one more is there: the previous layer's, prefetched. Measured with LiveTensorBytes around a lowmem step
+        # (tests/unit/lowmem/memory/test_memory.py): offload frees L - 1 inputs' bytes
+        kept_inputs = 1 if offload else s.layers
         return kept_inputs * tok * s.hidden * dtype_bytes + per_layer + 4 * tok + 2 * 4 * tok * s.head_dim
     return s.layers * per_layer + outer
 

@@ -33,6 +33,13 @@ when a module is copied or unpickled, and passed as a CPU tensor so that layers 
     still runs the layer's backward.
   - Eager-only features keep the layer out of the graph (torch.compiler.disable on that path, one graph break per
     layer): ZeRO-3's weight_gather (a collective per use) and int8_matmul (torch._int_mm).
+
+ZeRO-3 (`weight_gather`, hooks.zero3): the forward saves the module's buffers (empty placeholders on a rank that does
+not own the weight) and the backward gathers the codes again, so no gathered weight lives from forward to
+backward. A checkpoint's recompute is the exception: it runs inside the backward, right before the backward of the
+same layer, so it leaves the codes it gathered in `codes_for_backward` and that backward takes them (one gather per
+use saved). Not as saved tensors: the checkpoint checks that a recompute saves tensors of the shapes the first
+forward saved (the placeholders), and the recompute's own autograd node is never backpropagated.
 """
 from __future__ import annotations
 
@@ -110,6 +117,11 @@ torch.fx.node.has_side_effect(torch.ops.lowmem.int8_linear_grad_sink.default)
 COMPILE_ANCHOR = torch.empty(0, requires_grad=True)
 
 
+def inside_backward() -> bool:
+    """Whether autograd's engine is running a backward on this thread (a checkpoint's recompute runs there)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class _Int8LinearFunction(torch.autograd.Function):
     """y = x Wᵀ + b with W = dequant(q, scales); backward hands G = Aᵀ X to the module's sink.
 
@@ -128,6 +140,8 @@ class _Int8LinearFunction(torch.autograd.Function):
             del weight
         elif bias is not None:
             y = y + bias.to(x.dtype)
+        if module.weight_gather is not None and inside_backward():
+            module.codes_for_backward = codes    # a checkpoint's recompute: this layer's backward comes next
         del codes
         # Save x and the int8 codes (references, no copy) -- not the float weight: backward dequantizes again.
         ctx.save_for_backward(x, weight_q, weight_scales)
@@ -143,9 +157,10 @@ class _Int8LinearFunction(torch.autograd.Function):
         # Under autocast grad_out may come back in another dtype than the forward compute dtype.
         grad_out = grad_out.to(x.dtype)
         grad_x = grad_bias = None
+        kept, module.codes_for_backward = module.codes_for_backward, None
         if ctx.needs_input_grad[0]:
             if module.weight_gather is not None:
-                weight_q, weight_scales = module.codes("backward")
+                weight_q, weight_scales = kept if kept is not None else module.codes("backward")
             grad_x = _int8_grad_input(module, grad_out, (weight_q, weight_scales))
             if grad_x is None:
                 weight = dequantize_int8(weight_q, weight_scales, block_size=module.block_size, dtype=x.dtype,
@@ -256,6 +271,8 @@ class Int8Linear(nn.Module):
         # ZeRO-3: when set, the codes live on another rank and weight_q / weight_scales are empty placeholders;
         # weight_gather(module, phase) returns the full (weight_q, weight_scales) for this use only.
         self.weight_gather: Callable[["Int8Linear", str], tuple[Tensor, Tensor]] | None = None
+        # ZeRO-3 under checkpointing: the codes a recompute gathered, until the backward that follows takes them.
+        self.codes_for_backward: tuple[Tensor, Tensor] | None = None
         num_blocks = math.ceil(in_features / block_size)
         device = torch.device(device) if device is not None else None
         if device is not None and device.type == "meta":
@@ -358,6 +375,7 @@ class Int8Linear(nn.Module):
         super().__setstate__(state)
         self._sink_key = _register(self)
         self._sink_key_tensor = key_tensor(self._sink_key)
+        self.codes_for_backward = None      # never carried over (and absent from older pickles)
 
     def extra_repr(self) -> str:
         return (

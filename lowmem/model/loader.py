@@ -157,6 +157,7 @@ class _Plan:
         prefix = getattr(model, "base_model_prefix", "") or ""
         self.unexpected: list[str] = []
         self.covered: set[str] = set()
+        self.targets: dict[str, list[str]] = {}    # checkpoint name -> the slots it fills
         problems = []
         for file_name, header in headers.items():
             probe = torch.empty(header.shape, dtype=header.dtype, device="meta")
@@ -173,6 +174,7 @@ class _Plan:
                     problems.append(f"{file_name} in {header.file}: dtype {mapped.dtype}, the model's {target} "
                                     f"needs a float tensor")
                 self.covered.add(target)
+                self.targets.setdefault(file_name, []).append(target)
         self._aliases, self._prefix = aliases, prefix
         if problems:
             raise LoadError("the weight files do not fit the model: " + "; ".join(problems[:8])
@@ -253,10 +255,26 @@ def _check_complete(model: nn.Module, source: str) -> None:
                                                                             if len(left) > 8 else ""))
 
 
-def fill_from_files(model: nn.Module, model_dir: str | Path, *, device: torch.device, dtype: torch.dtype) -> None:
-    """Read the weight files of `model_dir` into the skeleton `model` (build_skeleton), one tensor at a time."""
+def _placeholder_codes(module: Int8Linear, device: torch.device) -> None:
+    """Full-shape codes and scales that hold one element each (stride-0 views): what a ZeRO-3 rank carries for a
+    weight until the runtime has assigned owners (prepare() reads only shapes); fill_int8_from_files then gives
+    the owned ones their codes and the partition drops the rest."""
+    module._buffers["weight_q"] = torch.zeros((), dtype=torch.int8, device=device).expand(module.weight_q.shape)
+    module._buffers["weight_scales"] = torch.zeros((), dtype=torch.float32, device=device).expand(
+        module.weight_scales.shape)
+
+
+def fill_from_files(model: nn.Module, model_dir: str | Path, *, device: torch.device, dtype: torch.dtype,
+                    defer_int8: bool = False) -> None:
+    """Read the weight files of `model_dir` into the skeleton `model` (build_skeleton), one tensor at a time.
+    defer_int8: leave every INT8 weight as a placeholder (_placeholder_codes) without reading it."""
     files = weight_files(model_dir)
     slots = _slots(model, dtype)
+    adapter = _adapter(model)
+    from lowmem.model.adapters import ModelAdapter
+    if adapter is not None and not hasattr(adapter, "model_tensors_from_hf") and \
+            type(adapter).split_fused is not ModelAdapter.split_fused:
+        raise NeedsConversion(f"the {type(adapter).__name__} re-lays tensors but has no inverse mapping")
     plan = _Plan(model, slots, read_headers(files))
     unexpected = [name for name in plan.unexpected if not _ignored(model, name)]
     if unexpected:
@@ -265,26 +283,64 @@ def fill_from_files(model: nn.Module, model_dir: str | Path, *, device: torch.de
     missing = plan.missing()
     if missing:
         raise LoadError(f"the weight files of {model_dir} lack {len(missing)} tensor(s) the model needs: "
-                        f"{', '.join(missing[:8])} (files read: {', '.join(p.name for p in files[:4])}"
+                        f"{', '.join(missing[:8])} (weight files: {', '.join(p.name for p in files[:4])}"
                         f"{' ...' if len(files) > 4 else ''})")
-    for name, tensor, _ in iter_tensors(files):
+    if defer_int8:
+        for slot in slots.values():
+            if slot.kind == "int8":
+                _placeholder_codes(slot.owners[0][0], device)
+    wanted = {name for name, targets in plan.targets.items()
+              if not defer_int8 or any(slots[t].kind != "int8" for t in targets)}
+    for name, tensor, _ in iter_tensors(files, wanted):
         for mapped_name, mapped in _model_names(model, plan.adapter, name, tensor):
             target = plan.resolve(mapped_name)
-            if target is not None and slots[target].owners:
+            if target is not None and not (defer_int8 and slots[target].kind == "int8"):
                 _place(slots[target], mapped, device=device, dtype=dtype)
         del tensor
     _host_buffers_to(model, device)
     _check_complete(model, str(model_dir))
 
 
-def fill_empty(model: nn.Module, *, device: torch.device, dtype: torch.dtype) -> None:
-    """Uninitialised storage on `device` for every tensor of the skeleton (a resume overwrites all of them)."""
+def fill_int8_from_files(model: nn.Module, model_dir: str | Path, modules: list[Int8Linear], *,
+                         device: torch.device, dtype: torch.dtype) -> None:
+    """The codes of `modules` only (placeholders left by fill_from_files(defer_int8=True)), quantised from the
+    weight files of `model_dir`; no other tensor's data is read."""
+    files = weight_files(model_dir)
+    chosen = {id(m) for m in modules}
+    names = {id(module): name for name, module in model.named_modules()}
+    slots = {f"{names[id(m)]}.weight": _Slot("int8", tuple(m.weight_q.shape), m.compute_dtype, [(m, "weight")])
+             for m in modules}
+    plan = _Plan(model, slots, read_headers(files))
+    wanted = {name for name, targets in plan.targets.items() if targets}
+    for name, tensor, _ in iter_tensors(files, wanted):
+        for mapped_name, mapped in _model_names(model, plan.adapter, name, tensor):
+            target = plan.resolve(mapped_name)
+            if target is not None and id(slots[target].owners[0][0]) in chosen:
+                _place(slots[target], mapped, device=device, dtype=dtype)
+        del tensor
+    left = [name for name, slot in slots.items() if slot.owners[0][0].weight_q.stride() == (0, 0)]
+    if left:
+        raise LoadError(f"the weight files of {model_dir} did not supply {', '.join(left[:8])}")
+
+
+def empty_int8(modules: list[Int8Linear], *, device: torch.device) -> None:
+    """Uninitialised codes and scales for `modules` (a resume's owned ZeRO-3 weights; the checkpoint fills them)."""
+    for module in modules:
+        module._buffers["weight_q"] = torch.empty(module.weight_q.shape, dtype=torch.int8, device=device)
+        module._buffers["weight_scales"] = torch.empty(module.weight_scales.shape, dtype=torch.float32,
+                                                       device=device)
+
+
+def fill_empty(model: nn.Module, *, device: torch.device, dtype: torch.dtype, defer_int8: bool = False) -> None:
+    """Uninitialised storage on `device` for every tensor of the skeleton (a resume overwrites all of them);
+    defer_int8: INT8 weights as placeholders (see _placeholder_codes)."""
     for slot in _slots(model, dtype).values():
         if slot.kind == "int8":
             module = slot.owners[0][0]
-            module._buffers["weight_q"] = torch.empty(module.weight_q.shape, dtype=torch.int8, device=device)
-            module._buffers["weight_scales"] = torch.empty(module.weight_scales.shape, dtype=torch.float32,
-                                                           device=device)
+            if defer_int8:
+                _placeholder_codes(module, device)
+            else:
+                empty_int8([module], device=device)
         else:
             _set(slot, torch.empty(slot.shape, dtype=slot.dtype, device=device))
     _host_buffers_to(model, device)
@@ -344,21 +400,23 @@ def init_from_scratch(hf_config, cfg: LowMemConfig, *, device: torch.device, dty
 
 
 def load_int8_model(hf_config, cfg: LowMemConfig, *, device: torch.device | str, dtype: torch.dtype,
-                    weights: str | Path) -> nn.Module:
+                    weights: str | Path, defer_int8: bool = False) -> nn.Module:
     """The INT8 model on `device`, in training mode (module docstring); not yet attached to a runtime.
 
     weights: a Hugging Face model directory (its weight files are streamed), "scratch" (random initialisation,
     module by module, under the current torch seed) or "empty" (uninitialised, for a resume that loads every
-    tensor from a lowmem checkpoint)."""
+    tensor from a lowmem checkpoint). defer_int8 (ZeRO-3, a directory or "empty"): every INT8 weight stays a
+    placeholder without memory until the runtime has chosen owners; hooks.load.complete_deferred_int8 then fills
+    the weights this rank owns and no other."""
     device = torch.device(device)
     if weights == "scratch":
         return init_from_scratch(hf_config, cfg, device=device, dtype=dtype)
     model = build_skeleton(hf_config, cfg, dtype=dtype)
     if weights == "empty":
-        fill_empty(model, device=device, dtype=dtype)
+        fill_empty(model, device=device, dtype=dtype, defer_int8=defer_int8)
         return model
     try:
-        fill_from_files(model, weights, device=device, dtype=dtype)
+        fill_from_files(model, weights, device=device, dtype=dtype, defer_int8=defer_int8)
     except NeedsConversion as why:
         return _load_converted_on_host(weights, cfg, device=device, dtype=dtype, why=str(why))
     _read_generation_config(model, Path(weights))

@@ -186,3 +186,27 @@ def test_preflight_refuses_a_run_that_does_not_fit_before_loading_weights(tiny_a
     assert not built
     assert main(tiny_args + ["max_steps=2", "eval_every=0", "export=false", "force=true"]) == 0
     assert built
+
+
+def test_damaged_model_weights_stop_before_training_with_tensor_and_file_named(tiny_args, tmp_path, capsys,
+                                                                              tiny_tokenizer_dir):
+    """A model directory whose weights lack a tensor: the run stops while loading, naming the tensor and the file,
+    and leaves no output directory behind."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config_arg = next(a for a in tiny_args if a.startswith("model="))
+    model_dir = tmp_path / "damaged"
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_arg.split("=", 1)[1])).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(model_dir)
+    weights = model_dir / "model.safetensors"
+    with safe_open(weights, "pt") as handle:
+        kept = {name: handle.get_tensor(name) for name in handle.keys() if "layers.1.mlp.up_proj" not in name}
+    save_file(kept, weights, metadata={"format": "pt"})
+    capsys.readouterr()   # the progress bars of making the model
+    out = tmp_path / "never"
+    argv = [a for a in tiny_args if not a.startswith(("model=", "output_dir=", "tokenizer="))]
+    expect_error(argv + [f"model={model_dir}", f"output_dir={out}"], capsys, "model.layers.1.mlp.up_proj.weight",
+                 "model.safetensors")
+    assert not out.exists()

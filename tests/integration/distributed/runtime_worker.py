@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_run import (GLOBAL_BATCH, SCENARIOS, STEPS, batch_for_step, lowmem_config, make_model,  # noqa: E402
-                      weights_of)
+from tiny_run import (GLOBAL_BATCH, SCENARIOS, STEPS, ZERO3_SCENARIOS, batch_for_step, lowmem_config,  # noqa: E402
+                      make_model, weights_of)
 
 
 def main() -> None:
@@ -28,11 +28,16 @@ def main() -> None:
     rank, world = comm.rank, comm.world_size
     rows = GLOBAL_BATCH // world
     # "0".."3": ZeRO stages with lowmem_config(); the names in tiny_run.SCENARIOS: that change of it ("bytes" at
-    # ZeRO 1, the others at ZeRO 2)
+    # ZeRO 1, the others at ZeRO 2); the names in tiny_run.ZERO3_SCENARIOS: that change at ZeRO 3
     scenarios = sys.argv[2].split(",")
     for stage in scenarios:
         model = make_model()
-        if stage in SCENARIOS:
+        if stage in ZERO3_SCENARIOS:
+            changes = dict(ZERO3_SCENARIOS[stage])
+            if changes.pop("gradient_checkpointing", False):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            zero_stage, cfg = 3, lowmem_config().replace(**changes)
+        elif stage in SCENARIOS:
             zero_stage, cfg = (1 if stage == "bytes" else 2), lowmem_config().replace(**SCENARIOS[stage])
         else:
             zero_stage, cfg = int(stage), lowmem_config()
@@ -41,6 +46,8 @@ def main() -> None:
         accum = cfg.grad_accum_steps
         record = {"losses": [], "comm_bytes": [], "wire_bytes": [], "refreshed": [], "grad_norms": []}
         for step in range(STEPS):
+            if runtime.partition is not None:
+                counts_before = (runtime.partition.gathers, runtime.partition.prefetch_discards)
             wire_before = comm.wire_bytes
             kinds_before = dict(comm.bytes_by_kind)
             for k in range(accum):
@@ -57,6 +64,11 @@ def main() -> None:
             record["wire_bytes"].append(comm.wire_bytes - wire_before)
             record["refreshed"].append(len(stats["refreshed"]))
             record.setdefault("skipped", []).append(stats["skipped"])
+            if runtime.partition is not None:
+                record.setdefault("gathers_per_micro_batch", []).append(
+                    (runtime.partition.gathers - counts_before[0]) / accum)
+                record.setdefault("prefetch_discards", []).append(
+                    runtime.partition.prefetch_discards - counts_before[1])
             record.setdefault("bytes_by_kind", []).append(
                 {k: v - kinds_before.get(k, 0) for k, v in comm.bytes_by_kind.items()})
         record["state_bytes"] = sum(t.numel() * t.element_size() for st in runtime.states.values()

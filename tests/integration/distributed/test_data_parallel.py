@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
 sys.path.insert(0, str(HERE))
-from tiny_run import LR, SCENARIOS, lowmem_config, make_model, reference_run  # noqa: E402
+from tiny_run import LR, SCENARIOS, STEPS, lowmem_config, make_model, reference_run  # noqa: E402
 
 
 def dist_env(port: int | None = None) -> dict:
@@ -212,3 +212,30 @@ def test_bytes_moved_per_step_versus_dense_allreduce(two_rank_results, capsys):
 def test_zero3_prefetches_layers(two_rank_results):
     record = load_rank(two_rank_results(3), 3, 1)
     assert record["gathers"] > 0 and record["prefetch_hits"] >= 0.5 * record["gathers"]
+
+
+def test_zero3_under_checkpointing_gathers_each_weight_twice_and_predicts_every_prefetch(two_rank_results):
+    """ZeRO 3 with INT8 embedding, decoder linears and head, without and with gradient checkpointing of the decoder
+    layers. Per micro-batch, counted on each rank: a decoder linear is gathered for its forward and for its backward
+    (under checkpointing: for its recompute, whose codes its backward then takes, not a third time); the head once
+    (its backward reuses the forward's codes, which the trace says come next); the embedding once (its backward
+    needs no weight). The first micro-batch has no trace yet and gathers the head twice. No prefetch is thrown away,
+    and checkpointing changes no bit."""
+    from torch import nn
+    out = two_rank_results("zero3_tables", "zero3_ckpt")
+    model = make_model()
+    decoder_linears = sum(isinstance(m, nn.Linear) for m in model.model.layers.modules())
+    assert decoder_linears == 14 and isinstance(model.lm_head, nn.Linear)
+    per_micro_batch = 2 * decoder_linears + 1 + 1
+    for rank in (0, 1):
+        plain, ckpt = (load_rank(out, name, rank) for name in ("zero3_tables", "zero3_ckpt"))
+        for record in (plain, ckpt):
+            assert record["gathers_per_micro_batch"] == [per_micro_batch + 1] + [per_micro_batch] * (STEPS - 1)
+            assert record["prefetch_discards"] == [0] * STEPS
+            # every request but the first of each micro-batch (and the first micro-batch's) came prefetched
+            assert record["prefetch_hits"] == (STEPS - 1) * (per_micro_batch - 1)
+        assert ckpt["losses"] == plain["losses"] and ckpt["grad_norms"] == plain["grad_norms"]
+    plain_weights = load_file(str(out / "stagezero3_tables-weights.safetensors"))
+    ckpt_weights = load_file(str(out / "stagezero3_ckpt-weights.safetensors"))
+    assert plain_weights.keys() == ckpt_weights.keys()
+    assert all(torch.equal(plain_weights[k], ckpt_weights[k]) for k in plain_weights)

@@ -15,6 +15,10 @@ SCENARIOS = {"accum": {"grad_accum_steps": 2, "clip_mode": "two_pass", "refresh_
              "accum_rr": {"grad_accum_steps": 2, "clip_mode": "two_pass", "refresh_sketch": "rayleigh_ritz"},
              "bytes": {"refresh_interval_steps": 1000, "residual_warmup_steps": 1000},
              "nan_loss": {}}   # rank 1's loss is NaN at step 2 (ZeRO 2)
+# ZeRO 3 with INT8 embedding and head (every weight partitioned), without and with gradient checkpointing of the
+# decoder layers: the same arithmetic, so the same bits; gathers per micro-batch counted.
+ZERO3_SCENARIOS = {"zero3_tables": {"exclude_modules": ()},
+                   "zero3_ckpt": {"exclude_modules": (), "gradient_checkpointing": True}}
 SEQ_LEN = 16
 STEPS = 6
 VOCAB = 96

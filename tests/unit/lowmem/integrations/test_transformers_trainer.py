@@ -215,3 +215,40 @@ def test_save_model_writes_a_loadable_bf16_model(tmp_path):
     from huggingface_hub import ModelCard
     card = ModelCard.load(tmp_path / "model" / "README.md")
     assert card.data.to_dict()["library_name"] == "transformers" and "| optimizer steps | 2 |" in card.text
+
+
+def test_a_model_from_load_pretrained_is_used_in_place_and_trains_like_prepare(tmp_path):
+    """lowmem.load_pretrained's model is INT8 on its device already: the Trainer neither copies nor moves it (the
+    codes keep their storage) and the run equals the by-hand run on a model prepared from the same weights."""
+    from lowmem import load_pretrained
+
+    folder = tmp_path / "base"
+    tiny_llama().save_pretrained(folder)
+    model, loaded_runtime = load_pretrained(folder, LowMemConfig(**BASE), device="cpu", dtype=torch.float32)
+    codes = model.model.layers[0].self_attn.q_proj.weight_q
+    pointer = codes.data_ptr()
+    trainer = LowMemTrainer(model=model, args=args(tmp_path / "run", save_strategy="no"), train_dataset=rows(),
+                            lowmem_config=LowMemConfig(**BASE, clip_mode="two_pass"))
+    assert trainer.model is model and trainer.runtime is not loaded_runtime
+    assert model.model.layers[0].self_attn.q_proj.weight_q.data_ptr() == pointer   # not copied by the Trainer
+    trainer.train()
+    reference, _, _ = reference_run("two_pass", rows())
+    assert same_state(reference.state_dict(), model.state_dict()) == []
+
+
+def test_a_float_model_is_int8_before_the_trainer_places_it(tmp_path, monkeypatch):
+    """A float model given to the Trainer is converted where it lies; what transformers.Trainer moves is INT8
+    (every linear but the float head)."""
+    import transformers
+
+    moved = []
+    real = transformers.Trainer._move_model_to_device
+
+    def spy(self, model, device):
+        moved.append(sorted(name for name, m in model.named_modules() if type(m) is torch.nn.Linear))
+        return real(self, model, device)
+
+    monkeypatch.setattr(transformers.Trainer, "_move_model_to_device", spy)
+    LowMemTrainer(model=tiny_llama(), args=args(tmp_path, save_strategy="no"), train_dataset=rows(),
+                  lowmem_config=LowMemConfig(**BASE))
+    assert moved == [["lm_head"]]   # only the head, float by default (LowMemConfig.exclude_modules), stays float
