@@ -120,16 +120,16 @@ def preflight(cfg, model_config, device: torch.device, *, zero_stage: int = 0,
     settings = _settings(cfg, device)
     dtype = _dtype(cfg, device)
 
-    load_of = _load_peaks(model_config, dtype, device.type)
+    load_of = _load_peaks(model_config, dtype, device.type, world)
 
     def step_peak(opt, st, stage=zero_stage) -> int:
         return estimate(model_config, method="lowmem", lowmem_config=opt, dtype=dtype, device_type=device.type,
                         zero_stage=stage, world_size=world, **st).peak_bytes
 
     def peak(opt, st, stage=zero_stage) -> int:
-        return max(load_of(opt).peak_bytes, step_peak(opt, st, stage))
+        return max(load_of(opt, stage).peak_bytes, step_peak(opt, st, stage))
 
-    load = load_of(optim)
+    load = load_of(optim, zero_stage)
     step = step_peak(optim, settings)
     predicted = max(load.peak_bytes, step)
     where = f"{device.type}" + (f", one of {world} ranks, ZeRO stage {zero_stage}" if world > 1 else "")
@@ -175,14 +175,16 @@ def preflight(cfg, model_config, device: torch.device, *, zero_stage: int = 0,
     return Preflight(False, predicted, total, fix, detail, **peaks)
 
 
-def _load_peaks(model_config, dtype: torch.dtype, device_type: str):
-    """LowMemConfig -> its estimate_load, each config computed once (only the optimizer settings change it)."""
+def _load_peaks(model_config, dtype: torch.dtype, device_type: str, world: int):
+    """(LowMemConfig, ZeRO stage) -> its estimate_load on one of `world` ranks, each computed once (the batch
+    settings do not change it)."""
     cache = {}
 
-    def load_of(opt):
-        if opt not in cache:
-            cache[opt] = estimate_load(model_config, opt, dtype=dtype, device_type=device_type)
-        return cache[opt]
+    def load_of(opt, stage):
+        if (opt, stage) not in cache:
+            cache[opt, stage] = estimate_load(model_config, opt, dtype=dtype, device_type=device_type,
+                                              zero_stage=stage, world_size=world)
+        return cache[opt, stage]
     return load_of
 
 
@@ -233,7 +235,7 @@ def auto_fit(cfg, model_config, device: torch.device, *, zero_stage: int = 0, wo
         memory_modes.append((True, True))
     compute_only = [(ckpt, offload, mb) for mb in micro for ckpt, offload in memory_modes]
     seen = set()
-    load_of = _load_peaks(model_config, dtype, device.type)
+    load_of = _load_peaks(model_config, dtype, device.type, world)
     for rank in ranks:
         opt = dataclasses.replace(optim, rank=rank)
         for ckpt, offload, mb in compute_only:
@@ -243,7 +245,7 @@ def auto_fit(cfg, model_config, device: torch.device, *, zero_stage: int = 0, wo
             st = {**base, "gradient_checkpointing": ckpt, "activation_offload": offload, "micro_batch_size": mb}
             step = estimate(model_config, method="lowmem", lowmem_config=opt, dtype=dtype, device_type=device.type,
                             zero_stage=zero_stage, world_size=world, **st).peak_bytes
-            load = load_of(opt).peak_bytes
+            load = load_of(opt, zero_stage).peak_bytes
             peak = max(load, step)
             if peak > limit:
                 continue

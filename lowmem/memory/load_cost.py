@@ -28,6 +28,11 @@ holds the tensor being read (memory-mapped pages, file dtype): `host_peak_bytes`
 on a GPU run; on a CPU run host and device are the same memory and it equals `peak_bytes`. Scalar counters of the
 optimizer state (< 100 bytes per trained tensor) are not counted.
 
+ZERO3: under ZeRO stage 3 on several ranks a rank defers its INT8 weights (hooks.load.load_pretrained): it places
+the float parameters, builds the Runtime with placeholder codes (every state made, then the ones it does not own
+dropped: the prepare moment holds no INT8 weight), then quantises only the weights it owns (the stream moment of a
+target: float parameters + the rank's share of INT8 weights and optimizer state, cost_model's per-rank view).
+
 Checked against lowmem.memory.live_bytes.LiveTensorBytes around a streamed load + prepare of sharded safetensors
 (tests/unit/lowmem/memory/test_load_cost.py).
 """
@@ -150,8 +155,10 @@ def _largest_state_init(s: ModelShape, cfg, targets: list[tuple[str, int, int]],
 
 
 def estimate_load(model_config, lowmem_config=None, *, dtype: torch.dtype = torch.bfloat16,
-                  device_type: str = "cuda", file_dtype: torch.dtype | None = None) -> LoadBreakdown:
-    """Predicted peak bytes of `lowmem.load_pretrained` + the Runtime it builds, on the device and on the host.
+                  device_type: str = "cuda", file_dtype: torch.dtype | None = None, zero_stage: int = 0,
+                  world_size: int = 1) -> LoadBreakdown:
+    """Predicted peak bytes of `lowmem.load_pretrained` + the Runtime it builds, on the device and on the host, for
+    one of `world_size` ranks under lowmem's ZeRO `zero_stage` (only stage 3 on several ranks differs: ZERO3 above).
 
     model_config: a LLaMA-like Hugging Face config (object or dict). lowmem_config: the LowMemConfig of the run
     (None: the defaults). dtype: the load (compute) dtype. device_type: "cuda" or "cpu". file_dtype: the
@@ -167,6 +174,12 @@ def estimate_load(model_config, lowmem_config=None, *, dtype: torch.dtype = torc
     step = estimate(model_config, method="lowmem", seq_len=1, micro_batch_size=1, gradient_checkpointing=False,
                     lowmem_config=cfg, dtype=dtype, device_type="cpu")
     weights = {k: step.components[k] for k in ("weights_int8", "weight_scales", "float_params")}
+    deferred = zero_stage == 3 and world_size > 1 and cfg.int8_weights
+    if deferred:   # one rank's share of the INT8 weights and of the optimizer state (cost_model's per-rank view)
+        rank = estimate(model_config, method="lowmem", seq_len=1, micro_batch_size=1, gradient_checkpointing=False,
+                        lowmem_config=cfg, dtype=dtype, device_type="cpu", zero_stage=3, world_size=world_size)
+        owned = {k: rank.components[k] for k in ("weights_int8", "weight_scales", "optimizer_moments",
+                                                 "error_feedback")}
     s = ModelShape.from_config(model_config)
     db, fb = torch.finfo(dtype).bits // 8, torch.finfo(fdtype).bits // 8
     head_lr, emb_lr = head_is_lowrank(s, cfg), embedding_is_lowrank(s, cfg)
@@ -187,14 +200,19 @@ def estimate_load(model_config, lowmem_config=None, *, dtype: torch.dtype = torc
     streams = []
     for name, (final, during) in candidates:
         others = {k: v - final.get(k, 0) for k, v in weights.items()}
+        if deferred and "weights_int8" in final:     # after prepare: the rank's share of weights and state
+            others = {**others, **{k: v - final.get(k, 0) for k, v in owned.items()}}
+        elif deferred:                               # before prepare: float parameters only
+            others = {"float_params": others["float_params"]}
         streams.append((sum(others.values()) + sum(during.values()), sum(during.values()), name,
                         {k: others.get(k, 0) + during.get(k, 0) for k in {*others, *during}}))
     _, tensor_peak, largest_name, stream = max(streams, key=lambda c: c[0])
     state = {"optimizer_moments": step.components["optimizer_moments"],
              "error_feedback": step.components["error_feedback"],
              "state_init": _largest_state_init(s, cfg, targets, floats)}
+    resident = {**weights, "weights_int8": 0, "weight_scales": 0} if deferred else weights
     moments = {name: {k: parts.get(k, 0) for k in LOAD_COMPONENTS}
-               for name, parts in (("stream", stream), ("prepare", {**weights, **state}))}
+               for name, parts in (("stream", stream), ("prepare", {**resident, **state}))}
     moment = max(moments, key=lambda k: sum(moments[k].values()))
     components = dict.fromkeys(LOAD_COMPONENTS, 0)
     components.update(moments[moment])

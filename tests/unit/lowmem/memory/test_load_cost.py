@@ -218,3 +218,23 @@ def test_streamed_load_of_374m_stays_near_what_it_keeps_and_matches_the_planner(
           f"{predicted / 2**20:.0f} MiB, kept {kept / 2**20:.0f} MiB); from_pretrained + prepare "
           f"{today_peak / 2**20:.0f} MiB")
     assert today_peak > streamed_peak + 2 * 32000 * 1024     # at least the float model's extra bf16 tables
+
+
+def test_zero3_ranks_defer_their_int8_weights_other_stages_load_everything():
+    """hooks.load: under ZeRO-3 on several ranks the Runtime is built before any INT8 weight is read (every state
+    made, then the foreign ones dropped) and a rank then quantises only its share; stages 0-2 load like one process."""
+    model_cfg, cfg = mid_config(), preset("lowmem", rank=32)
+    single = estimate_load(model_cfg, cfg, device_type="cuda")
+    for stage in (0, 1, 2):
+        assert estimate_load(model_cfg, cfg, device_type="cuda", zero_stage=stage, world_size=4).peak_bytes \
+            == single.peak_bytes
+    rank = estimate_load(model_cfg, cfg, device_type="cuda", zero_stage=3, world_size=4)
+    prepare_moment, stream = rank.moment_components["prepare"], rank.moment_components["stream"]
+    full = single.moment_components["prepare"]
+    assert prepare_moment["weights_int8"] == prepare_moment["weight_scales"] == 0
+    assert prepare_moment["optimizer_moments"] == full["optimizer_moments"]      # all made before the partition
+    share = estimate(model_cfg, method="lowmem", seq_len=1, micro_batch_size=1, gradient_checkpointing=False,
+                     lowmem_config=cfg, device_type="cpu", zero_stage=3, world_size=4).components
+    assert stream["optimizer_moments"] == share["optimizer_moments"] < full["optimizer_moments"]
+    assert stream["weights_int8"] <= share["weights_int8"] < full["weights_int8"]
+    assert rank.peak_bytes < single.peak_bytes
