@@ -133,15 +133,12 @@ def _state_init_bytes(numel: int, bits: int, lowrank: bool) -> int:
     return STATE_INIT_FP32_BYTES * numel if lowrank else 0
 
 
-def _largest_state_init(s: ModelShape, cfg, targets: list[tuple[str, int, int]],
-                        floats: list[tuple[str, int]]) -> int:
+def _largest_state_init(cfg, targets: list[tuple[str, int, int]], floats: list[tuple[str, int]]) -> int:
     """The largest transient of the Runtime's constructor making one trained tensor's zero state: a low-rank
     weight's moments ((m, n) at full rank, else max(m, n) x rank), a float parameter's AdamW moments, or an
-    error-feedback buffer (fp32 zeros of the weight, then stored)."""
+    error-feedback buffer (fp32 zeros of the weight, then stored). targets: (module name, out, in)."""
     worst = 0
-    for name, m, n in targets:
-        module = (f"model.layers.0.{'self_attn' if name[6] in 'qkvo' else 'mlp'}.{name[6:]}"
-                  if name.startswith("layer ") else ("lm_head" if name == "lm_head" else "model.embed_tokens"))
+    for module, m, n in targets:
         unit = cfg.for_module(module)
         full = unit.rank >= min(m, n)
         numel = m * n if full else max(m, n) * min(unit.rank, m, n)
@@ -183,13 +180,15 @@ def estimate_load(model_config, lowmem_config=None, *, dtype: torch.dtype = torc
     s = ModelShape.from_config(model_config)
     db, fb = torch.finfo(dtype).bits // 8, torch.finfo(fdtype).bits // 8
     head_lr, emb_lr = head_is_lowrank(s, cfg), embedding_is_lowrank(s, cfg)
-    targets = [(f"layer {name}", m, n) for name, m, n in s.linears()]
+    # by module name (every layer modelled with layer 0's names, as in cost_model)
+    targets = [(f"model.layers.0.{'self_attn' if name[0] in 'qkvo' else 'mlp'}.{name}", m, n)
+               for name, m, n in s.linears()]
     if head_lr:
         targets.append(("lm_head", s.vocab, s.hidden))
     if emb_lr:
-        targets.append(("embed_tokens", s.vocab, s.hidden))
-    floats = ([] if emb_lr else [("embed_tokens", s.embed_numel())]) + (
-        [] if s.tied or head_lr else [("lm_head", s.embed_numel())]) + [("norm", s.hidden)]
+        targets.append(("model.embed_tokens", s.vocab, s.hidden))
+    floats = ([] if emb_lr else [("model.embed_tokens", s.embed_numel())]) + (
+        [] if s.tied or head_lr else [("lm_head", s.embed_numel())]) + [("model.norm", s.hidden)]
     # (name, (its final bytes, its bytes while it loads)): the stream moment is the other weights + the worst one
     if cfg.int8_weights:
         candidates = [(name, _target_bytes(m, n, fb, db, cfg.weight_block_size, device_type))
@@ -209,7 +208,7 @@ def estimate_load(model_config, lowmem_config=None, *, dtype: torch.dtype = torc
     _, tensor_peak, largest_name, stream = max(streams, key=lambda c: c[0])
     state = {"optimizer_moments": step.components["optimizer_moments"],
              "error_feedback": step.components["error_feedback"],
-             "state_init": _largest_state_init(s, cfg, targets, floats)}
+             "state_init": _largest_state_init(cfg, targets, floats)}
     resident = {**weights, "weights_int8": 0, "weight_scales": 0} if deferred else weights
     moments = {name: {k: parts.get(k, 0) for k in LOAD_COMPONENTS}
                for name, parts in (("stream", stream), ("prepare", {**resident, **state}))}

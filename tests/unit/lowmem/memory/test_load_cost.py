@@ -74,7 +74,7 @@ def test_each_streamed_tensor_and_the_weights_match_the_prediction(checkpoint, d
     # the largest load above its own final bytes is the INT8 embedding's: its copy in the load dtype (in bf16 the
     # read tensor itself; in fp32 beside the bf16 read tensor) and quantize_int8's fp32 row chunks. The stream moment
     # is every weight + that excess; the measured one adds only the finiteness check's one-element sum
-    assert worst == "model.embed_tokens.weight" and load.largest_tensor == "embed_tokens", excess
+    assert worst == "model.embed_tokens.weight" and load.largest_tensor == "model.embed_tokens", excess
     numel = 4000 * 128
     assert moments["stream"]["read_tensor"] == (2 * numel if dtype == torch.float32 else 0)
     assert moments["stream"]["load_dtype_copy"] == dtype.itemsize * numel
