@@ -139,18 +139,30 @@ class RuntimeState:
         if missing or result.unexpected_keys:
             raise RuntimeError(f"model state mismatch: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
 
-    def export(self, out_dir, tokenizer=None):
-        """Write a bf16 Hugging Face checkpoint of the current weights (lowmem.checkpoint.export.export_hf). Data-parallel: a
-        collective; rank 0 writes (ZeRO 3 gathers every weight onto every rank for the duration)."""
+    def export(self, out_dir, tokenizer=None, *, format="hf", gguf_type="q8_0"):
+        """Write the current weights: format "hf" a bf16 Hugging Face directory (lowmem.checkpoint.export.export_hf),
+        "gguf" one GGUF file, out_dir itself when it ends in .gguf, else out_dir/model.gguf, of gguf_type "q8_0",
+        "bf16" or "f16" (lowmem.checkpoint.gguf_export.export_gguf). Returns the directory or file written.
+        Data-parallel: a collective; rank 0 writes (ZeRO 3 gathers every weight onto every rank for the duration)."""
         from lowmem.checkpoint.export import export_hf
-        if self.dp is None:
+        from lowmem.checkpoint.gguf_export import export_gguf, gguf_path
+
+        if format not in ("hf", "gguf"):
+            raise ValueError(f"format must be 'hf' or 'gguf', got {format!r}")
+
+        def write():
+            if format == "gguf":
+                return export_gguf(self.model, out_dir, tokenizer=tokenizer, gguf_type=gguf_type)
             return export_hf(self.model, out_dir, tokenizer=tokenizer)
+
+        if self.dp is None:
+            return write()
         if self.partition is not None:
             self.partition.gather_all_()
         try:
             if self.dp.rank == 0:
-                return export_hf(self.model, out_dir, tokenizer=tokenizer)
-            return Path(out_dir)
+                return write()
+            return gguf_path(out_dir) if format == "gguf" else Path(out_dir)
         finally:
             if self.partition is not None:
                 self.partition.release_()

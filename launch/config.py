@@ -73,10 +73,12 @@ def _float(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: b
     return check
 
 
-def _choice(*allowed_values: str) -> Callable[[str, Any], str]:
-    allowed = "one of " + ", ".join(repr(v) for v in allowed_values)
+def _choice(*allowed_values: str, optional: bool = False) -> Callable[[str, Any], str | None]:
+    allowed = ("null or " if optional else "") + "one of " + ", ".join(repr(v) for v in allowed_values)
 
-    def check(name: str, value: Any) -> str:
+    def check(name: str, value: Any) -> str | None:
+        if value is None and optional:
+            return None
         if value not in allowed_values or not isinstance(value, str):
             raise _fail(name, value, allowed)
         return value
@@ -338,6 +340,10 @@ class TrainConfig:
                          "and name a fix.",
                   _choice("off", "auto"))
     export: bool = _f(True, "Export a bf16 Hugging Face model into output_dir at the end; true or false.", _bool)
+    export_gguf: str | None = _f(None, "Also write output_dir/model.gguf at the end (llama.cpp, Ollama, LM Studio; "
+                                       "llama, mistral, qwen2 and qwen3 models): 'q8_0' (from the INT8 weights), "
+                                       "'bf16' or 'f16'; null writes none.",
+                                 _choice("q8_0", "bf16", "f16", optional=True))
     force: bool = _f(False, "Run even when the memory preflight predicts the run will not fit; true or false.",
                      _bool)
 

@@ -5,6 +5,7 @@
     python -m launch.finetune CONFIG.yaml --print-config        # the resolved configuration, then exit
     python -m launch.finetune --help-config                     # every key with its default and help
     python -m launch.finetune export CHECKPOINT_DIR OUT_DIR     # bf16 Hugging Face model from any checkpoint
+    python -m launch.finetune export CHECKPOINT_DIR OUT.gguf --format gguf --gguf-type q8_0   # GGUF for llama.cpp
 
 Several processes (launch.parallel): `deepspeed --num_gpus N --module launch.finetune ... deepspeed=ds.json` or
 `torchrun --nproc_per_node N -m launch.finetune ...`.
@@ -18,7 +19,8 @@ on disk); prepare the lowmem runtime (INT8 linears, optimizer state, backward ho
 train_log.jsonl back to its step; train with a progress bar, a JSONL log line per step (plus TensorBoard / W&B with
 log_to: launch.loggers), held-out evaluation every eval_every steps and checkpoints every save_every steps (and on
 Ctrl-C / SIGTERM; none while steps are being skipped for NaN/Inf, and max_skipped_steps skipped in a row stop the
-run as diverged); at the end save, export a bf16 Hugging Face model with its model card (README.md) and write
+run as diverged); at the end save, export a bf16 Hugging Face model with its model card (README.md) (and
+model.gguf with export_gguf) and write
 report.md with loss and memory curves. Until the first step each set-up phase prints a line with its duration
 (launch.report.Phases).
 
@@ -218,6 +220,8 @@ def _train(par, progress: dict) -> dict:
     with phase(f"reading the model config of {cfg.model}", short="model config"):
         model_config = load_model_config(cfg.model)   # converts a GGUF once (cached): minutes on a slow machine
     check_seq_len(cfg, model_config)
+    if cfg.export_gguf:
+        check_gguf_exportable(model_config)
     verdict = preflight(cfg, model_config, device, zero_stage=par.zero_stage, world_size=par.world_size)
     mem_kind = memory_label(device.type)
     say(verdict.detail + ("; the prediction counts the tensors the run keeps live, while the per-step figure on CPU "
@@ -401,6 +405,8 @@ def _train(par, progress: dict) -> dict:
     if last_eval is None or cfg.max_steps % max(cfg.eval_every, 1):
         last_eval = run_eval(steps_done)
     export_dir = runtime.export(out / "model", tokenizer=tokenizer) if cfg.export else None
+    gguf_file = (runtime.export(out / "model.gguf", tokenizer=tokenizer, format="gguf", gguf_type=cfg.export_gguf)
+                 if cfg.export_gguf else None)
     if main and export_dir is not None:
         write_card(export_dir, cfg, steps=steps_done, eval_loss=last_eval,
                    extra={"tokens per step": tokens_per_step, "sequence length": cfg.seq_len})
@@ -422,13 +428,15 @@ def _train(par, progress: dict) -> dict:
                "skipped steps": runtime.skipped_steps, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                "processes": f"{par.world_size} (ZeRO stage {par.zero_stage})" if par.distributed else "1",
                "checkpoint": str(final_ckpt), "exported model": str(export_dir) if export_dir else "not exported",
+               **({"GGUF": f"{gguf_file} ({cfg.export_gguf})"} if gguf_file else {}),
                "memory plan": fit_line or verdict.detail,
                "data": f"{data.stats.get('files', '?')} files, {data.train.shape[0]} train / "
                        f"{data.eval.shape[0]} eval sequences of {cfg.seq_len} tokens"}
     report = write_report(out, config_yaml=config_yaml, records=records, summary=summary,
                           predicted_peak_bytes=predicted, memory_kind=mem_kind,
                           predicted_load_bytes=verdict.load_peak_bytes)
-    return {"report": str(report), "export": str(export_dir) if export_dir else None, "checkpoint": str(final_ckpt),
+    return {"report": str(report), "export": str(export_dir) if export_dir else None,
+            "gguf": str(gguf_file) if gguf_file else None, "checkpoint": str(final_ckpt),
             "eval_loss": last_eval, "step": steps_done}
 
 
@@ -442,10 +450,21 @@ def write_card(export_dir: Path, cfg: TrainConfig, *, steps: int, eval_loss: flo
                             eval_loss=eval_loss, extra=extra)
 
 
-def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
-    """`launch.finetune export CHECKPOINT OUT`: rebuild the run's model, load the checkpoint, write bf16 HF."""
+def check_gguf_exportable(model_config) -> None:
+    """Refuse export_gguf for an architecture GGUF export does not write, before any training."""
+    from lowmem.checkpoint.gguf_export import gguf_architecture
+    try:
+        gguf_architecture(model_config)
+    except ValueError as err:
+        raise UsageError(f"export_gguf: {err}; or set export_gguf: null") from None
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, *, format: str = "hf", gguf_type: str = "q8_0") -> Path:
+    """`launch.finetune export CHECKPOINT OUT [--format gguf]`: rebuild the run's model, load the checkpoint, write
+    a bf16 Hugging Face directory with its model card, or one GGUF file (OUT itself when it ends in .gguf, else
+    OUT/model.gguf) of gguf_type q8_0, bf16 or f16."""
     from hooks.runtime import prepare
-    from launch.models import load_int8_model
+    from launch.models import load_int8_model, load_model_config
     from lowmem.checkpoint.distributed import load_any_checkpoint
 
     path = Path(checkpoint)
@@ -453,11 +472,15 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> Path:
         raise UsageError(f"checkpoint {path} does not exist; checkpoints live in <output_dir>/checkpoints/step-N")
     model_state, runtime_state, meta = load_any_checkpoint(path)   # verifies every file's sha256 first
     cfg = config_from_dict(meta["meta"]["config"])
+    if format == "gguf":
+        check_gguf_exportable(load_model_config(cfg.model))
     # The checkpoint supplies every tensor: the model is built empty (no base weight is read) and filled from it.
     loaded = load_int8_model(cfg.model, cfg.lowmem_config(), dtype=torch.float32, device=torch.device("cpu"),
                              tokenizer=cfg.tokenizer, seed=cfg.seed, empty=True)
     runtime = prepare(loaded.model, cfg.lowmem_config())
     runtime.load_model_state(model_state)
+    if format == "gguf":
+        return runtime.export(out_dir, tokenizer=loaded.tokenizer, format="gguf", gguf_type=gguf_type)
     exported = runtime.export(out_dir, tokenizer=loaded.tokenizer)
     write_card(exported, cfg, steps=runtime_state["lowmem"]["global_step"], eval_loss=None,
                extra={"exported from": str(path)})
@@ -488,6 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m launch.finetune model=/path/to/hf-model data.path=train.jsonl output_dir=runs/a\n"
                "  python -m launch.finetune export outputs/finetune/checkpoints/step-00000030 out/model")
     parser.add_argument("args", nargs="*", help="[CONFIG.yaml] key=value ...   or   export CHECKPOINT OUT_DIR")
+    parser.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                        help="export: 'hf' (bf16 Hugging Face directory, the default) or 'gguf' (one file, OUT itself "
+                             "when it ends in .gguf, else OUT/model.gguf)")
+    parser.add_argument("--gguf-type", choices=("q8_0", "bf16", "f16"), default="q8_0",
+                        help="export --format gguf: tensor type of the matrices (default q8_0, from the INT8 weights)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     parser.add_argument("--help-config", action="store_true", help="list every configuration key and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -502,10 +530,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.args[:1] == ["export"]:
             if len(args.args) != 3:
-                raise UsageError("usage: python -m launch.finetune export CHECKPOINT_DIR OUT_DIR")
-            out = export_checkpoint(args.args[1], args.args[2])
-            print(f"exported bf16 Hugging Face model to {out}")
+                raise UsageError("usage: python -m launch.finetune export CHECKPOINT_DIR OUT_DIR "
+                                 "[--format gguf [--gguf-type q8_0|bf16|f16]]")
+            try:
+                out = export_checkpoint(args.args[1], args.args[2], format=args.format, gguf_type=args.gguf_type)
+            except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError, ValueError) as err:
+                # an unwritable or occupied OUT, a model the format cannot hold
+                print(f"error: export to {args.args[2]} failed: {err}", file=sys.stderr)
+                return EXIT_ERROR
+            print(f"exported {args.gguf_type} GGUF to {out}" if args.format == "gguf"
+                  else f"exported bf16 Hugging Face model to {out}")
             return 0
+        if args.format != "hf" or args.gguf_type != "q8_0":
+            raise UsageError("--format and --gguf-type belong to the export subcommand; for a run use "
+                             "export_gguf=q8_0|bf16|f16")
         config_path = None
         overrides = list(args.args)
         if overrides and "=" not in overrides[0]:
@@ -541,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report:         {result['report']}")
     if result["export"]:
         print(f"exported model: {result['export']}  (AutoModelForCausalLM.from_pretrained loads it)")
+    if result.get("gguf"):
+        print(f"GGUF:           {result['gguf']}  (llama-cli -m; Ollama: FROM {result['gguf']})")
     print(f"checkpoint:     {result['checkpoint']}")
     print("your own model and data: python -m launch.finetune model=/path/to/hf-model data.path=train.jsonl "
           "output_dir=runs/mine   (see launch/configs/ for 7B/8B/13B examples)")

@@ -4,6 +4,7 @@
 - bf16:     stochastic rounding of fp32 values to bfloat16 with that noise (float weights)
 - int8:     blockwise INT8 weights, nearest and stochastic rounding, chunked in-place SR update
 - int4:     packed 4-bit codes with per-group scales (projectors)
+- q8_0:     llama.cpp's Q8_0 blocks, from float rows or from INT8 codes (GGUF export)
 - moments8: bitsandbytes' 8-bit dynamic blockwise codec (optimizer moments; second moments on the squared map),
             with a pure-torch twin
 """

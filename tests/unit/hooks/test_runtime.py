@@ -510,3 +510,18 @@ def test_host_values_keeps_the_order_across_dtypes():
     expected = [float(torch.tensor(0.1)), 1.0, 2.5, 1.0 / 3.0, 0.0, 7.0, 3.0]
     assert _host_values(tensors, torch.device("cpu")) == expected
     assert _host_values([], torch.device("cpu")) == []
+
+
+def test_export_writes_gguf_and_refuses_an_unknown_format(tmp_path):
+    import gguf
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    runtime = prepare(model, LowMemConfig(rank=8))
+    with pytest.raises(ValueError, match="format must be 'hf' or 'gguf', got 'onnx'"):
+        runtime.export(tmp_path / "x", format="onnx")
+    path = runtime.export(tmp_path / "out", format="gguf", gguf_type="bf16")
+    assert path == tmp_path / "out" / "model.gguf"
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_BF16
+    assert {t.name for t in reader.tensors} >= {"token_embd.weight", "blk.0.attn_q.weight", "output_norm.weight"}

@@ -218,6 +218,15 @@ def test_override_numbers_and_words_are_coerced_to_the_field_type():
     assert cfg.lowmem_config().scale == 1.0
 
 
+def test_export_gguf_is_off_by_default_and_takes_a_type_or_null():
+    assert TrainConfig().export_gguf is None
+    assert load_train_config(None, ["export_gguf=q8_0"]).export_gguf == "q8_0"
+    assert load_train_config(None, ["export_gguf=bf16", "export_gguf=null"]).export_gguf is None
+    with pytest.raises(ConfigError, match=r"export_gguf must be null or one of 'q8_0', 'bf16', 'f16', got 'q4_0'"):
+        load_train_config(None, ["export_gguf=q4_0"])
+    assert "export_gguf" in config_help()
+
+
 def test_yaml_values_are_coerced_too(tmp_path):
     # YAML 1.1 reads 1e-5 (no dot) as a string; quoted numbers and words are strings too.
     path = write(tmp_path, 'lr: 1e-5\nmax_steps: "50"\nexport: "false"\noptim:\n  eps: 1e-6\n  grad_clip: none\n')
