@@ -252,6 +252,12 @@ def _train(par, progress: dict) -> dict:
             cfg = dataclasses.replace(cfg, activation_offload=False)    # the report records what ran
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    if cfg.fused_loss:   # a model whose logits the fused loss cannot reproduce is refused before any step
+        from lowmem.model.fused_loss import logit_factor
+        try:
+            logit_factor(model)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
 
     def load_data():
         return build_data(cfg.data, tokenizer, seq_len=cfg.seq_len, seed=cfg.seed,

@@ -6,8 +6,9 @@ layer on the same step (`step % T0 == 0`); staggering is lowmem's own addition.
 
 Full rank: a weight with rank >= min(m, n) skips projection entirely (the low-rank moments are the full moments),
 so `adamw_twin` uses rank = 2**30 to mean "full rank" on any model; with scale 1, fp32 everything, no clipping and
-a constant schedule its update equals torch.optim.AdamW (DESIGN §3.4). The paper presets keep the LM head float
-(exclude_modules '*lm_head'), as the papers do; `lowmem` trains an untied head as a low-rank INT8 linear.
+a constant schedule its update equals torch.optim.AdamW (DESIGN §3.4). Every preset keeps the LM head float
+(exclude_modules '*lm_head': full-rank AdamW), as the papers do; `lowmem` too by default (an untied head becomes a
+low-rank INT8 linear when '*lm_head' is removed from exclude_modules).
 
 Usage:
     cfg = preset("q_galore", lr=1e-4, rank=128)        # overrides are validated like any config key

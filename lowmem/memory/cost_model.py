@@ -81,6 +81,10 @@ class MemoryBreakdown:
     notes: list[str] = field(default_factory=list)
 
 
+# Decoders whose MLP is 4 x hidden when the config names no size (GPT-2's n_inner None; BLOOM has no key).
+_FFN_4X_TYPES = ("gpt2", "gpt_bigcode", "bloom", "falcon")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     hidden: int
@@ -94,16 +98,33 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
+        """The LLaMA-shaped summary of a Hugging Face config (an object or a dict). Other decoders map onto it by
+        their own names: GPT-2's n_inner (None: 4 x hidden, as BLOOM's MLP), Falcon's ffn_hidden_size, n_head_kv,
+        multi_query / num_kv_heads for key/value heads. MoE experts are not counted (float parameters for now)."""
         get = (config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d))
-        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                               "vocab_size") if get(k) is None]
+
+        def first(*keys):
+            return next((get(k) for k in keys if get(k) is not None), None)
+
+        hidden = first("hidden_size", "n_embd", "d_model")
+        heads = first("num_attention_heads", "n_head", "num_heads")
+        layers = first("num_hidden_layers", "n_layer", "num_layers")
+        inter = first("intermediate_size", "n_inner", "ffn_hidden_size", "ffn_dim")
+        if inter is None and hidden is not None and get("model_type") in _FFN_4X_TYPES:
+            inter = 4 * int(hidden)   # unset means 4 x hidden in these models' MLPs
+        missing = [name for name, value in (("hidden_size", hidden), ("intermediate_size", inter),
+                                            ("num_hidden_layers", layers), ("num_attention_heads", heads),
+                                            ("vocab_size", get("vocab_size"))) if value is None]
         if missing:
-            raise ValueError(f"model config lacks {missing}; a LLaMA-like Hugging Face config is expected")
-        heads = int(get("num_attention_heads"))
-        hidden = int(get("hidden_size"))
+            raise ValueError(f"model config lacks {missing}; a decoder-only Hugging Face config (LLaMA-like names, or "
+                             "GPT-2's / Falcon's) is expected")
+        heads, hidden = int(heads), int(hidden)
         head_dim = get("head_dim") or hidden // heads
-        return cls(hidden, int(get("intermediate_size")), int(get("num_hidden_layers")), heads,
-                   int(get("num_key_value_heads") or heads), int(head_dim), int(get("vocab_size")),
+        kv_heads = first("num_key_value_heads", "n_head_kv")
+        if kv_heads is None:   # Falcon: multi_query means one key/value head unless the new decoder architecture
+            multi_query = get("multi_query") and not get("new_decoder_architecture")
+            kv_heads = 1 if multi_query else (get("num_kv_heads") or heads)
+        return cls(hidden, int(inter), int(layers), heads, int(kv_heads), int(head_dim), int(get("vocab_size")),
                    bool(get("tie_word_embeddings", False)))
 
     def linears(self) -> list[tuple[str, int, int]]:

@@ -134,23 +134,60 @@ def linear_cross_entropy(hidden: Tensor, head: nn.Module, labels: Tensor, *, ign
                                      ignore_index, block_elements)
 
 
-_UNSUPPORTED = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+# Logit transforms of *ForCausalLM.forward that are a scalar factor, so they are folded into the hidden state
+# (z = (c h) Wᵀ for a head without bias): config key -> (model types that apply it, factor from the value).
+_LOGIT_FACTORS = {
+    "logit_scale": (("cohere", "cohere2"), lambda value: value),                      # logits * logit_scale
+    "logits_scaling": (("granite", "granitemoe", "granitemoeshared", "granitemoehybrid"),
+                       lambda value: 1.0 / value),                                    # logits / logits_scaling
+}
+# Config keys that transform the logits in a way a scalar cannot express (a soft-capping tanh) or add to the loss.
+_REFUSED = ("final_logit_softcapping", "output_multiplier_scale", "output_router_logits")
+
+
+def _refuse(model_type: str, why: str) -> ValueError:
+    return ValueError(f"causal_lm_loss: model_type {model_type!r} {why}, which lowmem's fused loss does not "
+                      "compute; set fused_loss=false (launch.finetune) or use model(input_ids=..., labels=...).loss")
+
+
+def logit_factor(model: nn.Module) -> float:
+    """The scalar c with model(...).logits == c * (hidden @ headᵀ) for `model`'s config (Cohere's logit_scale,
+    Granite's 1 / logits_scaling; 1.0 for most models). ValueError naming the model type and `fused_loss=false`
+    when the model's logits or loss are something the fused loss cannot reproduce (Gemma 2's final-logit
+    soft-capping, a head with a bias, router auxiliary losses)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    for key in _REFUSED:
+        value = getattr(config, key, None)
+        if value is True or (value not in (None, False) and not isinstance(value, bool) and value not in (0, 1)):
+            raise _refuse(model_type, f"sets {key}={value!r}")
+    factor = 1.0
+    for key, (types, to_factor) in _LOGIT_FACTORS.items():
+        value = getattr(config, key, None)
+        if value is None:
+            continue
+        if model_type in types:
+            factor *= float(to_factor(value))
+        elif value != 1:
+            raise _refuse(model_type, f"sets {key}={value!r} (applied as a logit factor only for {', '.join(types)})")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if getattr(head, "bias", None) is not None:
+        raise _refuse(model_type, "has an output head with a bias")
+    return factor
 
 
 def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor | None = None, *,
                    attention_mask: Tensor | None = None, ignore_index: int = -100,
                    block_elements: int = LOGITS_BLOCK_ELEMENTS) -> Tensor:
-    """The loss of `model(input_ids=..., labels=...).loss` for a Hugging Face *ForCausalLM (LLaMA-like: the head is
-    a plain linear of the decoder's last hidden state), through `linear_cross_entropy`.
+    """The loss of `model(input_ids=..., labels=...).loss` for a Hugging Face *ForCausalLM (the head is a linear of
+    the decoder's last hidden state, times a scalar), through `linear_cross_entropy`.
 
     input_ids, labels (B, S) int64 (labels None: input_ids); as in HF, position t predicts labels[:, t + 1].
-    Models that scale or cap their logits (config final_logit_softcapping, logit_scale) are refused.
+    Model-specific details: an embedding scale lives in the model body (Gemma), so it is applied there; a scalar
+    logit factor (Cohere's logit_scale, Granite's logits_scaling) scales the hidden state; models whose logits or
+    loss the fused loss cannot reproduce are refused by `logit_factor` with a message naming `fused_loss=false`.
     """
-    config = getattr(model, "config", None)
-    for key in _UNSUPPORTED:
-        if getattr(config, key, None) not in (None, 1, 1.0):
-            raise ValueError(f"causal_lm_loss: the model's config sets {key}={getattr(config, key)!r}, which "
-                             "transforms the logits; use model(input_ids=..., labels=...).loss instead")
+    factor = logit_factor(model)
     head = model.get_output_embeddings()
     base = model.base_model
     if head is None or base is model:
@@ -159,5 +196,8 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor | None = 
     labels = input_ids if labels is None else labels
     out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    return linear_cross_entropy(hidden[:, :-1], head, labels[:, 1:], ignore_index=ignore_index,
+    hidden = hidden[:, :-1]
+    if factor != 1.0:
+        hidden = hidden * factor
+    return linear_cross_entropy(hidden, head, labels[:, 1:], ignore_index=ignore_index,
                                 block_elements=block_elements)

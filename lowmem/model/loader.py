@@ -142,9 +142,8 @@ def _adapter(model: nn.Module):
 
 def _model_names(model: nn.Module, adapter, name: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
     """The skeleton's (name, tensor) pairs that one checkpoint tensor becomes: the adapter's inverse of its export
-    mapping (fused projections split, Conv1D transposed) where it has one, else the name itself."""
-    mapping = getattr(adapter, "model_tensors_from_hf", None)
-    return list(mapping(model, name, tensor)) if mapping is not None else [(name, tensor)]
+    mapping (fused projections split, Conv1D transposed; the name itself for most models)."""
+    return [(name, tensor)] if adapter is None else list(adapter.model_tensors_from_hf(model, name, tensor))
 
 
 class _Plan:
@@ -270,11 +269,6 @@ def fill_from_files(model: nn.Module, model_dir: str | Path, *, device: torch.de
     defer_int8: leave every INT8 weight as a placeholder (_placeholder_codes) without reading it."""
     files = weight_files(model_dir)
     slots = _slots(model, dtype)
-    adapter = _adapter(model)
-    from lowmem.model.adapters import ModelAdapter
-    if adapter is not None and not hasattr(adapter, "model_tensors_from_hf") and \
-            type(adapter).split_fused is not ModelAdapter.split_fused:
-        raise NeedsConversion(f"the {type(adapter).__name__} re-lays tensors but has no inverse mapping")
     plan = _Plan(model, slots, read_headers(files))
     unexpected = [name for name in plan.unexpected if not _ignored(model, name)]
     if unexpected:

@@ -2,8 +2,8 @@
 Int8Embedding), one layer at a time.
 
 Each layer is quantised and its float weight released before the next one is touched, so the peak is the model plus
-one layer, never two copies of the model. GPT-2-style fused projections are split first (lowmem.model.adapters) so q and k
-are separate weights that cross-head projection can treat.
+one layer, never two copies of the model. Fused projections (GPT-2's c_attn, phi3's qkv_proj, ...) are split first
+(lowmem.model.adapters) so q and k are separate weights that cross-head projection can treat.
 """
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from lowmem.model.trainables import is_lowrank_target, shared_weight_ids
 
 
 def split_fused_projections(model: nn.Module) -> None:
-    """Apply the architecture adapter's split of fused q/k/v, when the model has an adapter that needs it."""
+    """Apply the architecture adapter's split of fused projections (a no-op for models without any, and for models
+    that are not Hugging Face models)."""
     try:
         from lowmem.model.adapters import find_adapter
         adapter = find_adapter(model)
-    except (TypeError, ValueError):
+    except TypeError:
         return
     adapter.split_fused(model)
 

@@ -6,9 +6,10 @@ randomness), so a plain `optimizer.step()` and the fused backward produce the sa
 - "lowrank_int8": the INT8 weight of an `Int8Linear` or `Int8Embedding` (updated through stochastic rounding);
 - "lowrank_float": the float weight of an `nn.Linear` or `nn.Embedding` selected by `target_modules` (GaLore on
   float weights);
-- "float": every other trainable float parameter (embeddings, a tied or excluded lm_head, norms, biases): full-rank
-  AdamW. An untied lm_head is a low-rank linear by default (its gradient reaches the runtime as an operator from
-  lowmem.model.fused_loss, or as any linear's factors on the plain path).
+- "float": every other trainable float parameter (tied or scaled embeddings, lm_head, norms, biases, MoE experts
+  stored as 3-D tensors): full-rank AdamW. lm_head is excluded by default ('*lm_head'); without that exclusion an
+  untied head is a low-rank linear (its gradient reaches the runtime as an operator from lowmem.model.fused_loss,
+  or as any linear's factors on the plain path).
 
 Low-rank weights are ordered as they appear in the model; the stagger of first refreshes spreads over all of them
 (L = number of low-rank weights), so a steady-state step refreshes at most ⌈L/T0⌉+1 weights.
@@ -43,8 +44,8 @@ def _head_layouts(model: nn.Module) -> dict[str, tuple[str, int | None, int | No
     try:
         from lowmem.model.adapters import find_adapter
         adapter = find_adapter(model)
-    except (TypeError, ValueError):
-        # Not a supported Hugging Face model: no head layout, so no cross-head projection.
+    except TypeError:
+        # Not a Hugging Face model: no head layout, so no cross-head projection.
         return {}
     return {s.name: (s.role, s.head_dim, s.num_heads, s.layer_index) for s in adapter.linear_specs(model)}
 
@@ -60,8 +61,12 @@ def shared_weight_ids(model: nn.Module) -> set[int]:
 def is_lowrank_target(module_name: str, module: nn.Module, cfg: LowMemConfig,
                       shared: set[int] = frozenset()) -> bool:
     """A linear or embedding selected by target_modules, not excluded, whose weight is not shared with another module
-    (`shared`: from shared_weight_ids; tied input and output embeddings keep one float weight and full-rank AdamW)."""
+    (`shared`: from shared_weight_ids; tied input and output embeddings keep one float weight and full-rank AdamW).
+    An embedding whose class overrides the lookup (Gemma's scaled embedding multiplies by sqrt(hidden)) stays a
+    float parameter: Int8Embedding is a plain lookup and would drop what the override adds."""
     if not isinstance(module, (nn.Linear, nn.Embedding, Int8Linear)):
+        return False
+    if isinstance(module, nn.Embedding) and type(module).forward is not nn.Embedding.forward:
         return False
     if isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) in shared:
         return False

@@ -421,3 +421,26 @@ def test_cuda_update_chunk_follows_the_compiled_write():
     cpu_on = estimate(config, lowmem_config=preset("lowmem"), device_type="cpu", **kwargs)
     cpu_off = estimate(config, lowmem_config=preset("lowmem", compile=False), device_type="cpu", **kwargs)
     assert cpu_on.components["layer_transients"] == cpu_off.components["layer_transients"]
+
+
+def test_model_shape_reads_other_decoders_config_names():
+    """GPT-2 (n_inner None: 4 x hidden), BLOOM (no MLP size: 4 x hidden), Falcon (multi-query: one key/value head;
+    the new decoder architecture: num_kv_heads) and GPT-NeoX configs summarise without a LLaMA-only key; the
+    planner estimates them."""
+    from transformers import BloomConfig, FalconConfig, GPT2Config, GPTNeoXConfig
+
+    from lowmem.memory.cost_model import ModelShape, estimate
+
+    gpt2 = ModelShape.from_config(GPT2Config(n_embd=128, n_head=4, n_layer=3))
+    assert (gpt2.hidden, gpt2.inter, gpt2.layers, gpt2.heads, gpt2.kv_heads, gpt2.head_dim) == (128, 512, 3, 4, 4, 32)
+    falcon = ModelShape.from_config(FalconConfig(hidden_size=128, num_attention_heads=4))
+    assert (falcon.inter, falcon.kv_heads) == (512, 1)
+    falcon40 = ModelShape.from_config(FalconConfig(hidden_size=128, num_attention_heads=8, num_kv_heads=2,
+                                                   new_decoder_architecture=True))
+    assert (falcon40.kv_heads, falcon40.head_dim) == (2, 16)
+    neox = ModelShape.from_config(GPTNeoXConfig(hidden_size=128, intermediate_size=384, num_attention_heads=4))
+    assert (neox.inter, neox.kv_heads) == (384, 4)
+    bloom = ModelShape.from_config(BloomConfig(hidden_size=128, n_head=4, n_layer=2))
+    assert (bloom.inter, bloom.heads, bloom.layers) == (512, 4, 2)
+    assert estimate(GPT2Config(n_embd=128, n_head=4, n_layer=3), method="lowmem", seq_len=64, micro_batch_size=1,
+                    gradient_checkpointing=False).peak_bytes > 0

@@ -173,3 +173,37 @@ def test_bf16_float_head_matches_the_plain_bf16_path():
     assert abs(float(loss) - float(ref)) <= ulp * float(logits.detach().float().abs().max())
     _close(h.grad.float(), h_ref.grad.float(), rtol=10 * ulp)
     _close(head.weight.grad.float(), ref_wgrad.float(), rtol=2 * ulp)   # one GEMM per block row, as the plain path
+
+
+@pytest.mark.parametrize("model_type", ["cohere", "granite"])
+def test_logit_factor_models_give_the_models_own_gradients(model_type):
+    """Cohere multiplies the logits by logit_scale, Granite divides them by logits_scaling: folded into the hidden
+    state, the fused loss's parameter gradients equal those of the model's own loss (fp32, summation order only)."""
+    from tests.unit.lowmem.model.architecture_matrix import tiny_model
+
+    model = tiny_model(model_type).eval()
+    factor = model.config.logit_scale if model_type == "cohere" else 1 / model.config.logits_scaling
+    assert factor != 1.0
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    model(input_ids=ids, labels=ids).loss.backward()
+    reference = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    causal_lm_loss(model, ids).backward()
+    for name, p in model.named_parameters():
+        _close(p.grad, reference[name], rtol=1e-4)
+
+
+def test_router_auxiliary_loss_and_soft_capping_are_refused_with_the_setting_to_use():
+    from tests.unit.lowmem.model.architecture_matrix import tiny_model
+
+    ids = torch.randint(3, 128, (1, 8))
+    mixtral = tiny_model("mixtral", output_router_logits=True)
+    with pytest.raises(ValueError, match=r"'mixtral' sets output_router_logits=True.*fused_loss=false"):
+        causal_lm_loss(mixtral, ids)
+    gemma2 = tiny_model("gemma2")
+    with pytest.raises(ValueError, match=r"'gemma2' sets final_logit_softcapping=.*fused_loss=false"):
+        causal_lm_loss(gemma2, ids)
+    gemma2.config.final_logit_softcapping = None   # without capping the logits are a plain linear: accepted
+    with torch.no_grad():
+        reference = gemma2(input_ids=ids, labels=ids).loss
+        assert abs(float(causal_lm_loss(gemma2, ids)) - float(reference)) <= RTOL * float(reference)
