@@ -4,25 +4,24 @@ The streaming loader (`lowmem.load_pretrained`) builds the model skeleton on `me
 embeddings into Int8Linear / Int8Embedding, then takes the checkpoint one tensor at a time in file order: read it
 (safetensors, memory-mapped, on the host, in the file's dtype) -> `.to(device, dtype)` -> a target weight goes
 through `quant.int8.quantize_int8(t, block_size)` (fp32 one row chunk at a time) into its codes and scales and its
-float copy is dropped; a float parameter (norms, a float or tied head, biases) stays in `dtype`. Then `hooks.runtime.prepare`
-builds the Runtime, whose constructor allocates the optimizer state (moments, error feedback; projectors and
-residuals only come with the first refresh).
+float copy is dropped; a float parameter (norms, a float or tied head, biases) is copied in `dtype`. Then
+`hooks.runtime.prepare` builds the Runtime, whose constructor allocates the optimizer state (moments, error
+feedback; projectors and residuals only come with the first refresh).
 
 The device peak is the larger of two moments, each = what is resident then + what is alive:
   stream   every other weight resident (INT8 codes + scales, float params: an upper bound, since the checkpoint's
            order is not in the config) + the one tensor being loaded, the worst over the tensors:
              a target (m, n): its copy in the load dtype, quantize_int8's workspace (one row chunk in fp32 and
                w / s, or w / s alone for an fp32 copy, plus the chunk's block absmax) and the codes and scales it
-               writes; on a CPU device also the read tensor, which the loader holds
-               until the tensor is placed, unless it is itself the load-dtype copy (same dtype: `.to` returns it);
+               writes; on a CPU device also the read tensor, which the loader holds until the tensor is placed,
+               unless it is itself the load-dtype copy (same dtype: `.to` returns it);
              a float parameter: its copy in the load dtype (the loader always copies, so a parameter never views
                the file), and on a CPU device the read tensor beside it.
   prepare  every weight + the optimizer state the Runtime's constructor allocates (the step estimate's
            optimizer_moments and error_feedback: an upper bound, each state is made in turn) + the largest transient
-           of making one tensor's state (fp32 zeros, then stored: STATE_INIT_* below). Every
-           rank of a data-parallel run loads the whole model and builds every state before dropping what it does
-           not own (hooks.runtime.Runtime), so the load peak of a rank is this single-process figure at any ZeRO
-           stage.
+           of making one tensor's state (fp32 zeros, then stored: STATE_INIT_* below). Every rank of a data-parallel
+           run builds every state before dropping what it does not own (hooks.runtime.Runtime), so at ZeRO stages
+           0-2 a rank's load peak is this single-process figure; stage 3 differs (ZERO3 below).
 On a CUDA device the CUDA context and allocator slack are added as in the step estimate (cost_model). The host
 holds the tensor being read (memory-mapped pages, file dtype): `host_peak_bytes` is the largest tensor's file bytes
 on a GPU run; on a CPU run host and device are the same memory and it equals `peak_bytes`. Scalar counters of the

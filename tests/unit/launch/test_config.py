@@ -134,8 +134,8 @@ def test_sft_config_names_the_card_the_planner_fits(name, dims, card_gib, rank):
 ])
 def test_shipped_configs_meet_the_memory_targets(name, dims, targets_gib, monkeypatch):
     """The planner's prediction for each shipped config (bf16 on CUDA, micro-batch 1, its own settings; the larger
-    of its load and step peaks) at 256 and 2048 tokens stays within the project's targets (7B <= 9.0 / 10.0 GiB, 8B <= 10.5 / 11.0, 13B <= 14.5 /
-    15.2), so a change that costs memory on these paths fails here."""
+    of its load and step peaks) at 256 and 2048 tokens stays within the project's targets (7B <= 9.0 / 10.0 GiB,
+    8B <= 10.5 / 11.0, 13B <= 14.5 / 15.2), so a change that costs memory on these paths fails here."""
     import torch
     from transformers import LlamaConfig
 
