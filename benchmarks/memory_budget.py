@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
 from benchmarks.machine import machine_line  # noqa: E402
-from lowmem.memory import COMPONENTS, GPUS, estimate, format_breakdown  # noqa: E402
+from lowmem.memory import COMPONENTS, GPUS, LOAD_COMPONENTS, estimate, estimate_load, format_breakdown  # noqa: E402
 from lowmem.memory.cost_model import ModelShape  # noqa: E402
 from lowmem.presets import preset  # noqa: E402
 
@@ -142,6 +142,31 @@ def lever_table(model_config, seq_len: int, micro_batch: int, rank: int, card: i
     return lines
 
 
+def load_table(model_config, rank: int, card: int) -> tuple[list[str], str]:
+    """The load phase (lowmem.memory.estimate_load: the checkpoint streamed into INT8 on the card, then the optimizer
+    state) for lowmem's defaults and with the INT8 head: (report lines, one terminal line)."""
+    cols = [("defaults", preset("lowmem", rank=rank)), ("+ INT8 head", preset("lowmem", rank=rank, exclude_modules=()))]
+    loads = [(label, estimate_load(model_config, cfg, dtype=torch.bfloat16, device_type="cuda")) for label, cfg in cols]
+    lines = ["## Load phase (streamed checkpoint, then the optimizer state)", "",
+             "Predicted by `lowmem.memory.estimate_load` for `lowmem.load_pretrained` (bf16 checkpoint, memory-mapped; "
+             "each weight quantised on the card as it arrives). A run must fit both this and the step; the preflight "
+             "and `fit: auto` judge the larger.", "",
+             "| component | " + " | ".join(label for label, _ in loads) + " |", "| --- | --- | --- |"]
+    for key in LOAD_COMPONENTS:
+        if any(b.components[key] for _, b in loads):
+            lines.append(f"| {key} | " + " | ".join(f"{b.components[key] / GIB:.2f}" for _, b in loads) + " |")
+    at = {label: b.largest_tensor + " streamed" if b.moment == "stream" else "optimizer state" for label, b in loads}
+    lines += ["| peak | " + " | ".join(f"**{b.peak_bytes / GIB:.2f}** ({at[label]})" for label, b in loads) + " |",
+              "| host peak | " + " | ".join(f"{b.host_peak_bytes / GIB:.2f}" for _, b in loads) + " |",
+              "| fits (95%) | " + " | ".join("yes" if b.peak_bytes <= 0.95 * card else "no" for _, b in loads) + " |",
+              ""]
+    first = loads[0][1]
+    fits = "fits" if first.peak_bytes <= 0.95 * card else "does not fit"
+    terminal = (f"load phase (defaults): peak {first.peak_bytes / GIB:.2f} GiB on the card ({fits}), host "
+                f"{first.host_peak_bytes / GIB:.2f} GiB")
+    return lines, terminal
+
+
 def plot(path: Path, title: str, rows, card_bytes: int) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     labels = [label for label, _ in rows]
@@ -204,6 +229,9 @@ def report(model_name: str, model_config, gpu: str, seq_lens, micro_batch: int, 
                 lines.append("Largest components: " + ", ".join(
                     f"{name} {value / GIB:.2f} GiB" for name, value in biggest) + ".")
             lines.append("")
+    load_lines, load_line = load_table(model_config, rank, card)
+    lines += load_lines
+    terminal += ["", load_line]
     if model_name == "llama2-7b":
         lines += ["## Published figures (LLaMA-7B)", "", "| system | peak GiB (converted from the paper's GB) |",
                   "| --- | --- |"]

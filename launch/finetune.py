@@ -196,7 +196,8 @@ def _train(par, progress: dict) -> dict:
     from launch.preflight import check as preflight
     from launch.loggers import RunLogger
     from launch.preflight import fit_automatically
-    from launch.report import GIB, Phases, format_gib, format_seconds, memory_label, read_log, write_report
+    from launch.report import (GIB, Phases, format_gib, format_seconds, memory_label, predicted_peaks, read_log,
+                               write_report)
     from launch.run_dir import SkipStreak, check_compatible, choose_checkpoint, load_resumed_state, truncate_log
     from lowmem.checkpoint.store import python_random_state, save_checkpoint, set_python_random_state
     from lowmem.checkpoint.distributed import load_any_checkpoint, save_distributed_checkpoint
@@ -427,7 +428,7 @@ def _train(par, progress: dict) -> dict:
                "run time": f"{format_seconds(total_seconds)} (set-up {format_seconds(setup_seconds)}: "
                            + ", ".join(f"{name} {format_seconds(sec)}" for name, sec in phase.durations) + ")",
                "peak memory": f"{format_gib(measured_peak)} {mem_kind} (measured)"
-                              + (f"; predicted peak {format_gib(predicted)} of live tensors (memory preflight)"
+                              + (f"; {predicted_peaks(predicted, verdict.load_peak_bytes, verdict.step_peak_bytes)}"
                                  if predicted else ""),
                "final eval loss": f"{last_eval:.4f}", "final perplexity": f"{math.exp(min(last_eval, 50)):.2f}",
                "skipped steps": runtime.skipped_steps, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
@@ -438,7 +439,8 @@ def _train(par, progress: dict) -> dict:
                "data": f"{data.stats.get('files', '?')} files, {data.train.shape[0]} train / "
                        f"{data.eval.shape[0]} eval sequences of {cfg.seq_len} tokens"}
     report = write_report(out, config_yaml=config_yaml, records=records, summary=summary,
-                          predicted_peak_bytes=predicted, memory_kind=mem_kind)
+                          predicted_peak_bytes=predicted, memory_kind=mem_kind,
+                          predicted_load_bytes=verdict.load_peak_bytes)
     return {"report": str(report), "export": str(export_dir) if export_dir else None,
             "gguf": str(gguf_file) if gguf_file else None, "checkpoint": str(final_ckpt),
             "eval_loss": last_eval, "step": steps_done}

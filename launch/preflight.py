@@ -1,7 +1,8 @@
 """Memory preflight: before any weight is loaded, say whether the run fits the device, and refuse if it does not.
 
 This is the seam the memory planner plugs into: `check(cfg, model_config, device)` returns a `Preflight` verdict
-(defined in `lowmem.memory`, re-exported here); `launch.finetune` prints it and stops with the named cheapest fix
+(defined in `lowmem.memory`, re-exported here) on the larger of the load's and the step's predicted peaks (both in
+the verdict: `load_peak_bytes`, `step_peak_bytes`, and in its detail line); `launch.finetune` prints it and stops with the named cheapest fix
 when `fits` is False and `force` is not set, or with `fit: auto` first asks `fit_automatically` for the planner's
 cheapest settings that fit.
 """

@@ -28,6 +28,16 @@ def format_gib(n_bytes: float) -> str:
     return f"{n_bytes / GIB:.3g} GiB"
 
 
+def predicted_peaks(predicted_bytes: int | None, load_bytes: int | None = None,
+                    step_bytes: int | None = None) -> str:
+    """The preflight's prediction for the run report: 'predicted peak X of live tensors (memory preflight: load A,
+    step B)'; '' when there is none."""
+    if not predicted_bytes:
+        return ""
+    parts = f": load {format_gib(load_bytes)}, step {format_gib(step_bytes)}" if load_bytes and step_bytes else ""
+    return f"predicted peak {format_gib(predicted_bytes)} of live tensors (memory preflight{parts})"
+
+
 def format_seconds(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
@@ -90,7 +100,7 @@ def read_log(path: Path) -> list[dict]:
 
 
 def _plot(records: list[dict], out: Path, *, predicted_peak_bytes: int | None = None,
-          memory_kind: str = "peak memory") -> tuple[Path, Path]:
+          memory_kind: str = "peak memory", predicted_load_bytes: int | None = None) -> tuple[Path, Path]:
     train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("kind") == "eval"]
     mem = [(r["step"], r["peak_memory_bytes"] / 2**30) for r in records if r.get("kind") == "train"]
@@ -113,6 +123,9 @@ def _plot(records: list[dict], out: Path, *, predicted_peak_bytes: int | None = 
     if predicted_peak_bytes:
         ax.axhline(predicted_peak_bytes / GIB, color="tab:orange", linestyle="--",
                    label="predicted peak (live tensors, memory preflight)")
+    if predicted_load_bytes:
+        ax.axhline(predicted_load_bytes / GIB, color="tab:green", linestyle=":",
+                   label="predicted load peak (streamed checkpoint + optimizer state)")
     ax.set_ylim(bottom=0)   # from zero: a 7% rise must not look like a doubling
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("GiB")
@@ -127,10 +140,13 @@ def _plot(records: list[dict], out: Path, *, predicted_peak_bytes: int | None = 
 
 
 def write_report(out_dir: Path, *, config_yaml: str, records: list[dict], summary: dict,
-                 predicted_peak_bytes: int | None = None, memory_kind: str = "peak memory") -> Path:
+                 predicted_peak_bytes: int | None = None, memory_kind: str = "peak memory",
+                 predicted_load_bytes: int | None = None) -> Path:
     """report.md (+ loss.png, memory.png) in out_dir; returns the markdown path. The memory plot shows the logged
-    per-step figure (`memory_kind` says which: memory_label()) from 0 GiB and the predicted peak as a line."""
-    loss_png, mem_png = _plot(records, out_dir, predicted_peak_bytes=predicted_peak_bytes, memory_kind=memory_kind)
+    per-step figure (`memory_kind` says which: memory_label()) from 0 GiB, the predicted peak as a line and, when
+    given, the predicted load peak (predicted_peaks() words both for the summary)."""
+    loss_png, mem_png = _plot(records, out_dir, predicted_peak_bytes=predicted_peak_bytes, memory_kind=memory_kind,
+                              predicted_load_bytes=predicted_load_bytes)
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     lines = ["# lowmem fine-tuning run", ""]

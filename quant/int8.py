@@ -44,6 +44,12 @@ def _default_rows(n: int, device: torch.device, fused: bool = False) -> int:
     return max(1, (_CHUNK_ELEMS if device.type == "cpu" else _CHUNK_ELEMS_GPU) // max(n, 1))
 
 
+def quantize_chunk_rows(n: int, device_type: str) -> int:
+    """Rows of an (m, n) matrix that quantize_int8 handles at a time on a device of `device_type` ("cpu", "cuda"):
+    its fp32 workspace is one chunk of these rows (lowmem.memory.load_cost predicts the load from it)."""
+    return _default_rows(n, torch.device(device_type))
+
+
 def _block_views(x: torch.Tensor, block_size: int, *, writable: bool = False):
     """Split x (r, n) into its full blocks (r, n // B, B) and its tail (r, n % B); either may be empty.
     writable=True insists on views (outputs are written through them); otherwise a copy is allowed."""

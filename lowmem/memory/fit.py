@@ -4,6 +4,10 @@
     print(format_breakdown(b))
     verdict = preflight(cfg, model_config, torch.device("cuda"))   # launch.preflight.check calls this
     verdict = preflight(cfg, model_config, device, zero_stage=2)  # one rank of WORLD_SIZE under ZeRO-2
+
+A run must fit twice: while it loads (lowmem.memory.load_cost.estimate_load: the streamed checkpoint and the
+Runtime's optimizer state) and while it trains (cost_model.estimate: one step). The verdict, the cheapest fix and
+`fit: auto` all judge the larger of the two peaks; the detail line states both.
 """
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from lowmem.memory.cost_model import COMPONENTS, CUDA_CONTEXT_BYTES, GIB, MemoryBreakdown, estimate
+from lowmem.memory.load_cost import estimate_load
 
-__all__ = ["GPUS", "FitPlan", "Preflight", "auto_fit", "format_breakdown", "preflight"]
+__all__ = ["GPUS", "FitPlan", "Preflight", "auto_fit", "format_breakdown", "load_and_step", "preflight"]
 
 GPUS: dict[str, int] = {"3060-12gb": 12 * GIB, "4060ti-16gb": 16 * GIB, "4090": 24 * GIB, "3090": 24 * GIB,
                         "a100-40gb": 40 * GIB,
@@ -26,10 +31,19 @@ FIT_FRACTION = 0.95
 @dataclass
 class Preflight:
     fits: bool | None            # None: no estimate available
-    predicted_peak_bytes: int | None
+    predicted_peak_bytes: int | None     # max(load_peak_bytes, step_peak_bytes): what the verdict judges
     device_bytes: int | None
     cheapest_fix: str | None     # e.g. "optim.rank=128 (saves 1.2 GiB)"
     detail: str                  # one paragraph for the console
+    load_peak_bytes: int | None = None   # the load phase (estimate_load) on the device
+    step_peak_bytes: int | None = None   # one training step (estimate)
+    host_load_peak_bytes: int | None = None   # the load phase on the host (== load_peak_bytes on a CPU device)
+
+
+def load_and_step(load_bytes: int, step_bytes: int) -> str:
+    """'load A GiB, step B GiB', the larger named as the peak: the wording of the preflight and the run report."""
+    larger = "load" if load_bytes > step_bytes else "step"
+    return f"load {load_bytes / GIB:.2f} GiB, step {step_bytes / GIB:.2f} GiB: the {larger} is the peak"
 
 
 def format_breakdown(b: MemoryBreakdown) -> str:
@@ -112,16 +126,27 @@ def preflight(cfg, model_config, device: torch.device, *, zero_stage: int = 0,
     settings = _settings(cfg, device)
     dtype = _dtype(cfg, device)
 
-    def peak(opt, st, stage=zero_stage) -> int:
+    load_of = _load_peaks(model_config, dtype, device.type, world)
+
+    def step_peak(opt, st, stage=zero_stage) -> int:
         return estimate(model_config, method="lowmem", lowmem_config=opt, dtype=dtype, device_type=device.type,
                         zero_stage=stage, world_size=world, **st).peak_bytes
 
-    predicted = peak(optim, settings)
+    def peak(opt, st, stage=zero_stage) -> int:
+        return max(load_of(opt, stage).peak_bytes, step_peak(opt, st, stage))
+
+    load = load_of(optim, zero_stage)
+    step = step_peak(optim, settings)
+    predicted = max(load.peak_bytes, step)
     where = f"{device.type}" + (f", one of {world} ranks, ZeRO stage {zero_stage}" if world > 1 else "")
+    both = load_and_step(load.peak_bytes, step)
+    host = (f"; the load holds {load.host_peak_bytes / GIB:.2f} GiB of the checkpoint in host memory at a time"
+            if device.type != "cpu" else "")
+    peaks = dict(load_peak_bytes=load.peak_bytes, step_peak_bytes=step, host_load_peak_bytes=load.host_peak_bytes)
     if predicted <= limit:
         return Preflight(True, predicted, total, None,
-                         f"memory preflight: predicted peak {predicted / GIB:.2f} GiB of {total / GIB:.2f} GiB "
-                         f"available ({where}); fits")
+                         f"memory preflight: predicted peak {predicted / GIB:.2f} GiB ({both}) of "
+                         f"{total / GIB:.2f} GiB available ({where}){host}; fits", **peaks)
     # cheapest first: a ZeRO stage that partitions optimizer state costs no compute; stage 3 adds weight gathers
     zero2 = [("deepspeed=launch/configs/ds_zero2.json", optim, settings, 2)] if world > 1 and zero_stage < 1 else []
     zero3 = [("deepspeed=launch/configs/ds_zero3.json", optim, settings, 3)] if world > 1 and zero_stage < 3 else []
@@ -149,21 +174,37 @@ def preflight(cfg, model_config, device: torch.device, *, zero_stage: int = 0,
         if new_peak <= limit:
             fix = f"{label} (saves {(predicted - new_peak) / GIB:.2f} GiB)"
             break
-    detail = (f"memory preflight: predicted peak {predicted / GIB:.2f} GiB exceeds {FIT_FRACTION:.0%} of "
-              f"{total / GIB:.2f} GiB available ({where}); "
+    detail = (f"memory preflight: predicted peak {predicted / GIB:.2f} GiB ({both}) exceeds {FIT_FRACTION:.0%} "
+              f"of {total / GIB:.2f} GiB available ({where}); "
               + (f"cheapest fix: {fix}" if fix else "no single cheap change fits; use a larger device or a "
                                                  "smaller model"))
-    return Preflight(False, predicted, total, fix, detail)
+    return Preflight(False, predicted, total, fix, detail, **peaks)
+
+
+def _load_peaks(model_config, dtype: torch.dtype, device_type: str, world: int):
+    """(LowMemConfig, ZeRO stage) -> its estimate_load on one of `world` ranks, each computed once (the batch
+    settings do not change it)."""
+    cache = {}
+
+    def load_of(opt, stage):
+        if (opt, stage) not in cache:
+            cache[opt, stage] = estimate_load(model_config, opt, dtype=dtype, device_type=device_type,
+                                              zero_stage=stage, world_size=world)
+        return cache[opt, stage]
+    return load_of
 
 
 @dataclass
 class FitPlan:
     """What `auto_fit` chose: the changed settings (launch TrainConfig keys; "optim.rank" for the rank), the
-    predicted peak with them, and one line for the console and the run report."""
+    predicted peak with them (the larger of the load's and the step's, both kept), and one line for the console and
+    the run report."""
     changes: dict
     predicted_peak_bytes: int
     device_bytes: int
     detail: str
+    load_peak_bytes: int | None = None
+    step_peak_bytes: int | None = None
 
 
 MIN_AUTO_RANK = 32
@@ -178,7 +219,8 @@ def auto_fit(cfg, model_config, device: torch.device, *, zero_stage: int = 0, wo
     layer each way over PCIe); smaller micro-batches with more accumulation (micro_batch_size halved,
     grad_accum_steps doubled: the global batch and the update are kept, the step takes more passes); only then a
     lower optim.rank (halved down to 32, which changes the optimizer), each rank with the cheapest of the
-    compute-only settings.
+    compute-only settings. Each candidate is judged on the larger of its load and step peaks (the load changes with
+    the rank only).
     `device_bytes` replaces the device's memory (planning for a card that is not in this machine)."""
     device = torch.device(device)
     world = _world_size(world_size)
@@ -199,6 +241,7 @@ def auto_fit(cfg, model_config, device: torch.device, *, zero_stage: int = 0, wo
         memory_modes.append((True, True))
     compute_only = [(ckpt, offload, mb) for mb in micro for ckpt, offload in memory_modes]
     seen = set()
+    load_of = _load_peaks(model_config, dtype, device.type, world)
     for rank in ranks:
         opt = dataclasses.replace(optim, rank=rank)
         for ckpt, offload, mb in compute_only:
@@ -206,8 +249,10 @@ def auto_fit(cfg, model_config, device: torch.device, *, zero_stage: int = 0, wo
                 continue
             seen.add((rank, ckpt, offload, mb))
             st = {**base, "gradient_checkpointing": ckpt, "activation_offload": offload, "micro_batch_size": mb}
-            peak = estimate(model_config, method="lowmem", lowmem_config=opt, dtype=dtype, device_type=device.type,
+            step = estimate(model_config, method="lowmem", lowmem_config=opt, dtype=dtype, device_type=device.type,
                             zero_stage=zero_stage, world_size=world, **st).peak_bytes
+            load = load_of(opt, zero_stage).peak_bytes
+            peak = max(load, step)
             if peak > limit:
                 continue
             changes = {}
@@ -221,7 +266,7 @@ def auto_fit(cfg, model_config, device: torch.device, *, zero_stage: int = 0, wo
             if rank != optim.rank:
                 changes["optim.rank"] = rank
             chosen = ", ".join(f"{k}={v}" for k, v in changes.items()) or "the settings as configured"
-            return FitPlan(changes, peak, total, f"fit: auto chose {chosen}; predicted peak {peak / GIB:.2f} GiB of "
-                                                 f"{total / GIB:.2f} GiB ({FIT_FRACTION:.0%} limit "
-                                                 f"{limit / GIB:.2f} GiB)")
+            return FitPlan(changes, peak, total, f"fit: auto chose {chosen}; predicted peak {peak / GIB:.2f} GiB "
+                                                 f"({load_and_step(load, step)}) of {total / GIB:.2f} GiB "
+                                                 f"({FIT_FRACTION:.0%} limit {limit / GIB:.2f} GiB)", load, step)
     return None

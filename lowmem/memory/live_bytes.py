@@ -17,10 +17,15 @@ are charged to `host_live_bytes` / `host_peak_bytes`, not to the device's live /
 twin of the device allocator when activations are offloaded (on a CPU run the host is the same RAM; the split says
 which bytes a GPU run would hold where).
 
+Tensors read from files are charged: safetensors (`safe_open`, `load_file`) and `torch.load` (mmap or not) through
+`aten.set_`, `torch.frombuffer` and work handed to a `ThreadPoolExecutor` (transformers' `from_pretrained`) through
+`lowmem.memory.tensor_sources`, active while a meter is entered. A memory-mapped tensor is charged its size.
+
 What it cannot see: memory an op's kernel allocates and frees internally (workspaces of matmul, SVD, ...), memory
-outside tensors (CUDA context, allocator slack and fragmentation), tensors made while the mode is not active, and
-`UntypedStorage.resize_` called directly (it bypasses dispatch; `Tensor.resize_` is seen). `torch.tensor`,
-`as_tensor` and `from_numpy` under the mode are counted (they reach modes through `aten.lift_fresh`). On CUDA each
+outside tensors (CUDA context, allocator slack and fragmentation), tensors made while the mode is not active, work
+of threads not started through a ThreadPoolExecutor, and `UntypedStorage.resize_` called directly (it bypasses
+dispatch; `Tensor.resize_` is seen). `torch.tensor`, `as_tensor` and `from_numpy` under the mode are counted (they
+reach modes through `aten.lift_fresh`). On CUDA each
 storage is charged its size rounded up to the caching allocator's 512-byte block, as `torch.cuda.memory_allocated`
 is.
 """
@@ -36,6 +41,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
+
+from lowmem.memory import tensor_sources
 
 # The CUDA caching allocator hands out blocks in multiples of 512 bytes; memory_allocated() counts block sizes.
 CUDA_BLOCK_BYTES = 512
@@ -155,6 +162,8 @@ class LiveTensorBytes(TorchDispatchMode):
     safe: autograd may run backward ops and free storages on its device threads.
     """
 
+    observes_tensor_sources = True   # lowmem.memory.tensor_sources charges frombuffer / thread-pool tensors to it
+
     def __init__(self, *, track_tags: bool = False) -> None:
         super().__init__()
         if not isinstance(track_tags, bool):
@@ -220,8 +229,9 @@ class LiveTensorBytes(TorchDispatchMode):
         finalizer = weakref.finalize(storage, self._refund, key)
         finalizer.atexit = False
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+    def _observe(self, func, args, kwargs):
+        """Run one aten op and charge the storages of its outputs that did not exist before (also called by the
+        forwarding mode that runs thread-pool work on the meter's behalf: lowmem.memory.tensor_sources)."""
         if func is _LIFT_FRESH:
             # torch.tensor / as_tensor / from_numpy build the tensor below dispatch and hand it to modes as the
             # input of lift_fresh: it is new, although it is the op's input.
@@ -243,18 +253,31 @@ class LiveTensorBytes(TorchDispatchMode):
                 self._track(st)
         return out
 
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return self._observe(func, args, kwargs or {})
+
     # -- public ------------------------------------------------------------------------------------------------
     def __enter__(self) -> LiveTensorBytes:
         with self._lock:
             if self._depth == 0:
                 self.peak_bytes = self.live_bytes
             self._depth += 1
+        tensor_sources.install()
         return super().__enter__()
 
     def __exit__(self, exc_type, exc_value, traceback) -> None:
         with self._lock:
             self._depth -= 1
+        tensor_sources.uninstall()
         return super().__exit__(exc_type, exc_value, traceback)
+
+    def charge(self, tensor: Tensor) -> None:
+        """Charge `tensor`'s storages as allocated now (refunded when they die) unless already counted: for tensors
+        made with no aten op (torch.frombuffer does this through lowmem.memory.tensor_sources)."""
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"charge expects a tensor, got {type(tensor).__name__}")
+        for st in _storages(tensor):
+            self._track(st)
 
     def reset_peak(self) -> None:
         """Set peak_bytes (and each tag's peak) to the bytes live now."""

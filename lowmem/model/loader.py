@@ -12,8 +12,9 @@
    parameter or buffer is copied into its dtype on the device. Before any data is read, the file headers are
    checked against the skeleton: a missing tensor, a wrong shape or a non-float tensor where a float one belongs
    stops with the tensor's name and file (`LoadError`).
-   Peak on the device: what the model keeps + the largest target tensor in `dtype` and in fp32 + its codes. On the
-   host: one tensor in the file's dtype (memory-mapped reads; a CPU device is the host).
+   Peak on the device: what the model keeps + the largest target tensor in `dtype` + one fp32 row chunk + its codes
+   (lowmem.memory.load_cost predicts it). On the host: one tensor in the file's dtype (memory-mapped reads; a CPU
+   device is the host).
 3. From scratch (`weights="scratch"`): each module's float parameters are made on the host in fp32, initialised
    by the model's own `_init_weights` under the caller's torch seed, cast to `dtype`, moved and (targets) quantised,
    one module at a time. The values follow the model's initialisation distribution but not
@@ -220,7 +221,9 @@ def _quantise_into(module: Int8Linear, weight: Tensor, *, device: torch.device, 
     """weight (out, in) any float dtype, any device -> the module's codes and scales on `device`, exactly as
     quantising the `dtype` copy of the weight on the device would (what prepare() does after from_pretrained)."""
     on_device = weight.to(device=device, dtype=dtype)
-    codes, scales = quantize_int8(on_device.float(), block_size=module.block_size)
+    # quantize_int8 converts one row chunk at a time to fp32 (the same codes as from a whole fp32 copy: tests/unit/
+    # quant/test_int8.py), so no fp32 copy of the whole weight exists: 2 GiB less for Llama-3-8B's INT8 head
+    codes, scales = quantize_int8(on_device, block_size=module.block_size)
     del on_device
     module._buffers["weight_q"], module._buffers["weight_scales"] = codes, scales
 

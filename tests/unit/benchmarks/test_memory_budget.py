@@ -65,3 +65,14 @@ def test_llama3_8b_on_the_12gb_card_today_vs_new():
     assert "gradient_checkpointing=True" in chosen
     text = "\n".join(lever_table(model, 256, 1, 256, GPUS["3060-12gb"]))
     assert "today" in text and "fit: auto" in text and "| peak |" in text
+
+
+def test_the_load_phase_is_shown_beside_the_step():
+    """Llama-3-8B on 12 GB: with the float head, making its zero AdamW state (fp32 zeros of (V, h)) does not fit
+    the card while loading; with the INT8 head (the shipped 8B config) the load fits."""
+    from benchmarks.memory_budget import load_table
+    lines, terminal = load_table(LlamaConfig(**BUILTIN["llama3-8b"]), 256, GPUS["3060-12gb"])
+    text = "\n".join(lines)
+    assert "## Load phase" in text and "| state_init |" in text and "| host peak | 0.98 | 0.98 |" in text
+    assert text.splitlines()[-1] == "| fits (95%) | no | yes |"
+    assert terminal.startswith("load phase (defaults): peak ") and "does not fit" in terminal
