@@ -41,8 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lowmem.memory.cost_model import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, QUANT_CHUNK_BYTES_PER_ELEMENT,
-                                      QUANT_CHUNK_ELEMENTS, ModelShape, embedding_is_lowrank, estimate,
+from lowmem.memory.cost_model import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, ModelShape, embedding_is_lowrank, estimate,
                                       head_is_lowrank)
 from quant.int8 import quantize_chunk_rows
 
@@ -57,15 +56,11 @@ LOAD_COMPONENTS = ("weights_int8", "weight_scales", "float_params", "optimizer_m
 # more (the chunk converted to fp32); plus the chunk's fp32 block absmax
 QUANTIZE_FP32_BUFFERS = 1
 QUANTIZE_FP32_BUFFERS_HALF_INPUT = 2
-# Zero moments are made in fp32, then stored (lowmem.optim.moments.init_moments, optim.float_adamw.
-# init_float_adamw_state). Measured with LiveTensorBytes around both (shapes 64x64 to 32000x1024), beyond the state
-# they leave, per element k of the moment: 8-bit, the fp32 zeros and the moment codec's block workspace
-# (cost_model's QUANT_CHUNK_BYTES_PER_ELEMENT per element of one QUANT_CHUNK_ELEMENTS block) plus 512 bytes; 16-bit,
-# the zeros and their bf16 form (6 bytes); 32-bit, the zeros (4 bytes) of a low-rank moment, nothing for a float
-# parameter (its zeros become exp_avg). The first 8-bit call of a process also builds the codec's lookup tables
-# (about 1 MiB kept), not counted.
+# Zero moments (lowmem.optim.moments.init_moments, optim.float_adamw.init_float_adamw_state), beyond the state they
+# leave, per element of the moment (measured with LiveTensorBytes, shapes 64x64 to 32000x1024): 8-bit, nothing (the
+# codes and absmax of zeros are written directly); 16-bit, fp32 zeros and their bf16 form (6 bytes); 32-bit, the
+# fp32 zeros (4 bytes) of a low-rank moment, nothing for a float parameter (its zeros become exp_avg).
 STATE_INIT_FP32_BYTES = 4
-STATE_INIT_CODEC_EXTRA_BYTES = 512
 
 
 @dataclass
@@ -125,8 +120,7 @@ def _float_bytes(numel: int, fb: int, db: int, device_type: str) -> tuple[dict[s
 def _state_init_bytes(numel: int, bits: int, lowrank: bool) -> int:
     """Transient bytes of making one tensor's zero moments of `numel` elements at `bits` (the comment above)."""
     if bits == 8:
-        return (STATE_INIT_FP32_BYTES * numel + QUANT_CHUNK_BYTES_PER_ELEMENT * min(numel, QUANT_CHUNK_ELEMENTS)
-                + STATE_INIT_CODEC_EXTRA_BYTES)
+        return 0
     if bits == 16:
         return (STATE_INIT_FP32_BYTES + 2) * numel
     return STATE_INIT_FP32_BYTES * numel if lowrank else 0

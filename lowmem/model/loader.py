@@ -286,11 +286,14 @@ def fill_from_files(model: nn.Module, model_dir: str | Path, *, device: torch.de
     wanted = {name for name, targets in plan.targets.items()
               if not defer_int8 or any(slots[t].kind != "int8" for t in targets)}
     for name, tensor, _ in iter_tensors(files, wanted):
-        for mapped_name, mapped in _model_names(model, plan.adapter, name, tensor):
+        parts = _model_names(model, plan.adapter, name, tensor)
+        del tensor
+        while parts:   # each part dropped once placed: the host never holds two tensors
+            mapped_name, mapped = parts.pop(0)
             target = plan.resolve(mapped_name)
             if target is not None and not (defer_int8 and slots[target].kind == "int8"):
                 _place(slots[target], mapped, device=device, dtype=dtype)
-        del tensor
+            del mapped
     _host_buffers_to(model, device)
     _check_complete(model, str(model_dir))
 
@@ -307,11 +310,14 @@ def fill_int8_from_files(model: nn.Module, model_dir: str | Path, modules: list[
     plan = _Plan(model, slots, read_headers(files))
     wanted = {name for name, targets in plan.targets.items() if targets}
     for name, tensor, _ in iter_tensors(files, wanted):
-        for mapped_name, mapped in _model_names(model, plan.adapter, name, tensor):
+        parts = _model_names(model, plan.adapter, name, tensor)
+        del tensor
+        while parts:
+            mapped_name, mapped = parts.pop(0)
             target = plan.resolve(mapped_name)
             if target is not None and id(slots[target].owners[0][0]) in chosen:
                 _place(slots[target], mapped, device=device, dtype=dtype)
-        del tensor
+            del mapped
     left = [name for name, slot in slots.items() if slot.owners[0][0].weight_q.stride() == (0, 0)]
     if left:
         raise LoadError(f"the weight files of {model_dir} did not supply {', '.join(left[:8])}")

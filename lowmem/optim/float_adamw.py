@@ -22,7 +22,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from lowmem.optim.moments import adam8_hyper, adam8_ratio, adam8_ratio_
+from lowmem.optim.moments import adam8_hyper, adam8_ratio, adam8_ratio_, init_moments
 from quant import compiled
 from quant._checks import all_finite
 from quant.bf16 import sr_noise_keys, sr_to_bf16, sr_to_bf16_traceable
@@ -47,14 +47,13 @@ def init_float_adamw_state(param: Tensor, *, bits: int, block_size: int = 256) -
     if block_size <= 0:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     state: dict[str, Tensor] = {"step": torch.zeros((), dtype=torch.int64)}
-    zeros = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
     if bits == 32:
-        state["exp_avg"] = zeros
-        state["exp_avg_sq"] = zeros.clone()
+        state["exp_avg"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        state["exp_avg_sq"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
         return state
-    for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-        codes, absmax = quantize_moment8(zeros, signed=signed, block_size=block_size, squared=not signed)
-        state[f"{name}_codes"], state[f"{name}_absmax"] = codes, absmax
+    # The codes and absmax an encoding of zeros gives, written directly: no fp32 copy of the parameter's size
+    # (for a 128k-vocabulary head that transient was the largest allocation of loading a model).
+    state.update(init_moments(tuple(param.shape), bits=8, block_size=block_size, device=param.device))
     return state
 
 

@@ -522,3 +522,17 @@ def test_8bit_compiled_step_in_several_chunks_is_bit_identical(monkeypatch):
     (p_c, s_c), (p_e, s_e) = run(True), run(False)
     assert compiled.failure() is None
     assert torch.equal(p_c, p_e) and all(torch.equal(s_c[k], s_e[k]) for k in s_e)
+
+
+@pytest.mark.parametrize("shape,block_size", [((300, 70), 256), ((33,), 64), ((5, 7, 11), 256)])
+def test_8bit_initial_state_is_the_encoding_of_zeros(shape, block_size):
+    """The zero state is written directly (no fp32 copy of the parameter's size); it is what the moment encoder
+    makes of zeros, code for code."""
+    from quant.moments8 import quantize_moment8
+
+    state = init_float_adamw_state(torch.randn(shape), bits=8, block_size=block_size)
+    zeros = torch.zeros(shape)
+    for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        codes, absmax = quantize_moment8(zeros, signed=signed, block_size=block_size, squared=not signed)
+        assert state[f"{name}_codes"].dtype == codes.dtype and torch.equal(state[f"{name}_codes"], codes)
+        assert state[f"{name}_absmax"].dtype == absmax.dtype and torch.equal(state[f"{name}_absmax"], absmax)
