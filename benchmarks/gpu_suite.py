@@ -29,6 +29,10 @@ Sections of the report (`benchmarks/results/gpu-<device>.md`, or under --out):
    gc.collect, empty_cache) and the peak statistics reset, so a later method's peak is its own; the bytes still
    allocated when a method starts are reported beside it.
 
+5. Loading (benchmarks.load_time, last): from_pretrained + prepare against lowmem.load_pretrained on a ~1.1B
+   LLaMA saved as sharded bf16 safetensors, each in its own process: wall time, host RssAnon and CUDA's
+   max_memory_allocated during load + prepare against lowmem.memory.estimate_load.
+
 Optional methods (bitsandbytes, torchao): a missing library is reported "not installed", one that imports or
 builds with an error (compiled for another CUDA, an incompatible torch) "broken, skipped: <error>"; the suite goes
 on. The pytest stage streams its output into `gpu-tests-<device>.log` beside the report, so a timeout keeps it.
@@ -303,12 +307,32 @@ def kernel_bandwidth(device: torch.device, rows: int, cols: int, repeats: int) -
 
 
 # -- the report --------------------------------------------------------------------------------------------------
+def load_stage(device: torch.device, quick: bool, rank: int = 256) -> list[str]:
+    """benchmarks.load_time on this device: from_pretrained + prepare vs the streaming loader, one run each, on a
+    ~1.1B LLaMA (hidden 2048, 22 layers; --quick: hidden 256, 2 layers), with CUDA's max_memory_allocated against
+    lowmem.memory.estimate_load. Returns the report's lines."""
+    import tempfile
+
+    from benchmarks import load_time
+
+    hidden, layers, vocab = (256, 2, 1000) if quick else (2048, 22, 32000)
+    config = load_time.model_config(hidden, layers, vocab)
+    with tempfile.TemporaryDirectory(prefix="lowmem-gpu-suite-load-") as tmp:
+        params = load_time.build(Path(tmp), hidden, layers, vocab)
+        runs = load_time.measure(Path(tmp), str(device), rank, repeats=1)
+    return load_time.summarise(runs, params=params, config=config, device=str(device), rank=rank,
+                               machine=machine_line(device),
+                               command=f"python -m benchmarks.load_time --device {device} --hidden {hidden} "
+                                       f"--layers {layers} --vocab {vocab} --rank {rank} --repeats 1")[1:]
+
+
 def _mib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f}"
 
 
 def render(device: torch.device, args, tests: dict | str | None, runs: list[tuple[Workload, list[dict]]],
-           kernels: list[dict] | str | None, wall_s: float, pending: Sequence[str] = ()) -> str:
+           kernels: list[dict] | str | None, wall_s: float, pending: Sequence[str] = (),
+           load: list[str] | str | None = None) -> str:
     """The report as Markdown. tests/kernels None: not run yet (listed in `pending`, the stages still to come,
     which makes the report say it is incomplete); a string: why the stage did not run."""
     lines = [f"# GPU suite: {device_tag(device)}", "",
@@ -357,6 +381,11 @@ def render(device: torch.device, args, tests: dict | str | None, runs: list[tupl
         lines.append(f"| {kernels or 'pending'} | | | |")
     for k in kernels if isinstance(kernels, list) else ():
         lines.append(f"| {k['kernel']} | {k['seconds']:.3g} | {k['gb_per_s']:.3g} | {k['fraction_of_copy']:.3g} |")
+    lines += ["", "## 4. Loading: from_pretrained + prepare vs the streaming loader (benchmarks.load_time)", ""]
+    if load is None or isinstance(load, str):
+        lines.append(load or "pending")
+    else:
+        lines += ["```", *load, "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -393,16 +422,17 @@ def main(argv=None) -> int:
     plan = workloads(args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"gpu-{device_tag(device)}.md"
-    tests, kernels = None, None
+    tests, kernels, load = None, None, None
     runs: list[tuple[Workload, list[dict]]] = [(work, []) for work in plan]
 
     def pending() -> list[str]:
         left = ([] if tests is not None else ["GPU tests"]) + ([] if kernels is not None else ["kernel bandwidth"])
-        return left + [f"{work.name} {m}" for work, results in runs for m in methods[len(results):]]
+        return left + [f"{work.name} {m}" for work, results in runs for m in methods[len(results):]] + \
+            ([] if load is not None else ["loading"])
 
     def write() -> str:
         # after every stage: a command killed at the device's time limit still leaves what it measured
-        report = render(device, args, tests, runs, kernels, time.perf_counter() - start, pending())
+        report = render(device, args, tests, runs, kernels, time.perf_counter() - start, pending(), load)
         path.write_text(report, encoding="utf-8")
         return report
 
@@ -432,6 +462,14 @@ def main(argv=None) -> int:
                                                                  if result["status"] == "ok" else ""), flush=True)
             results.append(result)
             write()
+    if over_budget():
+        load = skipped
+    else:
+        try:
+            load = load_stage(device, args.quick)
+        except Exception as err:  # noqa: BLE001 - one failed stage is reported, the others are kept
+            load = f"failed: {type(err).__name__}: {str(err)[-500:]}"
+        print(f"loading: {load if isinstance(load, str) else load[-2]}", flush=True)
     print(write())
     print(f"written: {path}")
     return 0

@@ -25,6 +25,8 @@ def test_gpu_suite_quick_cpu_end_to_end(tmp_path):
     kernels = [line for line in report.splitlines() if line.startswith(("| sr_update_int8_", "| dequantize_int8"))]
     assert len(kernels) == 2 and all(float(line.split("|")[2]) > 0 and float(line.split("|")[4]) > 0
                                      for line in kernels)
+    loading = report.split("## 4. Loading")[1]
+    assert "streamed / today: time" in loading and "\nstreamed " in loading and "\ntoday " in loading
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the refusal cannot happen")
@@ -43,6 +45,7 @@ def test_gpu_suite_budget_skips_what_it_cannot_start(tmp_path):
         assert name in rows
     for method in gpu_suite.METHODS:
         assert "skipped: the 0 s budget was spent" in rows[method]
+    assert "skipped: the 0 s budget was spent" in report.split("## 4. Loading")[1]
 
 
 def test_gpu_suite_report_survives_a_killed_run(tmp_path, monkeypatch):
