@@ -298,3 +298,10 @@ def decode_traceable(codes: torch.Tensor, absmax: torch.Tensor, table: torch.Ten
     """map[codes] * absmax of flat codes (numel,) as plain traceable ops: the same fp32 values as
     dequantize_moment8."""
     return compiled.moment8_decode_ops(codes, absmax, table, block_size=block_size, tail=tail)
+
+
+# The three maps and their lookup tables are constants: built on the host once, here, so that no training step
+# ever builds them (their construction reads values on the host; a step must not, see lowmem.diagnostics).
+for _signed, _squared in ((True, False), (False, False), (False, True)):
+    _cached(_signed, torch.device("cpu"), _squared)
+del _signed, _squared
