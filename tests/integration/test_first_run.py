@@ -33,7 +33,7 @@ def test_run_shows_its_phases_labels_memory_and_reports_time_and_peak(tiny_args,
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
     assert main(tiny_args + ["max_steps=4", "eval_every=2", "log_every=1"]) == 0
     out = capsys.readouterr().out
-    for phase in ("reading the model config", "loading the model and tokenizer", "tokenising the data",
+    for phase in ("reading the model config", "loading the model into INT8", "tokenising the data",
                   "preparing the lowmem runtime", "evaluating the held-out loss before training"):
         assert f"[setup] {phase}" in out, phase
         assert re.search(rf"\[setup\] {phase}[^\n]*: \d+\.\d s", out), phase   # its duration
@@ -46,7 +46,8 @@ def test_run_shows_its_phases_labels_memory_and_reports_time_and_peak(tiny_args,
     assert re.search(r"- \*\*peak memory\*\*: [\d.]+ GiB peak RSS \(measured\); predicted peak [\d.e-]+ GiB of live "
                      r"tensors", report)
     assert ylims["bottom"] == 0
-    assert ylims["lines"] == ["peak RSS (measured per step)", "predicted peak (live tensors, memory preflight)"]
+    assert ylims["lines"] == ["peak RSS (measured per step)", "predicted peak (live tensors, memory preflight)",
+                              "predicted load peak (streamed checkpoint + optimizer state)"]
 
 
 def test_model_not_found_names_hf_download_and_leaves_no_directory(tiny_args, tmp_path, capsys):
