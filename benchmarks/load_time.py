@@ -74,7 +74,7 @@ class _AnonPeak:
     """Samples RssAnon every 5 ms on a thread; `peak` is the largest value seen."""
 
     def __init__(self) -> None:
-        self.peak = _rss_anon_bytes()
+        self.start = self.peak = _rss_anon_bytes()   # the window's first value: the peak is never below it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -116,11 +116,11 @@ def run_path(path: str, directory: Path, device: str, rank: int) -> dict:
     dev = torch.device(device)
     cfg = preset("lowmem", rank=rank)
     _warm_up(dev, cfg)
-    anon_before = _rss_anon_bytes()
     if dev.type == "cuda":
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(dev)
     sampler = _AnonPeak()
+    anon_before = sampler.start
     started = time.perf_counter()
     if path == "today":
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).to(dev)
